@@ -1,0 +1,2 @@
+// The switchyard program.
+int main() { return 0; }
