@@ -1,2 +1,34 @@
-// The switchyard program.
-int main() { return 0; }
+// The switchyard program: `switchyard <subcommand> ...`.
+//
+//   make-tiny-model   write a seeded random Mixtral-architecture checkpoint (Hugging Face layout)
+//   generate          run one prompt through a model and stream the generated text
+#include <cstdio>
+#include <exception>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "launch/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"switchyard: expert-parallel serving runtime for Mixtral-style MoE models"};
+  app.require_subcommand(1);
+  sy::launch::MakeTinyModelArgs tiny;
+  sy::launch::add_make_tiny_model(app, tiny);
+  sy::launch::GenerateArgs gen;
+  sy::launch::add_generate(app, gen);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (app.got_subcommand("make-tiny-model")) return sy::launch::run_make_tiny_model(tiny);
+    if (app.got_subcommand("generate")) return sy::launch::run_generate(gen);
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "switchyard: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,74 @@
+// Causal grouped-query attention over the paged KV cache, as Hugging Face's eager attention:
+// scores = q·k / sqrt(head_dim) over positions [max(0, p - window + 1), p], softmax in fp32,
+// weighted sum of v. Query head h reads KV head h / (n_heads / n_kv_heads).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+
+namespace sy::cpu {
+
+void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta) {
+  const int64_t n_tokens = q.size(0);
+  const int64_t n_heads = q.size(1);
+  const int64_t head_dim = q.size(2);
+  check_tensor(q, "attention.q", DType::kF32, {n_tokens, n_heads, head_dim});
+  check_tensor(out, "attention.out", DType::kF32, {n_tokens, n_heads, head_dim});
+  check_tensor(k_cache, "attention.k_cache", DType::kF32, {-1, meta.block_size, -1, head_dim});
+  check_tensor(v_cache, "attention.v_cache", DType::kF32, {k_cache.size(0), meta.block_size,
+                                                           k_cache.size(2), head_dim});
+  check_tensor(meta.positions, "attention.positions", DType::kI32, {n_tokens});
+  check_tensor(meta.token_seq, "attention.token_seq", DType::kI32, {n_tokens});
+  const int64_t n_kv_heads = k_cache.size(2);
+  SY_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "attention: ", n_heads,
+           " query heads over ", n_kv_heads, " KV heads");
+  const int64_t group = n_heads / n_kv_heads;
+  const int64_t n_slots = k_cache.size(0) * meta.block_size;
+  const int64_t row = n_kv_heads * head_dim;
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  // Scratch reused across calls: grows to the longest context seen, then never allocates.
+  thread_local std::vector<float> scores;
+  thread_local std::vector<int64_t> slots;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const int64_t seq = meta.token_seq.i32()[t];
+    const int64_t pos = meta.positions.i32()[t];
+    const int64_t lo = meta.sliding_window > 0 ? std::max<int64_t>(0, pos - meta.sliding_window + 1) : 0;
+    const int64_t n_ctx = pos - lo + 1;
+    if (static_cast<int64_t>(scores.size()) < n_ctx) {
+      scores.resize(static_cast<size_t>(n_ctx));
+      slots.resize(static_cast<size_t>(n_ctx));
+    }
+    for (int64_t j = 0; j < n_ctx; ++j) {
+      slots[j] = kv_slot(meta, seq, lo + j);
+      SY_CHECK(slots[j] >= 0 && slots[j] < n_slots, "attention: slot ", slots[j], " outside the cache");
+    }
+    for (int64_t h = 0; h < n_heads; ++h) {
+      const float* qh = q.f32() + (t * n_heads + h) * head_dim;
+      const int64_t g = h / group;
+      float max_score = -INFINITY;
+      for (int64_t j = 0; j < n_ctx; ++j) {
+        const float* kh = k_cache.f32() + slots[j] * row + g * head_dim;
+        float s = 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * kh[d];
+        s *= scale;
+        scores[j] = s;
+        max_score = std::max(max_score, s);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < n_ctx; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        sum += scores[j];
+      }
+      float* oh = out.f32() + (t * n_heads + h) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) oh[d] = 0.f;
+      for (int64_t j = 0; j < n_ctx; ++j) {
+        const float p = scores[j] / sum;
+        const float* vh = v_cache.f32() + slots[j] * row + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vh[d];
+      }
+    }
+  }
+}
+
+}  // namespace sy::cpu

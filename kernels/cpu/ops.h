@@ -1,0 +1,24 @@
+// CPU kernels: the reference implementation of every op (see kernels/ops.h for the contracts).
+// One op per file in this folder; each checks its operands and runs plain loops or BLAS.
+#pragma once
+
+#include "kernels/ops.h"
+
+namespace sy::cpu {
+
+void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset);
+void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps);
+void add(Tensor out, Tensor a, Tensor b);
+void matmul(Tensor out, Tensor x, Tensor w);
+void rope(Tensor q, Tensor k, Tensor positions, double theta);
+void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const AttentionMeta& meta);
+void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta);
+void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits);
+void gather_rows(Tensor out, Tensor x, Tensor rows);
+void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights);
+void swiglu(Tensor out, Tensor gate, Tensor up);
+
+// Physical cache slot of `position` in sequence `seq` (checked against the table's extent).
+int64_t kv_slot(const AttentionMeta& meta, int64_t seq, int64_t position);
+
+}  // namespace sy::cpu

@@ -1,0 +1,111 @@
+// The ops interface: every op the model's forward pass calls, implemented once per backend.
+//
+// The model code (runtime/model.cc) is written against Ops; `--device cpu|cuda` picks the
+// implementation at run time. Operands are views (kernels/tensor.h) on the backend's device.
+// Every implementation checks shapes and dtypes at entry; shapes below use
+//   n_tokens  tokens in this step (all sequences flattened)
+//   n_heads / n_kv_heads   query / key-value heads held by this rank, head_dim per head
+//   n_blocks, block_size   paged KV cache geometry
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+#include "kernels/tensor.h"
+
+namespace sy {
+
+// Where the attention of one step reads its keys and values from.
+struct AttentionMeta {
+  Tensor positions;     // I32 [n_tokens]: position of each token in its sequence
+  Tensor token_seq;     // I32 [n_tokens]: index of each token's sequence in block_tables
+  Tensor block_tables;  // I32 [n_seqs, max_blocks_per_seq]: physical block of each logical block
+  int64_t block_size = 0;      // tokens per KV block
+  int64_t sliding_window = 0;  // attend to the last `sliding_window` positions; 0 = all
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+
+  // ---- memory ------------------------------------------------------------------------------
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* ptr) = 0;
+  virtual void copy_from_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void fill_zero(Tensor t) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- ops ---------------------------------------------------------------------------------
+  // out[t] = table[ids[t] - row_offset] when that row is held here, else zeros (vocab-parallel).
+  // out: F32 [n_tokens, dim]; ids: I32 [n_tokens]; table: F32 [n_rows, dim].
+  virtual void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset) = 0;
+  // out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * weight. out may alias x. [n_tokens, dim].
+  virtual void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps) = 0;
+  // out = a + b, elementwise, same shapes; out may alias a or b.
+  virtual void add(Tensor out, Tensor a, Tensor b) = 0;
+  // out = x · wᵀ.   out: F32 [m, n]; x: F32 [m, k]; w: F32 [n, k] (a Hugging Face Linear weight).
+  virtual void matmul(Tensor out, Tensor x, Tensor w) = 0;
+  // Rotates q: [n_tokens, n_heads, head_dim] and k: [n_tokens, n_kv_heads, head_dim] in place by
+  // their positions (Hugging Face rotate-half convention, base `theta`).
+  virtual void rope(Tensor q, Tensor k, Tensor positions, double theta) = 0;
+  // Writes k, v: [n_tokens, n_kv_heads, head_dim] into the caches
+  // [n_blocks, block_size, n_kv_heads, head_dim] at the slots of their positions.
+  virtual void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v,
+                         const AttentionMeta& meta) = 0;
+  // Causal grouped-query attention of q: [n_tokens, n_heads, head_dim] over each token's
+  // sequence in the caches, positions [max(0, p - window + 1), p]. out: like q.
+  virtual void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache,
+                         const AttentionMeta& meta) = 0;
+  // Router: softmax(logits) in fp32, top-k, the k weights renormalised to sum 1.
+  // logits: F32 [n_tokens, n_experts]; topk_idx: I32 [n_tokens, k]; topk_weights: F32 [n_tokens, k].
+  virtual void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits) = 0;
+  // out[r] = x[rows[r]].   out: [n_rows, dim]; x: [n_tokens, dim]; rows: I32 [n_rows].
+  virtual void gather_rows(Tensor out, Tensor x, Tensor rows) = 0;
+  // out[rows[r]] += weights[r] * x[r] for every r, in order of r.
+  // out: [n_tokens, dim]; x: [n_rows, dim]; rows: I32 [n_rows]; weights: F32 [n_rows].
+  virtual void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights) = 0;
+  // out = silu(gate) * up, elementwise. [n_rows, hidden_dim]; out may alias gate.
+  virtual void swiglu(Tensor out, Tensor gate, Tensor up) = 0;
+};
+
+// The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.
+std::unique_ptr<Ops> make_cpu_ops();
+
+// RAII device buffer from an Ops allocator.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Ops& ops, size_t bytes) : ops_(&ops), ptr_(bytes ? ops.alloc(bytes) : nullptr), bytes_(bytes) {}
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ops_(o.ops_), ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ops_ = o.ops_;
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      o.ptr_ = nullptr;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+  void reset() {
+    if (ptr_ != nullptr) ops_->free(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Ops* ops_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace sy

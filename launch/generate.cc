@@ -1,0 +1,128 @@
+// `switchyard generate`: one prompt through a model, the text streamed as it is generated.
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "launch/commands.h"
+#include "runtime/generator.h"
+#include "runtime/tokenizer.h"
+
+namespace sy::launch {
+namespace {
+
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    while (used < item.size() && item[used] == ' ') ++used;
+    SY_CHECK(used == item.size() && !item.empty(), "--prompt-ids: \"", item,
+             "\" is not an integer token id");
+    SY_CHECK(v >= 0 && v <= INT32_MAX, "--prompt-ids: token id ", v, " out of range");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  SY_CHECK(!ids.empty(), "--prompt-ids is empty");
+  return ids;
+}
+
+}  // namespace
+
+void add_generate(CLI::App& app, GenerateArgs& a) {
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text from one prompt");
+  cmd->add_option("--model", a.model, "Model directory (Hugging Face layout)")->required();
+  auto* prompt = cmd->add_option("--prompt", a.prompt, "Prompt text (BOS is added)");
+  auto* ids = cmd->add_option("--prompt-ids", a.prompt_ids, "Prompt token ids, e.g. 1,2,3");
+  prompt->excludes(ids);
+  ids->excludes(prompt);
+  cmd->add_option("--max-tokens", a.max_tokens, "Tokens to generate at most")->capture_default_str();
+  cmd->add_option("--temperature", a.sampling.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", a.sampling.top_k, "0 = off")->capture_default_str();
+  cmd->add_option("--top-p", a.sampling.top_p, "1 = off")->capture_default_str();
+  cmd->add_option("--min-p", a.sampling.min_p, "0 = off")->capture_default_str();
+  cmd->add_option("--repetition-penalty", a.sampling.repetition_penalty, "1 = off")
+      ->capture_default_str();
+  cmd->add_option("--seed", a.sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_flag("--ignore-eos", a.ignore_eos, "Do not stop at end-of-sequence tokens");
+  cmd->add_flag("--no-bos", a.no_bos, "Do not add BOS before a --prompt text");
+  cmd->add_flag("--print-ids", a.print_ids, "Print the generated ids on one line");
+  cmd->add_option("--logits-out", a.logits_out,
+                  "Write float32 little-endian logits [prompt tokens, vocab] to this file");
+  cmd->add_option("--max-context", a.max_context, "KV cache size in tokens (0 = what is needed)")
+      ->capture_default_str();
+  cmd->add_option("--prefill-chunk", a.prefill_chunk, "Prompt tokens per forward step")
+      ->capture_default_str();
+}
+
+int run_generate(const GenerateArgs& a) {
+  SY_CHECK(!a.prompt.empty() || !a.prompt_ids.empty(), "give --prompt or --prompt-ids");
+  SY_CHECK(a.max_tokens >= 0, "--max-tokens ", a.max_tokens, " must be >= 0");
+  SY_CHECK(a.prefill_chunk > 0, "--prefill-chunk ", a.prefill_chunk, " must be positive");
+  a.sampling.validate();
+  const ModelConfig config = ModelConfig::load(a.model);
+  std::unique_ptr<Tokenizer> tokenizer =
+      Tokenizer::load(a.model, config.bos_token_id, config.eos_token_ids);
+  std::vector<int32_t> prompt =
+      a.prompt_ids.empty() ? tokenizer->encode(a.prompt, !a.no_bos) : parse_ids(a.prompt_ids);
+  SY_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
+  for (int32_t id : prompt)
+    SY_CHECK(id < config.vocab_size, "prompt token id ", id, " outside the vocabulary of ",
+             config.vocab_size);
+  const int64_t needed = static_cast<int64_t>(prompt.size()) + a.max_tokens;
+  SY_CHECK(needed <= config.max_position_embeddings, "prompt of ", prompt.size(),
+           " tokens plus --max-tokens ", a.max_tokens, " exceeds the context limit of ",
+           config.max_position_embeddings, " tokens");
+  const int64_t context = a.max_context > 0 ? a.max_context : needed;
+  SY_CHECK(context >= needed, "--max-context ", context, " is smaller than the ", needed,
+           " tokens this request needs");
+
+  LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, true);
+  GenerateOptions options;
+  options.max_tokens = a.max_tokens;
+  options.sampling = a.sampling;
+  options.ignore_eos = a.ignore_eos;
+  options.eos_ids = config.eos_token_ids;
+  options.all_prompt_logits = !a.logits_out.empty();
+
+  StreamDecoder decoder(*tokenizer, prompt);
+  GenerateResult result = generate(*loaded.model, prompt, options, [&](int32_t id) {
+    const std::string delta = decoder.push(id);
+    std::fwrite(delta.data(), 1, delta.size(), stdout);
+    std::fflush(stdout);
+  });
+  const std::string tail = decoder.flush();
+  std::fwrite(tail.data(), 1, tail.size(), stdout);
+  std::printf("\n");
+
+  if (!a.logits_out.empty()) {
+    std::ofstream out(a.logits_out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(result.prompt_logits.data()),
+              static_cast<std::streamsize>(result.prompt_logits.size() * sizeof(float)));
+    SY_CHECK(out.good(), "cannot write --logits-out ", a.logits_out);
+  }
+  if (a.print_ids) {
+    std::printf("ids:");
+    for (int32_t id : result.tokens) std::printf(" %d", id);
+    std::printf("\n");
+  }
+  const double n_prompt = static_cast<double>(prompt.size());
+  const double n_gen = static_cast<double>(result.tokens.size());
+  // The first generated token comes from the prefill logits: decode time covers the rest.
+  const double decode_tps = n_gen > 1 ? (n_gen - 1) / result.decode_seconds : 0.0;
+  std::printf(
+      "prompt tokens: %zu, generated tokens: %zu, prefill: %.1f tok/s, decode: %.1f tok/s, "
+      "finish: %s\n",
+      prompt.size(), result.tokens.size(), n_prompt / result.prefill_seconds, decode_tps,
+      result.finish_reason.c_str());
+  return 0;
+}
+
+}  // namespace sy::launch

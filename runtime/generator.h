@@ -1,0 +1,48 @@
+// Single-request generation on one model: chunked prefill of the prompt, then token-by-token
+// decode with sampling. Used by `switchyard generate` and by the tests.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "runtime/model.h"
+#include "runtime/sampler.h"
+
+namespace sy {
+
+struct GenerateOptions {
+  int64_t max_tokens = 16;            // tokens to generate at most
+  SamplingParams sampling;            // greedy by default
+  bool ignore_eos = false;            // keep going past an end-of-sequence token
+  std::vector<int64_t> eos_ids;       // tokens that end generation (unless ignore_eos)
+  bool all_prompt_logits = false;     // fill GenerateResult::prompt_logits
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;        // generated ids (the EOS that ended it included)
+  std::vector<float> prompt_logits;   // [n_prompt, vocab] when all_prompt_logits
+  std::string finish_reason;          // "stop" (EOS) or "length"
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+};
+
+// Loads config, checkpoint and this rank's weights of `model_dir` and builds a Model with
+// room for one sequence of `max_context` tokens.
+struct LoadedModel {
+  ModelConfig config;
+  std::unique_ptr<Ops> ops;
+  std::unique_ptr<Model> model;
+};
+LoadedModel load_model(const std::string& model_dir, int64_t max_context, int64_t max_tokens_per_step,
+                       bool show_progress);
+
+// Runs one request to completion. `on_token` is called with each generated id as it is sampled.
+GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token = nullptr);
+
+}  // namespace sy

@@ -1,0 +1,258 @@
+// The Mixtral forward pass (see model.h).
+#include "runtime/model.h"
+
+#include <algorithm>
+
+namespace sy {
+
+void ModelLimits::validate() const {
+  SY_CHECK(max_tokens > 0, "limits: max_tokens must be positive, got ", max_tokens);
+  SY_CHECK(max_seqs > 0 && max_seqs <= max_tokens, "limits: max_seqs ", max_seqs,
+           " must be in [1, max_tokens]");
+  SY_CHECK(block_size > 0, "limits: block_size must be positive, got ", block_size);
+  SY_CHECK(max_blocks_per_seq > 0, "limits: max_blocks_per_seq must be positive");
+  SY_CHECK(n_blocks > 0, "limits: n_blocks must be positive, got ", n_blocks);
+  SY_CHECK(max_logit_rows > 0 && max_logit_rows <= max_tokens, "limits: max_logit_rows ",
+           max_logit_rows, " must be in [1, max_tokens]");
+}
+
+void StepBatch::clear() {
+  tokens.clear();
+  positions.clear();
+  token_seq.clear();
+  block_tables.clear();
+  logit_rows.clear();
+  n_seqs = 0;
+}
+
+BlockAllocator::BlockAllocator(int64_t n_blocks) : n_total_(n_blocks) {
+  free_.reserve(static_cast<size_t>(n_blocks));
+  for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+bool BlockAllocator::allocate(int64_t n, std::vector<int32_t>& table) {
+  if (n > n_free()) return false;
+  for (int64_t i = 0; i < n; ++i) {
+    table.push_back(free_.back());
+    free_.pop_back();
+  }
+  return true;
+}
+
+void BlockAllocator::release(std::vector<int32_t>& table) {
+  for (int32_t b : table) free_.push_back(b);
+  table.clear();
+}
+
+namespace {
+
+// Carves 64-byte-aligned tensors out of one allocation.
+class Carver {
+ public:
+  explicit Carver(void* base, Device device) : base_(static_cast<char*>(base)), device_(device) {}
+  Tensor take(DType dtype, std::initializer_list<int64_t> dims) {
+    Tensor t(base_ == nullptr ? nullptr : base_ + offset_, dtype, dims, device_);
+    offset_ += (t.bytes() + 63) / 64 * 64;
+    return t;
+  }
+  size_t bytes() const { return offset_; }
+
+ private:
+  char* base_;
+  Device device_;
+  size_t offset_ = 0;
+};
+
+}  // namespace
+
+Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits)
+    : config_(config), weights_(std::move(weights)), ops_(ops), limits_(limits) {
+  limits_.validate();
+  const int64_t N = limits_.max_tokens;
+  const int64_t dim = config_.hidden_size;
+  const int64_t head_dim = config_.head_dim;
+  const int64_t n_heads = weights_.shard.n_heads;
+  const int64_t n_kv_heads = weights_.shard.n_kv_heads;
+  const int64_t k = config_.num_experts_per_tok;
+  const int64_t n_experts = config_.num_local_experts;
+  const int64_t hidden_dim = config_.intermediate_size;
+  const int64_t n_vocab = weights_.shard.n_vocab;
+  const int64_t R = limits_.max_logit_rows;
+
+  // Two passes over the same carving: the first sizes the allocation, the second places views.
+  auto carve = [&](Carver& c) {
+    x_ = c.take(DType::kF32, {N, dim});
+    xn_ = c.take(DType::kF32, {N, dim});
+    q_ = c.take(DType::kF32, {N, n_heads, head_dim});
+    k_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
+    v_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
+    attn_ = c.take(DType::kF32, {N, n_heads, head_dim});
+    o_ = c.take(DType::kF32, {N, dim});
+    router_logits_ = c.take(DType::kF32, {N, n_experts});
+    topk_idx_ = c.take(DType::kI32, {N, k});
+    topk_weights_ = c.take(DType::kF32, {N, k});
+    moe_in_ = c.take(DType::kF32, {N * k, dim});
+    moe_out_ = c.take(DType::kF32, {N * k, dim});
+    sorted_rows_ = c.take(DType::kI32, {N * k});
+    sorted_weights_ = c.take(DType::kF32, {N * k});
+    expert_scratch_.gate = c.take(DType::kF32, {N * k, hidden_dim});
+    expert_scratch_.up = c.take(DType::kF32, {N * k, hidden_dim});
+    ids_ = c.take(DType::kI32, {N});
+    positions_ = c.take(DType::kI32, {N});
+    token_seq_ = c.take(DType::kI32, {N});
+    block_tables_ = c.take(DType::kI32, {limits_.max_seqs, limits_.max_blocks_per_seq});
+    logit_rows_ = c.take(DType::kI32, {R});
+    logit_x_ = c.take(DType::kF32, {R, dim});
+    logits_ = c.take(DType::kF32, {R, n_vocab});
+  };
+  Carver sizing(nullptr, ops_.device());
+  carve(sizing);
+  state_storage_ = DeviceBuffer(ops_, sizing.bytes());
+  Carver placing(state_storage_.get(), ops_.device());
+  carve(placing);
+
+  const int64_t n_layers = config_.num_hidden_layers;
+  const int64_t per_layer = limits_.n_blocks * limits_.block_size * n_kv_heads * head_dim;
+  kv_storage_ = DeviceBuffer(ops_, static_cast<size_t>(2 * n_layers * per_layer) * sizeof(float));
+  float* kv = static_cast<float*>(kv_storage_.get());
+  for (int64_t l = 0; l < n_layers; ++l) {
+    k_cache_.emplace_back(kv + (2 * l) * per_layer, DType::kF32,
+                          std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size,
+                                                         n_kv_heads, head_dim},
+                          ops_.device());
+    v_cache_.emplace_back(kv + (2 * l + 1) * per_layer, DType::kF32,
+                          std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size,
+                                                         n_kv_heads, head_dim},
+                          ops_.device());
+  }
+
+  layout_.reserve(N, k, n_experts);
+  host_topk_idx_.resize(static_cast<size_t>(N * k));
+  host_topk_weights_.resize(static_cast<size_t>(N * k));
+  local_offsets_.resize(weights_.shard.experts.size() + 1);
+}
+
+void Model::forward(const StepBatch& batch, float* logits) {
+  const int64_t n_tokens = batch.n_tokens();
+  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
+  const int64_t n_vocab = weights_.shard.n_vocab;
+  SY_CHECK(n_tokens > 0 && n_tokens <= limits_.max_tokens, "step of ", n_tokens,
+           " tokens; the limit is ", limits_.max_tokens);
+  SY_CHECK(static_cast<int64_t>(batch.positions.size()) == n_tokens &&
+               static_cast<int64_t>(batch.token_seq.size()) == n_tokens,
+           "step batch: positions/token_seq sizes differ from tokens");
+  SY_CHECK(batch.n_seqs > 0 && batch.n_seqs <= limits_.max_seqs, "step of ", batch.n_seqs,
+           " sequences; the limit is ", limits_.max_seqs);
+  SY_CHECK(static_cast<int64_t>(batch.block_tables.size()) ==
+               batch.n_seqs * limits_.max_blocks_per_seq,
+           "step batch: block_tables holds ", batch.block_tables.size(), " entries, expected ",
+           batch.n_seqs * limits_.max_blocks_per_seq);
+  SY_CHECK(n_logits <= limits_.max_logit_rows, "step asks for ", n_logits,
+           " logit rows; the limit is ", limits_.max_logit_rows);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    SY_CHECK(batch.tokens[t] >= 0 && batch.tokens[t] < config_.vocab_size, "token id ",
+             batch.tokens[t], " outside the vocabulary of ", config_.vocab_size);
+    SY_CHECK(batch.positions[t] >= 0 && batch.positions[t] < config_.max_position_embeddings,
+             "position ", batch.positions[t], " outside the context of ",
+             config_.max_position_embeddings);
+    SY_CHECK(batch.token_seq[t] >= 0 && batch.token_seq[t] < batch.n_seqs, "token_seq ",
+             batch.token_seq[t], " outside ", batch.n_seqs, " sequences");
+  }
+  for (int32_t b : batch.block_tables)
+    SY_CHECK(b >= 0 && b < limits_.n_blocks, "block id ", b, " outside the cache of ",
+             limits_.n_blocks, " blocks");
+  for (int32_t r : batch.logit_rows)
+    SY_CHECK(r >= 0 && r < n_tokens, "logit row ", r, " outside the step's ", n_tokens, " tokens");
+
+  // Step inputs to the device.
+  ops_.copy_from_host(ids_.data, batch.tokens.data(), static_cast<size_t>(n_tokens) * 4);
+  ops_.copy_from_host(positions_.data, batch.positions.data(), static_cast<size_t>(n_tokens) * 4);
+  ops_.copy_from_host(token_seq_.data, batch.token_seq.data(), static_cast<size_t>(n_tokens) * 4);
+  ops_.copy_from_host(block_tables_.data, batch.block_tables.data(),
+                      batch.block_tables.size() * 4);
+  AttentionMeta meta;
+  meta.positions = positions_.rows(0, n_tokens);
+  meta.token_seq = token_seq_.rows(0, n_tokens);
+  meta.block_tables = block_tables_.rows(0, batch.n_seqs);
+  meta.block_size = limits_.block_size;
+  meta.sliding_window = config_.sliding_window;
+
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  Tensor x = x_.rows(0, n_tokens);                                  // [n_tokens, dim]
+  ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
+    Tensor xn = xn_.rows(0, n_tokens);                              // [n_tokens, dim]
+    Tensor o = o_.rows(0, n_tokens);                                // [n_tokens, dim]
+    ops_.rmsnorm(xn, x, L.input_norm, eps);                         // [n_tokens, dim]
+    attention_block(l, n_tokens, meta);                             // o = attn(xn)
+    ops_.add(x, x, o);                                              // residual
+    ops_.rmsnorm(xn, x, L.post_norm, eps);                          // [n_tokens, dim]
+    moe_block(l, n_tokens);                                         // o = moe(xn)
+    ops_.add(x, x, o);                                              // residual
+  }
+  if (n_logits == 0) return;
+  ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(), static_cast<size_t>(n_logits) * 4);
+  Tensor lx = logit_x_.rows(0, n_logits);                           // [n_logits, dim]
+  Tensor lg = logits_.rows(0, n_logits);                            // [n_logits, n_vocab]
+  ops_.gather_rows(lx, x, logit_rows_.rows(0, n_logits));
+  ops_.rmsnorm(lx, lx, weights_.norm, eps);
+  ops_.matmul(lg, lx, weights_.lm_head);
+  ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
+}
+
+void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta) {
+  const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t n_heads = weights_.shard.n_heads;
+  const int64_t n_kv_heads = weights_.shard.n_kv_heads;
+  const int64_t head_dim = config_.head_dim;
+  Tensor xn = xn_.rows(0, n_tokens);                                 // [n_tokens, dim]
+  Tensor q = q_.rows(0, n_tokens);                                   // [n_tokens, n_heads, head_dim]
+  Tensor k = k_.rows(0, n_tokens);                                   // [n_tokens, n_kv_heads, head_dim]
+  Tensor v = v_.rows(0, n_tokens);                                   // [n_tokens, n_kv_heads, head_dim]
+  Tensor attn = attn_.rows(0, n_tokens);                             // [n_tokens, n_heads, head_dim]
+  ops_.matmul(q.reshape({n_tokens, n_heads * head_dim}), xn, L.wq);
+  ops_.matmul(k.reshape({n_tokens, n_kv_heads * head_dim}), xn, L.wk);
+  ops_.matmul(v.reshape({n_tokens, n_kv_heads * head_dim}), xn, L.wv);
+  ops_.rope(q, k, meta.positions, config_.rope_theta);
+  ops_.kv_append(k_cache_[layer], v_cache_[layer], k, v, meta);
+  ops_.attention(attn, q, k_cache_[layer], v_cache_[layer], meta);
+  ops_.matmul(o_.rows(0, n_tokens), attn.reshape({n_tokens, n_heads * head_dim}), L.wo);
+}
+
+void Model::moe_block(int64_t layer, int64_t n_tokens) {
+  const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t k = config_.num_experts_per_tok;
+  const int64_t n_experts = config_.num_local_experts;
+  const int64_t n_rows = n_tokens * k;
+  Tensor xn = xn_.rows(0, n_tokens);                                 // [n_tokens, dim]
+  Tensor router_logits = router_logits_.rows(0, n_tokens);          // [n_tokens, n_experts]
+  Tensor topk_idx = topk_idx_.rows(0, n_tokens);                     // [n_tokens, k]
+  Tensor topk_weights = topk_weights_.rows(0, n_tokens);             // [n_tokens, k]
+  ops_.matmul(router_logits, xn, L.gate);
+  ops_.moe_gate(topk_idx, topk_weights, router_logits);
+  ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
+  ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());
+  moe_layout(layout_, host_topk_idx_.data(), host_topk_weights_.data(), n_tokens, k, n_experts);
+
+  // Rows of the local experts are contiguous in expert order when this rank holds them all.
+  const std::vector<int64_t>& experts = weights_.shard.experts;
+  SY_CHECK(static_cast<int64_t>(experts.size()) == n_experts,
+           "this rank holds ", experts.size(), " of ", n_experts,
+           " experts: a partial expert set needs the expert-parallel exchange");
+  for (size_t i = 0; i <= experts.size(); ++i) local_offsets_[i] = layout_.expert_offsets[i];
+
+  ops_.copy_from_host(sorted_rows_.data, layout_.sorted_rows.data(), static_cast<size_t>(n_rows) * 4);
+  ops_.copy_from_host(sorted_weights_.data, layout_.sorted_weights.data(),
+                      static_cast<size_t>(n_rows) * 4);
+  Tensor rows = sorted_rows_.rows(0, n_rows);                        // [n_rows]
+  Tensor moe_in = moe_in_.rows(0, n_rows);                           // [n_rows, dim]
+  Tensor moe_out = moe_out_.rows(0, n_rows);                         // [n_rows, dim]
+  ops_.gather_rows(moe_in, xn, rows);                                // dispatch (local)
+  expert_ffn(ops_, moe_out, moe_in, L.experts, local_offsets_.data(), expert_scratch_);
+  Tensor o = o_.rows(0, n_tokens);                                   // [n_tokens, dim]
+  ops_.fill_zero(o);
+  ops_.scatter_add_weighted(o, moe_out, rows, sorted_weights_.rows(0, n_rows));  // combine
+}
+
+}  // namespace sy

@@ -1,0 +1,170 @@
+// Loading a rank's weights from a Hugging Face Mixtral checkpoint (see weights.h).
+#include "runtime/weights.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+namespace sy {
+
+WeightShard WeightShard::full(const ModelConfig& config) {
+  WeightShard s;
+  s.n_heads = config.num_attention_heads;
+  s.n_kv_heads = config.num_key_value_heads;
+  for (int64_t e = 0; e < config.num_local_experts; ++e) s.experts.push_back(e);
+  s.n_vocab = config.vocab_size;
+  return s;
+}
+
+namespace {
+
+// One tensor to read: its checkpoint name, full shape, slice, and destination.
+struct Planned {
+  std::string name;
+  std::vector<int64_t> shape;
+  Slice slice;
+  Tensor* dst;
+  std::vector<int64_t> dst_shape;
+};
+
+class ProgressPrinter {
+ public:
+  explicit ProgressPrinter(bool enabled) : enabled_(enabled), tty_(isatty(2) != 0) {}
+  void operator()(const LoadProgress& p) {
+    if (!enabled_) return;
+    const bool done = p.bytes_total > 0 && p.bytes_read >= p.bytes_total;
+    if (!done && p.seconds - last_ < (tty_ ? 0.1 : 2.0)) return;
+    last_ = p.seconds;
+    const double mib = static_cast<double>(p.bytes_read) / (1 << 20);
+    const double total = static_cast<double>(p.bytes_total) / (1 << 20);
+    const double rate = p.seconds > 0 ? mib / p.seconds : 0;
+    std::fprintf(stderr, "%sloading weights: %8.1f / %.1f MiB  %5lld tensors  %7.1f MiB/s%s",
+                 tty_ ? "\r" : "", mib, total, static_cast<long long>(p.tensors_read), rate,
+                 tty_ && !done ? "" : "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  bool enabled_;
+  bool tty_;
+  double last_ = -1;
+};
+
+}  // namespace
+
+Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard,
+                      Ops& ops, bool show_progress) {
+  const int64_t dim = c.hidden_size;
+  const int64_t hidden_dim = c.intermediate_size;
+  const int64_t head_dim = c.head_dim;
+  const int64_t n_experts = c.num_local_experts;
+  SY_CHECK(shard.head_begin >= 0 && shard.n_heads > 0 &&
+               shard.head_begin + shard.n_heads <= c.num_attention_heads,
+           "weight shard: heads [", shard.head_begin, ", ", shard.head_begin + shard.n_heads,
+           ") outside ", c.num_attention_heads);
+  SY_CHECK(shard.kv_head_begin >= 0 && shard.n_kv_heads > 0 &&
+               shard.kv_head_begin + shard.n_kv_heads <= c.num_key_value_heads,
+           "weight shard: KV heads outside ", c.num_key_value_heads);
+  SY_CHECK(shard.vocab_begin >= 0 && shard.n_vocab > 0 &&
+               shard.vocab_begin + shard.n_vocab <= c.vocab_size,
+           "weight shard: vocabulary rows outside ", c.vocab_size);
+  for (int64_t e : shard.experts)
+    SY_CHECK(e >= 0 && e < n_experts, "weight shard: expert ", e, " outside ", n_experts);
+
+  Weights w;
+  w.shard = shard;
+  w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
+  std::vector<Planned> plan;
+  const Slice all;
+  const Slice vocab_rows{0, shard.vocab_begin, shard.vocab_begin + shard.n_vocab};
+  const Slice q_rows{0, shard.head_begin * head_dim, (shard.head_begin + shard.n_heads) * head_dim};
+  const Slice kv_rows{0, shard.kv_head_begin * head_dim,
+                      (shard.kv_head_begin + shard.n_kv_heads) * head_dim};
+  const Slice o_cols{1, q_rows.begin, q_rows.end};
+  plan.push_back({"model.embed_tokens.weight", {c.vocab_size, dim}, vocab_rows, &w.embed,
+                  {shard.n_vocab, dim}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& L = w.layers[static_cast<size_t>(l)];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    plan.push_back({p + "input_layernorm.weight", {dim}, all, &L.input_norm, {dim}});
+    plan.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), dim}, q_rows, &L.wq,
+                    {shard.n_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wk,
+                    {shard.n_kv_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wv,
+                    {shard.n_kv_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.o_proj.weight", {dim, c.q_dim()}, o_cols, &L.wo,
+                    {dim, shard.n_heads * head_dim}});
+    plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
+    plan.push_back({p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate,
+                    {n_experts, dim}});
+    L.experts.resize(shard.experts.size());
+    for (size_t i = 0; i < shard.experts.size(); ++i) {
+      const std::string e = p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
+      ExpertWeights& E = L.experts[i];
+      plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &E.w1, {hidden_dim, dim}});
+      plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &E.w2, {dim, hidden_dim}});
+      plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &E.w3, {hidden_dim, dim}});
+    }
+  }
+  plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
+  const bool tied = c.tie_word_embeddings;
+  if (!tied) {
+    plan.push_back({"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head,
+                    {shard.n_vocab, dim}});
+  }
+
+  // Every tensor exists with the shape the config implies, before anything is allocated.
+  uint64_t n_floats = 0;
+  for (const Planned& t : plan) {
+    const SafetensorsEntry& entry = ckpt.entry(t.name);
+    SY_CHECK(entry.shape == t.shape, "tensor ", t.name, ": shape does not match config.json");
+    int64_t n = 1;
+    for (int64_t d : t.dst_shape) n *= d;
+    n_floats += static_cast<uint64_t>(n + 15) / 16 * 16;  // 64-byte aligned views
+  }
+  w.storage = DeviceBuffer(ops, n_floats * sizeof(float));
+  w.total_bytes = n_floats * sizeof(float);
+
+  uint64_t source_bytes = 0;
+  for (const Planned& t : plan) {
+    int64_t n = 1;
+    for (int64_t d : t.dst_shape) n *= d;
+    source_bytes += static_cast<uint64_t>(n) * dtype_size(ckpt.entry(t.name).dtype);
+  }
+  ProgressPrinter printer(show_progress);
+  ckpt.set_progress(std::ref(printer), source_bytes);
+
+  float* cursor = static_cast<float*>(w.storage.get());
+  std::vector<float> staging;
+  for (Planned& t : plan) {
+    Tensor view;
+    view.data = cursor;
+    view.dtype = DType::kF32;
+    view.device = ops.device();
+    view.ndim = static_cast<int>(t.dst_shape.size());
+    for (int i = 0; i < view.ndim; ++i) view.shape[i] = t.dst_shape[static_cast<size_t>(i)];
+    if (ops.device() == Device::kCpu) {
+      ckpt.read(t.name, t.shape, view, t.slice);
+    } else {
+      staging.resize(static_cast<size_t>(view.numel()));
+      Tensor host = view;
+      host.data = staging.data();
+      host.device = Device::kCpu;
+      ckpt.read(t.name, t.shape, host, t.slice);
+      ops.copy_from_host(view.data, staging.data(), view.bytes());
+    }
+    *t.dst = view;
+    cursor += (view.numel() + 15) / 16 * 16;
+  }
+  ckpt.set_progress(nullptr, 0);
+  if (tied) w.lm_head = w.embed;
+  for (const LayerWeights& L : w.layers)
+    for (const ExpertWeights& E : L.experts)
+      w.expert_bytes += E.w1.bytes() + E.w2.bytes() + E.w3.bytes();
+  return w;
+}
+
+}  // namespace sy
