@@ -4,7 +4,7 @@
 
 #include "launch/commands.h"
 
-extern const char kTinyCorpus[];
+extern const char* const kTinyCorpus;
 extern const size_t kTinyCorpus_size;
 
 namespace sy::launch {
