@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# End-to-end checks of the switchyard program: make-tiny-model writes a complete, deterministic
+# Hugging Face checkpoint; generate streams text, prints ids and a summary, writes logits, and
+# fails cleanly on bad input. Usage: cli_test.sh SWITCHYARD_BINARY WORK_DIR
+set -uo pipefail
+bin=$1
+work=$2
+rm -rf "$work" && mkdir -p "$work"
+n_pass=0
+n_fail=0
+check() {  # check NAME COMMAND...: passes when the command succeeds
+  local name=$1
+  shift
+  if "$@"; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $name"; fi
+}
+fails_with() {  # fails_with MESSAGE COMMAND...: the command exits non-zero, stderr has MESSAGE
+  local message=$1
+  shift
+  local err
+  if err=$("$@" 2>&1 >/dev/null); then echo "  exited 0: $*"; return 1; fi
+  grep -qF -- "$message" <<<"$err" || { echo "  stderr lacks '$message': $err"; return 1; }
+}
+
+# A small model: 2 layers, sharded into several files.
+small=(--layers 2 --hidden-size 64 --intermediate-size 96 --heads 4 --kv-heads 2 --head-dim 16
+       --vocab-size 320 --shard-mib 0.25)
+check "make-tiny-model" "$bin" make-tiny-model --out "$work/m1" --seed 7 "${small[@]}"
+check "make-tiny-model again" "$bin" make-tiny-model --out "$work/m2" --seed 7 "${small[@]}"
+for f in config.json generation_config.json tokenizer.model model.safetensors.index.json; do
+  check "has $f" test -s "$work/m1/$f"
+done
+check "sharded" test "$(ls "$work"/m1/model-*-of-*.safetensors | wc -l)" -ge 2
+check "deterministic" diff -r "$work/m1" "$work/m2"
+
+out=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42,99 --max-tokens 12 --ignore-eos \
+      --print-ids --logits-out "$work/logits.bin" 2>/dev/null)
+check "generate exit 0" test $? -eq 0
+ids=$(grep '^ids:' <<<"$out" | cut -d: -f2)
+check "12 ids" test "$(wc -w <<<"$ids")" -eq 12
+check "summary line" grep -q "prompt tokens: 4, generated tokens: 12, prefill: .* tok/s, decode: .* tok/s" <<<"$out"
+check "logits size" test "$(stat -c %s "$work/logits.bin")" -eq $((4 * 320 * 4))
+out2=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42,99 --max-tokens 12 --ignore-eos \
+       --print-ids --prefill-chunk 1 2>/dev/null)
+check "greedy repeatable (token-by-token prefill)" test "$(grep '^ids:' <<<"$out2")" = "ids:$ids"
+s1=$("$bin" generate --model "$work/m1" --prompt "the yard" --max-tokens 10 --temperature 1 --seed 5 --print-ids 2>/dev/null | grep '^ids:')
+s2=$("$bin" generate --model "$work/m1" --prompt "the yard" --max-tokens 10 --temperature 1 --seed 5 --print-ids 2>/dev/null | grep '^ids:')
+check "seeded sampling repeatable" test -n "$s1" -a "$s1" = "$s2"
+
+check "missing model" fails_with "cannot open" "$bin" generate --model "$work/none" --prompt hi
+check "bad id" fails_with "outside the vocabulary" "$bin" generate --model "$work/m1" --prompt-ids 1,320
+check "bad id text" fails_with "is not an integer" "$bin" generate --model "$work/m1" --prompt-ids 1,x
+check "bad temperature" fails_with "temperature" "$bin" generate --model "$work/m1" --prompt hi --temperature -1
+check "too long" fails_with "exceeds the context limit" "$bin" generate --model "$work/m1" --prompt hi --max-tokens 100000
+cp -r "$work/m1" "$work/broken"
+truncate -s 100 "$(ls "$work"/broken/model-*-of-*.safetensors | head -1)"
+check "truncated shard" fails_with "safetensors" "$bin" generate --model "$work/broken" --prompt hi
+
+echo "cli: $n_pass passed, $n_fail failed"
+test "$n_fail" -eq 0
