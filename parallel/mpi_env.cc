@@ -1,0 +1,48 @@
+// The MPI environment (see mpi_env.h).
+#include "parallel/mpi_env.h"
+
+#include <mpi.h>
+
+#include <cstdio>
+
+#include "kernels/error.h"
+
+namespace sy {
+
+MpiEnv::MpiEnv(int* argc, char*** argv) {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  if (!initialised) {
+    int provided = 0;
+    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+  }
+  // Errors come back as codes; SY_MPI_CHECK turns them into sy::Error.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_free(&node);
+  set_error_rank(size_ > 1 ? rank_ : -1);
+}
+
+MpiEnv::~MpiEnv() {
+  int finalised = 0;
+  MPI_Finalized(&finalised);
+  if (!finalised) MPI_Finalize();
+}
+
+void MpiEnv::abort_job(const std::string& message, int code) {
+  int rank = 0;
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  if (initialised) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::fflush(stdout);
+  std::fprintf(stderr, "switchyard: rank %d failed: %s\n", rank, message.c_str());
+  std::fflush(stderr);
+  if (initialised) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+}  // namespace sy
