@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -25,9 +26,11 @@ struct Prompt {
   std::vector<int32_t> greedy;
 };
 
+// SY_FIXTURES_DIR in the environment points the test at other reference models.
 std::vector<fs::path> fixture_dirs() {
+  const char* env = std::getenv("SY_FIXTURES_DIR");
   std::vector<fs::path> dirs;
-  for (const auto& e : fs::directory_iterator(SY_FIXTURES_DIR))
+  for (const auto& e : fs::directory_iterator(env != nullptr ? env : SY_FIXTURES_DIR))
     if (e.is_directory() && fs::exists(e.path() / "reference.json")) dirs.push_back(e.path());
   std::sort(dirs.begin(), dirs.end());
   return dirs;
