@@ -34,7 +34,11 @@ struct Tensor {
   int64_t numel() const;
   size_t bytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
   // Elements in one index of dimension 0.
-  int64_t row_numel() const { return ndim == 0 ? 1 : numel() / shape[0]; }
+  int64_t row_numel() const {
+    int64_t n = 1;
+    for (int i = 1; i < ndim; ++i) n *= shape[i];
+    return n;
+  }
   // Rows [first, first + n) of dimension 0, as a view.
   Tensor rows(int64_t first, int64_t n) const;
   // The same memory with another shape of the same element count.

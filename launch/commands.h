@@ -32,8 +32,14 @@ struct GenerateArgs {
   std::string logits_out;
   int64_t max_context = 0;      // 0: prompt + max_tokens
   int64_t prefill_chunk = 512;  // prompt tokens per forward step
+  int tp = 1;                   // tensor-parallel ranks of attention
+  int ep = 0;                   // expert-parallel ranks (0 = the world)
+  std::string moe_exchange = "all-to-all";
 };
 void add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
+
+// True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
+bool launched_by_mpi();
 
 }  // namespace sy::launch

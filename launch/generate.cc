@@ -5,7 +5,11 @@
 #include <string>
 #include <vector>
 
+#include <cstdlib>
+
 #include "launch/commands.h"
+#include "parallel/context.h"
+#include "parallel/mpi_env.h"
 #include "runtime/generator.h"
 #include "runtime/tokenizer.h"
 
@@ -34,7 +38,29 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// Rank 0 prints the layout, then every rank's weight bytes (gathered, so only rank 0 prints).
+void print_layout(const ParallelContext& par, const ModelConfig& config, const Weights& w) {
+  const int W = par.config.world;
+  std::vector<int32_t> mine = {static_cast<int32_t>(w.expert_bytes >> 10),
+                               static_cast<int32_t>(w.total_bytes >> 10)};
+  std::vector<int32_t> all(static_cast<size_t>(2 * W));
+  par.world->all_gather(Tensor(all.data(), DType::kI32, {W, 2}),
+                        Tensor(mine.data(), DType::kI32, {1, 2}),
+                        std::vector<int64_t>(static_cast<size_t>(W), 1));
+  if (par.config.rank != 0) return;
+  std::fputs(layout_table(par.config, config).c_str(), stderr);
+  std::fprintf(stderr, "#  rank  expert_KiB  weight_KiB\n");
+  for (int r = 0; r < W; ++r)
+    std::fprintf(stderr, "  %5d  %10d  %10d\n", r, all[2 * r], all[2 * r + 1]);
+}
+
 }  // namespace
+
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"})
+    if (std::getenv(v) != nullptr) return true;
+  return false;
+}
 
 void add_generate(CLI::App& app, GenerateArgs& a) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from one prompt");
@@ -60,6 +86,12 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
       ->capture_default_str();
   cmd->add_option("--prefill-chunk", a.prefill_chunk, "Prompt tokens per forward step")
       ->capture_default_str();
+  cmd->add_option("--tp", a.tp, "Tensor-parallel ranks of attention (divides the world)")
+      ->capture_default_str();
+  cmd->add_option("--ep", a.ep, "Expert-parallel ranks (divides the world; 0 = the world)")
+      ->capture_default_str();
+  cmd->add_option("--moe-exchange", a.moe_exchange, "all-to-all or all-gather")
+      ->capture_default_str();
 }
 
 int run_generate(const GenerateArgs& a) {
@@ -84,7 +116,25 @@ int run_generate(const GenerateArgs& a) {
   SY_CHECK(context >= needed, "--max-context ", context, " is smaller than the ", needed,
            " tokens this request needs");
 
-  LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, true);
+  // Under an MPI launcher every rank runs this same request in lockstep.
+  std::unique_ptr<MpiEnv> env;
+  std::unique_ptr<Communicator> world;
+  std::unique_ptr<ParallelContext> par;
+  if (launched_by_mpi() || a.tp > 1 || a.ep > 0) {
+    env = std::make_unique<MpiEnv>(nullptr, nullptr);
+    world = make_mpi_world_communicator();
+    ParallelConfig pc;
+    pc.world = env->size();
+    pc.rank = env->rank();
+    pc.tp = a.tp;
+    pc.ep = a.ep;
+    pc.exchange = parse_moe_exchange(a.moe_exchange);
+    pc.validate(config);  // before any weight is read
+    par = ParallelContext::create(pc, *world);
+  }
+  const bool root = env == nullptr || env->is_root();
+  LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, root, par.get());
+  if (par != nullptr) print_layout(*par, config, loaded.model->weights());
   GenerateOptions options;
   options.max_tokens = a.max_tokens;
   options.sampling = a.sampling;
@@ -94,10 +144,12 @@ int run_generate(const GenerateArgs& a) {
 
   StreamDecoder decoder(*tokenizer, prompt);
   GenerateResult result = generate(*loaded.model, prompt, options, [&](int32_t id) {
+    if (!root) return;
     const std::string delta = decoder.push(id);
     std::fwrite(delta.data(), 1, delta.size(), stdout);
     std::fflush(stdout);
   });
+  if (!root) return 0;
   const std::string tail = decoder.flush();
   std::fwrite(tail.data(), 1, tail.size(), stdout);
   std::printf("\n");

@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "launch/commands.h"
+#include "parallel/mpi_env.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"switchyard: expert-parallel serving runtime for Mixtral-style MoE models"};
@@ -26,9 +27,8 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("make-tiny-model")) return sy::launch::run_make_tiny_model(tiny);
     if (app.got_subcommand("generate")) return sy::launch::run_generate(gen);
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "switchyard: error: %s\n", e.what());
-    return 1;
+    // Under MPI a failed rank ends the whole job, so no peer waits in a collective.
+    return sy::MpiEnv::fail(e.what());
   }
   return 0;
 }

@@ -74,7 +74,7 @@ class MpiCommunicator final : public Communicator {
     const int64_t row = in.row_numel();
     SY_CHECK(in.dtype == DType::kF32 && out.dtype == DType::kF32, "reduce_scatter: F32 only");
     SY_CHECK(in.size(0) == total(counts) && out.size(0) == counts[rank_] &&
-                 (counts[rank_] == 0 || out.row_numel() == row),
+                 out.row_numel() == row,
              "reduce_scatter: in ", in.shape_str(), ", out ", out.shape_str(), " for counts of rank ",
              rank_, " = ", counts[rank_]);
     to_elements(counts, row, counts_, displs_);
@@ -86,7 +86,7 @@ class MpiCommunicator final : public Communicator {
     const int64_t row = out.row_numel();
     SY_CHECK(in.dtype == out.dtype, "all_gather: dtypes differ");
     SY_CHECK(out.size(0) == total(counts) && in.size(0) == counts[rank_] &&
-                 (counts[rank_] == 0 || in.row_numel() == row),
+                 in.row_numel() == row,
              "all_gather: in ", in.shape_str(), ", out ", out.shape_str());
     to_elements(counts, row, counts_, displs_);
     SY_MPI_CHECK(MPI_Allgatherv(in.data, counts_[rank_], mpi_type(in.dtype), out.data,
@@ -98,12 +98,12 @@ class MpiCommunicator final : public Communicator {
     check_counts(recv_counts, "all_to_all recv");
     check_counts(send_counts, "all_to_all send");
     SY_CHECK(in.dtype == out.dtype, "all_to_all: dtypes differ");
-    const int64_t row = in.ndim > 0 && in.size(0) > 0 ? in.row_numel() : out.row_numel();
+    const int64_t row = in.row_numel();
     SY_CHECK(in.size(0) >= total(send_counts) && out.size(0) >= total(recv_counts),
              "all_to_all: ", total(send_counts), " rows to send from ", in.shape_str(), ", ",
              total(recv_counts), " to receive into ", out.shape_str());
-    SY_CHECK(out.size(0) == 0 || in.size(0) == 0 || out.row_numel() == in.row_numel(),
-             "all_to_all: row sizes differ");
+    SY_CHECK(out.row_numel() == in.row_numel(), "all_to_all: row sizes differ: ", in.shape_str(),
+             " and ", out.shape_str());
     to_elements(send_counts, row, counts_, displs_);
     to_elements(recv_counts, row, recv_counts_, recv_displs_);
     SY_MPI_CHECK(MPI_Alltoallv(in.data, counts_.data(), displs_.data(), mpi_type(in.dtype),

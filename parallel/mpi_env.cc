@@ -45,4 +45,15 @@ void MpiEnv::abort_job(const std::string& message, int code) {
   std::_Exit(code);
 }
 
+int MpiEnv::fail(const std::string& message) {
+  int initialised = 0, finalised = 0, size = 1;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  if (initialised && !finalised) MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) abort_job(message);
+  std::fflush(stdout);
+  std::fprintf(stderr, "switchyard: error: %s\n", message.c_str());
+  return 1;
+}
+
 }  // namespace sy

@@ -21,6 +21,9 @@ class MpiEnv {
 
   // Prints "switchyard: rank R failed: <message>" and aborts every rank of the job.
   [[noreturn]] static void abort_job(const std::string& message, int code = 1);
+  // The top level's error path: in a job of several ranks, abort_job; otherwise print
+  // "switchyard: error: <message>" and return the exit code 1.
+  static int fail(const std::string& message);
 
  private:
   int rank_ = 0;

@@ -9,16 +9,18 @@
 namespace sy {
 
 LoadedModel load_model(const std::string& model_dir, int64_t max_context,
-                       int64_t max_tokens_per_step, bool show_progress) {
+                       int64_t max_tokens_per_step, bool show_progress,
+                       const ParallelContext* parallel) {
   LoadedModel m;
   m.config = ModelConfig::load(model_dir);
+  if (parallel != nullptr) parallel->config.validate(m.config);
   SY_CHECK(max_context > 0 && max_context <= m.config.max_position_embeddings, "context of ",
            max_context, " tokens outside [1, max_position_embeddings = ",
            m.config.max_position_embeddings, "]");
   Checkpoint checkpoint = Checkpoint::open(model_dir);
   m.ops = make_cpu_ops();
-  Weights weights = Weights::load(checkpoint, m.config, WeightShard::full(m.config), *m.ops,
-                                  show_progress);
+  Weights weights =
+      Weights::load(checkpoint, m.config, shard_for(m.config, parallel), *m.ops, show_progress);
   ModelLimits limits;
   limits.block_size = 16;
   limits.max_blocks_per_seq = (max_context + limits.block_size - 1) / limits.block_size;
@@ -26,7 +28,7 @@ LoadedModel load_model(const std::string& model_dir, int64_t max_context,
   limits.max_seqs = 1;
   limits.max_tokens = std::max<int64_t>(1, std::min(max_tokens_per_step, max_context));
   limits.max_logit_rows = limits.max_tokens;
-  m.model = std::make_unique<Model>(m.config, std::move(weights), *m.ops, limits);
+  m.model = std::make_unique<Model>(m.config, std::move(weights), *m.ops, limits, parallel);
   return m;
 }
 
@@ -88,7 +90,8 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   context_ids.reserve(static_cast<size_t>(context));
   result.finish_reason = "length";
   for (int64_t step = 0; step < options.max_tokens; ++step) {
-    const int32_t next = sampler.sample(last_logits.data(), context_ids);
+    int32_t next = sampler.sample(last_logits.data(), context_ids);
+    if (model.parallel() != nullptr) model.parallel()->world->broadcast(&next, sizeof(next), 0);
     result.tokens.push_back(next);
     context_ids.push_back(next);
     if (on_token) on_token(next);

@@ -31,16 +31,19 @@ struct GenerateResult {
 };
 
 // Loads config, checkpoint and this rank's weights of `model_dir` and builds a Model with
-// room for one sequence of `max_context` tokens.
+// room for one sequence of `max_context` tokens. `parallel` (not owned, may be null) selects
+// this rank's shard; the layout is validated before any weight is read.
 struct LoadedModel {
   ModelConfig config;
   std::unique_ptr<Ops> ops;
   std::unique_ptr<Model> model;
 };
 LoadedModel load_model(const std::string& model_dir, int64_t max_context, int64_t max_tokens_per_step,
-                       bool show_progress);
+                       bool show_progress, const ParallelContext* parallel = nullptr);
 
 // Runs one request to completion. `on_token` is called with each generated id as it is sampled.
+// With a parallel model every rank calls it with the same arguments; rank 0's sampled token is
+// broadcast so all ranks continue in lockstep.
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token = nullptr);

@@ -65,9 +65,29 @@ class Carver {
 
 }  // namespace
 
-Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits)
-    : config_(config), weights_(std::move(weights)), ops_(ops), limits_(limits) {
+WeightShard shard_for(const ModelConfig& c, const ParallelContext* parallel) {
+  if (parallel == nullptr) return WeightShard::full(c);
+  const ParallelConfig& p = parallel->config;
+  WeightShard s;
+  s.n_heads = c.num_attention_heads / p.tp;
+  s.head_begin = p.tp_rank() * s.n_heads;
+  s.n_kv_heads = c.num_key_value_heads / p.tp;
+  s.kv_head_begin = p.tp_rank() * s.n_kv_heads;
+  s.experts = experts_of(c.num_local_experts, p.ep_size(), p.ep_rank());
+  s.vocab_begin = split_begin(c.vocab_size, p.world, p.rank);
+  s.n_vocab = split_count(c.vocab_size, p.world, p.rank);
+  return s;
+}
+
+Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits,
+             const ParallelContext* parallel)
+    : config_(config), weights_(std::move(weights)), ops_(ops), limits_(limits), par_(parallel) {
   limits_.validate();
+  if (par_ != nullptr) {
+    par_->config.validate(config_);
+    world_ = par_->config.world;
+    rank_ = par_->config.rank;
+  }
   const int64_t N = limits_.max_tokens;
   const int64_t dim = config_.hidden_size;
   const int64_t head_dim = config_.head_dim;
@@ -91,10 +111,16 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     router_logits_ = c.take(DType::kF32, {N, n_experts});
     topk_idx_ = c.take(DType::kI32, {N, k});
     topk_weights_ = c.take(DType::kF32, {N, k});
+    x_own_ = c.take(DType::kF32, {N, dim});
+    xn_own_ = c.take(DType::kF32, {N, dim});
+    y_own_ = c.take(DType::kF32, {N, dim});
+    moe_send_ = c.take(DType::kF32, {N * k, dim});
+    moe_recv_ = c.take(DType::kF32, {N * k, dim});
     moe_in_ = c.take(DType::kF32, {N * k, dim});
     moe_out_ = c.take(DType::kF32, {N * k, dim});
     sorted_rows_ = c.take(DType::kI32, {N * k});
     sorted_weights_ = c.take(DType::kF32, {N * k});
+    perm_ = c.take(DType::kI32, {N * k});
     expert_scratch_.gate = c.take(DType::kF32, {N * k, hidden_dim});
     expert_scratch_.up = c.take(DType::kF32, {N * k, hidden_dim});
     ids_ = c.take(DType::kI32, {N});
@@ -104,6 +130,7 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     logit_rows_ = c.take(DType::kI32, {R});
     logit_x_ = c.take(DType::kF32, {R, dim});
     logits_ = c.take(DType::kF32, {R, n_vocab});
+    logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
   };
   Carver sizing(nullptr, ops_.device());
   carve(sizing);
@@ -130,12 +157,15 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   host_topk_idx_.resize(static_cast<size_t>(N * k));
   host_topk_weights_.resize(static_cast<size_t>(N * k));
   local_offsets_.resize(weights_.shard.experts.size() + 1);
+  if (par_ != nullptr) {
+    ep_plan_.reserve(par_->ep->size(), n_experts, N * k, weights_.shard.experts.size());
+    host_logits_.resize(static_cast<size_t>(R * config_.vocab_size));
+  }
 }
 
 void Model::forward(const StepBatch& batch, float* logits) {
   const int64_t n_tokens = batch.n_tokens();
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
-  const int64_t n_vocab = weights_.shard.n_vocab;
   SY_CHECK(n_tokens > 0 && n_tokens <= limits_.max_tokens, "step of ", n_tokens,
            " tokens; the limit is ", limits_.max_tokens);
   SY_CHECK(static_cast<int64_t>(batch.positions.size()) == n_tokens &&
@@ -178,27 +208,84 @@ void Model::forward(const StepBatch& batch, float* logits) {
   meta.sliding_window = config_.sliding_window;
 
   const float eps = static_cast<float>(config_.rms_norm_eps);
+  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  // Tokens this rank owns in the MoE block (all of them on one rank or with the all-gather
+  // exchange); the residual stream is replicated again by an all-gather after each layer.
+  token_counts(n_tokens, all_to_all ? world_ : 1, token_counts_);
+  const int64_t own_begin = all_to_all ? split_begin(n_tokens, world_, rank_) : 0;
+  const int64_t n_own = all_to_all ? token_counts_[rank_] : n_tokens;
+
   Tensor x = x_.rows(0, n_tokens);                                  // [n_tokens, dim]
   ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
+  if (world_ > 1) par_->world->all_reduce_sum(x);                   // vocabulary-parallel rows
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
     Tensor xn = xn_.rows(0, n_tokens);                              // [n_tokens, dim]
     Tensor o = o_.rows(0, n_tokens);                                // [n_tokens, dim]
     ops_.rmsnorm(xn, x, L.input_norm, eps);                         // [n_tokens, dim]
-    attention_block(l, n_tokens, meta);                             // o = attn(xn)
-    ops_.add(x, x, o);                                              // residual
-    ops_.rmsnorm(xn, x, L.post_norm, eps);                          // [n_tokens, dim]
-    moe_block(l, n_tokens);                                         // o = moe(xn)
-    ops_.add(x, x, o);                                              // residual
+    attention_block(l, n_tokens, meta);                             // o = partial attn(xn)
+    if (!all_to_all) {
+      if (par_ != nullptr && par_->config.tp > 1) par_->tp->all_reduce_sum(o);
+      ops_.add(x, x, o);                                            // residual
+      ops_.rmsnorm(xn, x, L.post_norm, eps);                        // [n_tokens, dim]
+      moe_block(l, o, xn);                                          // o = moe(xn)
+      ops_.add(x, x, o);                                            // residual
+      continue;
+    }
+    // Sequence parallel: this rank's tokens, summed over its attention group.
+    Tensor x_own = x_own_.rows(0, n_own);                           // [n_own, dim]
+    Tensor xn_own = xn_own_.rows(0, n_own);                         // [n_own, dim]
+    Tensor y_own = y_own_.rows(0, n_own);                           // [n_own, dim]
+    const int tp = par_->config.tp;
+    if (tp > 1) {
+      const int first = par_->config.tp_group() * tp;
+      tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
+      int64_t group_rows = 0;
+      for (int64_t c : tp_counts_) group_rows += c;
+      par_->tp->reduce_scatter_sum(y_own, o.rows(split_begin(n_tokens, world_, first), group_rows),
+                                   tp_counts_);                     // [n_own, dim]
+      ops_.add(x_own, x.rows(own_begin, n_own), y_own);             // residual
+    } else {
+      ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
+    }
+    ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);                  // [n_own, dim]
+    moe_block(l, y_own, xn_own);                                    // y = moe(xn), all-to-all
+    ops_.add(x_own, x_own, y_own);                                  // residual
+    par_->world->all_gather(x, x_own, token_counts_);               // [n_tokens, dim] everywhere
   }
+  logits_block(batch, logits);
+}
+
+void Model::logits_block(const StepBatch& batch, float* logits) {
+  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
+  const int64_t n_vocab = weights_.shard.n_vocab;
+  const int64_t vocab = config_.vocab_size;
   if (n_logits == 0) return;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
   ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(), static_cast<size_t>(n_logits) * 4);
   Tensor lx = logit_x_.rows(0, n_logits);                           // [n_logits, dim]
   Tensor lg = logits_.rows(0, n_logits);                            // [n_logits, n_vocab]
-  ops_.gather_rows(lx, x, logit_rows_.rows(0, n_logits));
+  ops_.gather_rows(lx, x_.rows(0, batch.n_tokens()), logit_rows_.rows(0, n_logits));
   ops_.rmsnorm(lx, lx, weights_.norm, eps);
   ops_.matmul(lg, lx, weights_.lm_head);
-  ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
+  if (world_ == 1) {
+    ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
+    return;
+  }
+  // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
+  vocab_counts_.resize(static_cast<size_t>(world_));
+  for (int r = 0; r < world_; ++r) vocab_counts_[r] = n_logits * split_count(vocab, world_, r);
+  Tensor all = logits_all_.rows(0, n_logits * vocab).reshape({n_logits * vocab, 1});
+  par_->world->all_gather(all, lg.reshape({n_logits * n_vocab, 1}), vocab_counts_);
+  ops_.copy_to_host(host_logits_.data(), all.data, all.bytes());
+  const float* block = host_logits_.data();
+  for (int r = 0; r < world_; ++r) {
+    const int64_t begin = split_begin(vocab, world_, r);
+    const int64_t width = split_count(vocab, world_, r);
+    for (int64_t i = 0; i < n_logits; ++i)
+      std::copy_n(block + i * width, width, logits + i * vocab + begin);
+    block += n_logits * width;
+  }
 }
 
 void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta) {
@@ -220,12 +307,13 @@ void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta
   ops_.matmul(o_.rows(0, n_tokens), attn.reshape({n_tokens, n_heads * head_dim}), L.wo);
 }
 
-void Model::moe_block(int64_t layer, int64_t n_tokens) {
+void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t n_tokens = xn.size(0);
   const int64_t k = config_.num_experts_per_tok;
   const int64_t n_experts = config_.num_local_experts;
   const int64_t n_rows = n_tokens * k;
-  Tensor xn = xn_.rows(0, n_tokens);                                 // [n_tokens, dim]
+  const std::vector<int64_t>& experts = weights_.shard.experts;
   Tensor router_logits = router_logits_.rows(0, n_tokens);          // [n_tokens, n_experts]
   Tensor topk_idx = topk_idx_.rows(0, n_tokens);                     // [n_tokens, k]
   Tensor topk_weights = topk_weights_.rows(0, n_tokens);             // [n_tokens, k]
@@ -234,25 +322,48 @@ void Model::moe_block(int64_t layer, int64_t n_tokens) {
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
   ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());
   moe_layout(layout_, host_topk_idx_.data(), host_topk_weights_.data(), n_tokens, k, n_experts);
-
-  // Rows of the local experts are contiguous in expert order when this rank holds them all.
-  const std::vector<int64_t>& experts = weights_.shard.experts;
-  SY_CHECK(static_cast<int64_t>(experts.size()) == n_experts,
-           "this rank holds ", experts.size(), " of ", n_experts,
-           " experts: a partial expert set needs the expert-parallel exchange");
-  for (size_t i = 0; i <= experts.size(); ++i) local_offsets_[i] = layout_.expert_offsets[i];
-
   ops_.copy_from_host(sorted_rows_.data, layout_.sorted_rows.data(), static_cast<size_t>(n_rows) * 4);
   ops_.copy_from_host(sorted_weights_.data, layout_.sorted_weights.data(),
                       static_cast<size_t>(n_rows) * 4);
   Tensor rows = sorted_rows_.rows(0, n_rows);                        // [n_rows]
-  Tensor moe_in = moe_in_.rows(0, n_rows);                           // [n_rows, dim]
-  Tensor moe_out = moe_out_.rows(0, n_rows);                         // [n_rows, dim]
-  ops_.gather_rows(moe_in, xn, rows);                                // dispatch (local)
-  expert_ffn(ops_, moe_out, moe_in, L.experts, local_offsets_.data(), expert_scratch_);
-  Tensor o = o_.rows(0, n_tokens);                                   // [n_tokens, dim]
-  ops_.fill_zero(o);
-  ops_.scatter_add_weighted(o, moe_out, rows, sorted_weights_.rows(0, n_rows));  // combine
+  Tensor weights = sorted_weights_.rows(0, n_rows);                  // [n_rows]
+  ops_.fill_zero(out);
+
+  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  if (all_to_all) {
+    // layout -> dispatch -> expert FFN -> combine, over this rank's expert group.
+    Communicator& ep = *par_->ep;
+    ep_layout(ep_plan_, layout_, ep, experts);
+    const int64_t n_recv = ep_plan_.n_recv;
+    Tensor send = moe_send_.rows(0, n_rows);                         // [n_rows, dim] expert order
+    Tensor recv = moe_recv_.rows(0, n_recv);                         // [n_recv, dim] by source
+    Tensor in = moe_in_.rows(0, n_recv);                             // [n_recv, dim] by expert
+    Tensor y = moe_out_.rows(0, n_recv);                             // [n_recv, dim] by expert
+    ops_.gather_rows(send, xn, rows);
+    ep_dispatch(ep, recv, send, ep_plan_);
+    Tensor perm = perm_.rows(0, n_recv);                             // [n_recv]
+    ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
+    ops_.gather_rows(in, recv, perm);
+    expert_ffn(ops_, y, in, L.experts, ep_plan_.local_offsets.data(), expert_scratch_);
+    ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
+    ops_.gather_rows(recv, y, perm);                                 // back in received order
+    ep_combine(ep, send, recv, ep_plan_);                            // [n_rows, dim] expert order
+    ops_.scatter_add_weighted(out, send, rows, weights);             // combine
+    return;
+  }
+  // Local experts only: their rows are contiguous in expert order (experts are placed in ranges).
+  const int64_t first = layout_.expert_offsets[experts.front()];
+  const int64_t n_local_rows = layout_.expert_offsets[experts.back() + 1] - first;
+  for (size_t i = 0; i <= experts.size(); ++i)
+    local_offsets_[i] = (i < experts.size() ? layout_.expert_offsets[experts[i]]
+                                            : layout_.expert_offsets[experts.back() + 1]) - first;
+  Tensor local_rows = rows.rows(first, n_local_rows);                // [n_local_rows]
+  Tensor in = moe_in_.rows(0, n_local_rows);                         // [n_local_rows, dim]
+  Tensor y = moe_out_.rows(0, n_local_rows);                         // [n_local_rows, dim]
+  ops_.gather_rows(in, xn, local_rows);                              // dispatch (local)
+  expert_ffn(ops_, y, in, L.experts, local_offsets_.data(), expert_scratch_);
+  ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
+  if (par_ != nullptr && par_->ep->size() > 1) par_->ep->all_reduce_sum(out);  // partial sums
 }
 
 }  // namespace sy

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "parallel/context.h"
 #include "runtime/config.h"
 #include "runtime/moe.h"
 #include "runtime/weights.h"
@@ -56,27 +57,40 @@ class BlockAllocator {
   std::vector<int32_t> free_;
 };
 
+// This rank's part of the weights for `parallel` (the whole model when it is null).
+WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
+
 class Model {
  public:
-  Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits);
+  // `parallel` (not owned) is null for a single rank. Every rank of it must build its Model with
+  // the same config and limits and then call forward() with the same batches, in lockstep.
+  Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits,
+        const ParallelContext* parallel = nullptr);
 
-  // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows.
+  // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
+  // rank. A collective when parallel.
   void forward(const StepBatch& batch, float* logits);
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
   const Weights& weights() const { return weights_; }
+  const ParallelContext* parallel() const { return par_; }
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
  private:
   void attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
-  void moe_block(int64_t layer, int64_t n_tokens);
+  // out = MoE(xn) for n_tokens rows; the expert exchange follows the parallel layout.
+  void moe_block(int64_t layer, Tensor out, Tensor xn);
+  void logits_block(const StepBatch& batch, float* logits);
 
   ModelConfig config_;
   Weights weights_;
   Ops& ops_;
   ModelLimits limits_;
+  const ParallelContext* par_;  // null: one rank
+  int world_ = 1;               // ranks in the job
+  int rank_ = 0;
 
   // ---- run state (device), sized for limits_.max_tokens = N ----------------------------------
   DeviceBuffer state_storage_;
@@ -90,10 +104,16 @@ class Model {
   Tensor router_logits_;  // [N, n_experts]
   Tensor topk_idx_;       // I32 [N, k]
   Tensor topk_weights_;   // [N, k]
-  Tensor moe_in_;         // [N * k, dim]        token rows in expert order
+  Tensor x_own_;          // [N, dim]            this rank's tokens of the residual stream
+  Tensor xn_own_;         // [N, dim]
+  Tensor y_own_;          // [N, dim]            MoE output of this rank's tokens
+  Tensor moe_send_;       // [N * k, dim]        routed rows in expert order; later combined rows
+  Tensor moe_recv_;       // [N * k, dim]        rows received from the expert group; later sent back
+  Tensor moe_in_;         // [N * k, dim]        rows of the local experts in expert order
   Tensor moe_out_;        // [N * k, dim]
   Tensor sorted_rows_;    // I32 [N * k]
   Tensor sorted_weights_; // [N * k]
+  Tensor perm_;           // I32 [N * k]         row permutation between exchange and expert order
   ExpertScratch expert_scratch_;  // [N * k, hidden_dim] x 2
   Tensor ids_;            // I32 [N]
   Tensor positions_;      // I32 [N]
@@ -101,7 +121,8 @@ class Model {
   Tensor block_tables_;   // I32 [max_seqs, max_blocks_per_seq]
   Tensor logit_rows_;     // I32 [max_logit_rows]
   Tensor logit_x_;        // [max_logit_rows, dim]
-  Tensor logits_;         // [max_logit_rows, n_vocab]
+  Tensor logits_;         // [max_logit_rows, n_vocab]   this rank's vocabulary columns
+  Tensor logits_all_;     // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
   DeviceBuffer kv_storage_;
@@ -113,6 +134,11 @@ class Model {
   std::vector<int32_t> host_topk_idx_;     // [N * k]
   std::vector<float> host_topk_weights_;   // [N * k]
   std::vector<int64_t> local_offsets_;     // [n_local_experts + 1]
+  EpPlan ep_plan_;
+  std::vector<int64_t> token_counts_;      // [world] tokens owned by each rank in this step
+  std::vector<int64_t> tp_counts_;         // [tp] the same for this attention group
+  std::vector<int64_t> vocab_counts_;      // [world] logit elements of each rank's block
+  std::vector<float> host_logits_;         // [vocab * max_logit_rows] (parallel)
 };
 
 }  // namespace sy

@@ -1,6 +1,8 @@
 // MoE stages (see moe.h).
 #include "runtime/moe.h"
 
+#include "parallel/layout.h"
+
 namespace sy {
 
 void MoeLayout::reserve(int64_t max_tokens, int64_t k, int64_t n_experts_) {
@@ -61,6 +63,74 @@ void expert_ffn(Ops& ops, Tensor out, Tensor in, const std::vector<ExpertWeights
     ops.swiglu(gate, gate, up);                  // [n, hidden_dim]
     ops.matmul(out.rows(begin, n), gate, E.w2);  // [n, dim]
   }
+}
+
+void EpPlan::reserve(int ep_size, int64_t n_experts, int64_t max_rows, size_t n_local_experts) {
+  send_counts.assign(static_cast<size_t>(ep_size), 0);
+  recv_counts.assign(static_cast<size_t>(ep_size), 0);
+  counts.assign(static_cast<size_t>(ep_size * n_experts), 0);
+  my_counts.assign(static_cast<size_t>(n_experts), 0);
+  expert_order.assign(static_cast<size_t>(max_rows), 0);
+  source_order.assign(static_cast<size_t>(max_rows), 0);
+  local_offsets.assign(n_local_experts + 1, 0);
+  block_start.assign(static_cast<size_t>(ep_size) * n_local_experts, 0);
+}
+
+void ep_layout(EpPlan& plan, const MoeLayout& layout, Communicator& ep,
+               const std::vector<int64_t>& local_experts) {
+  const int E = ep.size();
+  const int64_t n_experts = layout.n_experts;
+  const int64_t n_local = static_cast<int64_t>(local_experts.size());
+  SY_CHECK(static_cast<int64_t>(plan.counts.size()) == E * n_experts &&
+               static_cast<int64_t>(plan.local_offsets.size()) == n_local + 1,
+           "ep_layout: plan reserved for another layout");
+  // Every rank learns how many rows every rank sends to every expert.
+  for (int64_t e = 0; e < n_experts; ++e)
+    plan.my_counts[e] = static_cast<int32_t>(layout.n_tokens_per_expert[e]);
+  ep.all_gather(Tensor(plan.counts.data(), DType::kI32, {E, n_experts}),
+                Tensor(plan.my_counts.data(), DType::kI32, {1, n_experts}),
+                std::vector<int64_t>(static_cast<size_t>(E), 1));
+  // Rows to each peer: the experts it owns form a contiguous id range.
+  for (int p = 0; p < E; ++p) {
+    plan.send_counts[p] = 0;
+    for (int64_t e : experts_of(n_experts, E, p)) plan.send_counts[p] += layout.n_tokens_per_expert[e];
+  }
+  // Received rows come grouped by source rank, then by local expert.
+  int64_t offset = 0;
+  for (int p = 0; p < E; ++p) {
+    plan.recv_counts[p] = 0;
+    for (int64_t i = 0; i < n_local; ++i) {
+      const int64_t n = plan.counts[p * n_experts + local_experts[i]];
+      plan.block_start[p * n_local + i] = offset;
+      offset += n;
+      plan.recv_counts[p] += n;
+    }
+  }
+  plan.n_recv = offset;
+  SY_CHECK(plan.n_recv <= static_cast<int64_t>(plan.expert_order.size()), "ep_layout: ",
+           plan.n_recv, " rows routed to this rank exceed the reserved ", plan.expert_order.size());
+  // Expert order: for each local expert, the blocks of every source in rank order.
+  int64_t row = 0;
+  for (int64_t i = 0; i < n_local; ++i) {
+    plan.local_offsets[i] = row;
+    for (int p = 0; p < E; ++p) {
+      const int64_t n = plan.counts[p * n_experts + local_experts[i]];
+      const int64_t start = plan.block_start[p * n_local + i];
+      for (int64_t j = 0; j < n; ++j, ++row) {
+        plan.expert_order[row] = static_cast<int32_t>(start + j);
+        plan.source_order[start + j] = static_cast<int32_t>(row);
+      }
+    }
+  }
+  plan.local_offsets[n_local] = row;
+}
+
+void ep_dispatch(Communicator& ep, Tensor recv, Tensor send, const EpPlan& plan) {
+  ep.all_to_all(recv, plan.recv_counts, send, plan.send_counts);
+}
+
+void ep_combine(Communicator& ep, Tensor out, Tensor back, const EpPlan& plan) {
+  ep.all_to_all(out, plan.send_counts, back, plan.recv_counts);
 }
 
 }  // namespace sy

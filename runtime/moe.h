@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "parallel/communicator.h"
 #include "runtime/weights.h"
 
 namespace sy {
@@ -38,5 +39,35 @@ struct ExpertScratch {
 // each local expert i. in, out: [n_rows, dim]; offsets: [n_local_experts + 1] on the host.
 void expert_ffn(Ops& ops, Tensor out, Tensor in, const std::vector<ExpertWeights>& experts,
                 const int64_t* offsets, const ExpertScratch& scratch);
+
+// The expert-parallel exchange of one MoE block over the E ranks of an expert group. Rows leave
+// each rank in expert order (so in destination-rank order, experts being placed contiguously);
+// they arrive grouped by source rank, then expert; expert_ffn needs them grouped by expert.
+struct EpPlan {
+  std::vector<int64_t> send_counts;     // [E] rows this rank sends to each peer
+  std::vector<int64_t> recv_counts;     // [E] rows this rank receives from each peer
+  std::vector<int32_t> counts;          // [E, n_experts] rows each rank sends to each expert
+  std::vector<int32_t> expert_order;    // [n_recv] received row of each expert-ordered row
+  std::vector<int32_t> source_order;    // [n_recv] expert-ordered row of each received row
+  std::vector<int64_t> local_offsets;   // [n_local_experts + 1] expert-ordered row ranges
+  std::vector<int32_t> my_counts;       // [n_experts] this rank's row of `counts`
+  std::vector<int64_t> block_start;     // [E, n_local_experts] first received row of each block
+  int64_t n_recv = 0;
+
+  void reserve(int ep_size, int64_t n_experts, int64_t max_rows, size_t n_local_experts);
+};
+
+// Exchanges the per-expert counts (an all-gather over `ep`, host buffers) and builds the plan.
+// Collective. `local_experts` are the ascending global ids held by this rank; experts are placed
+// contiguously over the ranks of `ep` (parallel/layout.h, experts_of).
+void ep_layout(EpPlan& plan, const MoeLayout& layout, Communicator& ep,
+               const std::vector<int64_t>& local_experts);
+
+// Sends `send` rows (expert order, layout.n_rows) to their experts' ranks; `recv` receives
+// plan.n_recv rows grouped by source rank. Collective over `ep`.
+void ep_dispatch(Communicator& ep, Tensor recv, Tensor send, const EpPlan& plan);
+// The way back: `back` (rows grouped by source rank, as received) returns to each source, which
+// gets its rows in its original expert order in `out`. Collective over `ep`.
+void ep_combine(Communicator& ep, Tensor out, Tensor back, const EpPlan& plan);
 
 }  // namespace sy
