@@ -269,7 +269,9 @@ TEST(StreamDecoder, SkipsSpecialIds) {
 class TrainTokenizer : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) / "sy_test_tokenizer";
+    // One directory per test: ctest may run the tests of this file in parallel processes.
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::path(::testing::TempDir()) / (std::string("sy_test_tokenizer_") + info->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "a");
     fs::create_directories(dir_ / "b");
