@@ -8,8 +8,12 @@ namespace {
 std::atomic<int> g_rank{-1};
 }  // namespace
 
-void set_error_rank(int rank) { g_rank.store(rank); }
-int error_rank() { return g_rank.load(); }
+void set_error_rank(int rank) {
+  g_rank.store(rank);
+}
+int error_rank() {
+  return g_rank.load();
+}
 
 namespace detail {
 

@@ -34,10 +34,11 @@ std::string concat(const Parts&... parts) {
 }  // namespace detail
 }  // namespace sy
 
-#define SY_CHECK(cond, ...)                                                         \
-  do {                                                                              \
-    if (!(cond)) [[unlikely]]                                                       \
+#define SY_CHECK(cond, ...)                                                             \
+  do {                                                                                  \
+    if (!(cond)) [[unlikely]]                                                           \
       ::sy::detail::fail(__FILE__, __LINE__, #cond, ::sy::detail::concat(__VA_ARGS__)); \
   } while (0)
 
-#define SY_FAIL(...) ::sy::detail::fail(__FILE__, __LINE__, nullptr, ::sy::detail::concat(__VA_ARGS__))
+#define SY_FAIL(...) \
+  ::sy::detail::fail(__FILE__, __LINE__, nullptr, ::sy::detail::concat(__VA_ARGS__))

@@ -17,10 +17,10 @@ namespace sy {
 
 // Where the attention of one step reads its keys and values from.
 struct AttentionMeta {
-  Tensor positions;     // I32 [n_tokens]: position of each token in its sequence
-  Tensor token_seq;     // I32 [n_tokens]: index of each token's sequence in block_tables
-  Tensor block_tables;  // I32 [n_seqs, max_blocks_per_seq]: physical block of each logical block
-  int64_t block_size = 0;      // tokens per KV block
+  Tensor positions;        // I32 [n_tokens]: position of each token in its sequence
+  Tensor token_seq;        // I32 [n_tokens]: index of each token's sequence in block_tables
+  Tensor block_tables;     // I32 [n_seqs, max_blocks_per_seq]: physical block of each logical block
+  int64_t block_size = 0;  // tokens per KV block
   int64_t sliding_window = 0;  // attend to the last `sliding_window` positions; 0 = all
 };
 
@@ -59,7 +59,8 @@ class Ops {
   virtual void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache,
                          const AttentionMeta& meta) = 0;
   // Router: softmax(logits) in fp32, top-k, the k weights renormalised to sum 1.
-  // logits: F32 [n_tokens, n_experts]; topk_idx: I32 [n_tokens, k]; topk_weights: F32 [n_tokens, k].
+  // logits: F32 [n_tokens, n_experts]; topk_idx: I32 [n_tokens, k]; topk_weights: F32 [n_tokens,
+  // k].
   virtual void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits) = 0;
   // out[r] = x[rows[r]].   out: [n_rows, dim]; x: [n_tokens, dim]; rows: I32 [n_rows].
   virtual void gather_rows(Tensor out, Tensor x, Tensor rows) = 0;
@@ -77,7 +78,8 @@ std::unique_ptr<Ops> make_cpu_ops();
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(Ops& ops, size_t bytes) : ops_(&ops), ptr_(bytes ? ops.alloc(bytes) : nullptr), bytes_(bytes) {}
+  DeviceBuffer(Ops& ops, size_t bytes)
+      : ops_(&ops), ptr_(bytes ? ops.alloc(bytes) : nullptr), bytes_(bytes) {}
   ~DeviceBuffer() { reset(); }
   DeviceBuffer(DeviceBuffer&& o) noexcept : ops_(o.ops_), ptr_(o.ptr_), bytes_(o.bytes_) {
     o.ptr_ = nullptr;

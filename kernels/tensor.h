@@ -28,7 +28,8 @@ struct Tensor {
   int64_t shape[4] = {0, 0, 0, 0};
 
   Tensor() = default;
-  Tensor(void* data, DType dtype, std::initializer_list<int64_t> dims, Device device = Device::kCpu);
+  Tensor(void* data, DType dtype, std::initializer_list<int64_t> dims,
+         Device device = Device::kCpu);
 
   int64_t size(int dim) const;
   int64_t numel() const;
@@ -50,7 +51,8 @@ struct Tensor {
 };
 
 // Checks `t` has dtype `dtype` and shape `dims` (-1 matches any extent). `name` names the operand.
-void check_tensor(const Tensor& t, const char* name, DType dtype, std::initializer_list<int64_t> dims);
+void check_tensor(const Tensor& t, const char* name, DType dtype,
+                  std::initializer_list<int64_t> dims);
 
 // bf16 / f16 <-> f32 (round to nearest even).
 inline float bf16_to_f32(uint16_t v) {

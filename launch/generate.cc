@@ -69,7 +69,8 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
   auto* ids = cmd->add_option("--prompt-ids", a.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   prompt->excludes(ids);
   ids->excludes(prompt);
-  cmd->add_option("--max-tokens", a.max_tokens, "Tokens to generate at most")->capture_default_str();
+  cmd->add_option("--max-tokens", a.max_tokens, "Tokens to generate at most")
+      ->capture_default_str();
   cmd->add_option("--temperature", a.sampling.temperature, "0 = greedy")->capture_default_str();
   cmd->add_option("--top-k", a.sampling.top_k, "0 = off")->capture_default_str();
   cmd->add_option("--top-p", a.sampling.top_p, "1 = off")->capture_default_str();

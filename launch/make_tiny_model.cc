@@ -11,7 +11,8 @@ namespace sy::launch {
 
 void add_make_tiny_model(CLI::App& app, MakeTinyModelArgs& a) {
   CLI::App* cmd = app.add_subcommand(
-      "make-tiny-model", "Write a seeded random Mixtral-architecture checkpoint (Hugging Face layout)");
+      "make-tiny-model",
+      "Write a seeded random Mixtral-architecture checkpoint (Hugging Face layout)");
   ModelConfig& c = a.options.config;
   cmd->add_option("--out", a.out, "Output directory")->required();
   cmd->add_option("--seed", a.options.seed, "Random seed")->capture_default_str();
@@ -20,7 +21,8 @@ void add_make_tiny_model(CLI::App& app, MakeTinyModelArgs& a) {
       ->capture_default_str();
   cmd->add_option("--layers", c.num_hidden_layers, "num_hidden_layers")->capture_default_str();
   cmd->add_option("--heads", c.num_attention_heads, "num_attention_heads")->capture_default_str();
-  cmd->add_option("--kv-heads", c.num_key_value_heads, "num_key_value_heads")->capture_default_str();
+  cmd->add_option("--kv-heads", c.num_key_value_heads, "num_key_value_heads")
+      ->capture_default_str();
   cmd->add_option("--head-dim", c.head_dim, "head_dim")->capture_default_str();
   cmd->add_option("--experts", c.num_local_experts, "num_local_experts")->capture_default_str();
   cmd->add_option("--experts-per-token", c.num_experts_per_tok, "num_experts_per_tok")

@@ -34,7 +34,9 @@ int64_t split_begin(int64_t n, int64_t parts, int64_t i) {
   return i * (n / parts) + std::min(i, n % parts);
 }
 
-int64_t split_count(int64_t n, int64_t parts, int64_t i) { return n / parts + (i < n % parts ? 1 : 0); }
+int64_t split_count(int64_t n, int64_t parts, int64_t i) {
+  return n / parts + (i < n % parts ? 1 : 0);
+}
 
 std::vector<int64_t> experts_of(int64_t n_experts, int ep_size, int e) {
   std::vector<int64_t> out;

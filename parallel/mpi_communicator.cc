@@ -5,16 +5,16 @@
 
 #include "parallel/communicator.h"
 
-#define SY_MPI_CHECK(expr)                                                                  \
-  do {                                                                                      \
-    int sy_rc_ = (expr);                                                                    \
-    if (sy_rc_ != MPI_SUCCESS) {                                                            \
-      char sy_msg_[MPI_MAX_ERROR_STRING];                                                   \
-      int sy_len_ = 0;                                                                      \
-      MPI_Error_string(sy_rc_, sy_msg_, &sy_len_);                                          \
-      ::sy::detail::fail(__FILE__, __LINE__, #expr,                                         \
+#define SY_MPI_CHECK(expr)                                                                    \
+  do {                                                                                        \
+    int sy_rc_ = (expr);                                                                      \
+    if (sy_rc_ != MPI_SUCCESS) {                                                              \
+      char sy_msg_[MPI_MAX_ERROR_STRING];                                                     \
+      int sy_len_ = 0;                                                                        \
+      MPI_Error_string(sy_rc_, sy_msg_, &sy_len_);                                            \
+      ::sy::detail::fail(__FILE__, __LINE__, #expr,                                           \
                          ::sy::detail::concat("MPI error: ", std::string(sy_msg_, sy_len_))); \
-    }                                                                                       \
+    }                                                                                         \
   } while (0)
 
 namespace sy {
@@ -22,9 +22,12 @@ namespace {
 
 MPI_Datatype mpi_type(DType d) {
   switch (d) {
-    case DType::kF32: return MPI_FLOAT;
-    case DType::kI32: return MPI_INT32_T;
-    default: return MPI_UINT16_T;  // bf16 / f16 moved as raw 16-bit words (not reduced)
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kI32:
+      return MPI_INT32_T;
+    default:
+      return MPI_UINT16_T;  // bf16 / f16 moved as raw 16-bit words (not reduced)
   }
 }
 
@@ -73,10 +76,9 @@ class MpiCommunicator final : public Communicator {
     check_counts(counts, "reduce_scatter");
     const int64_t row = in.row_numel();
     SY_CHECK(in.dtype == DType::kF32 && out.dtype == DType::kF32, "reduce_scatter: F32 only");
-    SY_CHECK(in.size(0) == total(counts) && out.size(0) == counts[rank_] &&
-                 out.row_numel() == row,
-             "reduce_scatter: in ", in.shape_str(), ", out ", out.shape_str(), " for counts of rank ",
-             rank_, " = ", counts[rank_]);
+    SY_CHECK(in.size(0) == total(counts) && out.size(0) == counts[rank_] && out.row_numel() == row,
+             "reduce_scatter: in ", in.shape_str(), ", out ", out.shape_str(),
+             " for counts of rank ", rank_, " = ", counts[rank_]);
     to_elements(counts, row, counts_, displs_);
     SY_MPI_CHECK(MPI_Reduce_scatter(in.data, out.data, counts_.data(), MPI_FLOAT, MPI_SUM, comm_));
   }
@@ -85,8 +87,7 @@ class MpiCommunicator final : public Communicator {
     check_counts(counts, "all_gather");
     const int64_t row = out.row_numel();
     SY_CHECK(in.dtype == out.dtype, "all_gather: dtypes differ");
-    SY_CHECK(out.size(0) == total(counts) && in.size(0) == counts[rank_] &&
-                 in.row_numel() == row,
+    SY_CHECK(out.size(0) == total(counts) && in.size(0) == counts[rank_] && in.row_numel() == row,
              "all_gather: in ", in.shape_str(), ", out ", out.shape_str());
     to_elements(counts, row, counts_, displs_);
     SY_MPI_CHECK(MPI_Allgatherv(in.data, counts_[rank_], mpi_type(in.dtype), out.data,
@@ -112,8 +113,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   void broadcast(void* data, size_t bytes, int root) override {
-    SY_CHECK(bytes <= static_cast<size_t>(std::numeric_limits<int>::max()), "broadcast of ",
-             bytes, " bytes");
+    SY_CHECK(bytes <= static_cast<size_t>(std::numeric_limits<int>::max()), "broadcast of ", bytes,
+             " bytes");
     SY_MPI_CHECK(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_));
   }
 
@@ -128,8 +129,8 @@ class MpiCommunicator final : public Communicator {
 
  private:
   void check_counts(const std::vector<int64_t>& counts, const char* what) const {
-    SY_CHECK(static_cast<int>(counts.size()) == size_, what, ": ", counts.size(),
-             " counts for ", size_, " ranks");
+    SY_CHECK(static_cast<int>(counts.size()) == size_, what, ": ", counts.size(), " counts for ",
+             size_, " ranks");
   }
 
   MPI_Comm comm_;

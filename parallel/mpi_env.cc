@@ -4,6 +4,7 @@
 #include <mpi.h>
 
 #include <cstdio>
+#include <exception>
 
 #include "kernels/error.h"
 
@@ -28,6 +29,9 @@ MpiEnv::MpiEnv(int* argc, char*** argv) {
 }
 
 MpiEnv::~MpiEnv() {
+  // While an exception unwinds, a peer may be waiting in a collective: MPI_Finalize could then
+  // block forever. Leave MPI up so the top level can abort the whole job (MpiEnv::fail).
+  if (std::uncaught_exceptions() > 0) return;
   int finalised = 0;
   MPI_Finalized(&finalised);
   if (!finalised) MPI_Finalize();

@@ -39,9 +39,12 @@ DType parse_dtype(const std::string& name, const std::string& source) {
 
 const char* dtype_json_name(DType d) {
   switch (d) {
-    case DType::kBF16: return "bfloat16";
-    case DType::kF16: return "float16";
-    default: return "float32";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF16:
+      return "float16";
+    default:
+      return "float32";
   }
 }
 
@@ -70,7 +73,16 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& s
   c.num_local_experts = get_int(j, "num_local_experts", source, true, 0);
   c.num_experts_per_tok = get_int(j, "num_experts_per_tok", source, true, 0);
   c.rms_norm_eps = get_double(j, "rms_norm_eps", source, 1e-5);
-  c.rope_theta = get_double(j, "rope_theta", source, 1e6);
+  // rope_theta: top level (Mixtral checkpoints), or inside transformers 5's rope_parameters.
+  c.rope_theta = get_double(j, "rope_theta", source, 0);
+  if (auto it = j.find("rope_parameters"); it != j.end() && it->is_object()) {
+    const std::string type = it->value("rope_type", std::string("default"));
+    SY_CHECK(type == "default", source, ": rope_parameters.rope_type \"", type,
+             "\" is not supported (only default RoPE)");
+    if (c.rope_theta == 0)
+      c.rope_theta = get_double(*it, "rope_theta", source + " rope_parameters", 0);
+  }
+  SY_CHECK(c.rope_theta != 0, source, ": missing field \"rope_theta\"");
   c.sliding_window = get_int(j, "sliding_window", source, false, 0);
   c.max_position_embeddings = get_int(j, "max_position_embeddings", source, false, 32768);
   c.vocab_size = get_int(j, "vocab_size", source, true, 0);
@@ -175,8 +187,10 @@ std::string ModelConfig::to_json() const {
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["torch_dtype"] = dtype_json_name(torch_dtype);
   j["bos_token_id"] = bos_token_id >= 0 ? json(bos_token_id) : json(nullptr);
-  if (eos_token_ids.size() == 1) j["eos_token_id"] = eos_token_ids[0];
-  else j["eos_token_id"] = eos_token_ids;
+  if (eos_token_ids.size() == 1)
+    j["eos_token_id"] = eos_token_ids[0];
+  else
+    j["eos_token_id"] = eos_token_ids;
   j["hidden_act"] = "silu";
   j["attention_dropout"] = 0.0;
   j["initializer_range"] = 0.02;

@@ -15,8 +15,8 @@ LoadedModel load_model(const std::string& model_dir, int64_t max_context,
   m.config = ModelConfig::load(model_dir);
   if (parallel != nullptr) parallel->config.validate(m.config);
   SY_CHECK(max_context > 0 && max_context <= m.config.max_position_embeddings, "context of ",
-           max_context, " tokens outside [1, max_position_embeddings = ",
-           m.config.max_position_embeddings, "]");
+           max_context,
+           " tokens outside [1, max_position_embeddings = ", m.config.max_position_embeddings, "]");
   Checkpoint checkpoint = Checkpoint::open(model_dir);
   m.ops = make_cpu_ops();
   Weights weights =
@@ -33,7 +33,8 @@ LoadedModel load_model(const std::string& model_dir, int64_t max_context,
 }
 
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
-                        const GenerateOptions& options, const std::function<void(int32_t)>& on_token) {
+                        const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token) {
   const ModelLimits& limits = model.limits();
   const int64_t vocab = model.config().vocab_size;
   const int64_t n_prompt = static_cast<int64_t>(prompt.size());
@@ -75,7 +76,8 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
       for (int64_t i = 0; i < n; ++i) batch.logit_rows.push_back(static_cast<int32_t>(i));
       model.forward(batch, result.prompt_logits.data() + begin * vocab);
       if (last_chunk)
-        std::copy_n(result.prompt_logits.data() + (n_prompt - 1) * vocab, vocab, last_logits.begin());
+        std::copy_n(result.prompt_logits.data() + (n_prompt - 1) * vocab, vocab,
+                    last_logits.begin());
     } else {
       if (last_chunk) batch.logit_rows.push_back(static_cast<int32_t>(n - 1));
       model.forward(batch, last_logits.data());
@@ -95,8 +97,8 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     result.tokens.push_back(next);
     context_ids.push_back(next);
     if (on_token) on_token(next);
-    const bool eos = std::find(options.eos_ids.begin(), options.eos_ids.end(), next) !=
-                     options.eos_ids.end();
+    const bool eos =
+        std::find(options.eos_ids.begin(), options.eos_ids.end(), next) != options.eos_ids.end();
     if (eos && !options.ignore_eos) {
       result.finish_reason = "stop";
       break;

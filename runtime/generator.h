@@ -15,17 +15,17 @@
 namespace sy {
 
 struct GenerateOptions {
-  int64_t max_tokens = 16;            // tokens to generate at most
-  SamplingParams sampling;            // greedy by default
-  bool ignore_eos = false;            // keep going past an end-of-sequence token
-  std::vector<int64_t> eos_ids;       // tokens that end generation (unless ignore_eos)
-  bool all_prompt_logits = false;     // fill GenerateResult::prompt_logits
+  int64_t max_tokens = 16;         // tokens to generate at most
+  SamplingParams sampling;         // greedy by default
+  bool ignore_eos = false;         // keep going past an end-of-sequence token
+  std::vector<int64_t> eos_ids;    // tokens that end generation (unless ignore_eos)
+  bool all_prompt_logits = false;  // fill GenerateResult::prompt_logits
 };
 
 struct GenerateResult {
-  std::vector<int32_t> tokens;        // generated ids (the EOS that ended it included)
-  std::vector<float> prompt_logits;   // [n_prompt, vocab] when all_prompt_logits
-  std::string finish_reason;          // "stop" (EOS) or "length"
+  std::vector<int32_t> tokens;       // generated ids (the EOS that ended it included)
+  std::vector<float> prompt_logits;  // [n_prompt, vocab] when all_prompt_logits
+  std::string finish_reason;         // "stop" (EOS) or "length"
   double prefill_seconds = 0;
   double decode_seconds = 0;
 };
@@ -38,8 +38,9 @@ struct LoadedModel {
   std::unique_ptr<Ops> ops;
   std::unique_ptr<Model> model;
 };
-LoadedModel load_model(const std::string& model_dir, int64_t max_context, int64_t max_tokens_per_step,
-                       bool show_progress, const ParallelContext* parallel = nullptr);
+LoadedModel load_model(const std::string& model_dir, int64_t max_context,
+                       int64_t max_tokens_per_step, bool show_progress,
+                       const ParallelContext* parallel = nullptr);
 
 // Runs one request to completion. `on_token` is called with each generated id as it is sampled.
 // With a parallel model every rank calls it with the same arguments; rank 0's sampled token is

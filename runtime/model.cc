@@ -143,14 +143,14 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   kv_storage_ = DeviceBuffer(ops_, static_cast<size_t>(2 * n_layers * per_layer) * sizeof(float));
   float* kv = static_cast<float*>(kv_storage_.get());
   for (int64_t l = 0; l < n_layers; ++l) {
-    k_cache_.emplace_back(kv + (2 * l) * per_layer, DType::kF32,
-                          std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size,
-                                                         n_kv_heads, head_dim},
-                          ops_.device());
-    v_cache_.emplace_back(kv + (2 * l + 1) * per_layer, DType::kF32,
-                          std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size,
-                                                         n_kv_heads, head_dim},
-                          ops_.device());
+    k_cache_.emplace_back(
+        kv + (2 * l) * per_layer, DType::kF32,
+        std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
+        ops_.device());
+    v_cache_.emplace_back(
+        kv + (2 * l + 1) * per_layer, DType::kF32,
+        std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
+        ops_.device());
   }
 
   layout_.reserve(N, k, n_experts);
@@ -173,10 +173,10 @@ void Model::forward(const StepBatch& batch, float* logits) {
            "step batch: positions/token_seq sizes differ from tokens");
   SY_CHECK(batch.n_seqs > 0 && batch.n_seqs <= limits_.max_seqs, "step of ", batch.n_seqs,
            " sequences; the limit is ", limits_.max_seqs);
-  SY_CHECK(static_cast<int64_t>(batch.block_tables.size()) ==
-               batch.n_seqs * limits_.max_blocks_per_seq,
-           "step batch: block_tables holds ", batch.block_tables.size(), " entries, expected ",
-           batch.n_seqs * limits_.max_blocks_per_seq);
+  SY_CHECK(
+      static_cast<int64_t>(batch.block_tables.size()) == batch.n_seqs * limits_.max_blocks_per_seq,
+      "step batch: block_tables holds ", batch.block_tables.size(), " entries, expected ",
+      batch.n_seqs * limits_.max_blocks_per_seq);
   SY_CHECK(n_logits <= limits_.max_logit_rows, "step asks for ", n_logits,
            " logit rows; the limit is ", limits_.max_logit_rows);
   for (int64_t t = 0; t < n_tokens; ++t) {
@@ -198,8 +198,7 @@ void Model::forward(const StepBatch& batch, float* logits) {
   ops_.copy_from_host(ids_.data, batch.tokens.data(), static_cast<size_t>(n_tokens) * 4);
   ops_.copy_from_host(positions_.data, batch.positions.data(), static_cast<size_t>(n_tokens) * 4);
   ops_.copy_from_host(token_seq_.data, batch.token_seq.data(), static_cast<size_t>(n_tokens) * 4);
-  ops_.copy_from_host(block_tables_.data, batch.block_tables.data(),
-                      batch.block_tables.size() * 4);
+  ops_.copy_from_host(block_tables_.data, batch.block_tables.data(), batch.block_tables.size() * 4);
   AttentionMeta meta;
   meta.positions = positions_.rows(0, n_tokens);
   meta.token_seq = token_seq_.rows(0, n_tokens);
@@ -215,27 +214,27 @@ void Model::forward(const StepBatch& batch, float* logits) {
   const int64_t own_begin = all_to_all ? split_begin(n_tokens, world_, rank_) : 0;
   const int64_t n_own = all_to_all ? token_counts_[rank_] : n_tokens;
 
-  Tensor x = x_.rows(0, n_tokens);                                  // [n_tokens, dim]
+  Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
   ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
-  if (world_ > 1) par_->world->all_reduce_sum(x);                   // vocabulary-parallel rows
+  if (world_ > 1) par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
-    Tensor xn = xn_.rows(0, n_tokens);                              // [n_tokens, dim]
-    Tensor o = o_.rows(0, n_tokens);                                // [n_tokens, dim]
-    ops_.rmsnorm(xn, x, L.input_norm, eps);                         // [n_tokens, dim]
-    attention_block(l, n_tokens, meta);                             // o = partial attn(xn)
+    Tensor xn = xn_.rows(0, n_tokens);       // [n_tokens, dim]
+    Tensor o = o_.rows(0, n_tokens);         // [n_tokens, dim]
+    ops_.rmsnorm(xn, x, L.input_norm, eps);  // [n_tokens, dim]
+    attention_block(l, n_tokens, meta);      // o = partial attn(xn)
     if (!all_to_all) {
       if (par_ != nullptr && par_->config.tp > 1) par_->tp->all_reduce_sum(o);
-      ops_.add(x, x, o);                                            // residual
-      ops_.rmsnorm(xn, x, L.post_norm, eps);                        // [n_tokens, dim]
-      moe_block(l, o, xn);                                          // o = moe(xn)
-      ops_.add(x, x, o);                                            // residual
+      ops_.add(x, x, o);                      // residual
+      ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
+      moe_block(l, o, xn);                    // o = moe(xn)
+      ops_.add(x, x, o);                      // residual
       continue;
     }
     // Sequence parallel: this rank's tokens, summed over its attention group.
-    Tensor x_own = x_own_.rows(0, n_own);                           // [n_own, dim]
-    Tensor xn_own = xn_own_.rows(0, n_own);                         // [n_own, dim]
-    Tensor y_own = y_own_.rows(0, n_own);                           // [n_own, dim]
+    Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
+    Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
+    Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
     const int tp = par_->config.tp;
     if (tp > 1) {
       const int first = par_->config.tp_group() * tp;
@@ -243,15 +242,15 @@ void Model::forward(const StepBatch& batch, float* logits) {
       int64_t group_rows = 0;
       for (int64_t c : tp_counts_) group_rows += c;
       par_->tp->reduce_scatter_sum(y_own, o.rows(split_begin(n_tokens, world_, first), group_rows),
-                                   tp_counts_);                     // [n_own, dim]
-      ops_.add(x_own, x.rows(own_begin, n_own), y_own);             // residual
+                                   tp_counts_);          // [n_own, dim]
+      ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
     } else {
       ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
     }
-    ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);                  // [n_own, dim]
-    moe_block(l, y_own, xn_own);                                    // y = moe(xn), all-to-all
-    ops_.add(x_own, x_own, y_own);                                  // residual
-    par_->world->all_gather(x, x_own, token_counts_);               // [n_tokens, dim] everywhere
+    ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
+    moe_block(l, y_own, xn_own);                       // y = moe(xn), all-to-all
+    ops_.add(x_own, x_own, y_own);                     // residual
+    par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
   }
   logits_block(batch, logits);
 }
@@ -263,8 +262,8 @@ void Model::logits_block(const StepBatch& batch, float* logits) {
   if (n_logits == 0) return;
   const float eps = static_cast<float>(config_.rms_norm_eps);
   ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(), static_cast<size_t>(n_logits) * 4);
-  Tensor lx = logit_x_.rows(0, n_logits);                           // [n_logits, dim]
-  Tensor lg = logits_.rows(0, n_logits);                            // [n_logits, n_vocab]
+  Tensor lx = logit_x_.rows(0, n_logits);  // [n_logits, dim]
+  Tensor lg = logits_.rows(0, n_logits);   // [n_logits, n_vocab]
   ops_.gather_rows(lx, x_.rows(0, batch.n_tokens()), logit_rows_.rows(0, n_logits));
   ops_.rmsnorm(lx, lx, weights_.norm, eps);
   ops_.matmul(lg, lx, weights_.lm_head);
@@ -293,11 +292,11 @@ void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta
   const int64_t n_heads = weights_.shard.n_heads;
   const int64_t n_kv_heads = weights_.shard.n_kv_heads;
   const int64_t head_dim = config_.head_dim;
-  Tensor xn = xn_.rows(0, n_tokens);                                 // [n_tokens, dim]
-  Tensor q = q_.rows(0, n_tokens);                                   // [n_tokens, n_heads, head_dim]
-  Tensor k = k_.rows(0, n_tokens);                                   // [n_tokens, n_kv_heads, head_dim]
-  Tensor v = v_.rows(0, n_tokens);                                   // [n_tokens, n_kv_heads, head_dim]
-  Tensor attn = attn_.rows(0, n_tokens);                             // [n_tokens, n_heads, head_dim]
+  Tensor xn = xn_.rows(0, n_tokens);      // [n_tokens, dim]
+  Tensor q = q_.rows(0, n_tokens);        // [n_tokens, n_heads, head_dim]
+  Tensor k = k_.rows(0, n_tokens);        // [n_tokens, n_kv_heads, head_dim]
+  Tensor v = v_.rows(0, n_tokens);        // [n_tokens, n_kv_heads, head_dim]
+  Tensor attn = attn_.rows(0, n_tokens);  // [n_tokens, n_heads, head_dim]
   ops_.matmul(q.reshape({n_tokens, n_heads * head_dim}), xn, L.wq);
   ops_.matmul(k.reshape({n_tokens, n_kv_heads * head_dim}), xn, L.wk);
   ops_.matmul(v.reshape({n_tokens, n_kv_heads * head_dim}), xn, L.wv);
@@ -314,19 +313,20 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   const int64_t n_experts = config_.num_local_experts;
   const int64_t n_rows = n_tokens * k;
   const std::vector<int64_t>& experts = weights_.shard.experts;
-  Tensor router_logits = router_logits_.rows(0, n_tokens);          // [n_tokens, n_experts]
-  Tensor topk_idx = topk_idx_.rows(0, n_tokens);                     // [n_tokens, k]
-  Tensor topk_weights = topk_weights_.rows(0, n_tokens);             // [n_tokens, k]
+  Tensor router_logits = router_logits_.rows(0, n_tokens);  // [n_tokens, n_experts]
+  Tensor topk_idx = topk_idx_.rows(0, n_tokens);            // [n_tokens, k]
+  Tensor topk_weights = topk_weights_.rows(0, n_tokens);    // [n_tokens, k]
   ops_.matmul(router_logits, xn, L.gate);
   ops_.moe_gate(topk_idx, topk_weights, router_logits);
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
   ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());
   moe_layout(layout_, host_topk_idx_.data(), host_topk_weights_.data(), n_tokens, k, n_experts);
-  ops_.copy_from_host(sorted_rows_.data, layout_.sorted_rows.data(), static_cast<size_t>(n_rows) * 4);
+  ops_.copy_from_host(sorted_rows_.data, layout_.sorted_rows.data(),
+                      static_cast<size_t>(n_rows) * 4);
   ops_.copy_from_host(sorted_weights_.data, layout_.sorted_weights.data(),
                       static_cast<size_t>(n_rows) * 4);
-  Tensor rows = sorted_rows_.rows(0, n_rows);                        // [n_rows]
-  Tensor weights = sorted_weights_.rows(0, n_rows);                  // [n_rows]
+  Tensor rows = sorted_rows_.rows(0, n_rows);        // [n_rows]
+  Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
   ops_.fill_zero(out);
 
   const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
@@ -335,20 +335,20 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
     Communicator& ep = *par_->ep;
     ep_layout(ep_plan_, layout_, ep, experts);
     const int64_t n_recv = ep_plan_.n_recv;
-    Tensor send = moe_send_.rows(0, n_rows);                         // [n_rows, dim] expert order
-    Tensor recv = moe_recv_.rows(0, n_recv);                         // [n_recv, dim] by source
-    Tensor in = moe_in_.rows(0, n_recv);                             // [n_recv, dim] by expert
-    Tensor y = moe_out_.rows(0, n_recv);                             // [n_recv, dim] by expert
+    Tensor send = moe_send_.rows(0, n_rows);  // [n_rows, dim] expert order
+    Tensor recv = moe_recv_.rows(0, n_recv);  // [n_recv, dim] by source
+    Tensor in = moe_in_.rows(0, n_recv);      // [n_recv, dim] by expert
+    Tensor y = moe_out_.rows(0, n_recv);      // [n_recv, dim] by expert
     ops_.gather_rows(send, xn, rows);
     ep_dispatch(ep, recv, send, ep_plan_);
-    Tensor perm = perm_.rows(0, n_recv);                             // [n_recv]
+    Tensor perm = perm_.rows(0, n_recv);  // [n_recv]
     ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
     ops_.gather_rows(in, recv, perm);
     expert_ffn(ops_, y, in, L.experts, ep_plan_.local_offsets.data(), expert_scratch_);
     ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
-    ops_.gather_rows(recv, y, perm);                                 // back in received order
-    ep_combine(ep, send, recv, ep_plan_);                            // [n_rows, dim] expert order
-    ops_.scatter_add_weighted(out, send, rows, weights);             // combine
+    ops_.gather_rows(recv, y, perm);                      // back in received order
+    ep_combine(ep, send, recv, ep_plan_);                 // [n_rows, dim] expert order
+    ops_.scatter_add_weighted(out, send, rows, weights);  // combine
     return;
   }
   // Local experts only: their rows are contiguous in expert order (experts are placed in ranges).
@@ -356,14 +356,15 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   const int64_t n_local_rows = layout_.expert_offsets[experts.back() + 1] - first;
   for (size_t i = 0; i <= experts.size(); ++i)
     local_offsets_[i] = (i < experts.size() ? layout_.expert_offsets[experts[i]]
-                                            : layout_.expert_offsets[experts.back() + 1]) - first;
-  Tensor local_rows = rows.rows(first, n_local_rows);                // [n_local_rows]
-  Tensor in = moe_in_.rows(0, n_local_rows);                         // [n_local_rows, dim]
-  Tensor y = moe_out_.rows(0, n_local_rows);                         // [n_local_rows, dim]
-  ops_.gather_rows(in, xn, local_rows);                              // dispatch (local)
+                                            : layout_.expert_offsets[experts.back() + 1]) -
+                        first;
+  Tensor local_rows = rows.rows(first, n_local_rows);  // [n_local_rows]
+  Tensor in = moe_in_.rows(0, n_local_rows);           // [n_local_rows, dim]
+  Tensor y = moe_out_.rows(0, n_local_rows);           // [n_local_rows, dim]
+  ops_.gather_rows(in, xn, local_rows);                // dispatch (local)
   expert_ffn(ops_, y, in, L.experts, local_offsets_.data(), expert_scratch_);
   ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
-  if (par_ != nullptr && par_->ep->size() > 1) par_->ep->all_reduce_sum(out);  // partial sums
+  if (par_ != nullptr && par_->ep->size() > 1) par_->ep->all_reduce_sum(out);        // partial sums
 }
 
 }  // namespace sy

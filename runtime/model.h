@@ -19,12 +19,12 @@ namespace sy {
 
 // Capacity of the engine, fixed at start-up.
 struct ModelLimits {
-  int64_t max_tokens = 512;          // tokens in one step (prefill chunk budget)
-  int64_t max_seqs = 1;              // sequences in one step
-  int64_t max_blocks_per_seq = 0;    // block-table width: ceil(context limit / block_size)
-  int64_t n_blocks = 0;              // KV blocks in the cache
-  int64_t block_size = 16;           // tokens per KV block
-  int64_t max_logit_rows = 512;      // rows of logits one step may ask for
+  int64_t max_tokens = 512;        // tokens in one step (prefill chunk budget)
+  int64_t max_seqs = 1;            // sequences in one step
+  int64_t max_blocks_per_seq = 0;  // block-table width: ceil(context limit / block_size)
+  int64_t n_blocks = 0;            // KV blocks in the cache
+  int64_t block_size = 16;         // tokens per KV block
+  int64_t max_logit_rows = 512;    // rows of logits one step may ask for
 
   void validate() const;
 };
@@ -36,7 +36,7 @@ struct StepBatch {
   std::vector<int32_t> token_seq;     // [n_tokens] row of each token's sequence in block_tables
   std::vector<int32_t> block_tables;  // [n_seqs, max_blocks_per_seq] physical block ids
   int64_t n_seqs = 0;
-  std::vector<int32_t> logit_rows;    // token rows whose logits are wanted, in output order
+  std::vector<int32_t> logit_rows;  // token rows whose logits are wanted, in output order
 
   int64_t n_tokens() const { return static_cast<int64_t>(tokens.size()); }
   void clear();
@@ -108,21 +108,21 @@ class Model {
   Tensor xn_own_;         // [N, dim]
   Tensor y_own_;          // [N, dim]            MoE output of this rank's tokens
   Tensor moe_send_;       // [N * k, dim]        routed rows in expert order; later combined rows
-  Tensor moe_recv_;       // [N * k, dim]        rows received from the expert group; later sent back
-  Tensor moe_in_;         // [N * k, dim]        rows of the local experts in expert order
-  Tensor moe_out_;        // [N * k, dim]
-  Tensor sorted_rows_;    // I32 [N * k]
-  Tensor sorted_weights_; // [N * k]
-  Tensor perm_;           // I32 [N * k]         row permutation between exchange and expert order
+  Tensor moe_recv_;     // [N * k, dim]        rows received from the expert group; later sent back
+  Tensor moe_in_;       // [N * k, dim]        rows of the local experts in expert order
+  Tensor moe_out_;      // [N * k, dim]
+  Tensor sorted_rows_;  // I32 [N * k]
+  Tensor sorted_weights_;  // [N * k]
+  Tensor perm_;            // I32 [N * k]         row permutation between exchange and expert order
   ExpertScratch expert_scratch_;  // [N * k, hidden_dim] x 2
-  Tensor ids_;            // I32 [N]
-  Tensor positions_;      // I32 [N]
-  Tensor token_seq_;      // I32 [N]
-  Tensor block_tables_;   // I32 [max_seqs, max_blocks_per_seq]
-  Tensor logit_rows_;     // I32 [max_logit_rows]
-  Tensor logit_x_;        // [max_logit_rows, dim]
-  Tensor logits_;         // [max_logit_rows, n_vocab]   this rank's vocabulary columns
-  Tensor logits_all_;     // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor ids_;                    // I32 [N]
+  Tensor positions_;              // I32 [N]
+  Tensor token_seq_;              // I32 [N]
+  Tensor block_tables_;           // I32 [max_seqs, max_blocks_per_seq]
+  Tensor logit_rows_;             // I32 [max_logit_rows]
+  Tensor logit_x_;                // [max_logit_rows, dim]
+  Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
+  Tensor logits_all_;  // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
   DeviceBuffer kv_storage_;
@@ -131,14 +131,14 @@ class Model {
 
   // ---- host scratch ----------------------------------------------------------------------------
   MoeLayout layout_;
-  std::vector<int32_t> host_topk_idx_;     // [N * k]
-  std::vector<float> host_topk_weights_;   // [N * k]
-  std::vector<int64_t> local_offsets_;     // [n_local_experts + 1]
+  std::vector<int32_t> host_topk_idx_;    // [N * k]
+  std::vector<float> host_topk_weights_;  // [N * k]
+  std::vector<int64_t> local_offsets_;    // [n_local_experts + 1]
   EpPlan ep_plan_;
-  std::vector<int64_t> token_counts_;      // [world] tokens owned by each rank in this step
-  std::vector<int64_t> tp_counts_;         // [tp] the same for this attention group
-  std::vector<int64_t> vocab_counts_;      // [world] logit elements of each rank's block
-  std::vector<float> host_logits_;         // [vocab * max_logit_rows] (parallel)
+  std::vector<int64_t> token_counts_;  // [world] tokens owned by each rank in this step
+  std::vector<int64_t> tp_counts_;     // [tp] the same for this attention group
+  std::vector<int64_t> vocab_counts_;  // [world] logit elements of each rank's block
+  std::vector<float> host_logits_;     // [vocab * max_logit_rows] (parallel)
 };
 
 }  // namespace sy

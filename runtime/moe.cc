@@ -17,8 +17,9 @@ void moe_layout(MoeLayout& layout, const int32_t* topk_idx, const float* topk_we
                 int64_t n_tokens, int64_t k, int64_t n_experts) {
   SY_CHECK(layout.n_experts == n_experts, "moe_layout: layout sized for ", layout.n_experts,
            " experts, called with ", n_experts);
-  SY_CHECK(n_tokens * k <= static_cast<int64_t>(layout.sorted_rows.size()), "moe_layout: ",
-           n_tokens, " tokens x top-", k, " exceed the reserved ", layout.sorted_rows.size(), " rows");
+  SY_CHECK(n_tokens * k <= static_cast<int64_t>(layout.sorted_rows.size()),
+           "moe_layout: ", n_tokens, " tokens x top-", k, " exceed the reserved ",
+           layout.sorted_rows.size(), " rows");
   std::fill(layout.n_tokens_per_expert.begin(), layout.n_tokens_per_expert.end(), 0);
   for (int64_t i = 0; i < n_tokens * k; ++i) {
     const int32_t e = topk_idx[i];
@@ -93,7 +94,8 @@ void ep_layout(EpPlan& plan, const MoeLayout& layout, Communicator& ep,
   // Rows to each peer: the experts it owns form a contiguous id range.
   for (int p = 0; p < E; ++p) {
     plan.send_counts[p] = 0;
-    for (int64_t e : experts_of(n_experts, E, p)) plan.send_counts[p] += layout.n_tokens_per_expert[e];
+    for (int64_t e : experts_of(n_experts, E, p))
+      plan.send_counts[p] += layout.n_tokens_per_expert[e];
   }
   // Received rows come grouped by source rank, then by local expert.
   int64_t offset = 0;
@@ -107,8 +109,9 @@ void ep_layout(EpPlan& plan, const MoeLayout& layout, Communicator& ep,
     }
   }
   plan.n_recv = offset;
-  SY_CHECK(plan.n_recv <= static_cast<int64_t>(plan.expert_order.size()), "ep_layout: ",
-           plan.n_recv, " rows routed to this rank exceed the reserved ", plan.expert_order.size());
+  SY_CHECK(plan.n_recv <= static_cast<int64_t>(plan.expert_order.size()),
+           "ep_layout: ", plan.n_recv, " rows routed to this rank exceed the reserved ",
+           plan.expert_order.size());
   // Expert order: for each local expert, the blocks of every source in rank order.
   int64_t row = 0;
   for (int64_t i = 0; i < n_local; ++i) {

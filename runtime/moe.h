@@ -44,14 +44,14 @@ void expert_ffn(Ops& ops, Tensor out, Tensor in, const std::vector<ExpertWeights
 // each rank in expert order (so in destination-rank order, experts being placed contiguously);
 // they arrive grouped by source rank, then expert; expert_ffn needs them grouped by expert.
 struct EpPlan {
-  std::vector<int64_t> send_counts;     // [E] rows this rank sends to each peer
-  std::vector<int64_t> recv_counts;     // [E] rows this rank receives from each peer
-  std::vector<int32_t> counts;          // [E, n_experts] rows each rank sends to each expert
-  std::vector<int32_t> expert_order;    // [n_recv] received row of each expert-ordered row
-  std::vector<int32_t> source_order;    // [n_recv] expert-ordered row of each received row
-  std::vector<int64_t> local_offsets;   // [n_local_experts + 1] expert-ordered row ranges
-  std::vector<int32_t> my_counts;       // [n_experts] this rank's row of `counts`
-  std::vector<int64_t> block_start;     // [E, n_local_experts] first received row of each block
+  std::vector<int64_t> send_counts;    // [E] rows this rank sends to each peer
+  std::vector<int64_t> recv_counts;    // [E] rows this rank receives from each peer
+  std::vector<int32_t> counts;         // [E, n_experts] rows each rank sends to each expert
+  std::vector<int32_t> expert_order;   // [n_recv] received row of each expert-ordered row
+  std::vector<int32_t> source_order;   // [n_recv] expert-ordered row of each received row
+  std::vector<int64_t> local_offsets;  // [n_local_experts + 1] expert-ordered row ranges
+  std::vector<int32_t> my_counts;      // [n_experts] this rank's row of `counts`
+  std::vector<int64_t> block_start;    // [E, n_local_experts] first received row of each block
   int64_t n_recv = 0;
 
   void reserve(int ep_size, int64_t n_experts, int64_t max_rows, size_t n_local_experts);

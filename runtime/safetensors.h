@@ -66,10 +66,10 @@ struct Slice {
 
 // Progress of a checkpoint load, reported to a callback (see Checkpoint::set_progress).
 struct LoadProgress {
-  uint64_t bytes_read = 0;     // bytes of tensor data copied so far
-  uint64_t bytes_total = 0;    // bytes of tensor data this rank will read (0 when unknown)
-  int64_t tensors_read = 0;    // tensors (or slices) copied so far
-  double seconds = 0;          // since the first read
+  uint64_t bytes_read = 0;   // bytes of tensor data copied so far
+  uint64_t bytes_total = 0;  // bytes of tensor data this rank will read (0 when unknown)
+  int64_t tensors_read = 0;  // tensors (or slices) copied so far
+  double seconds = 0;        // since the first read
 };
 
 // A model directory: either one `model.safetensors`, or shards listed by
@@ -95,7 +95,8 @@ class Checkpoint {
  private:
   std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, std::pair<size_t, const SafetensorsEntry*>> tensors_;  // name -> file, entry
+  std::map<std::string, std::pair<size_t, const SafetensorsEntry*>>
+      tensors_;  // name -> file, entry
   std::function<void(const LoadProgress&)> callback_;
   mutable LoadProgress progress_;
   mutable double start_time_ = -1;

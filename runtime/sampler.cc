@@ -10,16 +10,15 @@
 namespace sy {
 
 void SamplingParams::validate() const {
-  SY_CHECK(std::isfinite(temperature) && temperature >= 0.f && temperature <= 100.f,
-           "temperature ", temperature, " outside [0, 100]");
+  SY_CHECK(std::isfinite(temperature) && temperature >= 0.f && temperature <= 100.f, "temperature ",
+           temperature, " outside [0, 100]");
   SY_CHECK(top_k >= 0, "top_k ", top_k, " must be >= 0");
-  SY_CHECK(std::isfinite(top_p) && top_p > 0.f && top_p <= 1.f, "top_p ", top_p,
-           " outside (0, 1]");
+  SY_CHECK(std::isfinite(top_p) && top_p > 0.f && top_p <= 1.f, "top_p ", top_p, " outside (0, 1]");
   SY_CHECK(std::isfinite(min_p) && min_p >= 0.f && min_p <= 1.f, "min_p ", min_p,
            " outside [0, 1]");
-  SY_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0.f &&
-               repetition_penalty <= 100.f,
-           "repetition_penalty ", repetition_penalty, " outside (0, 100]");
+  SY_CHECK(
+      std::isfinite(repetition_penalty) && repetition_penalty > 0.f && repetition_penalty <= 100.f,
+      "repetition_penalty ", repetition_penalty, " outside (0, 100]");
 }
 
 Sampler::Sampler(const SamplingParams& params, int64_t vocab_size)
@@ -69,7 +68,9 @@ int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context
   const double max_s = scores_[order_[0]];
   double total = 0;
   for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(scores_[order_[i]]) - max_s);
-  auto prob = [&](size_t i) { return std::exp(static_cast<double>(scores_[order_[i]]) - max_s) / total; };
+  auto prob = [&](size_t i) {
+    return std::exp(static_cast<double>(scores_[order_[i]]) - max_s) / total;
+  };
   if (params_.top_p < 1.f) {
     // Keep the smallest prefix whose probability reaches top_p (at least one token).
     double cum = 0;

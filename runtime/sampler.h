@@ -31,9 +31,9 @@ class Sampler {
   SamplingParams params_;
   int64_t vocab_size_;
   std::mt19937_64 rng_;
-  std::vector<float> scores_;       // [vocab_size]
-  std::vector<int32_t> order_;      // [vocab_size]
-  std::vector<uint8_t> seen_;       // [vocab_size]
+  std::vector<float> scores_;   // [vocab_size]
+  std::vector<int32_t> order_;  // [vocab_size]
+  std::vector<uint8_t> seen_;   // [vocab_size]
 };
 
 }  // namespace sy

@@ -76,13 +76,18 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
     t.shape = shape;
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    if (dtype == DType::kF32) t.full.resize(static_cast<size_t>(n));
-    else t.half.resize(static_cast<size_t>(n));
+    if (dtype == DType::kF32)
+      t.full.resize(static_cast<size_t>(n));
+    else
+      t.half.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
       const float v = mean + std * normal();
-      if (dtype == DType::kF32) t.full[i] = v;
-      else if (dtype == DType::kBF16) t.half[i] = f32_to_bf16(v);
-      else t.half[i] = f32_to_f16(v);
+      if (dtype == DType::kF32)
+        t.full[i] = v;
+      else if (dtype == DType::kBF16)
+        t.half[i] = f32_to_bf16(v);
+      else
+        t.half[i] = f32_to_f16(v);
     }
     tensors.push_back(std::move(t));
   };

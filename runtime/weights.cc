@@ -54,8 +54,8 @@ class ProgressPrinter {
 
 }  // namespace
 
-Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard,
-                      Ops& ops, bool show_progress) {
+Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard, Ops& ops,
+                      bool show_progress) {
   const int64_t dim = c.hidden_size;
   const int64_t hidden_dim = c.intermediate_size;
   const int64_t head_dim = c.head_dim;
@@ -83,26 +83,42 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
   const Slice kv_rows{0, shard.kv_head_begin * head_dim,
                       (shard.kv_head_begin + shard.n_kv_heads) * head_dim};
   const Slice o_cols{1, q_rows.begin, q_rows.end};
-  plan.push_back({"model.embed_tokens.weight", {c.vocab_size, dim}, vocab_rows, &w.embed,
+  plan.push_back({"model.embed_tokens.weight",
+                  {c.vocab_size, dim},
+                  vocab_rows,
+                  &w.embed,
                   {shard.n_vocab, dim}});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerWeights& L = w.layers[static_cast<size_t>(l)];
     const std::string p = "model.layers." + std::to_string(l) + ".";
     plan.push_back({p + "input_layernorm.weight", {dim}, all, &L.input_norm, {dim}});
-    plan.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), dim}, q_rows, &L.wq,
+    plan.push_back({p + "self_attn.q_proj.weight",
+                    {c.q_dim(), dim},
+                    q_rows,
+                    &L.wq,
                     {shard.n_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wk,
+    plan.push_back({p + "self_attn.k_proj.weight",
+                    {c.kv_dim(), dim},
+                    kv_rows,
+                    &L.wk,
                     {shard.n_kv_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wv,
+    plan.push_back({p + "self_attn.v_proj.weight",
+                    {c.kv_dim(), dim},
+                    kv_rows,
+                    &L.wv,
                     {shard.n_kv_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.o_proj.weight", {dim, c.q_dim()}, o_cols, &L.wo,
+    plan.push_back({p + "self_attn.o_proj.weight",
+                    {dim, c.q_dim()},
+                    o_cols,
+                    &L.wo,
                     {dim, shard.n_heads * head_dim}});
     plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
-    plan.push_back({p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate,
-                    {n_experts, dim}});
+    plan.push_back(
+        {p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate, {n_experts, dim}});
     L.experts.resize(shard.experts.size());
     for (size_t i = 0; i < shard.experts.size(); ++i) {
-      const std::string e = p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
+      const std::string e =
+          p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
       ExpertWeights& E = L.experts[i];
       plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &E.w1, {hidden_dim, dim}});
       plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &E.w2, {dim, hidden_dim}});
@@ -112,8 +128,8 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
   plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
   const bool tied = c.tie_word_embeddings;
   if (!tied) {
-    plan.push_back({"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head,
-                    {shard.n_vocab, dim}});
+    plan.push_back(
+        {"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head, {shard.n_vocab, dim}});
   }
 
   // Every tensor exists with the shape the config implies, before anything is allocated.

@@ -12,13 +12,13 @@ namespace sy {
 
 // Which part of the model a rank holds. The default (WeightShard::full) is the whole model.
 struct WeightShard {
-  int64_t head_begin = 0;   // first query head held here
-  int64_t n_heads = 0;      // query heads held here
-  int64_t kv_head_begin = 0;  // first key/value head held here
-  int64_t n_kv_heads = 0;   // key/value heads held here
+  int64_t head_begin = 0;        // first query head held here
+  int64_t n_heads = 0;           // query heads held here
+  int64_t kv_head_begin = 0;     // first key/value head held here
+  int64_t n_kv_heads = 0;        // key/value heads held here
   std::vector<int64_t> experts;  // global ids of the experts held here, ascending
-  int64_t vocab_begin = 0;  // first row of embed_tokens / lm_head held here
-  int64_t n_vocab = 0;      // rows of embed_tokens / lm_head held here
+  int64_t vocab_begin = 0;       // first row of embed_tokens / lm_head held here
+  int64_t n_vocab = 0;           // rows of embed_tokens / lm_head held here
 
   static WeightShard full(const ModelConfig& config);
 };
@@ -30,13 +30,13 @@ struct ExpertWeights {
 };
 
 struct LayerWeights {
-  Tensor input_norm;          // [dim]
-  Tensor wq;                  // [n_heads * head_dim, dim]     rows of this rank's heads
-  Tensor wk;                  // [n_kv_heads * head_dim, dim]
-  Tensor wv;                  // [n_kv_heads * head_dim, dim]
-  Tensor wo;                  // [dim, n_heads * head_dim]     columns of this rank's heads
-  Tensor post_norm;           // [dim]
-  Tensor gate;                // [n_experts, dim]              router, replicated
+  Tensor input_norm;                   // [dim]
+  Tensor wq;                           // [n_heads * head_dim, dim]     rows of this rank's heads
+  Tensor wk;                           // [n_kv_heads * head_dim, dim]
+  Tensor wv;                           // [n_kv_heads * head_dim, dim]
+  Tensor wo;                           // [dim, n_heads * head_dim]     columns of this rank's heads
+  Tensor post_norm;                    // [dim]
+  Tensor gate;                         // [n_experts, dim]              router, replicated
   std::vector<ExpertWeights> experts;  // [n_local_experts], in WeightShard::experts order
 };
 
@@ -46,14 +46,14 @@ struct Weights {
   Tensor norm;                       // [dim]
   Tensor lm_head;                    // [n_vocab, dim]   the embed rows when tied
   WeightShard shard;
-  uint64_t expert_bytes = 0;         // bytes of this rank's experts
-  uint64_t total_bytes = 0;          // bytes of everything held here
-  DeviceBuffer storage;              // one allocation backing every tensor above
+  uint64_t expert_bytes = 0;  // bytes of this rank's experts
+  uint64_t total_bytes = 0;   // bytes of everything held here
+  DeviceBuffer storage;       // one allocation backing every tensor above
 
   // Reads this rank's part of `checkpoint` into memory of `ops`' device (F32), checking every
   // tensor's shape against `config`. `show_progress` prints bytes, tensors and rate to stderr.
-  static Weights load(Checkpoint& checkpoint, const ModelConfig& config,
-                      const WeightShard& shard, Ops& ops, bool show_progress);
+  static Weights load(Checkpoint& checkpoint, const ModelConfig& config, const WeightShard& shard,
+                      Ops& ops, bool show_progress);
 };
 
 }  // namespace sy

@@ -16,8 +16,8 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
   check_tensor(q, "attention.q", DType::kF32, {n_tokens, n_heads, head_dim});
   check_tensor(out, "attention.out", DType::kF32, {n_tokens, n_heads, head_dim});
   check_tensor(k_cache, "attention.k_cache", DType::kF32, {-1, meta.block_size, -1, head_dim});
-  check_tensor(v_cache, "attention.v_cache", DType::kF32, {k_cache.size(0), meta.block_size,
-                                                           k_cache.size(2), head_dim});
+  check_tensor(v_cache, "attention.v_cache", DType::kF32,
+               {k_cache.size(0), meta.block_size, k_cache.size(2), head_dim});
   check_tensor(meta.positions, "attention.positions", DType::kI32, {n_tokens});
   check_tensor(meta.token_seq, "attention.token_seq", DType::kI32, {n_tokens});
   const int64_t n_kv_heads = k_cache.size(2);
@@ -33,7 +33,8 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
   for (int64_t t = 0; t < n_tokens; ++t) {
     const int64_t seq = meta.token_seq.i32()[t];
     const int64_t pos = meta.positions.i32()[t];
-    const int64_t lo = meta.sliding_window > 0 ? std::max<int64_t>(0, pos - meta.sliding_window + 1) : 0;
+    const int64_t lo =
+        meta.sliding_window > 0 ? std::max<int64_t>(0, pos - meta.sliding_window + 1) : 0;
     const int64_t n_ctx = pos - lo + 1;
     if (static_cast<int64_t>(scores.size()) < n_ctx) {
       scores.resize(static_cast<size_t>(n_ctx));
@@ -41,7 +42,8 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
     }
     for (int64_t j = 0; j < n_ctx; ++j) {
       slots[j] = kv_slot(meta, seq, lo + j);
-      SY_CHECK(slots[j] >= 0 && slots[j] < n_slots, "attention: slot ", slots[j], " outside the cache");
+      SY_CHECK(slots[j] >= 0 && slots[j] < n_slots, "attention: slot ", slots[j],
+               " outside the cache");
     }
     for (int64_t h = 0; h < n_heads; ++h) {
       const float* qh = q.f32() + (t * n_heads + h) * head_dim;

@@ -58,6 +58,8 @@ class CpuOps final : public Ops {
 
 }  // namespace
 
-std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
+std::unique_ptr<Ops> make_cpu_ops() {
+  return std::make_unique<CpuOps>();
+}
 
 }  // namespace sy

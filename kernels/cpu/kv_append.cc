@@ -20,7 +20,8 @@ void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const Attenti
   const int64_t head_dim = k.size(2);
   check_tensor(k, "kv_append.k", DType::kF32, {n_tokens, n_kv_heads, head_dim});
   check_tensor(v, "kv_append.v", DType::kF32, {n_tokens, n_kv_heads, head_dim});
-  check_tensor(k_cache, "kv_append.k_cache", DType::kF32, {-1, meta.block_size, n_kv_heads, head_dim});
+  check_tensor(k_cache, "kv_append.k_cache", DType::kF32,
+               {-1, meta.block_size, n_kv_heads, head_dim});
   check_tensor(v_cache, "kv_append.v_cache", DType::kF32,
                {k_cache.size(0), meta.block_size, n_kv_heads, head_dim});
   const int64_t n_slots = k_cache.size(0) * meta.block_size;

@@ -5,11 +5,11 @@
 
 #include "kernels/error.h"
 
-#define SY_CUDA_CHECK(expr)                                                          \
-  do {                                                                               \
-    cudaError_t sy_err_ = (expr);                                                    \
-    if (sy_err_ != cudaSuccess)                                                      \
-      ::sy::detail::fail(__FILE__, __LINE__, #expr,                                  \
+#define SY_CUDA_CHECK(expr)                                                                  \
+  do {                                                                                       \
+    cudaError_t sy_err_ = (expr);                                                            \
+    if (sy_err_ != cudaSuccess)                                                              \
+      ::sy::detail::fail(__FILE__, __LINE__, #expr,                                          \
                          ::sy::detail::concat("CUDA error: ", cudaGetErrorString(sy_err_))); \
   } while (0)
 

@@ -22,7 +22,8 @@ __global__ void rmsnorm_kernel(float* out, const float* x, const float* weight, 
   __syncthreads();
   if (threadIdx.x < 32) {
     sum = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    for (int offset = 16; offset > 0; offset /= 2)
+      sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (threadIdx.x == 0) partial[0] = sum;
   }
   __syncthreads();
@@ -40,8 +41,9 @@ void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps, cudaStream_t stream
   check_tensor(x, "rmsnorm.x", DType::kF32, {n_tokens, dim});
   check_tensor(out, "rmsnorm.out", DType::kF32, {n_tokens, dim});
   check_tensor(weight, "rmsnorm.weight", DType::kF32, {dim});
-  SY_CHECK(x.device == Device::kCuda && out.device == Device::kCuda && weight.device == Device::kCuda,
-           "rmsnorm: operands must be on the GPU");
+  SY_CHECK(
+      x.device == Device::kCuda && out.device == Device::kCuda && weight.device == Device::kCuda,
+      "rmsnorm: operands must be on the GPU");
   if (n_tokens == 0) return;
   rmsnorm_kernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(out.f32(), x.f32(),
                                                                       weight.f32(), dim, eps);

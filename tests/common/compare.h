@@ -36,9 +36,9 @@ inline int64_t count_mismatches(const std::string& what, const float* got, const
 inline void expect_close(const std::string& what, const std::vector<float>& got,
                          const std::vector<double>& want, double atol, double rtol) {
   ASSERT_EQ(got.size(), want.size()) << what;
-  EXPECT_EQ(count_mismatches(what, got.data(), want.data(), static_cast<int64_t>(got.size()), atol,
-                             rtol),
-            0)
+  EXPECT_EQ(
+      count_mismatches(what, got.data(), want.data(), static_cast<int64_t>(got.size()), atol, rtol),
+      0)
       << what;
 }
 

@@ -122,8 +122,8 @@ void check_attention(int64_t window, std::vector<int64_t> seq_lens, int64_t new_
     meta.token_seq = view(sq, {seq_lens[s]});
     cpu::kv_append(view(k_cache, {n_blocks, block, n_kv, head_dim}),
                    view(v_cache, {n_blocks, block, n_kv, head_dim}),
-                   view(ks[s], {seq_lens[s], n_kv, head_dim}), view(vs[s], {seq_lens[s], n_kv, head_dim}),
-                   meta);
+                   view(ks[s], {seq_lens[s], n_kv, head_dim}),
+                   view(vs[s], {seq_lens[s], n_kv, head_dim}), meta);
   }
   const int64_t n = static_cast<int64_t>(positions.size());
   auto q = random_vector(n * n_heads * head_dim, 300, 2.f);
@@ -158,8 +158,12 @@ void check_attention(int64_t window, std::vector<int64_t> seq_lens, int64_t new_
   expect_close("attention window=" + std::to_string(window), out, want, 1e-5, 1e-4);
 }
 
-TEST(CpuOps, AttentionPagedPrefillMatchesDense) { check_attention(0, {19, 7, 1}, 1000); }
-TEST(CpuOps, AttentionPagedDecodeMatchesDense) { check_attention(0, {33, 5, 12}, 1); }
+TEST(CpuOps, AttentionPagedPrefillMatchesDense) {
+  check_attention(0, {19, 7, 1}, 1000);
+}
+TEST(CpuOps, AttentionPagedDecodeMatchesDense) {
+  check_attention(0, {33, 5, 12}, 1);
+}
 TEST(CpuOps, AttentionSlidingWindow) {
   check_attention(5, {19, 3, 40}, 1000);
   check_attention(1, {7}, 1000);
@@ -189,7 +193,8 @@ void check_moe_gate(int64_t n, int64_t n_experts, int64_t k, float skew) {
     std::vector<double> p(n_experts);
     double mx = -1e30, sum = 0;
     for (int64_t e = 0; e < n_experts; ++e) mx = std::max(mx, double(logits[t * n_experts + e]));
-    for (int64_t e = 0; e < n_experts; ++e) sum += (p[e] = std::exp(logits[t * n_experts + e] - mx));
+    for (int64_t e = 0; e < n_experts; ++e)
+      sum += (p[e] = std::exp(logits[t * n_experts + e] - mx));
     std::vector<int64_t> order(n_experts);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
@@ -198,9 +203,9 @@ void check_moe_gate(int64_t n, int64_t n_experts, int64_t k, float skew) {
     for (int64_t j = 0; j < k; ++j) {
       if (idx[t * k + j] != order[j] || std::fabs(w[t * k + j] - p[order[j]] / chosen) > 1e-6) {
         if (n_wrong < 10)
-          std::printf("  token %lld slot %lld: got expert %d w %g, want %lld w %g\n",
-                      (long long)t, (long long)j, idx[t * k + j], w[t * k + j],
-                      (long long)order[j], p[order[j]] / chosen);
+          std::printf("  token %lld slot %lld: got expert %d w %g, want %lld w %g\n", (long long)t,
+                      (long long)j, idx[t * k + j], w[t * k + j], (long long)order[j],
+                      p[order[j]] / chosen);
         ++n_wrong;
       }
     }

@@ -39,7 +39,8 @@ void check_all_to_all(Communicator& c, int64_t dim) {
   }
   const int64_t n_send = std::accumulate(send.begin(), send.end(), int64_t{0});
   const int64_t n_recv = std::accumulate(recv.begin(), recv.end(), int64_t{0});
-  std::vector<float> in(std::max<int64_t>(n_send, 1) * dim), out(std::max<int64_t>(n_recv, 1) * dim, -1.f);
+  std::vector<float> in(std::max<int64_t>(n_send, 1) * dim),
+      out(std::max<int64_t>(n_recv, 1) * dim, -1.f);
   int64_t r = 0;
   for (int p = 0; p < W; ++p)
     for (int64_t j = 0; j < send[p]; ++j, ++r)

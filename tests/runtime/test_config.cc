@@ -60,6 +60,26 @@ TEST(ModelConfig, ExplicitHeadDimWindowAndEosList) {
   EXPECT_EQ(d.eos_token_ids, c.eos_token_ids);
 }
 
+TEST(ModelConfig, RopeParametersOfTransformers5) {
+  auto j = nlohmann::json::parse(kMixtral8x7b);
+  j.erase("rope_theta");
+  j.erase("torch_dtype");
+  j["dtype"] = "float32";
+  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};
+  ModelConfig c = ModelConfig::from_json(j.dump(), "config.json");
+  EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_EQ(c.torch_dtype, DType::kF32);
+  j["rope_parameters"]["rope_type"] = "yarn";
+  EXPECT_THROW(ModelConfig::from_json(j.dump(), "config.json"), Error);
+  j.erase("rope_parameters");
+  try {
+    ModelConfig::from_json(j.dump(), "config.json");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("missing field \"rope_theta\""), std::string::npos);
+  }
+}
+
 // Each case: a modification and a fragment the error must contain.
 struct BadCase {
   const char* field;
@@ -85,8 +105,10 @@ TEST(ModelConfig, BadValuesNameTheField) {
   };
   for (const BadCase& bad : cases) {
     auto j = nlohmann::json::parse(kMixtral8x7b);
-    if (bad.value.is_null()) j.erase(bad.field);
-    else j[bad.field] = bad.value;
+    if (bad.value.is_null())
+      j.erase(bad.field);
+    else
+      j[bad.field] = bad.value;
     try {
       ModelConfig::from_json(j.dump(), "m/config.json");
       ADD_FAILURE() << "accepted bad " << bad.field;
@@ -102,7 +124,8 @@ TEST(ModelConfig, MalformedJsonNamesTheFile) {
     ModelConfig::from_json("{\"hidden_size\": 4", "some/dir/config.json");
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("some/dir/config.json: malformed JSON"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("some/dir/config.json: malformed JSON"),
+              std::string::npos);
   }
   EXPECT_THROW(ModelConfig::load("/nonexistent/model"), Error);
 }

@@ -5,8 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -61,7 +61,8 @@ int64_t compare_logits(const std::string& what, const float* got, const float* w
   int64_t n_wrong = 0;
   for (int64_t r = 0; r < n_rows; ++r) {
     double scale = 0;
-    for (int64_t v = 0; v < vocab; ++v) scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
+    for (int64_t v = 0; v < vocab; ++v)
+      scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
     for (int64_t v = 0; v < vocab; ++v) {
       const double err = std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale;
       *max_rel = std::max(*max_rel, err);
@@ -89,7 +90,8 @@ void check_fixture(const fs::path& dir, int64_t chunk) {
     o.ignore_eos = true;
     o.all_prompt_logits = true;
     GenerateResult r = generate(*m.model, p.ids, o);
-    const std::string what = dir.filename().string() + "/" + p.name + " chunk " + std::to_string(chunk);
+    const std::string what =
+        dir.filename().string() + "/" + p.name + " chunk " + std::to_string(chunk);
     EXPECT_EQ(compare_logits(what, r.prompt_logits.data(), p.logits.data(),
                              static_cast<int64_t>(p.ids.size()), vocab, &max_rel),
               0)
@@ -100,7 +102,9 @@ void check_fixture(const fs::path& dir, int64_t chunk) {
               dir.filename().string().c_str(), (long long)chunk, max_rel, prompts.size());
 }
 
-TEST(ModelFixtures, FixturesArePresent) { EXPECT_GE(fixture_dirs().size(), 3u); }
+TEST(ModelFixtures, FixturesArePresent) {
+  EXPECT_GE(fixture_dirs().size(), 3u);
+}
 
 TEST(ModelFixtures, WholePromptPrefillMatchesTransformers) {
   for (const auto& dir : fixture_dirs()) check_fixture(dir, 64);

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `switchyard generate` under mpirun on the built-in tiny model architecture: for layouts of
+# 1, 2, 3, 4 and 8 ranks (tp up to 8, ep, both MoE exchanges) the greedy ids equal the single-rank
+# run and the prompt logits are within 1e-4 of its row maxima. Prompts of 1 and 40 tokens (one
+# token on four or eight ranks leaves most ranks with nothing). A bad layout fails cleanly.
+# Usage: mpi_generate_test.sh SWITCHYARD_BINARY WORK_DIR
+set -uo pipefail
+bin=$1
+work=$2
+rm -rf "$work" && mkdir -p "$work"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader
+n_pass=0
+n_fail=0
+"$bin" make-tiny-model --out "$work/m" --seed 3 --layers 2 --hidden-size 64 --intermediate-size 80 \
+  --heads 8 --kv-heads 8 --head-dim 8 --vocab-size 320 --sliding-window 16 >/dev/null || exit 1
+
+# Logits files equal within 1e-4 relative to each row's largest |value| (rows of 320).
+close() {
+  paste <(od -An -v -f -w4 "$1") <(od -An -v -f -w4 "$2") | awk -v V=320 '
+    { a[NR] = $1; b[NR] = $2; m = (b[NR] < 0 ? -b[NR] : b[NR]); r = int((NR - 1) / V);
+      if (m > mx[r]) mx[r] = m }
+    END { bad = 0; for (i = 1; i <= NR; i++) { r = int((i - 1) / V); d = a[i] - b[i];
+            if (d < 0) d = -d; if (d > 1e-4 * mx[r]) bad++ }
+          if (NR == 0 || bad) { print "  " bad " logits differ"; exit 1 } }'
+}
+
+run() {  # run TAG N FLAGS...: generate under mpirun -n N, writing ids and logits
+  local tag=$1 n=$2
+  shift 2
+  for p in 1 2; do
+    local ids
+    if [ $p = 1 ]; then ids=1; else ids=$(seq -s, 1 8 320 | cut -d, -f1-40); fi
+    mpirun -n "$n" "$bin" generate --model "$work/m" --prompt-ids "$ids" --max-tokens 8 \
+      --ignore-eos --print-ids --logits-out "$work/$tag.$p.logits" "$@" 2>"$work/$tag.err" |
+      grep '^ids:' >"$work/$tag.$p.ids" || { echo "  $tag failed: $(tail -2 "$work/$tag.err")"; return 1; }
+  done
+}
+
+run single 1 || exit 1
+for layout in "2" "2 --tp 2" "2 --moe-exchange all-gather" "3" "3 --ep 1" "4 --tp 2" \
+              "4 --tp 4 --ep 2" "4 --moe-exchange all-gather --tp 2" "8 --tp 8" "8 --tp 2 --ep 4"; do
+  set -- $layout
+  tag="n$(tr ' ' '_' <<<"$layout" | tr -d '-')"
+  ok=1
+  run "$tag" "$@" || ok=0
+  for p in 1 2; do
+    [ $ok = 1 ] && cmp -s "$work/single.$p.ids" "$work/$tag.$p.ids" || { ok=0; echo "  $tag: ids differ"; }
+    [ $ok = 1 ] && close "$work/$tag.$p.logits" "$work/single.$p.logits" || ok=0
+  done
+  if [ $ok = 1 ]; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $layout"; fi
+done
+
+# An impossible layout: a clear error naming the flag, non-zero exit, no hang.
+if timeout 60 mpirun -n 4 "$bin" generate --model "$work/m" --prompt-ids 1 --tp 3 2>"$work/bad.err" >/dev/null; then
+  n_fail=$((n_fail + 1)); echo "FAILED: --tp 3 on 4 ranks was accepted"
+elif grep -q -- "--tp 3 must divide the world size 4" "$work/bad.err"; then
+  n_pass=$((n_pass + 1))
+else
+  n_fail=$((n_fail + 1)); echo "FAILED: no clear error for --tp 3: $(head -2 "$work/bad.err")"
+fi
+echo "mpi generate: $n_pass passed, $n_fail failed"
+test "$n_fail" -eq 0

@@ -1,0 +1,210 @@
+// The expert- and tensor-parallel forward pass under mpiexec -n W, on the transformers fixtures:
+// for every (tp, ep) layout the world allows and both MoE exchanges, logits at every prompt
+// position within 1e-4 relative of the single-rank run and of transformers, and identical greedy
+// tokens. Decode steps of one token leave most ranks with no tokens; a zeroed router sends every
+// token to experts 0 and 1, so one rank's experts receive everything and the others nothing.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "parallel/context.h"
+#include "runtime/generator.h"
+
+namespace sy {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Prompt {
+  std::vector<int32_t> ids;
+  std::vector<float> logits;  // transformers, [n, vocab]
+  std::vector<int32_t> greedy;
+};
+
+std::vector<fs::path> fixture_dirs() {
+  std::vector<fs::path> dirs;
+  for (const auto& e : fs::directory_iterator(SY_FIXTURES_DIR))
+    if (e.is_directory() && fs::exists(e.path() / "reference.json")) dirs.push_back(e.path());
+  std::sort(dirs.begin(), dirs.end());
+  return dirs;
+}
+
+std::vector<Prompt> load_prompts(const fs::path& dir, int64_t vocab) {
+  std::ifstream in(dir / "reference.json");
+  auto j = nlohmann::json::parse(in);
+  std::vector<Prompt> prompts;
+  for (const auto& p : j.at("prompts")) {
+    Prompt pr;
+    pr.ids = p.at("ids").get<std::vector<int32_t>>();
+    pr.greedy = p.at("greedy").get<std::vector<int32_t>>();
+    std::ifstream bin(dir / p.at("logits").get<std::string>(), std::ios::binary);
+    pr.logits.resize(pr.ids.size() * static_cast<size_t>(vocab));
+    bin.read(reinterpret_cast<char*>(pr.logits.data()),
+             static_cast<std::streamsize>(pr.logits.size() * sizeof(float)));
+    prompts.push_back(std::move(pr));
+  }
+  return prompts;
+}
+
+// Logits outside 1e-4 of the row's largest |reference| (prints the first few).
+int64_t n_wrong_logits(const std::vector<float>& got, const std::vector<float>& want, int64_t vocab,
+                       const std::string& what) {
+  int64_t n_wrong = 0;
+  for (size_t r = 0; r * vocab < want.size(); ++r) {
+    double scale = 0;
+    for (int64_t v = 0; v < vocab; ++v)
+      scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
+    for (int64_t v = 0; v < vocab; ++v) {
+      const double err = std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale;
+      if (!(err <= 1e-4) && n_wrong++ < 5)
+        std::printf("  %s row %zu vocab %lld: got %g want %g\n", what.c_str(), r, (long long)v,
+                    got[r * vocab + v], want[r * vocab + v]);
+    }
+  }
+  return n_wrong;
+}
+
+std::unique_ptr<Model> build(const fs::path& dir, const ModelConfig& config, Ops& ops,
+                             const ParallelContext* par, bool skew) {
+  Checkpoint ckpt = Checkpoint::open(dir.string());
+  Weights w = Weights::load(ckpt, config, shard_for(config, par), ops, false);
+  if (skew)  // all router logits 0: top-k picks experts 0..k-1 for every token
+    for (LayerWeights& L : w.layers) ops.fill_zero(L.gate);
+  ModelLimits limits;
+  limits.block_size = 4;
+  limits.max_blocks_per_seq = 16;
+  limits.n_blocks = 16;
+  limits.max_tokens = 64;
+  limits.max_logit_rows = 64;
+  return std::make_unique<Model>(config, std::move(w), ops, limits, par);
+}
+
+class ParallelModel : public ::testing::Test {
+ protected:
+  void SetUp() override { world_ = make_mpi_world_communicator(); }
+
+  // Runs every prompt through the layout; returns wrong logits + wrong tokens on this rank.
+  int64_t check_layout(const fs::path& dir, const ParallelConfig& pc, bool skew) {
+    const ModelConfig config = ModelConfig::load(dir.string());
+    auto par = ParallelContext::create(pc, *world_);
+    auto ops = make_cpu_ops();
+    auto model = build(dir, config, *ops, par.get(), skew);
+    auto single = skew ? build(dir, config, *ops, nullptr, true) : nullptr;
+    const std::string what = dir.filename().string() + " tp " + std::to_string(pc.tp) + " ep " +
+                             std::to_string(pc.ep_size()) + " " + moe_exchange_name(pc.exchange) +
+                             (skew ? " skewed" : "");
+    int64_t n_wrong = 0;
+    for (const Prompt& p : load_prompts(dir, config.vocab_size)) {
+      GenerateOptions o;
+      o.max_tokens = static_cast<int64_t>(p.greedy.size());
+      o.ignore_eos = true;
+      o.all_prompt_logits = true;
+      GenerateResult got = generate(*model, p.ids, o);
+      if (!skew) {
+        n_wrong += n_wrong_logits(got.prompt_logits, p.logits, config.vocab_size, what);
+        n_wrong += got.tokens != p.greedy;
+      } else {
+        GenerateResult want = generate(*single, p.ids, o);
+        n_wrong += n_wrong_logits(got.prompt_logits, want.prompt_logits, config.vocab_size, what);
+        n_wrong += got.tokens != want.tokens;
+      }
+    }
+    if (n_wrong) std::printf("%s: %lld wrong\n", what.c_str(), (long long)n_wrong);
+    return n_wrong;
+  }
+
+  std::unique_ptr<Communicator> world_;
+};
+
+// Every layout the world allows for `config`.
+std::vector<ParallelConfig> layouts(int world, int rank, const ModelConfig& config) {
+  std::vector<ParallelConfig> out;
+  for (int tp = 1; tp <= world; ++tp) {
+    if (world % tp || config.num_key_value_heads % tp) continue;
+    for (int ep = 1; ep <= world; ++ep) {
+      if (world % ep || ep > config.num_local_experts) continue;
+      for (MoeExchange ex : {MoeExchange::kAllToAll, MoeExchange::kAllGather}) {
+        ParallelConfig pc;
+        pc.world = world;
+        pc.rank = rank;
+        pc.tp = tp;
+        pc.ep = ep;
+        pc.exchange = ex;
+        out.push_back(pc);
+      }
+    }
+  }
+  return out;
+}
+
+int64_t total(Communicator& world, int64_t n) {
+  float v = static_cast<float>(n);
+  world.all_reduce_sum(Tensor(&v, DType::kF32, {1}));
+  return static_cast<int64_t>(v);
+}
+
+TEST_F(ParallelModel, EveryLayoutMatchesSingleRankAndTransformers) {
+  const auto dirs = fixture_dirs();
+  ASSERT_GE(dirs.size(), 3u);
+  int64_t n_wrong = 0;
+  int n_layouts = 0;
+  for (const auto& dir : dirs) {
+    const ModelConfig config = ModelConfig::load(dir.string());
+    for (const ParallelConfig& pc : layouts(world_->size(), world_->rank(), config)) {
+      n_wrong += check_layout(dir, pc, false);
+      ++n_layouts;
+    }
+  }
+  if (world_->rank() == 0)
+    std::printf("checked %d layouts on %d ranks\n", n_layouts, world_->size());
+  EXPECT_EQ(total(*world_, n_wrong), 0);
+}
+
+TEST_F(ParallelModel, SkewedRoutingOneRankGetsEverything) {
+  const fs::path dir = fixture_dirs().front();
+  const ModelConfig config = ModelConfig::load(dir.string());
+  int64_t n_wrong = 0;
+  for (const ParallelConfig& pc : layouts(world_->size(), world_->rank(), config))
+    n_wrong += check_layout(dir, pc, true);
+  EXPECT_EQ(total(*world_, n_wrong), 0);
+}
+
+TEST_F(ParallelModel, EachRankHoldsItsShareOfTheExperts) {
+  const fs::path dir = fixture_dirs().front();
+  const ModelConfig config = ModelConfig::load(dir.string());
+  ParallelConfig pc;
+  pc.world = world_->size();
+  pc.rank = world_->rank();
+  auto par = ParallelContext::create(pc, *world_);
+  auto ops = make_cpu_ops();
+  Checkpoint ckpt = Checkpoint::open(dir.string());
+  Weights w = Weights::load(ckpt, config, shard_for(config, par.get()), *ops, false);
+  const uint64_t per_expert =
+      static_cast<uint64_t>(3 * config.hidden_size * config.intermediate_size *
+                            config.num_hidden_layers) *
+      sizeof(float);
+  const int64_t mine = split_count(config.num_local_experts, pc.world, pc.rank);
+  EXPECT_EQ(w.expert_bytes, per_expert * mine);
+  // The shares add up to the whole model's experts exactly once.
+  EXPECT_EQ(total(*world_, mine), config.num_local_experts);
+}
+
+TEST_F(ParallelModel, ImpossibleLayoutIsAClearError) {
+  const ModelConfig config = ModelConfig::load(fixture_dirs().front().string());
+  ParallelConfig pc;
+  pc.world = world_->size();
+  pc.rank = world_->rank();
+  pc.tp = config.num_key_value_heads + 1;
+  EXPECT_THROW(pc.validate(config), Error);
+  pc.tp = 1;
+  pc.ep = config.num_local_experts + 1;
+  EXPECT_THROW(pc.validate(config), Error);
+}
+
+}  // namespace
+}  // namespace sy
