@@ -1,0 +1,170 @@
+// The serving engine: continuous batching over the model, driven from rank 0.
+//
+// Rank 0 runs Engine::run() on its main thread: each step it admits queued requests, schedules
+// prefill chunks and decode tokens under a token budget, broadcasts the step plan, runs the
+// forward pass in lockstep with the other ranks (which run Engine::run_worker), samples, and
+// hands events to each request's sink. submit(), cancel(), stats() and drain() are thread-safe
+// and are called from the RPC threads.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+#include "runtime/model.h"
+#include "runtime/sampler.h"
+#include "runtime/tokenizer.h"
+
+namespace sy {
+
+// Why a request was refused at submit(); maps to a gRPC status code.
+class RequestError : public Error {
+ public:
+  enum class Code { kInvalidArgument, kResourceExhausted, kUnavailable };
+  RequestError(Code code, const std::string& message) : Error(message), code_(code) {}
+  Code code() const { return code_; }
+
+ private:
+  Code code_;
+};
+
+struct RequestParams {
+  std::vector<int32_t> prompt;          // token ids (BOS already added for text prompts)
+  int64_t max_tokens = 16;              // tokens to generate at most
+  SamplingParams sampling;
+  std::vector<std::string> stop;        // stop strings (not included in the output)
+  std::vector<int32_t> stop_token_ids;  // tokens that end generation (included in the output)
+  bool ignore_eos = false;
+  int64_t logprobs = 0;                 // top-n logprobs per token; 0 = none
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+};
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kDeadline, kError, kUnavailable };
+
+struct TopLogprob {
+  int32_t token_id = 0;
+  float logprob = 0;
+};
+struct TokenLogprobs {
+  int32_t token_id = 0;
+  float logprob = 0;
+  std::vector<TopLogprob> top;
+};
+
+struct Usage {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double queue_time_ms = 0;
+  double time_to_first_token_ms = 0;
+  double total_time_ms = 0;
+  int64_t preemptions = 0;
+};
+
+// One message of a request's stream. The last one has finish != kNone and carries usage.
+struct RequestEvent {
+  std::string text;                   // new text, never ending inside a UTF-8 character
+  std::vector<int32_t> token_ids;     // tokens since the last event
+  std::vector<TokenLogprobs> logprobs;
+  FinishReason finish = FinishReason::kNone;
+  Usage usage;
+  std::string error;                  // for kError / kUnavailable
+};
+
+// Receives a request's events, on the engine thread. Must not block.
+class RequestSink {
+ public:
+  virtual ~RequestSink() = default;
+  virtual void on_event(RequestEvent event) = 0;
+};
+
+struct EngineOptions {
+  int64_t max_batch_tokens = 256;    // tokens per step (prefill chunks + decodes)
+  int64_t max_running = 64;          // sequences per step
+  int64_t max_queue_requests = 256;  // admitted but waiting; past it RESOURCE_EXHAUSTED
+  int64_t max_queue_tokens = 1 << 20;  // prompt tokens of waiting requests; likewise
+  int64_t max_stop_strings = 16;
+  int64_t max_stop_string_bytes = 256;
+  int64_t max_logprobs = 20;
+};
+
+struct EngineStats {
+  int64_t queue_depth = 0;
+  int64_t queued_tokens = 0;
+  int64_t running = 0;
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_total = 0;
+  int64_t block_size = 0;
+  double recent_tokens_per_second = 0;
+  double uptime_s = 0;
+  int64_t requests_completed = 0;
+  int64_t steps = 0;
+  bool draining = false;
+};
+
+class Engine {
+ public:
+  // `world` (may be null for one rank) broadcasts step plans to the workers.
+  Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& options,
+         Communicator* world);
+  ~Engine();
+
+  // Validates and queues a request; throws RequestError. Returns the request's id.
+  uint64_t submit(RequestParams params, std::shared_ptr<RequestSink> sink);
+  // The request ends CANCELLED at the next step and its KV blocks are freed.
+  void cancel(uint64_t id);
+  EngineStats stats() const;
+  // Stops admitting (submit throws kUnavailable); run() returns once every request has finished.
+  void drain();
+  // Ends run() at the next step: every open request ends kUnavailable.
+  void stop();
+
+  // Rank 0's loop; returns after drain() (or stop()) once no request is left, having told the
+  // workers to exit. Sleeps while there is nothing to do.
+  void run();
+  // The loop of every other rank: executes broadcast step plans until told to exit. Polls with
+  // growing sleeps while idle, so an idle rank does not keep a core busy.
+  static void run_worker(Model& model, Communicator& world);
+
+ private:
+  struct Sequence;
+  bool schedule();                  // builds batch_ for this step; false when nothing to run
+  void finish(Sequence& seq, FinishReason reason, const std::string& error = {});
+  void preempt_newest();
+  void process_logits();
+  void validate(const RequestParams& params) const;
+
+  Model& model_;
+  const Tokenizer& tokenizer_;
+  EngineOptions options_;
+  Communicator* world_;
+  BlockAllocator blocks_;
+  int64_t context_limit_;
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<std::unique_ptr<Sequence>> incoming_;  // submitted, not yet seen by the loop
+  std::vector<uint64_t> cancelled_;
+  bool draining_ = false;
+  bool stopping_ = false;
+  uint64_t next_id_ = 1;
+  int64_t queued_tokens_ = 0;
+  EngineStats stats_;
+
+  // Engine-thread state.
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order (newest last)
+  StepBatch batch_;
+  std::vector<Sequence*> logit_seqs_;  // sequence of each logit row
+  std::vector<float> logits_;          // [max_running, vocab]
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace sy
