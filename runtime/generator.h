@@ -41,6 +41,11 @@ struct LoadedModel {
 LoadedModel load_model(const std::string& model_dir, int64_t max_context,
                        int64_t max_tokens_per_step, bool show_progress,
                        const ParallelContext* parallel = nullptr);
+// The same for serving: a Model with the given capacity (many sequences, a shared KV cache).
+// `config` is model_dir's config.json, already loaded (and the layout validated against it).
+LoadedModel load_model(const std::string& model_dir, const ModelConfig& config,
+                       const ModelLimits& limits, bool show_progress,
+                       const ParallelContext* parallel = nullptr);
 
 // Runs one request to completion. `on_token` is called with each generated id as it is sampled.
 // With a parallel model every rank calls it with the same arguments; rank 0's sampled token is

@@ -1,0 +1,94 @@
+// ServeConfig (see serve_config.h).
+#include "runtime/serve_config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "kernels/error.h"
+
+namespace sy {
+
+void ServeConfig::validate() const {
+  SY_CHECK(!model.empty(), "--model is required");
+  SY_CHECK(!listen.empty(), "--listen is empty");
+  SY_CHECK(max_batch_tokens > 0, "--max-batch-tokens ", max_batch_tokens, " must be positive");
+  SY_CHECK(max_running > 0, "--max-running ", max_running, " must be positive");
+  SY_CHECK(max_running <= max_batch_tokens, "--max-running ", max_running,
+           " must be at most --max-batch-tokens ", max_batch_tokens,
+           " (every running sequence may need a token in the same step)");
+  SY_CHECK(max_queue_requests >= 0, "--max-queue-requests ", max_queue_requests, " must be >= 0");
+  SY_CHECK(max_queue_tokens >= 0, "--max-queue-tokens ", max_queue_tokens, " must be >= 0");
+  SY_CHECK(kv_blocks >= 0, "--kv-blocks ", kv_blocks, " must be >= 0 (0 = enough for ",
+           "--max-running full contexts)");
+  SY_CHECK(block_size > 0 && block_size <= 4096, "--block-size ", block_size, " outside [1, 4096]");
+  SY_CHECK(max_context >= 0, "--max-context ", max_context, " must be >= 0");
+  SY_CHECK(std::isfinite(grace_period_s) && grace_period_s >= 0, "--grace-period-s ",
+           grace_period_s, " must be >= 0");
+}
+
+int64_t ServeConfig::context(const ModelConfig& config) const {
+  SY_CHECK(max_context <= config.max_position_embeddings, "--max-context ", max_context,
+           " exceeds the model's max_position_embeddings of ", config.max_position_embeddings);
+  return max_context > 0 ? max_context : config.max_position_embeddings;
+}
+
+int64_t ServeConfig::context_limit(const ModelConfig& config) const {
+  return std::min(context(config), n_kv_blocks(config) * block_size);
+}
+
+int64_t ServeConfig::n_kv_blocks(const ModelConfig& config) const {
+  if (kv_blocks > 0) return kv_blocks;
+  const int64_t per_seq = (context(config) + block_size - 1) / block_size;
+  return max_running * per_seq;
+}
+
+ModelLimits ServeConfig::model_limits(const ModelConfig& config) const {
+  ModelLimits limits;
+  limits.block_size = block_size;
+  limits.max_blocks_per_seq = (context(config) + block_size - 1) / block_size;
+  limits.n_blocks = n_kv_blocks(config);
+  limits.max_seqs = max_running;
+  limits.max_tokens = max_batch_tokens;
+  limits.max_logit_rows = max_running;
+  limits.validate();
+  return limits;
+}
+
+EngineOptions ServeConfig::engine_options() const {
+  EngineOptions o;
+  o.max_batch_tokens = max_batch_tokens;
+  o.max_running = max_running;
+  o.max_queue_requests = max_queue_requests;
+  o.max_queue_tokens = max_queue_tokens;
+  return o;
+}
+
+uint64_t ServeConfig::kv_cache_bytes(const ModelConfig& config, int tp) const {
+  // K and V, per layer [n_blocks, block_size, n_kv_heads / tp, head_dim], fp32.
+  const uint64_t per_token = 2ull * static_cast<uint64_t>(config.num_hidden_layers) *
+                             static_cast<uint64_t>(config.kv_dim() / tp) * sizeof(float);
+  return per_token * static_cast<uint64_t>(n_kv_blocks(config) * block_size);
+}
+
+std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelConfig& config,
+                                                                    int tp) const {
+  auto mib = [](uint64_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; };
+  std::ostringstream grace;
+  grace << grace_period_s;
+  return {
+      {"model", model},
+      {"listen", listen},
+      {"max_batch_tokens", std::to_string(max_batch_tokens)},
+      {"max_running", std::to_string(max_running)},
+      {"max_queue_requests", std::to_string(max_queue_requests)},
+      {"max_queue_tokens", std::to_string(max_queue_tokens)},
+      {"context_limit_tokens", std::to_string(context_limit(config))},
+      {"block_size", std::to_string(block_size)},
+      {"kv_blocks", std::to_string(n_kv_blocks(config))},
+      {"kv_cache_per_rank", mib(kv_cache_bytes(config, tp))},
+      {"grace_period_s", grace.str()},
+  };
+}
+
+}  // namespace sy
