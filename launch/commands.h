@@ -3,11 +3,15 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
+#include "parallel/context.h"
 #include "runtime/sampler.h"
+#include "runtime/serve_config.h"
 #include "runtime/tiny_model.h"
+#include "runtime/weights.h"
 
 namespace sy::launch {
 
@@ -38,6 +42,48 @@ struct GenerateArgs {
 };
 void add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
+
+struct ServeArgs {
+  ServeConfig config;
+  int tp = 1;  // tensor-parallel ranks of attention
+  int ep = 0;  // expert-parallel ranks (0 = the world)
+  std::string moe_exchange = "all-to-all";
+};
+void add_serve(CLI::App& app, ServeArgs& args);
+int run_serve(const ServeArgs& args);
+
+struct ClientArgs {
+  std::string target = "127.0.0.1:50051";  // host:port of the server
+  double timeout_s = 30;                   // deadline of the unary calls
+  // generate
+  std::string prompt;
+  std::string prompt_ids;
+  bool skip_bos = false;
+  int64_t max_tokens = 0;  // 0 = the server's default (16)
+  SamplingParams sampling;
+  bool has_seed = false;
+  std::vector<std::string> stop;
+  std::vector<int64_t> stop_token_ids;
+  bool ignore_eos = false;
+  int64_t logprobs = 0;
+  int64_t deadline_ms = 0;  // 0 = none
+  bool print_ids = false;
+  // tokenize / detokenize
+  std::string text;
+  bool add_bos = false;
+  std::string ids;
+  // health
+  std::string service;  // "" = the whole server
+};
+void add_client(CLI::App& app, ClientArgs& args);
+// Runs the client subcommand that was parsed; returns the exit code.
+int run_client(const CLI::App& app, const ClientArgs& args);
+
+// Rank 0 prints the layout table, then every rank's weight bytes (gathered; a collective).
+void print_layout(const ParallelContext& parallel, const ModelConfig& config,
+                  const Weights& weights);
+// Parses "1,2,3" into token ids; throws naming `flag`.
+std::vector<int32_t> parse_ids(const std::string& text, const char* flag);
 
 // True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
 bool launched_by_mpi();

@@ -14,9 +14,8 @@
 #include "runtime/tokenizer.h"
 
 namespace sy::launch {
-namespace {
 
-std::vector<int32_t> parse_ids(const std::string& text) {
+std::vector<int32_t> parse_ids(const std::string& text, const char* flag) {
   std::vector<int32_t> ids;
   std::stringstream in(text);
   std::string item;
@@ -29,16 +28,15 @@ std::vector<int32_t> parse_ids(const std::string& text) {
       used = 0;
     }
     while (used < item.size() && item[used] == ' ') ++used;
-    SY_CHECK(used == item.size() && !item.empty(), "--prompt-ids: \"", item,
+    SY_CHECK(used == item.size() && !item.empty(), flag, ": \"", item,
              "\" is not an integer token id");
-    SY_CHECK(v >= 0 && v <= INT32_MAX, "--prompt-ids: token id ", v, " out of range");
+    SY_CHECK(v >= 0 && v <= INT32_MAX, flag, ": token id ", v, " out of range");
     ids.push_back(static_cast<int32_t>(v));
   }
-  SY_CHECK(!ids.empty(), "--prompt-ids is empty");
+  SY_CHECK(!ids.empty(), flag, " is empty");
   return ids;
 }
 
-// Rank 0 prints the layout, then every rank's weight bytes (gathered, so only rank 0 prints).
 void print_layout(const ParallelContext& par, const ModelConfig& config, const Weights& w) {
   const int W = par.config.world;
   std::vector<int32_t> mine = {static_cast<int32_t>(w.expert_bytes >> 10),
@@ -53,8 +51,6 @@ void print_layout(const ParallelContext& par, const ModelConfig& config, const W
   for (int r = 0; r < W; ++r)
     std::fprintf(stderr, "  %5d  %10d  %10d\n", r, all[2 * r], all[2 * r + 1]);
 }
-
-}  // namespace
 
 bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"})
@@ -103,8 +99,8 @@ int run_generate(const GenerateArgs& a) {
   const ModelConfig config = ModelConfig::load(a.model);
   std::unique_ptr<Tokenizer> tokenizer =
       Tokenizer::load(a.model, config.bos_token_id, config.eos_token_ids);
-  std::vector<int32_t> prompt =
-      a.prompt_ids.empty() ? tokenizer->encode(a.prompt, !a.no_bos) : parse_ids(a.prompt_ids);
+  std::vector<int32_t> prompt = a.prompt_ids.empty() ? tokenizer->encode(a.prompt, !a.no_bos)
+                                                     : parse_ids(a.prompt_ids, "--prompt-ids");
   SY_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
   for (int32_t id : prompt)
     SY_CHECK(id < config.vocab_size, "prompt token id ", id, " outside the vocabulary of ",

@@ -2,6 +2,8 @@
 //
 //   make-tiny-model   write a seeded random Mixtral-architecture checkpoint (Hugging Face layout)
 //   generate          run one prompt through a model and stream the generated text
+//   serve             serve a model over gRPC from every rank of an MPI job
+//   client            call a running server (generate, tokenize, detokenize, info, health)
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -18,6 +20,10 @@ int main(int argc, char** argv) {
   sy::launch::add_make_tiny_model(app, tiny);
   sy::launch::GenerateArgs gen;
   sy::launch::add_generate(app, gen);
+  sy::launch::ServeArgs serve;
+  sy::launch::add_serve(app, serve);
+  sy::launch::ClientArgs client;
+  sy::launch::add_client(app, client);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -26,6 +32,8 @@ int main(int argc, char** argv) {
   try {
     if (app.got_subcommand("make-tiny-model")) return sy::launch::run_make_tiny_model(tiny);
     if (app.got_subcommand("generate")) return sy::launch::run_generate(gen);
+    if (app.got_subcommand("serve")) return sy::launch::run_serve(serve);
+    if (app.got_subcommand("client")) return sy::launch::run_client(app, client);
   } catch (const std::exception& e) {
     // Under MPI a failed rank ends the whole job, so no peer waits in a collective.
     return sy::MpiEnv::fail(e.what());

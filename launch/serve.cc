@@ -1,0 +1,259 @@
+// `switchyard serve`: the serving runtime. Every rank runs this under mpirun (a world of one is
+// fine). Rank 0 starts the gRPC server first (health NOT_SERVING), every rank loads its weights,
+// then rank 0 turns SERVING and runs the engine loop while the other ranks follow its step plans.
+//
+// Shutdown: SIGTERM, SIGINT or SIGUSR1 on rank 0 drains the engine (no new requests, running
+// ones finish, health NOT_SERVING); after --grace-period-s, or at a second signal, the engine
+// stops and open requests end UNAVAILABLE. The engine loop then tells the other ranks to exit,
+// rank 0 shuts the server down, and every rank exits 0. Other ranks ignore these signals: they
+// leave when rank 0's exit plan arrives. A failing rank aborts the whole job (MpiEnv::fail).
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "launch/commands.h"
+#include "parallel/context.h"
+#include "parallel/mpi_env.h"
+#include "runtime/engine.h"
+#include "runtime/generator.h"
+#include "runtime/service.h"
+#include "runtime/tokenizer.h"
+
+namespace sy::launch {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+sigset_t shutdown_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGUSR1);
+  return set;
+}
+
+// Rank 0's shutdown signals, taken with sigtimedwait on a thread of their own (drain() and
+// stop() lock mutexes, which a signal handler must not). The signals are blocked in every other
+// thread. The first signal drains; the grace period running out, or a second signal, stops.
+class ShutdownSignals {
+ public:
+  ShutdownSignals(double grace_period_s, std::function<void()> on_drain)
+      : grace_(std::chrono::duration_cast<Clock::duration>(
+            std::chrono::duration<double>(grace_period_s))),
+        on_drain_(std::move(on_drain)),
+        thread_([this] { loop(); }) {}
+  ~ShutdownSignals() {
+    done_.store(true);
+    thread_.join();
+  }
+  ShutdownSignals(const ShutdownSignals&) = delete;
+  ShutdownSignals& operator=(const ShutdownSignals&) = delete;
+
+  // Signals now go to `engine`; a drain or stop asked for while loading is applied at once.
+  void attach(Engine* engine) {
+    std::lock_guard<std::mutex> lock(mu_);
+    engine_ = engine;
+    if (draining_) engine_->drain();
+    if (stopping_) engine_->stop();
+  }
+  bool draining() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return draining_;
+  }
+  // Before the engine goes away.
+  void detach() {
+    std::lock_guard<std::mutex> lock(mu_);
+    engine_ = nullptr;
+  }
+
+ private:
+  void loop() {
+    const sigset_t set = shutdown_signals();
+    const timespec poll = {0, 100 * 1000 * 1000};
+    while (!done_.load()) {
+      const int sig = sigtimedwait(&set, nullptr, &poll);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (sig > 0 && !draining_) {
+        draining_ = true;
+        stop_at_ = Clock::now() + grace_;
+        std::fprintf(stderr, "switchyard: %s: draining; stopping in %.0f s at the latest\n",
+                     strsignal(sig), std::chrono::duration<double>(grace_).count());
+        if (engine_ != nullptr) engine_->drain();
+        on_drain_();
+      } else if (sig > 0 && !stopping_) {
+        std::fprintf(stderr, "switchyard: %s again: stopping now\n", strsignal(sig));
+        stop();
+      } else if (draining_ && !stopping_ && Clock::now() >= stop_at_) {
+        std::fprintf(stderr, "switchyard: grace period over: stopping\n");
+        stop();
+      }
+    }
+  }
+  void stop() {  // mu_ held
+    stopping_ = true;
+    if (engine_ != nullptr) engine_->stop();
+  }
+
+  const Clock::duration grace_;
+  const std::function<void()> on_drain_;
+  mutable std::mutex mu_;
+  Engine* engine_ = nullptr;
+  bool draining_ = false;
+  bool stopping_ = false;
+  Clock::time_point stop_at_;
+  std::atomic<bool> done_{false};
+  std::thread thread_;  // last: starts once the rest is built
+};
+
+void set_serving(grpc::Server& server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("", serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
+void print_config(const ServeConfig& config, const ModelConfig& model, int tp) {
+  std::fprintf(stderr, "# serve\n");
+  for (const auto& [name, value] : config.table(model, tp))
+    std::fprintf(stderr, "  %-22s %s\n", name.c_str(), value.c_str());
+}
+
+int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& par) {
+  const ServeConfig& sc = a.config;
+  std::unique_ptr<Tokenizer> tokenizer =
+      Tokenizer::load(sc.model, config.bos_token_id, config.eos_token_ids);
+  Service service(*tokenizer, model_info(sc.model, config, par.config, sc.context_limit(config)));
+  LoadedModel loaded;
+  std::unique_ptr<Engine> engine;
+
+  // The server first, so that clients can see the health status while the weights load.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  // Without this, Linux lets a second server bind the same port and both half-work.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  int port = 0;
+  builder.AddListeningPort(sc.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  SY_CHECK(server != nullptr && port != 0, "cannot listen on ", sc.listen,
+           ": the address is in use or invalid");
+  set_serving(*server, false);
+  const std::string address =
+      sc.listen.substr(0, sc.listen.rfind(':')) + ":" + std::to_string(port);
+  ShutdownSignals signals(sc.grace_period_s, [&] { set_serving(*server, false); });
+
+  print_config(sc, config, par.config.tp);
+  loaded = load_model(sc.model, config, sc.model_limits(config), true, &par);
+  print_layout(par, config, loaded.model->weights());
+  engine = std::make_unique<Engine>(*loaded.model, *tokenizer, sc.engine_options(), par.world);
+  service.attach(engine.get());
+  signals.attach(engine.get());
+  if (!signals.draining()) set_serving(*server, true);
+  std::printf("serving %s on %s\n", sc.model.c_str(), address.c_str());
+  std::fflush(stdout);
+
+  try {
+    engine->run();
+  } catch (const std::exception& e) {
+    // A rank failed (or this one did): end the open streams with UNAVAILABLE, give them a
+    // moment to reach their clients, then abort the job.
+    set_serving(*server, false);
+    service.close(
+        grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string("a rank failed: ") + e.what()));
+    const auto until = Clock::now() + std::chrono::seconds(1);
+    while (service.n_open_streams() > 0 && Clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    throw;
+  }
+  signals.detach();
+  set_serving(*server, false);
+  // Every request has ended; anything that slipped in since is refused.
+  service.close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server stopped"));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  std::fprintf(stderr, "switchyard: stopped\n");
+  return 0;
+}
+
+}  // namespace
+
+void add_serve(CLI::App& app, ServeArgs& a) {
+  CLI::App* cmd = app.add_subcommand("serve", "Serve a model over gRPC (run under mpirun)");
+  ServeConfig& c = a.config;
+  cmd->add_option("--model", c.model, "Model directory (Hugging Face layout)")->required();
+  cmd->add_option("--listen", c.listen, "host:port of the gRPC server (port 0 = any free port)")
+      ->capture_default_str();
+  cmd->add_option("--tp", a.tp, "Tensor-parallel ranks of attention (divides the world)")
+      ->capture_default_str();
+  cmd->add_option("--ep", a.ep, "Expert-parallel ranks (divides the world; 0 = the world)")
+      ->capture_default_str();
+  cmd->add_option("--moe-exchange", a.moe_exchange, "all-to-all or all-gather")
+      ->capture_default_str();
+  cmd->add_option("--max-batch-tokens", c.max_batch_tokens,
+                  "Tokens per step (prefill chunks + decode tokens)")
+      ->capture_default_str();
+  cmd->add_option("--max-running", c.max_running, "Sequences running at once")
+      ->capture_default_str();
+  cmd->add_option("--max-queue-requests", c.max_queue_requests,
+                  "Requests waiting for admission; more are refused (RESOURCE_EXHAUSTED)")
+      ->capture_default_str();
+  cmd->add_option("--max-queue-tokens", c.max_queue_tokens,
+                  "Prompt tokens of waiting requests; more are refused (RESOURCE_EXHAUSTED)")
+      ->capture_default_str();
+  cmd->add_option("--kv-blocks", c.kv_blocks,
+                  "KV-cache blocks per rank (0 = --max-running full contexts)")
+      ->capture_default_str();
+  cmd->add_option("--block-size", c.block_size, "Tokens per KV-cache block")->capture_default_str();
+  cmd->add_option("--max-context", c.max_context,
+                  "Prompt + generated tokens of one request (0 = max_position_embeddings)")
+      ->capture_default_str();
+  cmd->add_option("--grace-period-s", c.grace_period_s,
+                  "After SIGTERM/SIGINT/SIGUSR1: seconds for running requests to finish")
+      ->capture_default_str();
+}
+
+int run_serve(const ServeArgs& a) {
+  a.config.validate();
+  // Block the shutdown signals before MPI and gRPC start their threads, which inherit the mask:
+  // rank 0 takes them on its signal thread, the other ranks ignore them.
+  const sigset_t signals = shutdown_signals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  MpiEnv env(nullptr, nullptr);
+  std::unique_ptr<Communicator> world = make_mpi_world_communicator();
+  if (!env.is_root())
+    for (int sig : {SIGTERM, SIGINT, SIGUSR1}) std::signal(sig, SIG_IGN);
+  const ModelConfig config = ModelConfig::load(a.config.model);
+  ParallelConfig pc;
+  pc.world = env.size();
+  pc.rank = env.rank();
+  pc.tp = a.tp;
+  pc.ep = a.ep;
+  pc.exchange = parse_moe_exchange(a.moe_exchange);
+  pc.validate(config);                                       // before any weight is read
+  const ModelLimits limits = a.config.model_limits(config);  // validates the budgets
+  std::unique_ptr<ParallelContext> par = ParallelContext::create(pc, *world);
+  if (env.is_root()) return serve_root(a, config, *par);
+
+  LoadedModel loaded = load_model(a.config.model, config, limits, false, par.get());
+  print_layout(*par, config, loaded.model->weights());
+  Engine::run_worker(*loaded.model, *world);
+  return 0;
+}
+
+}  // namespace sy::launch
