@@ -30,6 +30,10 @@ class Communicator {
                           const std::vector<int64_t>& send_counts) = 0;
   // Copies `bytes` bytes at `data` from `root` to every rank.
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  // Like broadcast on host memory, but a waiting rank sleeps between polls (growing from tens of
+  // microseconds to `max_sleep_ms`), so a rank idling for the next step plan does not keep a
+  // core busy.
+  virtual void broadcast_idle(void* data, size_t bytes, int root, int max_sleep_ms) = 0;
   virtual void barrier() = 0;
   // Ranks with the same `color` form a new communicator, ordered by `key`.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;

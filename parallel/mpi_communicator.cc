@@ -1,7 +1,10 @@
 // The MPI communicator: collectives on host buffers through MPI (see communicator.h).
 #include <mpi.h>
 
+#include <algorithm>
+#include <chrono>
 #include <limits>
+#include <thread>
 
 #include "parallel/communicator.h"
 
@@ -116,6 +119,25 @@ class MpiCommunicator final : public Communicator {
     SY_CHECK(bytes <= static_cast<size_t>(std::numeric_limits<int>::max()), "broadcast of ", bytes,
              " bytes");
     SY_MPI_CHECK(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_));
+  }
+
+  void broadcast_idle(void* data, size_t bytes, int root, int max_sleep_ms) override {
+    SY_CHECK(bytes <= static_cast<size_t>(std::numeric_limits<int>::max()), "broadcast of ", bytes,
+             " bytes");
+    MPI_Request request;
+    SY_MPI_CHECK(MPI_Ibcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_, &request));
+    if (rank_ == root) {
+      SY_MPI_CHECK(MPI_Wait(&request, MPI_STATUS_IGNORE));
+      return;
+    }
+    int done = 0;
+    int64_t sleep_us = 20;
+    for (;;) {
+      SY_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+      if (done) return;
+      std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      sleep_us = std::min<int64_t>(sleep_us * 2, int64_t{max_sleep_ms} * 1000);
+    }
   }
 
   void barrier() override { SY_MPI_CHECK(MPI_Barrier(comm_)); }

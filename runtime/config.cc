@@ -123,6 +123,41 @@ ModelConfig ModelConfig::load(const std::string& model_dir) {
   return from_json(text.str(), path);
 }
 
+ModelConfig ModelConfig::preset(const std::string& name) {
+  ModelConfig c;
+  c.num_local_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.rope_theta = 1e6;
+  c.bos_token_id = 1;
+  c.eos_token_ids = {2};
+  if (name == "mixtral-8x7b") {  // Mixtral-8x7B-v0.1
+    c.hidden_size = 4096;
+    c.intermediate_size = 14336;
+    c.num_hidden_layers = 32;
+    c.num_attention_heads = 32;
+    c.max_position_embeddings = 32768;
+    c.vocab_size = 32000;
+  } else if (name == "mixtral-8x22b") {  // Mixtral-8x22B-v0.1
+    c.hidden_size = 6144;
+    c.intermediate_size = 16384;
+    c.num_hidden_layers = 56;
+    c.num_attention_heads = 48;
+    c.max_position_embeddings = 65536;
+    c.vocab_size = 32768;
+  } else {
+    std::ifstream in(name);
+    SY_CHECK(in.good(), "--synthetic \"", name,
+             "\" is neither mixtral-8x7b, mixtral-8x22b nor a readable config.json");
+    std::stringstream text;
+    text << in.rdbuf();
+    return from_json(text.str(), name);
+  }
+  c.validate();
+  return c;
+}
+
 void ModelConfig::validate() const {
   auto positive = [](const char* name, int64_t v) {
     SY_CHECK(v > 0, "config: ", name, " must be positive, got ", v);

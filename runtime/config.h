@@ -31,6 +31,8 @@ struct ModelConfig {
   // Parses `config.json` text; `source` names the file in errors.
   static ModelConfig from_json(const std::string& text, const std::string& source);
   static ModelConfig load(const std::string& model_dir);
+  // The shapes of a published model by name (mixtral-8x7b, mixtral-8x22b), or a config.json path.
+  static ModelConfig preset(const std::string& name_or_path);
   std::string to_json() const;
   // Throws sy::Error naming the first offending field and its value.
   void validate() const;

@@ -37,13 +37,13 @@ class RequestError : public Error {
 };
 
 struct RequestParams {
-  std::vector<int32_t> prompt;          // token ids (BOS already added for text prompts)
-  int64_t max_tokens = 16;              // tokens to generate at most
+  std::vector<int32_t> prompt;  // token ids (BOS already added for text prompts)
+  int64_t max_tokens = 16;      // tokens to generate at most
   SamplingParams sampling;
   std::vector<std::string> stop;        // stop strings (not included in the output)
   std::vector<int32_t> stop_token_ids;  // tokens that end generation (included in the output)
   bool ignore_eos = false;
-  int64_t logprobs = 0;                 // top-n logprobs per token; 0 = none
+  int64_t logprobs = 0;  // top-n logprobs per token; 0 = none
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
@@ -70,12 +70,12 @@ struct Usage {
 
 // One message of a request's stream. The last one has finish != kNone and carries usage.
 struct RequestEvent {
-  std::string text;                   // new text, never ending inside a UTF-8 character
-  std::vector<int32_t> token_ids;     // tokens since the last event
+  std::string text;                // new text, never ending inside a UTF-8 character
+  std::vector<int32_t> token_ids;  // tokens since the last event
   std::vector<TokenLogprobs> logprobs;
   FinishReason finish = FinishReason::kNone;
   Usage usage;
-  std::string error;                  // for kError / kUnavailable
+  std::string error;  // for kError / kUnavailable
 };
 
 // Receives a request's events, on the engine thread. Must not block.
@@ -86,9 +86,9 @@ class RequestSink {
 };
 
 struct EngineOptions {
-  int64_t max_batch_tokens = 256;    // tokens per step (prefill chunks + decodes)
-  int64_t max_running = 64;          // sequences per step
-  int64_t max_queue_requests = 256;  // admitted but waiting; past it RESOURCE_EXHAUSTED
+  int64_t max_batch_tokens = 256;      // tokens per step (prefill chunks + decodes)
+  int64_t max_running = 64;            // sequences per step
+  int64_t max_queue_requests = 256;    // admitted but waiting; past it RESOURCE_EXHAUSTED
   int64_t max_queue_tokens = 1 << 20;  // prompt tokens of waiting requests; likewise
   int64_t max_stop_strings = 16;
   int64_t max_stop_string_bytes = 256;
@@ -121,6 +121,8 @@ class Engine {
   // The request ends CANCELLED at the next step and its KV blocks are freed.
   void cancel(uint64_t id);
   EngineStats stats() const;
+  // Prompt plus generated tokens of one request at most.
+  int64_t context_limit() const;
   // Stops admitting (submit throws kUnavailable); run() returns once every request has finished.
   void drain();
   // Ends run() at the next step: every open request ends kUnavailable.
@@ -135,8 +137,9 @@ class Engine {
 
  private:
   struct Sequence;
-  bool schedule();                  // builds batch_ for this step; false when nothing to run
-  void finish(Sequence& seq, FinishReason reason, const std::string& error = {});
+  bool schedule();  // builds batch_ for this step; false when nothing to run
+  // Sends `event` as the request's last (with finish reason and usage) and frees its blocks.
+  void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
   void process_logits();
   void validate(const RequestParams& params) const;

@@ -65,6 +65,40 @@ class Carver {
 
 }  // namespace
 
+const char* ForwardProfile::phase_name(int phase) {
+  static const char* names[] = {"attention", "router", "dispatch", "expert", "combine", "other"};
+  return names[phase];
+}
+
+const char* ForwardProfile::traffic_name(int traffic) {
+  static const char* names[] = {"tp_reduce", "dispatch",     "combine",      "residual_gather",
+                                "ep_reduce", "embed_reduce", "logits_gather"};
+  return names[traffic];
+}
+
+void ForwardProfile::reset() {
+  std::fill(std::begin(seconds), std::end(seconds), 0.0);
+  std::fill(std::begin(bytes), std::end(bytes), 0);
+  std::fill(expert_tokens.begin(), expert_tokens.end(), 0);
+  steps = 0;
+  tokens = 0;
+}
+
+void Model::set_profile(ForwardProfile* profile) {
+  profile_ = profile;
+  if (profile_ != nullptr)
+    profile_->expert_tokens.assign(
+        static_cast<size_t>(config_.num_hidden_layers * config_.num_local_experts), 0);
+}
+
+void Model::lap(ForwardProfile::Phase phase) {
+  if (profile_ == nullptr) return;
+  ops_.synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  profile_->seconds[phase] += std::chrono::duration<double>(now - mark_).count();
+  mark_ = now;
+}
+
 WeightShard shard_for(const ModelConfig& c, const ParallelContext* parallel) {
   if (parallel == nullptr) return WeightShard::full(c);
   const ParallelConfig& p = parallel->config;
@@ -214,17 +248,34 @@ void Model::forward(const StepBatch& batch, float* logits) {
   const int64_t own_begin = all_to_all ? split_begin(n_tokens, world_, rank_) : 0;
   const int64_t n_own = all_to_all ? token_counts_[rank_] : n_tokens;
 
+  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
+  if (profile_ != nullptr) {
+    mark_ = std::chrono::steady_clock::now();
+    ++profile_->steps;
+    profile_->tokens += n_tokens;
+  }
   Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
   ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
-  if (world_ > 1) par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
+  if (world_ > 1) {
+    par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kEmbed] += 2 * n_tokens * row_bytes * (world_ - 1) / world_;
+  }
+  const int tp = par_ != nullptr ? par_->config.tp : 1;
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
-    Tensor xn = xn_.rows(0, n_tokens);       // [n_tokens, dim]
-    Tensor o = o_.rows(0, n_tokens);         // [n_tokens, dim]
+    Tensor xn = xn_.rows(0, n_tokens);  // [n_tokens, dim]
+    Tensor o = o_.rows(0, n_tokens);    // [n_tokens, dim]
+    lap(ForwardProfile::kOther);
     ops_.rmsnorm(xn, x, L.input_norm, eps);  // [n_tokens, dim]
     attention_block(l, n_tokens, meta);      // o = partial attn(xn)
     if (!all_to_all) {
-      if (par_ != nullptr && par_->config.tp > 1) par_->tp->all_reduce_sum(o);
+      if (tp > 1) {
+        par_->tp->all_reduce_sum(o);
+        if (profile_ != nullptr)
+          profile_->bytes[ForwardProfile::kTpReduce] += 2 * n_tokens * row_bytes * (tp - 1) / tp;
+      }
+      lap(ForwardProfile::kAttention);
       ops_.add(x, x, o);                      // residual
       ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
       moe_block(l, o, xn);                    // o = moe(xn)
@@ -235,24 +286,29 @@ void Model::forward(const StepBatch& batch, float* logits) {
     Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
     Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
     Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
-    const int tp = par_->config.tp;
     if (tp > 1) {
       const int first = par_->config.tp_group() * tp;
       tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
       int64_t group_rows = 0;
       for (int64_t c : tp_counts_) group_rows += c;
       par_->tp->reduce_scatter_sum(y_own, o.rows(split_begin(n_tokens, world_, first), group_rows),
-                                   tp_counts_);          // [n_own, dim]
+                                   tp_counts_);  // [n_own, dim]
+      if (profile_ != nullptr)
+        profile_->bytes[ForwardProfile::kTpReduce] += (group_rows - n_own) * row_bytes;
       ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
     } else {
       ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
     }
+    lap(ForwardProfile::kAttention);
     ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
     moe_block(l, y_own, xn_own);                       // y = moe(xn), all-to-all
     ops_.add(x_own, x_own, y_own);                     // residual
     par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kResidualGather] += n_own * row_bytes * (world_ - 1);
   }
   logits_block(batch, logits);
+  lap(ForwardProfile::kOther);
 }
 
 void Model::logits_block(const StepBatch& batch, float* logits) {
@@ -274,6 +330,10 @@ void Model::logits_block(const StepBatch& batch, float* logits) {
   // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
   vocab_counts_.resize(static_cast<size_t>(world_));
   for (int r = 0; r < world_; ++r) vocab_counts_[r] = n_logits * split_count(vocab, world_, r);
+  if (profile_ != nullptr)
+    profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
+  if (profile_ != nullptr)
+    profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
   Tensor all = logits_all_.rows(0, n_logits * vocab).reshape({n_logits * vocab, 1});
   par_->world->all_gather(all, lg.reshape({n_logits * n_vocab, 1}), vocab_counts_);
   ops_.copy_to_host(host_logits_.data(), all.data, all.bytes());
@@ -330,10 +390,28 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   ops_.fill_zero(out);
 
   const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  // Routed pairs of the tokens this rank owns (with the all-gather exchange every rank sees every
+  // token, so rank 0 alone counts them).
+  if (profile_ != nullptr && (all_to_all || rank_ == 0))
+    for (int64_t e = 0; e < n_experts; ++e)
+      profile_->expert_tokens[layer * n_experts + e] += layout_.n_tokens_per_expert[e];
+  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
   if (all_to_all) {
     // layout -> dispatch -> expert FFN -> combine, over this rank's expert group.
     Communicator& ep = *par_->ep;
     ep_layout(ep_plan_, layout_, ep, experts);
+    lap(ForwardProfile::kRouter);
+    if (profile_ != nullptr) {
+      const int me = ep.rank();
+      int64_t remote = 0;
+      for (int p = 0; p < ep.size(); ++p)
+        if (p != me) remote += ep_plan_.send_counts[p];
+      profile_->bytes[ForwardProfile::kDispatchBytes] += remote * row_bytes;
+      int64_t back = 0;
+      for (int p = 0; p < ep.size(); ++p)
+        if (p != me) back += ep_plan_.recv_counts[p];
+      profile_->bytes[ForwardProfile::kCombineBytes] += back * row_bytes;
+    }
     const int64_t n_recv = ep_plan_.n_recv;
     Tensor send = moe_send_.rows(0, n_rows);  // [n_rows, dim] expert order
     Tensor recv = moe_recv_.rows(0, n_recv);  // [n_recv, dim] by source
@@ -344,13 +422,17 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
     Tensor perm = perm_.rows(0, n_recv);  // [n_recv]
     ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
     ops_.gather_rows(in, recv, perm);
+    lap(ForwardProfile::kDispatch);
     expert_ffn(ops_, y, in, L.experts, ep_plan_.local_offsets.data(), expert_scratch_);
+    lap(ForwardProfile::kExpert);
     ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
     ops_.gather_rows(recv, y, perm);                      // back in received order
     ep_combine(ep, send, recv, ep_plan_);                 // [n_rows, dim] expert order
     ops_.scatter_add_weighted(out, send, rows, weights);  // combine
+    lap(ForwardProfile::kCombine);
     return;
   }
+  lap(ForwardProfile::kRouter);
   // Local experts only: their rows are contiguous in expert order (experts are placed in ranges).
   const int64_t first = layout_.expert_offsets[experts.front()];
   const int64_t n_local_rows = layout_.expert_offsets[experts.back() + 1] - first;
@@ -362,9 +444,17 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor in = moe_in_.rows(0, n_local_rows);           // [n_local_rows, dim]
   Tensor y = moe_out_.rows(0, n_local_rows);           // [n_local_rows, dim]
   ops_.gather_rows(in, xn, local_rows);                // dispatch (local)
+  lap(ForwardProfile::kDispatch);
   expert_ffn(ops_, y, in, L.experts, local_offsets_.data(), expert_scratch_);
+  lap(ForwardProfile::kExpert);
   ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
-  if (par_ != nullptr && par_->ep->size() > 1) par_->ep->all_reduce_sum(out);        // partial sums
+  if (par_ != nullptr && par_->ep->size() > 1) {
+    const int E = par_->ep->size();
+    par_->ep->all_reduce_sum(out);  // partial sums
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kEpReduce] += 2 * n_tokens * row_bytes * (E - 1) / E;
+  }
+  lap(ForwardProfile::kCombine);
 }
 
 }  // namespace sy

@@ -6,6 +6,7 @@
 // ModelLimits; forward() allocates nothing.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -57,6 +58,30 @@ class BlockAllocator {
   std::vector<int32_t> free_;
 };
 
+// Time and traffic of forward steps on this rank, accumulated while attached (set_profile).
+struct ForwardProfile {
+  enum Phase { kAttention, kRouter, kDispatch, kExpert, kCombine, kOther, kPhases };
+  static const char* phase_name(int phase);
+  double seconds[kPhases] = {};  // wall time per phase (the device is synchronised at each mark)
+  enum Traffic {
+    kTpReduce,
+    kDispatchBytes,
+    kCombineBytes,
+    kResidualGather,
+    kEpReduce,
+    kEmbed,
+    kLogits,
+    kTraffics
+  };
+  static const char* traffic_name(int traffic);
+  uint64_t bytes[kTraffics] = {};      // payload bytes this rank sent, per collective
+  std::vector<int64_t> expert_tokens;  // [n_layers, n_experts] routed (token, k) pairs counted here
+  int64_t steps = 0;
+  int64_t tokens = 0;
+
+  void reset();
+};
+
 // This rank's part of the weights for `parallel` (the whole model when it is null).
 WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
 
@@ -75,6 +100,9 @@ class Model {
   const ModelLimits& limits() const { return limits_; }
   const Weights& weights() const { return weights_; }
   const ParallelContext* parallel() const { return par_; }
+  // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
+  // the device at every phase boundary.
+  void set_profile(ForwardProfile* profile);
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
@@ -88,8 +116,12 @@ class Model {
   Weights weights_;
   Ops& ops_;
   ModelLimits limits_;
+  void lap(ForwardProfile::Phase phase);  // charges the time since the last mark to `phase`
+
   const ParallelContext* par_;  // null: one rank
-  int world_ = 1;               // ranks in the job
+  ForwardProfile* profile_ = nullptr;
+  std::chrono::steady_clock::time_point mark_;
+  int world_ = 1;  // ranks in the job
   int rank_ = 0;
 
   // ---- run state (device), sized for limits_.max_tokens = N ----------------------------------

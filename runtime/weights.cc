@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -52,10 +53,9 @@ class ProgressPrinter {
   double last_ = -1;
 };
 
-}  // namespace
-
-Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard, Ops& ops,
-                      bool show_progress) {
+// Every tensor a rank holds: checkpoint name, full shape, slice, and the view it fills. Checks
+// the shard against the config.
+std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard, Weights& w) {
   const int64_t dim = c.hidden_size;
   const int64_t hidden_dim = c.intermediate_size;
   const int64_t head_dim = c.head_dim;
@@ -73,7 +73,6 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
   for (int64_t e : shard.experts)
     SY_CHECK(e >= 0 && e < n_experts, "weight shard: expert ", e, " outside ", n_experts);
 
-  Weights w;
   w.shard = shard;
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   std::vector<Planned> plan;
@@ -126,35 +125,24 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
     }
   }
   plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
-  const bool tied = c.tie_word_embeddings;
-  if (!tied) {
+  if (!c.tie_word_embeddings) {
     plan.push_back(
         {"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head, {shard.n_vocab, dim}});
   }
+  return plan;
+}
 
-  // Every tensor exists with the shape the config implies, before anything is allocated.
+// Carves the views of `plan` out of one allocation on `ops`' device.
+void allocate(std::vector<Planned>& plan, Weights& w, Ops& ops) {
   uint64_t n_floats = 0;
   for (const Planned& t : plan) {
-    const SafetensorsEntry& entry = ckpt.entry(t.name);
-    SY_CHECK(entry.shape == t.shape, "tensor ", t.name, ": shape does not match config.json");
     int64_t n = 1;
     for (int64_t d : t.dst_shape) n *= d;
     n_floats += static_cast<uint64_t>(n + 15) / 16 * 16;  // 64-byte aligned views
   }
   w.storage = DeviceBuffer(ops, n_floats * sizeof(float));
   w.total_bytes = n_floats * sizeof(float);
-
-  uint64_t source_bytes = 0;
-  for (const Planned& t : plan) {
-    int64_t n = 1;
-    for (int64_t d : t.dst_shape) n *= d;
-    source_bytes += static_cast<uint64_t>(n) * dtype_size(ckpt.entry(t.name).dtype);
-  }
-  ProgressPrinter printer(show_progress);
-  ckpt.set_progress(std::ref(printer), source_bytes);
-
   float* cursor = static_cast<float*>(w.storage.get());
-  std::vector<float> staging;
   for (Planned& t : plan) {
     Tensor view;
     view.data = cursor;
@@ -162,6 +150,40 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
     view.device = ops.device();
     view.ndim = static_cast<int>(t.dst_shape.size());
     for (int i = 0; i < view.ndim; ++i) view.shape[i] = t.dst_shape[static_cast<size_t>(i)];
+    *t.dst = view;
+    cursor += (view.numel() + 15) / 16 * 16;
+  }
+}
+
+void finish_weights(const ModelConfig& c, Weights& w) {
+  if (c.tie_word_embeddings) w.lm_head = w.embed;
+  w.expert_bytes = 0;
+  for (const LayerWeights& L : w.layers)
+    for (const ExpertWeights& E : L.experts)
+      w.expert_bytes += E.w1.bytes() + E.w2.bytes() + E.w3.bytes();
+}
+
+}  // namespace
+
+Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard, Ops& ops,
+                      bool show_progress) {
+  Weights w;
+  std::vector<Planned> plan = plan_weights(c, shard, w);
+  // Every tensor exists with the shape the config implies, before anything is allocated.
+  uint64_t source_bytes = 0;
+  for (const Planned& t : plan) {
+    const SafetensorsEntry& entry = ckpt.entry(t.name);
+    SY_CHECK(entry.shape == t.shape, "tensor ", t.name, ": shape does not match config.json");
+    int64_t n = 1;
+    for (int64_t d : t.dst_shape) n *= d;
+    source_bytes += static_cast<uint64_t>(n) * dtype_size(entry.dtype);
+  }
+  allocate(plan, w, ops);
+  ProgressPrinter printer(show_progress);
+  ckpt.set_progress(std::ref(printer), source_bytes);
+  std::vector<float> staging;
+  for (const Planned& t : plan) {
+    const Tensor& view = *t.dst;
     if (ops.device() == Device::kCpu) {
       ckpt.read(t.name, t.shape, view, t.slice);
     } else {
@@ -172,14 +194,48 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
       ckpt.read(t.name, t.shape, host, t.slice);
       ops.copy_from_host(view.data, staging.data(), view.bytes());
     }
-    *t.dst = view;
-    cursor += (view.numel() + 15) / 16 * 16;
   }
   ckpt.set_progress(nullptr, 0);
-  if (tied) w.lm_head = w.embed;
-  for (const LayerWeights& L : w.layers)
-    for (const ExpertWeights& E : L.experts)
-      w.expert_bytes += E.w1.bytes() + E.w2.bytes() + E.w3.bytes();
+  finish_weights(c, w);
+  return w;
+}
+
+Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& ops,
+                           uint64_t seed) {
+  Weights w;
+  std::vector<Planned> plan = plan_weights(c, shard, w);
+  allocate(plan, w, ops);
+  std::vector<float> staging;
+  uint64_t tensor_index = 0;
+  for (const Planned& t : plan) {
+    const Tensor& view = *t.dst;
+    // Norm weights near 1, embeddings ~ unit scale, linear weights ~ 1/sqrt(fan_in): activations
+    // stay O(1). Uniform values (the same variance) are ~10x cheaper to make than normal ones.
+    const bool norm = view.ndim == 1;
+    const bool embed = t.name == "model.embed_tokens.weight";
+    const float std = norm    ? 0.1f
+                      : embed ? 1.f
+                              : 1.f / std::sqrt(static_cast<float>(t.shape.back()));
+    const float mean = norm ? 1.f : 0.f;
+    const float half_width = std * std::sqrt(3.f);
+    // Each tensor's values depend only on (seed, its name's position), not on the shard, for
+    // full tensors; sliced tensors differ across layouts, which a benchmark does not mind.
+    uint64_t state = seed * 0x9e3779b97f4a7c15ull + (++tensor_index) * 0xbf58476d1ce4e5b9ull + 1;
+    float* dst = view.f32();
+    if (ops.device() != Device::kCpu) {
+      staging.resize(static_cast<size_t>(view.numel()));
+      dst = staging.data();
+    }
+    for (int64_t i = 0; i < view.numel(); ++i) {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      const float u = static_cast<float>(state >> 40) * 0x1.0p-24f;  // [0, 1)
+      dst[i] = mean + half_width * (2.f * u - 1.f);
+    }
+    if (ops.device() != Device::kCpu) ops.copy_from_host(view.data, dst, view.bytes());
+  }
+  finish_weights(c, w);
   return w;
 }
 

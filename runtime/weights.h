@@ -54,6 +54,10 @@ struct Weights {
   // tensor's shape against `config`. `show_progress` prints bytes, tensors and rate to stderr.
   static Weights load(Checkpoint& checkpoint, const ModelConfig& config, const WeightShard& shard,
                       Ops& ops, bool show_progress);
+  // Seeded random weights of the shapes `config` implies, made in memory with no files (for
+  // benchmarks at real model sizes). Linear weights have variance 1/fan_in, norms ~1.
+  static Weights synthetic(const ModelConfig& config, const WeightShard& shard, Ops& ops,
+                           uint64_t seed);
 };
 
 }  // namespace sy

@@ -59,5 +59,36 @@ elif grep -q -- "--tp 3 must divide the world size 4" "$work/bad.err"; then
 else
   n_fail=$((n_fail + 1)); echo "FAILED: no clear error for --tp 3: $(head -2 "$work/bad.err")"
 fi
+# A rank killed mid-generation: the whole job ends within 10 s, non-zero, naming the rank.
+mpirun -n 3 "$bin" generate --model "$work/m" --prompt-ids 1 --max-tokens 4000 --ignore-eos \
+  >/dev/null 2>"$work/kill.err" &
+job=$!
+victim=""
+for _ in $(seq 100); do
+  for pid in $(pgrep -f "generate --model $work/m --prompt-ids 1 --max-tokens 4000"); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=2; then
+      victim=$pid
+    fi
+  done
+  [ -n "$victim" ] && break
+  sleep 0.1
+done
+sleep 1
+start=$(date +%s)
+[ -n "$victim" ] && kill -9 "$victim"
+for _ in $(seq 150); do kill -0 "$job" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$job" 2>/dev/null; then
+  kill -9 "$job"; n_fail=$((n_fail + 1)); echo "FAILED: the job outlived a killed rank by 15 s"
+else
+  wait "$job"; rc=$?
+  left=$(pgrep -f "generate --model $work/m --prompt-ids 1 --max-tokens 4000" | wc -l)
+  if [ -z "$victim" ] || [ "$rc" = 0 ] || [ "$left" != 0 ] || [ $(( $(date +%s) - start )) -gt 10 ] ||
+     ! grep -q "rank 2" "$work/kill.err"; then
+    n_fail=$((n_fail + 1)); echo "FAILED: killed rank: victim '$victim' rc $rc, $left left: $(head -3 "$work/kill.err")"
+  else
+    n_pass=$((n_pass + 1))
+  fi
+fi
+
 echo "mpi generate: $n_pass passed, $n_fail failed"
 test "$n_fail" -eq 0

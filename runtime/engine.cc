@@ -1,0 +1,513 @@
+// The serving engine (see engine.h).
+//
+// Step plan on the wire (int32 words, broadcast from rank 0):
+//   header [kind, n_tokens, n_seqs, n_logits]      kind: 1 = step, 0 = exit
+//   body   tokens[n_tokens] positions[n_tokens] token_seq[n_tokens]
+//          block_tables[n_seqs * max_blocks_per_seq] logit_rows[n_logits]
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+namespace sy {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int32_t kPlanExit = 0;
+constexpr int32_t kPlanStep = 1;
+constexpr int kIdleSleepMs = 20;  // longest sleep between polls of an idle worker
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+RequestEvent error_event(FinishReason reason) {
+  RequestEvent event;
+  if (reason == FinishReason::kUnavailable) event.error = "the server stopped";
+  return event;
+}
+
+}  // namespace
+
+struct Engine::Sequence {
+  uint64_t id = 0;
+  RequestParams params;
+  std::shared_ptr<RequestSink> sink;
+  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  int64_t n_prompt = 0;
+  int64_t n_computed = 0;       // leading tokens whose keys and values are cached
+  std::vector<int32_t> blocks;  // KV block table
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<StreamDecoder> decoder;
+  std::string held;  // text held back: it may begin a stop string
+  size_t longest_stop = 0;
+  bool started = false;  // scheduled at least once (left the admission queue)
+  Clock::time_point arrival, first_step, first_token;
+  int64_t preemptions = 0;
+  int64_t scheduled = 0;  // tokens of this step
+
+  int64_t n_generated() const { return static_cast<int64_t>(tokens.size()) - n_prompt; }
+};
+
+Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& options,
+               Communicator* world)
+    : model_(model),
+      tokenizer_(tokenizer),
+      options_(options),
+      world_(world),
+      blocks_(model.limits().n_blocks),
+      start_(Clock::now()) {
+  const ModelLimits& limits = model.limits();
+  SY_CHECK(options_.max_batch_tokens > 0 && options_.max_batch_tokens <= limits.max_tokens,
+           "max_batch_tokens ", options_.max_batch_tokens, " outside [1, ", limits.max_tokens, "]");
+  SY_CHECK(options_.max_running > 0 && options_.max_running <= limits.max_seqs &&
+               options_.max_running <= limits.max_logit_rows,
+           "max_running ", options_.max_running, " exceeds the model's limits");
+  context_limit_ =
+      std::min({limits.max_blocks_per_seq * limits.block_size, limits.n_blocks * limits.block_size,
+                model.config().max_position_embeddings});
+  logits_.resize(static_cast<size_t>(options_.max_running * model.config().vocab_size));
+  batch_.tokens.reserve(static_cast<size_t>(limits.max_tokens));
+  stats_.kv_blocks_total = limits.n_blocks;
+  stats_.block_size = limits.block_size;
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::context_limit() const {
+  return context_limit_;
+}
+
+void Engine::validate(const RequestParams& p) const {
+  using Code = RequestError::Code;
+  auto bad = [](const std::string& m) { throw RequestError(Code::kInvalidArgument, m); };
+  const int64_t vocab = model_.config().vocab_size;
+  const int64_t n_prompt = static_cast<int64_t>(p.prompt.size());
+  if (n_prompt == 0) bad("prompt: empty (at least 1 token)");
+  for (int32_t id : p.prompt)
+    if (id < 0 || id >= vocab)
+      bad("prompt: token id " + std::to_string(id) + " outside the vocabulary of " +
+          std::to_string(vocab));
+  if (p.max_tokens < 1) bad("max_tokens: must be at least 1");
+  if (n_prompt + p.max_tokens > context_limit_)
+    bad("max_tokens: prompt of " + std::to_string(n_prompt) + " tokens plus max_tokens " +
+        std::to_string(p.max_tokens) + " exceeds the context limit of " +
+        std::to_string(context_limit_) + " tokens");
+  try {
+    p.sampling.validate();
+  } catch (const Error& e) {
+    bad(std::string("sampling: ") + e.what());
+  }
+  if (static_cast<int64_t>(p.stop.size()) > options_.max_stop_strings)
+    bad("stop: " + std::to_string(p.stop.size()) + " stop strings (at most " +
+        std::to_string(options_.max_stop_strings) + ")");
+  for (const std::string& s : p.stop)
+    if (s.empty() || static_cast<int64_t>(s.size()) > options_.max_stop_string_bytes)
+      bad("stop: a stop string of " + std::to_string(s.size()) + " bytes (1 to " +
+          std::to_string(options_.max_stop_string_bytes) + ")");
+  if (static_cast<int64_t>(p.stop_token_ids.size()) > options_.max_stop_strings)
+    bad("stop_token_ids: more than " + std::to_string(options_.max_stop_strings));
+  for (int32_t id : p.stop_token_ids)
+    if (id < 0 || id >= vocab)
+      bad("stop_token_ids: token id " + std::to_string(id) + " outside the vocabulary");
+  if (p.logprobs < 0 || p.logprobs > options_.max_logprobs)
+    bad("logprobs: " + std::to_string(p.logprobs) + " outside [0, " +
+        std::to_string(options_.max_logprobs) + "]");
+}
+
+uint64_t Engine::submit(RequestParams params, std::shared_ptr<RequestSink> sink) {
+  validate(params);
+  auto seq = std::make_unique<Sequence>();
+  seq->arrival = Clock::now();
+  seq->n_prompt = static_cast<int64_t>(params.prompt.size());
+  seq->tokens = params.prompt;
+  seq->tokens.reserve(static_cast<size_t>(seq->n_prompt + params.max_tokens));
+  seq->sampler = std::make_unique<Sampler>(params.sampling, model_.config().vocab_size);
+  seq->decoder = std::make_unique<StreamDecoder>(tokenizer_, params.prompt);
+  for (const std::string& s : params.stop)
+    seq->longest_stop = std::max(seq->longest_stop, s.size());
+  seq->params = std::move(params);
+  seq->sink = std::move(sink);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (draining_ || stopping_)
+    throw RequestError(RequestError::Code::kUnavailable, "the server is shutting down");
+  if (stats_.queue_depth >= options_.max_queue_requests)
+    throw RequestError(RequestError::Code::kResourceExhausted,
+                       "admission queue full: " + std::to_string(stats_.queue_depth) +
+                           " requests waiting (limit " +
+                           std::to_string(options_.max_queue_requests) + ")");
+  if (stats_.queued_tokens + seq->n_prompt > options_.max_queue_tokens)
+    throw RequestError(RequestError::Code::kResourceExhausted,
+                       "admission queue full: " + std::to_string(stats_.queued_tokens) +
+                           " prompt tokens waiting (limit " +
+                           std::to_string(options_.max_queue_tokens) + ")");
+  seq->id = next_id_++;
+  ++stats_.queue_depth;
+  stats_.queued_tokens += seq->n_prompt;
+  const uint64_t id = seq->id;
+  incoming_.push_back(std::move(seq));
+  wake_.notify_one();
+  return id;
+}
+
+void Engine::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancelled_.push_back(id);
+  wake_.notify_one();
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EngineStats s = stats_;
+  s.uptime_s = std::chrono::duration<double>(Clock::now() - start_).count();
+  s.draining = draining_;
+  return s;
+}
+
+void Engine::drain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+  wake_.notify_one();
+}
+
+void Engine::stop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stopping_ = true;
+  wake_.notify_one();
+}
+
+void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
+  event.finish = reason;
+  const Clock::time_point now = Clock::now();
+  Usage& u = event.usage;
+  u.prompt_tokens = seq.n_prompt;
+  u.completion_tokens = std::max<int64_t>(0, seq.n_generated());
+  u.queue_time_ms = ms_between(seq.arrival, seq.started ? seq.first_step : now);
+  u.time_to_first_token_ms = seq.n_generated() > 0 ? ms_between(seq.arrival, seq.first_token) : 0;
+  u.total_time_ms = ms_between(seq.arrival, now);
+  u.preemptions = seq.preemptions;
+  blocks_.release(seq.blocks);
+  seq.sink->on_event(std::move(event));
+}
+
+void Engine::preempt_newest() {
+  std::unique_ptr<Sequence> victim = std::move(running_.back());
+  running_.pop_back();
+  blocks_.release(victim->blocks);
+  victim->n_computed = 0;
+  victim->scheduled = 0;
+  ++victim->preemptions;
+  waiting_.push_front(std::move(victim));
+}
+
+bool Engine::schedule() {
+  const ModelLimits& limits = model_.limits();
+  const int64_t B = limits.block_size;
+  batch_.clear();
+  logit_seqs_.clear();
+  int64_t budget = options_.max_batch_tokens;
+  // Blocks for tokens [0, n_computed + take) of `seq`; false when the cache is full.
+  auto reserve = [&](Sequence& seq, int64_t take) {
+    const int64_t need =
+        (seq.n_computed + take + B - 1) / B - static_cast<int64_t>(seq.blocks.size());
+    return need <= 0 || blocks_.allocate(need, seq.blocks);
+  };
+  for (auto& s : running_) s->scheduled = 0;
+  // Running sequences first (decodes, then prefill chunks), oldest first; when blocks run out
+  // the newest running sequence is preempted and recomputed later.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+      Sequence& seq = *running_[i];
+      const int64_t pending = static_cast<int64_t>(seq.tokens.size()) - seq.n_computed;
+      if ((pass == 0) != (pending == 1) || seq.scheduled > 0) continue;
+      const int64_t take = std::min(pending, budget);
+      bool ok = reserve(seq, take);
+      while (!ok && running_.back().get() != &seq) {
+        preempt_newest();
+        ok = reserve(seq, take);
+      }
+      if (!ok) {  // `seq` itself is the newest: it waits
+        preempt_newest();
+        break;
+      }
+      seq.scheduled = take;
+      budget -= take;
+    }
+  }
+  // Then new (or preempted) requests, first come first served.
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int64_t>(running_.size()) < options_.max_running) {
+    Sequence& seq = *waiting_.front();
+    const int64_t take = std::min(static_cast<int64_t>(seq.tokens.size()), budget);
+    if (!reserve(seq, take)) break;
+    seq.scheduled = take;
+    budget -= take;
+    if (!seq.started) {
+      seq.started = true;
+      seq.first_step = Clock::now();
+      std::lock_guard<std::mutex> lock(mu_);
+      --stats_.queue_depth;
+      stats_.queued_tokens -= seq.n_prompt;
+    }
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  // The batch: each scheduled sequence's next tokens, and a logit row where a sequence reaches
+  // its last known token.
+  for (auto& sp : running_) {
+    Sequence& seq = *sp;
+    if (seq.scheduled == 0) continue;
+    const int32_t row = static_cast<int32_t>(batch_.n_seqs++);
+    for (int64_t i = 0; i < seq.scheduled; ++i) {
+      const int64_t pos = seq.n_computed + i;
+      batch_.tokens.push_back(seq.tokens[static_cast<size_t>(pos)]);
+      batch_.positions.push_back(static_cast<int32_t>(pos));
+      batch_.token_seq.push_back(row);
+    }
+    std::vector<int32_t> table = seq.blocks;
+    table.resize(static_cast<size_t>(limits.max_blocks_per_seq), 0);
+    batch_.block_tables.insert(batch_.block_tables.end(), table.begin(), table.end());
+    seq.n_computed += seq.scheduled;
+    if (seq.n_computed == static_cast<int64_t>(seq.tokens.size())) {
+      batch_.logit_rows.push_back(static_cast<int32_t>(batch_.tokens.size() - 1));
+      logit_seqs_.push_back(&seq);
+    }
+  }
+  return batch_.n_tokens() > 0;
+}
+
+namespace {
+
+// Log-softmax of `logits` at `id`, and the top-n (id, logprob) pairs, best first.
+void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, TokenLogprobs& out,
+                 std::vector<int32_t>& order) {
+  float max_l = logits[0];
+  for (int64_t v = 1; v < vocab; ++v) max_l = std::max(max_l, logits[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - max_l));
+  const double lse = max_l + std::log(sum);
+  out.token_id = id;
+  out.logprob = static_cast<float>(logits[id] - lse);
+  order.resize(static_cast<size_t>(vocab));
+  for (int64_t v = 0; v < vocab; ++v) order[v] = static_cast<int32_t>(v);
+  n = std::min(n, vocab);
+  std::partial_sort(order.begin(), order.begin() + n, order.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  out.top.clear();
+  for (int64_t i = 0; i < n; ++i)
+    out.top.push_back({order[i], static_cast<float>(logits[order[i]] - lse)});
+}
+
+}  // namespace
+
+void Engine::process_logits() {
+  const int64_t vocab = model_.config().vocab_size;
+  const Clock::time_point now = Clock::now();
+  std::vector<Sequence*> done;
+  thread_local std::vector<int32_t> order;
+  for (size_t i = 0; i < logit_seqs_.size(); ++i) {
+    Sequence& seq = *logit_seqs_[i];
+    const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
+    const int32_t next = seq.sampler->sample(row, seq.tokens);
+    seq.tokens.push_back(next);
+    if (seq.n_generated() == 1) seq.first_token = now;
+    RequestEvent event;
+    event.token_ids.push_back(next);
+    if (seq.params.logprobs > 0) {
+      event.logprobs.emplace_back();
+      logprobs_of(row, vocab, next, seq.params.logprobs, event.logprobs.back(), order);
+    }
+    FinishReason reason = FinishReason::kNone;
+    const bool eos = !seq.params.ignore_eos && tokenizer_.is_eos(next);
+    const bool stop_id =
+        std::find(seq.params.stop_token_ids.begin(), seq.params.stop_token_ids.end(), next) !=
+        seq.params.stop_token_ids.end();
+    if (eos || stop_id)
+      reason = FinishReason::kStop;
+    else if (seq.n_generated() >= seq.params.max_tokens ||
+             static_cast<int64_t>(seq.tokens.size()) >= context_limit_)
+      reason = FinishReason::kLength;
+    // Text: cut at a stop string; otherwise hold back a tail that could begin one.
+    std::string text = seq.held + seq.decoder->push(next);
+    seq.held.clear();
+    size_t cut = std::string::npos;
+    for (const std::string& stop : seq.params.stop) cut = std::min(cut, text.find(stop));
+    if (cut != std::string::npos) {
+      text.resize(cut);
+      reason = FinishReason::kStop;
+    } else if (reason != FinishReason::kNone) {
+      text += seq.decoder->flush();
+    } else {
+      // The longest suffix that is a prefix of a stop string waits for the next token. Stop
+      // strings are valid UTF-8, so the held suffix starts at a character boundary.
+      size_t keep = 0;
+      for (const std::string& stop : seq.params.stop)
+        for (size_t n = std::min(stop.size() - 1, text.size()); n > keep; --n)
+          if (text.compare(text.size() - n, n, stop, 0, n) == 0) {
+            keep = n;
+            break;
+          }
+      seq.held = text.substr(text.size() - keep);
+      text.resize(text.size() - keep);
+    }
+    event.text = std::move(text);
+    if (reason == FinishReason::kNone) {
+      seq.sink->on_event(std::move(event));
+    } else {
+      finish(seq, reason, std::move(event));  // the last token travels with the finish reason
+      done.push_back(&seq);
+    }
+  }
+  if (!done.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.requests_completed += static_cast<int64_t>(done.size());
+  }
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [&](const std::unique_ptr<Sequence>& s) {
+                                  return std::find(done.begin(), done.end(), s.get()) != done.end();
+                                }),
+                 running_.end());
+}
+
+void Engine::run() {
+  std::deque<std::pair<Clock::time_point, int64_t>> recent;  // (step time, tokens generated)
+  int64_t recent_tokens = 0;
+  std::vector<int32_t> wire;
+  for (;;) {
+    std::vector<uint64_t> cancelled;
+    bool stopping = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait_for(lock, std::chrono::milliseconds(100), [&] {
+        return stopping_ || !incoming_.empty() || !cancelled_.empty() || !waiting_.empty() ||
+               !running_.empty() || draining_;
+      });
+      while (!incoming_.empty()) {
+        waiting_.push_back(std::move(incoming_.front()));
+        incoming_.pop_front();
+      }
+      cancelled.swap(cancelled_);
+      stopping = stopping_;
+      if ((draining_ || stopping_) && waiting_.empty() && running_.empty()) break;
+    }
+    // Cancellations, deadlines and stop end requests before the step.
+    const Clock::time_point now = Clock::now();
+    auto ends = [&](Sequence& s) -> FinishReason {
+      if (stopping) return FinishReason::kUnavailable;
+      if (std::find(cancelled.begin(), cancelled.end(), s.id) != cancelled.end())
+        return FinishReason::kCancelled;
+      if (s.params.deadline && *s.params.deadline <= now) return FinishReason::kDeadline;
+      return FinishReason::kNone;
+    };
+    int64_t ended_waiting = 0, ended_tokens = 0;
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+      const FinishReason r = ends(**it);
+      if (r == FinishReason::kNone) {
+        ++it;
+        continue;
+      }
+      if (!(*it)->started) {
+        ++ended_waiting;
+        ended_tokens += (*it)->n_prompt;
+      }
+      finish(**it, r, error_event(r));
+      it = waiting_.erase(it);
+    }
+    for (auto it = running_.begin(); it != running_.end();) {
+      const FinishReason r = ends(**it);
+      if (r == FinishReason::kNone) {
+        ++it;
+        continue;
+      }
+      finish(**it, r, error_event(r));
+      it = running_.erase(it);
+    }
+    if (ended_waiting > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.queue_depth -= ended_waiting;
+      stats_.queued_tokens -= ended_tokens;
+    }
+    if (stopping) continue;  // the loop exits once everything has ended
+
+    if (schedule()) {
+      // Broadcast the plan, run the step on every rank, sample here.
+      if (world_ != nullptr && world_->size() > 1) {
+        int32_t header[4] = {kPlanStep, static_cast<int32_t>(batch_.n_tokens()),
+                             static_cast<int32_t>(batch_.n_seqs),
+                             static_cast<int32_t>(batch_.logit_rows.size())};
+        world_->broadcast_idle(header, sizeof(header), 0, kIdleSleepMs);
+        wire.clear();
+        for (const auto* v : {&batch_.tokens, &batch_.positions, &batch_.token_seq,
+                              &batch_.block_tables, &batch_.logit_rows})
+          wire.insert(wire.end(), v->begin(), v->end());
+        world_->broadcast(wire.data(), wire.size() * sizeof(int32_t), 0);
+      }
+      model_.forward(batch_, logits_.data());
+      const int64_t generated = static_cast<int64_t>(logit_seqs_.size());
+      process_logits();
+      const Clock::time_point t = Clock::now();
+      recent.emplace_back(t, generated);
+      recent_tokens += generated;
+      while (!recent.empty() && t - recent.front().first > std::chrono::seconds(5)) {
+        recent_tokens -= recent.front().second;
+        recent.pop_front();
+      }
+      const double span =
+          recent.size() > 1 ? std::chrono::duration<double>(t - recent.front().first).count() : 0.0;
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.steps;
+      stats_.recent_tokens_per_second = span > 0 ? static_cast<double>(recent_tokens) / span : 0;
+    } else if (!waiting_.empty() && running_.empty()) {
+      // Nothing fits even in an empty cache: validation keeps this from happening.
+      RequestEvent event;
+      event.error = "the request does not fit in the KV cache";
+      finish(*waiting_.front(), FinishReason::kError, std::move(event));
+      waiting_.pop_front();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.running = static_cast<int64_t>(running_.size());
+    stats_.kv_blocks_used = blocks_.n_total() - blocks_.n_free();
+    if (recent.empty() || Clock::now() - recent.back().first > std::chrono::seconds(5))
+      stats_.recent_tokens_per_second = 0;
+  }
+  if (world_ != nullptr && world_->size() > 1) {
+    int32_t header[4] = {kPlanExit, 0, 0, 0};
+    world_->broadcast_idle(header, sizeof(header), 0, kIdleSleepMs);
+  }
+}
+
+void Engine::run_worker(Model& model, Communicator& world) {
+  const ModelLimits& limits = model.limits();
+  StepBatch batch;
+  std::vector<int32_t> wire;
+  std::vector<float> logits(static_cast<size_t>(limits.max_logit_rows * model.config().vocab_size));
+  for (;;) {
+    int32_t header[4] = {0, 0, 0, 0};
+    world.broadcast_idle(header, sizeof(header), 0, kIdleSleepMs);
+    if (header[0] == kPlanExit) return;
+    SY_CHECK(header[0] == kPlanStep, "unknown step plan kind ", header[0]);
+    const int64_t n_tokens = header[1], n_seqs = header[2], n_logits = header[3];
+    const int64_t n_table = n_seqs * limits.max_blocks_per_seq;
+    wire.resize(static_cast<size_t>(3 * n_tokens + n_table + n_logits));
+    world.broadcast(wire.data(), wire.size() * sizeof(int32_t), 0);
+    batch.clear();
+    batch.n_seqs = n_seqs;
+    const int32_t* p = wire.data();
+    auto take = [&](std::vector<int32_t>& v, int64_t n) {
+      v.assign(p, p + n);
+      p += n;
+    };
+    take(batch.tokens, n_tokens);
+    take(batch.positions, n_tokens);
+    take(batch.token_seq, n_tokens);
+    take(batch.block_tables, n_table);
+    take(batch.logit_rows, n_logits);
+    model.forward(batch, logits.data());
+  }
+}
+
+}  // namespace sy

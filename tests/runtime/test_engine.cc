@@ -1,0 +1,274 @@
+// The serving engine on one rank: continuous batching gives each request exactly the tokens it
+// gets alone, also when the KV cache is too small and requests are preempted and recomputed;
+// validation, admission, cancellation, deadlines, stop strings and ids, logprobs, draining.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <thread>
+
+#include "runtime/engine.h"
+#include "runtime/generator.h"
+
+namespace sy {
+namespace {
+
+const std::string kModel = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
+
+// Collects a request's events; thread-safe.
+class Collector : public RequestSink {
+ public:
+  void on_event(RequestEvent e) override {
+    std::lock_guard<std::mutex> lock(mu);
+    tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
+    text += e.text;
+    for (auto& l : e.logprobs) logprobs.push_back(l);
+    if (e.finish != FinishReason::kNone) {
+      finish = e.finish;
+      usage = e.usage;
+      done = true;
+      cv.notify_all();
+    }
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return done; }));
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<int32_t> tokens;
+  std::vector<TokenLogprobs> logprobs;
+  std::string text;
+  FinishReason finish = FinishReason::kNone;
+  Usage usage;
+  bool done = false;
+};
+
+struct Served {
+  std::unique_ptr<Ops> ops;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Engine> engine;
+  std::thread loop;
+
+  Served(int64_t n_blocks, EngineOptions options = {}, bool start = true) {
+    ModelConfig config = ModelConfig::load(kModel);
+    ops = make_cpu_ops();
+    Checkpoint ckpt = Checkpoint::open(kModel);
+    Weights w = Weights::load(ckpt, config, WeightShard::full(config), *ops, false);
+    ModelLimits limits;
+    limits.block_size = 4;
+    limits.max_blocks_per_seq = 32;  // 128 tokens
+    limits.n_blocks = n_blocks;
+    limits.max_tokens = 64;
+    limits.max_seqs = 16;
+    limits.max_logit_rows = 16;
+    model = std::make_unique<Model>(config, std::move(w), *ops, limits);
+    tokenizer = Tokenizer::load(kModel, config.bos_token_id, config.eos_token_ids);
+    options.max_batch_tokens = std::min<int64_t>(options.max_batch_tokens, 64);
+    options.max_running = std::min<int64_t>(options.max_running, 16);
+    engine = std::make_unique<Engine>(*model, *tokenizer, options, nullptr);
+    if (start) loop = std::thread([this] { engine->run(); });
+  }
+  ~Served() {
+    engine->drain();
+    if (loop.joinable()) loop.join();
+  }
+};
+
+RequestParams request(std::vector<int32_t> prompt, int64_t max_tokens) {
+  RequestParams p;
+  p.prompt = std::move(prompt);
+  p.max_tokens = max_tokens;
+  p.ignore_eos = true;
+  return p;
+}
+
+std::vector<int32_t> prompt_of(int n, int seed) {
+  std::vector<int32_t> p = {1};
+  for (int i = 1; i < n; ++i) p.push_back(3 + (seed * 131 + i * 17) % 380);
+  return p;
+}
+
+// What a request produces alone (the single-sequence generate path).
+std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  static LoadedModel m = load_model(kModel, 128, 64, false);
+  GenerateOptions o;
+  o.max_tokens = max_tokens;
+  o.ignore_eos = true;
+  return generate(*m.model, prompt, o).tokens;
+}
+
+void check_batched_equals_alone(int64_t n_blocks, int n_requests) {
+  EngineOptions options;
+  options.max_batch_tokens = 24;  // forces chunked prefill
+  Served s(n_blocks, options);
+  std::vector<std::shared_ptr<Collector>> sinks;
+  std::vector<std::pair<std::vector<int32_t>, int64_t>> reqs;
+  for (int i = 0; i < n_requests; ++i) {
+    reqs.emplace_back(prompt_of(1 + (i * 7) % 45, i), 1 + (i * 5) % 30);
+    sinks.push_back(std::make_shared<Collector>());
+    s.engine->submit(request(reqs.back().first, reqs.back().second), sinks.back());
+  }
+  int64_t preemptions = 0;
+  for (int i = 0; i < n_requests; ++i) {
+    sinks[i]->wait();
+    EXPECT_EQ(sinks[i]->finish, FinishReason::kLength) << "request " << i;
+    EXPECT_EQ(sinks[i]->tokens, alone(reqs[i].first, reqs[i].second)) << "request " << i;
+    preemptions += sinks[i]->usage.preemptions;
+  }
+  std::printf("%d requests, %lld KV blocks: %lld preemptions\n", n_requests, (long long)n_blocks,
+              (long long)preemptions);
+  if (n_blocks < 64) {
+    EXPECT_GT(preemptions, 0);
+  }
+  EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+}
+
+TEST(Engine, ConcurrentRequestsMatchEachAlone) {
+  check_batched_equals_alone(512, 32);
+}
+
+TEST(Engine, PreemptionWhenBlocksRunOutKeepsTokensRight) {
+  check_batched_equals_alone(24, 24);
+}
+
+TEST(Engine, ValidationNamesTheField) {
+  Served s(64, {}, false);
+  auto expect = [&](RequestParams p, const char* field) {
+    try {
+      s.engine->submit(std::move(p), std::make_shared<Collector>());
+      ADD_FAILURE() << "accepted bad " << field;
+    } catch (const RequestError& e) {
+      EXPECT_EQ(e.code(), RequestError::Code::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+    }
+  };
+  expect(request({}, 4), "prompt");
+  expect(request({1, 384}, 4), "prompt: token id 384");
+  expect(request({1, 2}, 127), "exceeds the context limit of 128");
+  auto p = request({1}, 4);
+  p.sampling.temperature = -1;
+  expect(p, "temperature");
+  p = request({1}, 4);
+  p.sampling.top_p = 2;
+  expect(p, "top_p");
+  p = request({1}, 4);
+  p.stop.assign(17, "x");
+  expect(p, "stop: 17 stop strings (at most 16)");
+  p = request({1}, 4);
+  p.logprobs = 21;
+  expect(p, "logprobs");
+}
+
+TEST(Engine, FullQueueIsResourceExhausted) {
+  EngineOptions options;
+  options.max_queue_requests = 3;
+  Served s(64, options, false);  // the loop is not running: nothing leaves the queue
+  for (int i = 0; i < 3; ++i) s.engine->submit(request({1, 5}, 4), std::make_shared<Collector>());
+  try {
+    s.engine->submit(request({1, 5}, 4), std::make_shared<Collector>());
+    FAIL() << "a fourth request was admitted";
+  } catch (const RequestError& e) {
+    EXPECT_EQ(e.code(), RequestError::Code::kResourceExhausted);
+  }
+  EXPECT_EQ(s.engine->stats().queue_depth, 3);
+  s.loop = std::thread([&] { s.engine->run(); });  // now the accepted ones complete
+}
+
+TEST(Engine, CancelAndDeadlineFreeBlocks) {
+  Served s(64);
+  auto a = std::make_shared<Collector>();
+  const uint64_t id = s.engine->submit(request(prompt_of(20, 1), 100), a);
+  while (true) {
+    std::lock_guard<std::mutex> lock(a->mu);
+    if (!a->tokens.empty()) break;
+  }
+  s.engine->cancel(id);
+  a->wait();
+  EXPECT_EQ(a->finish, FinishReason::kCancelled);
+  EXPECT_LT(a->tokens.size(), 100u);
+  auto b = std::make_shared<Collector>();
+  auto p = request(prompt_of(20, 2), 100);
+  p.deadline = std::chrono::steady_clock::now();
+  s.engine->submit(p, b);
+  b->wait();
+  EXPECT_EQ(b->finish, FinishReason::kDeadline);
+  // Blocks return to idle, and serving goes on.
+  for (int i = 0; i < 100 && s.engine->stats().kv_blocks_used != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+  auto c = std::make_shared<Collector>();
+  s.engine->submit(request({1, 7}, 5), c);
+  c->wait();
+  EXPECT_EQ(c->tokens, alone({1, 7}, 5));
+}
+
+TEST(Engine, StopStringsStopIdsAndLogprobs) {
+  Served s(64);
+  const std::vector<int32_t> prompt = prompt_of(9, 3);
+  auto full = std::make_shared<Collector>();
+  s.engine->submit(request(prompt, 24), full);
+  full->wait();
+  ASSERT_GE(full->text.size(), 6u);
+  // A stop string from the middle of the text: the output ends right before it.
+  const size_t at = full->text.size() / 2;
+  const std::string stop = full->text.substr(at, 3);
+  auto a = std::make_shared<Collector>();
+  auto p = request(prompt, 24);
+  p.stop = {stop};
+  s.engine->submit(p, a);
+  a->wait();
+  EXPECT_EQ(a->finish, FinishReason::kStop);
+  EXPECT_EQ(a->text, full->text.substr(0, full->text.find(stop)));
+  // A stop id: output ends with its first occurrence.
+  const int32_t stop_id = full->tokens[5];
+  auto b = std::make_shared<Collector>();
+  p = request(prompt, 24);
+  p.stop_token_ids = {stop_id};
+  s.engine->submit(p, b);
+  b->wait();
+  EXPECT_EQ(b->finish, FinishReason::kStop);
+  const auto first = std::find(full->tokens.begin(), full->tokens.end(), stop_id);
+  EXPECT_EQ(b->tokens, std::vector<int32_t>(full->tokens.begin(), first + 1));
+  // Logprobs: best first, the greedy token is the best, probabilities sum to at most 1.
+  auto c = std::make_shared<Collector>();
+  p = request(prompt, 6);
+  p.logprobs = 5;
+  s.engine->submit(p, c);
+  c->wait();
+  ASSERT_EQ(c->logprobs.size(), 6u);
+  for (const TokenLogprobs& l : c->logprobs) {
+    ASSERT_EQ(l.top.size(), 5u);
+    EXPECT_EQ(l.top[0].token_id, l.token_id);
+    EXPECT_FLOAT_EQ(l.top[0].logprob, l.logprob);
+    double mass = 0;
+    for (size_t i = 0; i < l.top.size(); ++i) {
+      if (i > 0) {
+        EXPECT_LE(l.top[i].logprob, l.top[i - 1].logprob);
+      }
+      mass += std::exp(l.top[i].logprob);
+    }
+    EXPECT_LE(mass, 1.0 + 1e-5);
+  }
+  EXPECT_EQ(c->usage.prompt_tokens, 9);
+  EXPECT_EQ(c->usage.completion_tokens, 6);
+}
+
+TEST(Engine, DrainRefusesNewWorkAndFinishesOld) {
+  Served s(64);
+  auto a = std::make_shared<Collector>();
+  s.engine->submit(request(prompt_of(10, 4), 30), a);
+  s.engine->drain();
+  try {
+    s.engine->submit(request({1}, 2), std::make_shared<Collector>());
+    FAIL();
+  } catch (const RequestError& e) {
+    EXPECT_EQ(e.code(), RequestError::Code::kUnavailable);
+  }
+  a->wait();
+  EXPECT_EQ(a->finish, FinishReason::kLength);
+  EXPECT_EQ(a->tokens.size(), 30u);
+}
+
+}  // namespace
+}  // namespace sy
