@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -84,8 +85,16 @@ class ShutdownSignals {
  private:
   void loop() {
     const sigset_t set = shutdown_signals();
-    const timespec poll = {0, 100 * 1000 * 1000};
     while (!done_.load()) {
+      // Wake at least every 100 ms (to see done_), and when the grace period ends.
+      auto wait = std::chrono::nanoseconds(std::chrono::milliseconds(100));
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (draining_ && !stopping_)
+          wait = std::clamp<std::chrono::nanoseconds>(stop_at_ - Clock::now(),
+                                                      std::chrono::nanoseconds(0), wait);
+      }
+      const timespec poll = {0, static_cast<long>(wait.count())};
       const int sig = sigtimedwait(&set, nullptr, &poll);
       std::lock_guard<std::mutex> lock(mu_);
       if (sig > 0 && !draining_) {
@@ -162,6 +171,9 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   loaded = load_model(sc.model, config, sc.model_limits(config), true, &par);
   print_layout(par, config, loaded.model->weights());
   engine = std::make_unique<Engine>(*loaded.model, *tokenizer, sc.engine_options(), par.world);
+  SY_CHECK(engine->context_limit() == sc.context_limit(config), "the engine's context limit ",
+           engine->context_limit(), " differs from the ", sc.context_limit(config),
+           " tokens GetModelInfo reports");
   service.attach(engine.get());
   signals.attach(engine.get());
   if (!signals.draining()) set_serving(*server, true);

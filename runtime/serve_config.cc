@@ -34,7 +34,9 @@ int64_t ServeConfig::context(const ModelConfig& config) const {
 }
 
 int64_t ServeConfig::context_limit(const ModelConfig& config) const {
-  return std::min(context(config), n_kv_blocks(config) * block_size);
+  const int64_t per_seq = (context(config) + block_size - 1) / block_size;
+  return std::min({per_seq * block_size, n_kv_blocks(config) * block_size,
+                   config.max_position_embeddings});
 }
 
 int64_t ServeConfig::n_kv_blocks(const ModelConfig& config) const {
