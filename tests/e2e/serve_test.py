@@ -1,0 +1,694 @@
+#!/usr/bin/python3
+"""End-to-end tests of `switchyard serve` under mpirun, driven through the gRPC API (grpcio).
+
+Each scenario starts `mpirun -n N switchyard serve` on a tiny model on a free port, runs its
+checks, and always kills every process of the job at the end. Python stubs are generated into
+the work directory with launch/examples/gen_python_stubs.sh.
+
+  basic      health SERVING, model info, tokenize round trip, 64 concurrent greedy streams equal
+             to the same requests served alone, the Python example client, the C++ client, a
+             second server on the same port fails cleanly
+  faults     cancel, a deadline and a killed client mid-stream: CANCELLED / DEADLINE_EXCEEDED,
+             the KV blocks free within 2 steps and a later request succeeds; validation errors
+             are INVALID_ARGUMENT naming the field; stop strings
+  queue      --max-running 1 --max-queue-requests Q: of Q + X requests sent at once, exactly X
+             are refused with RESOURCE_EXHAUSTED at once and the others complete
+  drain      SIGTERM to rank 0 with requests in flight: health NOT_SERVING and new requests
+             UNAVAILABLE while draining, the requests finish in full, every rank exits 0
+  grace      SIGTERM with a request longer than --grace-period-s: it ends UNAVAILABLE when the
+             grace period ends, and every rank exits 0
+  rank_kill  SIGKILL to a non-zero rank mid-generation: open streams end UNAVAILABLE, every
+             process is gone within 10 s, mpirun exits non-zero
+
+Usage: serve_test.py SCENARIO --bin SWITCHYARD --ranks N --work DIR
+"""
+import argparse
+import concurrent.futures
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = 320
+MODEL_FLAGS = ["--seed", "11", "--layers", "2", "--hidden-size", "64", "--intermediate-size", "96",
+               "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab-size", str(VOCAB),
+               "--max-position", "4096", "--sliding-window", "64", "--shard-mib", "0.25"]
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+           "OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+           "OPENBLAS_NUM_THREADS": "1"}
+
+grpc = pb = pb_grpc = health_pb2 = health_pb2_grpc = None  # imported once the stubs exist
+n_pass = 0
+n_fail = 0
+
+
+def check(name, ok, detail=""):
+    global n_pass, n_fail
+    if ok:
+        n_pass += 1
+    else:
+        n_fail += 1
+        print(f"FAILED: {name}" + (f": {detail}" if detail else ""), flush=True)
+    return ok
+
+
+def log(message):
+    print(message, flush=True)
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid):
+    """Direct children of `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def world_rank(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    return int(item.split(b"=", 1)[1])
+    except OSError:
+        pass
+    return None
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Server:
+    """`mpirun -n N switchyard serve` on a free port; kill() ends every process of the job."""
+
+    def __init__(self, args, name, extra):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.name = name
+        self.err_path = os.path.join(args.work, f"{name}.err")
+        cmd = ["mpirun", "-n", str(args.ranks), "--oversubscribe", args.bin, "serve", "--model",
+               args.model, "--listen", self.target] + args.layout + extra
+        log(f"# {name}: {' '.join(cmd[4:])}")
+        self.out = open(os.path.join(args.work, f"{name}.out"), "w")
+        self.err = open(self.err_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, env=args.env,
+                                     start_new_session=True)
+        self.ranks = {}  # world rank -> pid
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.SwitchyardStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def stderr_tail(self, n=6):
+        with open(self.err_path) as f:
+            return " | ".join(f.read().strip().splitlines()[-n:])
+
+    def find_ranks(self, n, timeout=30):
+        end = time.time() + timeout
+        while time.time() < end and len(self.ranks) < n:
+            for pid in children(self.proc.pid):
+                r = world_rank(pid)
+                if r is not None:
+                    self.ranks[r] = pid
+            time.sleep(0.05)
+        return self.ranks
+
+    def health_status(self, service=""):
+        try:
+            r = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        except grpc.RpcError as e:
+            return e.code().name
+
+    def wait_serving(self, timeout=90):
+        end = time.time() + timeout
+        seen = []
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                                   f"{self.stderr_tail()}")
+            status = self.health_status()
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == "SERVING":
+                return seen
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not SERVING after {timeout} s (saw {seen}): "
+                           f"{self.stderr_tail()}")
+
+    def info(self):
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+
+    def wait_exit(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        pids = set(self.ranks.values()) | set(children(self.proc.pid))
+        for pid in pids | {self.proc.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.wait()
+        self.channel.close()
+        self.out.close()
+        self.err.close()
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+class Result:
+    def __init__(self):
+        self.ids = []
+        self.text = ""
+        self.finish = None
+        self.usage = None
+        self.code = None
+        self.details = ""
+        self.n_messages = 0
+        self.elapsed = 0.0
+
+
+def generate(stub, request, timeout=None, on_message=None):
+    """Runs one Generate call to its end; never raises for an RPC error."""
+    r = Result()
+    t0 = time.time()
+    call = stub.Generate(request, timeout=timeout)
+    try:
+        for m in call:
+            r.n_messages += 1
+            r.ids.extend(m.token_ids)
+            r.text += m.text
+            if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                r.finish = pb.FinishReason.Name(m.finish_reason)
+                r.usage = m.usage
+            if on_message is not None:
+                on_message(call, r)
+        r.code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        r.code = e.code()
+        r.details = e.details() or ""
+    r.elapsed = time.time() - t0
+    return r
+
+
+def ids_request(ids, max_tokens, **kw):
+    req = pb.GenerateRequest(max_tokens=max_tokens, **kw)
+    req.token_ids.ids.extend(ids)
+    return req
+
+
+def wait_kv_idle(server, steps0, name, max_steps=2, timeout=10):
+    """Polls until no KV block is used; checks it took at most max_steps steps after steps0."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = server.info()
+        if s.kv_blocks_used == 0 and s.running_requests == 0:
+            log(f"  {name}: KV blocks free {s.steps - steps0} steps and "
+                f"{1000 * (time.time() - t0):.0f} ms later")
+            return check(f"{name}: KV blocks free within {max_steps} steps",
+                         s.steps - steps0 <= max_steps, f"{s.steps - steps0} steps")
+        time.sleep(0.002)
+    s = server.info()
+    return check(f"{name}: KV blocks free", False,
+                 f"still {s.kv_blocks_used} blocks, {s.running_requests} running after {timeout} s")
+
+
+def still_works(server, name):
+    r = generate(server.stub, ids_request([1, 5, 9], 4, ignore_eos=True), timeout=30)
+    check(f"{name}: a later request succeeds", r.code == grpc.StatusCode.OK and len(r.ids) == 4,
+          f"{r.code} {r.details} {len(r.ids)} ids")
+
+
+LONG = 2000  # tokens of a generation that outlasts whatever a test does meanwhile
+
+
+# ---- scenarios ----------------------------------------------------------------------------------
+
+def scenario_basic(args):
+    s = Server(args, "basic", ["--max-context", "2304", "--kv-blocks", "48"])
+    try:
+        seen = s.wait_serving()
+        log(f"  health while starting: {' -> '.join(seen)}")
+        check("health of the service name", s.health_status("switchyard.v1.Switchyard") ==
+              "SERVING")
+        m = s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        check("model info", m.world_size == args.ranks and len(m.ranks) == args.ranks and
+              m.vocab_size == VOCAB and m.num_hidden_layers == 2 and
+              sorted(e for r in m.ranks for e in r.experts)[:8] == list(range(8)), str(m))
+        t = s.stub.Tokenize(pb.TokenizeRequest(text="the yard at dawn", add_bos=True), timeout=10)
+        d = s.stub.Detokenize(pb.DetokenizeRequest(ids=t.ids), timeout=10)
+        check("tokenize round trip", t.ids[0] == 1 and d.text == "the yard at dawn" and
+              len(t.pieces) == len(t.ids), f"{list(t.ids)} -> {d.text!r}")
+
+        # 64 greedy requests of mixed prompt lengths and max_tokens, alone and then together.
+        rng = random.Random(5)
+        requests = []
+        for i in range(64):
+            n_prompt = rng.choice([1, 2, 3, 7, 16, 17, 31, 45, 60]) if i % 3 else rng.randint(1, 60)
+            max_tokens = rng.randint(1, 40)
+            if i % 8 == 7:
+                req = pb.GenerateRequest(text="the yard " * rng.randint(1, 6), max_tokens=max_tokens)
+            else:
+                req = ids_request([rng.randrange(3, VOCAB) for _ in range(n_prompt)], max_tokens,
+                                  ignore_eos=i % 2 == 0)
+            requests.append(req)
+        t0 = time.time()
+        alone = [generate(s.stub, req, timeout=60) for req in requests]
+        t_alone = time.time() - t0
+        check("alone: all OK", all(r.code == grpc.StatusCode.OK for r in alone),
+              str([(r.code, r.details) for r in alone if r.code != grpc.StatusCode.OK][:3]))
+        busiest = [0]
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                try:
+                    busiest[0] = max(busiest[0], s.info().running_requests)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        t0 = time.time()
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            together = list(pool.map(lambda req: generate(s.stub, req, timeout=120), requests))
+        t_together = time.time() - t0
+        stop.set()
+        watcher.join()
+        bad = [i for i in range(64) if (alone[i].ids, alone[i].text, alone[i].finish) !=
+               (together[i].ids, together[i].text, together[i].finish)]
+        check("concurrent: all OK", all(r.code == grpc.StatusCode.OK for r in together))
+        check("concurrent outputs equal the requests served alone", not bad,
+              f"{len(bad)} differ, first #{bad[0] if bad else ''}: "
+              f"{alone[bad[0]].ids if bad else ''} vs {together[bad[0]].ids if bad else ''}")
+        check("concurrent: batched", busiest[0] > 1, f"at most {busiest[0]} running")
+        check("lengths as asked", all(len(r.ids) == req.max_tokens for r, req in
+                                      zip(alone, requests) if req.ignore_eos))
+        preempted = sum(r.usage.preemptions for r in together if r.usage is not None)
+        log(f"  64 requests: {t_alone:.1f} s one by one, {t_together:.1f} s together "
+            f"(at most {busiest[0]} running, {preempted} preemptions)")
+
+        # The Python example client prints the tokens the server generates.
+        req = ids_request([1, 17, 42], 8, ignore_eos=True)
+        ref = generate(s.stub, req, timeout=30)
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "launch/examples/python_client.py"),
+                            "--stubs", args.stubs, "--target", s.target, "generate",
+                            "--prompt-ids", "1,17,42", "--max-tokens", "8", "--ignore-eos",
+                            "--print-ids"], capture_output=True, text=True, timeout=60)
+        want = "ids: " + " ".join(map(str, ref.ids))
+        check("python example client", p.returncode == 0 and want in p.stdout and
+              "finish: length" in p.stdout, f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "launch/examples/python_client.py"),
+                            "--stubs", args.stubs, "--target", s.target, "info"],
+                           capture_output=True, text=True, timeout=60)
+        check("python example client info", p.returncode == 0 and
+              f"world {args.ranks}" in p.stdout, p.stdout + p.stderr)
+
+        # The C++ client.
+        p = subprocess.run([args.bin, "client", "--target", s.target, "generate", "--prompt-ids",
+                            "1,17,42", "--max-tokens", "8", "--ignore-eos", "--print-ids"],
+                           capture_output=True, text=True, timeout=60)
+        check("switchyard client generate", p.returncode == 0 and
+              "ids: " + " ".join(map(str, ref.ids)) in p.stdout and
+              "finish: length, prompt tokens: 3, completion tokens: 8" in p.stdout,
+              f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        p = subprocess.run([args.bin, "client", "--target", s.target, "generate", "--prompt-ids",
+                            "1", "--temperature", "-1"], capture_output=True, text=True, timeout=60)
+        check("switchyard client error", p.returncode == 1 and
+              p.stderr.startswith("INVALID_ARGUMENT: ") and "temperature" in p.stderr,
+              f"rc {p.returncode}: {p.stderr!r}")
+        p = subprocess.run([args.bin, "client", "--target", s.target, "health"],
+                           capture_output=True, text=True, timeout=60)
+        check("switchyard client health", p.returncode == 0 and p.stdout.strip() == "SERVING",
+              p.stdout + p.stderr)
+
+        # A second server on the same port: a clear error, a non-zero exit, no hang.
+        p = subprocess.run(["mpirun", "-n", "1", args.bin, "serve", "--model", args.model,
+                            "--listen", s.target], capture_output=True, text=True, timeout=60,
+                           env=args.env)
+        check("port in use", p.returncode != 0 and f"cannot listen on {s.target}" in p.stderr,
+              f"rc {p.returncode}: {p.stderr[-400:]!r}")
+        check("the first server still serves", s.health_status() == "SERVING")
+    finally:
+        s.kill()
+
+
+def scenario_faults(args):
+    s = Server(args, "faults", ["--max-context", "2304", "--kv-blocks", "512"])
+    try:
+        s.wait_serving()
+        info = s.info()
+        check("idle: no KV blocks used", info.kv_blocks_used == 0)
+        long_req = ids_request([1, 7, 8, 9], LONG, ignore_eos=True)
+
+        # Cancel mid-stream.
+        steps0 = [None]
+
+        def cancel_after_5(call, r):
+            if r.n_messages == 5:
+                call.cancel()
+                steps0[0] = s.info().steps
+
+        r = generate(s.stub, long_req, timeout=60, on_message=cancel_after_5)
+        check("cancel: CANCELLED mid-stream", r.code == grpc.StatusCode.CANCELLED and
+              5 <= r.n_messages < LONG, f"{r.code} after {r.n_messages} messages")
+        if steps0[0] is not None:
+            wait_kv_idle(s, steps0[0], "cancel")
+        still_works(s, "cancel")
+
+        # A deadline that expires mid-stream: about a third of the way through a long request
+        # at the speed this machine has now.
+        t0 = time.time()
+        generate(s.stub, ids_request([1, 7, 8, 9], 200, ignore_eos=True), timeout=60)
+        deadline = max(0.05, (time.time() - t0) * LONG / 200 / 3)
+        r = generate(s.stub, long_req, timeout=deadline)
+        steps = s.info().steps
+        check("deadline: DEADLINE_EXCEEDED mid-stream",
+              r.code == grpc.StatusCode.DEADLINE_EXCEEDED and 0 < r.n_messages < LONG,
+              f"{r.code} after {r.n_messages} messages, deadline {deadline:.2f} s")
+        wait_kv_idle(s, steps, "deadline")
+        still_works(s, "deadline")
+
+        # A client process killed mid-stream.
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import grpc\n"
+            "from switchyard.v1 import switchyard_pb2 as pb, switchyard_pb2_grpc as pb_grpc\n"
+            "stub = pb_grpc.SwitchyardStub(grpc.insecure_channel(sys.argv[2]))\n"
+            f"req = pb.GenerateRequest(max_tokens={LONG}, ignore_eos=True)\n"
+            "req.token_ids.ids.extend([1, 7, 8, 9])\n"
+            "for m in stub.Generate(req): print(len(m.token_ids), flush=True)\n")
+        child = subprocess.Popen([sys.executable, "-c", code, args.stubs, s.target],
+                                 stdout=subprocess.PIPE, text=True)
+        got = [child.stdout.readline() for _ in range(3)]
+        child.kill()
+        steps = s.info().steps
+        child.wait()
+        check("killed client: it was streaming", all(line.strip() for line in got), str(got))
+        # The server learns of a killed client only when its transport sees the connection
+        # close, a few milliseconds (tens of this tiny model's steps) after the kill: the request
+        # must end then, long before its end.
+        wait_kv_idle(s, steps, "killed client", max_steps=LONG // 4)
+        still_works(s, "killed client")
+
+        # Validation: INVALID_ARGUMENT naming the field.
+        limit = s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).context_limit_tokens
+        cases = [
+            ("empty prompt", pb.GenerateRequest(text=""), "prompt"),
+            ("no prompt", pb.GenerateRequest(max_tokens=4), "prompt"),
+            ("empty token_ids", ids_request([], 4), "prompt"),
+            ("prompt + max_tokens beyond the context", ids_request([1] * 10, limit - 9),
+             "max_tokens"),
+            ("temperature -1", ids_request([1], 4, temperature=-1), "temperature"),
+            ("top_p 2", ids_request([1], 4, top_p=2), "top_p"),
+            ("unknown token id", ids_request([1, VOCAB], 4), "token_ids"),
+            ("huge token id", ids_request([1, 4000000000], 4), "token_ids"),
+            ("17 stop strings", ids_request([1], 4, stop=[f"s{i}" for i in range(17)]), "stop"),
+            ("logprobs 21", ids_request([1], 4, logprobs=21), "logprobs"),
+            ("unknown stop token id", ids_request([1], 4, stop_token_ids=[VOCAB]),
+             "stop_token_ids"),
+        ]
+        for name, req, field in cases:
+            r = generate(s.stub, req, timeout=10)
+            check(f"validation: {name}", r.code == grpc.StatusCode.INVALID_ARGUMENT and
+                  field in r.details and r.n_messages == 0, f"{r.code} {r.details!r}")
+        r = generate(s.stub, ids_request([1] * 10, limit - 10, ignore_eos=True), timeout=120)
+        check("exactly the context limit is accepted", r.code == grpc.StatusCode.OK and
+              len(r.ids) == limit - 10, f"{r.code} {r.details} {len(r.ids)}")
+        try:
+            s.stub.Detokenize(pb.DetokenizeRequest(ids=[1, VOCAB]), timeout=10)
+            check("detokenize unknown id", False, "accepted")
+        except grpc.RpcError as e:
+            check("detokenize unknown id", e.code() == grpc.StatusCode.INVALID_ARGUMENT and
+                  "ids" in e.details(), f"{e.code()} {e.details()}")
+
+        # Stop strings end the stream with STOP and are not returned; logprobs come per token.
+        ref = generate(s.stub, ids_request([1, 30, 31], 40, ignore_eos=True, logprobs=3))
+        check("logprobs", ref.code == grpc.StatusCode.OK and ref.usage is not None)
+        text = ref.text
+        cuts = [k for k in range(3, len(text) - 1) if text.find(text[k:k + 2]) == k]
+        cuts = [k for k in cuts if "\ufffd" not in text[k:k + 2]] or cuts
+        if cuts:
+            stop = text[cuts[0]:cuts[0] + 2]
+            r = generate(s.stub, ids_request([1, 30, 31], 40, ignore_eos=True, stop=[stop]))
+            check("stop string", r.code == grpc.StatusCode.OK and r.finish == "FINISH_REASON_STOP"
+                  and r.text == text[:cuts[0]] and len(r.ids) < len(ref.ids),
+                  f"stop {stop!r}: {r.finish} {r.text!r} vs {text[:cuts[0]]!r}")
+        else:
+            check("stop string", False, f"no stop string to cut {text!r}")
+        check("idle again", s.info().kv_blocks_used == 0)
+    finally:
+        s.kill()
+
+
+def scenario_queue(args):
+    Q, X = 3, 4
+    s = Server(args, "queue", ["--max-context", "2304", "--max-running", "1",
+                               "--max-queue-requests", str(Q), "--kv-blocks", "256"])
+    try:
+        s.wait_serving()
+        first = threading.Event()
+        blocker_result = []
+
+        def blocker():
+            blocker_result.append(generate(s.stub, ids_request([1, 2], LONG, ignore_eos=True),
+                                           timeout=120, on_message=lambda c, r: first.set()))
+
+        tb = threading.Thread(target=blocker)
+        tb.start()
+        check("blocker started", first.wait(30))
+        barrier = threading.Barrier(Q + X)
+
+        def one(i):
+            barrier.wait()
+            return generate(s.stub, ids_request([1, 3 + i], 12, ignore_eos=True), timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(Q + X) as pool:
+            results = list(pool.map(one, range(Q + X)))
+        refused = [r for r in results if r.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        done = [r for r in results if r.code == grpc.StatusCode.OK]
+        check(f"exactly {X} of {Q + X} refused", len(refused) == X and len(done) == Q,
+              str([(r.code, r.details) for r in results]))
+        check("refused at once", all(r.elapsed < 2 and r.n_messages == 0 for r in refused),
+              str([r.elapsed for r in refused]))
+        check("refusal names the queue", all("queue" in r.details for r in refused),
+              refused[0].details if refused else "")
+        check("accepted ones complete", all(len(r.ids) == 12 for r in done))
+        tb.join()
+        check("blocker completes", blocker_result and blocker_result[0].code ==
+              grpc.StatusCode.OK and len(blocker_result[0].ids) == LONG)
+    finally:
+        s.kill()
+
+
+def scenario_drain(args):
+    s = Server(args, "drain", ["--max-context", "2304", "--kv-blocks", "1024"])
+    try:
+        s.wait_serving()
+        ranks = s.find_ranks(args.ranks)
+        n = 4
+        started = threading.Barrier(n + 1)
+        results = [None] * n
+
+        def run(i):
+            flag = []
+
+            def on_message(call, r):
+                if not flag:
+                    flag.append(1)
+                    started.wait()
+
+            results[i] = generate(s.stub, ids_request([1, 10 + i], LONG, ignore_eos=True),
+                                  timeout=120, on_message=on_message)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)
+        os.kill(ranks[0], signal.SIGTERM)
+        t0 = time.time()
+        status = None
+        while time.time() - t0 < 10:
+            status = s.health_status()
+            if status != "SERVING":
+                break
+            time.sleep(0.01)
+        check("health NOT_SERVING while draining", status == "NOT_SERVING", str(status))
+        r = generate(s.stub, ids_request([1], 4), timeout=10)
+        check("new requests UNAVAILABLE while draining", r.code == grpc.StatusCode.UNAVAILABLE,
+              f"{r.code} {r.details}")
+        try:
+            check("server info says draining", s.info().draining)
+        except grpc.RpcError as e:
+            check("server info says draining", False, str(e))
+        busy = any(t.is_alive() for t in threads)
+        check("requests still running after the checks", busy)
+        for t in threads:
+            t.join()
+        check("in-flight requests finish in full", all(
+            r.code == grpc.StatusCode.OK and len(r.ids) == LONG and
+            r.finish == "FINISH_REASON_LENGTH" for r in results),
+            str([(r.code, r.details, len(r.ids)) for r in results]))
+        rc = s.wait_exit(30)
+        check("mpirun exits 0", rc == 0, f"rc {rc}: {s.stderr_tail()}")
+        check("every rank exited", not any(alive(p) for p in ranks.values()))
+    finally:
+        s.kill()
+
+
+def scenario_grace(args):
+    s = Server(args, "grace", ["--max-context", "4096", "--kv-blocks", "256",
+                               "--grace-period-s", "0.3"])
+    try:
+        s.wait_serving()
+        ranks = s.find_ranks(args.ranks)
+        first = threading.Event()
+        result = []
+        req = ids_request([1, 2], 4000, ignore_eos=True)
+        t = threading.Thread(target=lambda: result.append(
+            generate(s.stub, req, timeout=120, on_message=lambda c, r: first.set())))
+        t.start()
+        first.wait(30)
+        os.kill(ranks[0], signal.SIGTERM)
+        t0 = time.time()
+        t.join()
+        r = result[0]
+        check("past the grace period: UNAVAILABLE", r.code == grpc.StatusCode.UNAVAILABLE and
+              len(r.ids) < 4000, f"{r.code} {r.details} {len(r.ids)} ids")
+        check("stopped about when the grace period ended", 0.2 < time.time() - t0 < 5,
+              f"{time.time() - t0:.1f} s")
+        rc = s.wait_exit(30)
+        check("mpirun exits 0", rc == 0, f"rc {rc}: {s.stderr_tail()}")
+    finally:
+        s.kill()
+
+
+def scenario_rank_kill(args):
+    s = Server(args, "rank_kill", ["--max-context", "2304", "--kv-blocks", "1024"])
+    try:
+        s.wait_serving()
+        ranks = s.find_ranks(args.ranks)
+        check("found every rank", len(ranks) == args.ranks, str(ranks))
+        n = 3
+        started = threading.Barrier(n + 1)
+        results = [None] * n
+
+        def run(i):
+            flag = []
+
+            def on_message(call, r):
+                if not flag:
+                    flag.append(1)
+                    started.wait()
+
+            results[i] = generate(s.stub, ids_request([1, 20 + i], LONG, ignore_eos=True),
+                                  timeout=60, on_message=on_message)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)
+        victim = args.ranks - 1
+        os.kill(ranks[victim], signal.SIGKILL)
+        t0 = time.time()
+        rc = s.wait_exit(15)
+        while time.time() - t0 < 10 and any(alive(p) for p in ranks.values()):
+            time.sleep(0.05)
+        gone = time.time() - t0
+        left = [p for p in ranks.values() if alive(p)]
+        check("every process gone within 10 s", rc is not None and not left and gone <= 10,
+              f"{gone:.1f} s, left {left}")
+        log(f"  the job ended {gone:.1f} s after the kill")
+        check("mpirun exits non-zero", rc not in (None, 0), f"rc {rc}")
+        for t in threads:
+            t.join(timeout=30)
+        check("open streams end UNAVAILABLE", all(
+            r is not None and r.code == grpc.StatusCode.UNAVAILABLE and len(r.ids) < LONG
+            for r in results), str([(r.code, r.details, len(r.ids)) for r in results if r]))
+        log(f"  statuses: {[(r.code.name, r.details[:60]) for r in results if r]}")
+    finally:
+        s.kill()
+
+
+SCENARIOS = {"basic": scenario_basic, "faults": scenario_faults, "queue": scenario_queue,
+             "drain": scenario_drain, "grace": scenario_grace, "rank_kill": scenario_rank_kill}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--bin", required=True, help="the switchyard program")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--work", required=True, help="scratch directory (emptied)")
+    p.add_argument("--timeout", type=float, default=170, help="seconds before giving up")
+    args = p.parse_args()
+    # 4 ranks split attention over 2 (the tiny model has 2 KV heads) to cover tensor parallelism.
+    args.layout = ["--tp", "2"] if args.ranks % 2 == 0 and args.ranks >= 4 else []
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    args.env = dict(os.environ, **MPI_ENV)
+    args.stubs = os.path.join(args.work, "stubs")
+    subprocess.run([os.path.join(ROOT, "launch/examples/gen_python_stubs.sh"), args.stubs],
+                   check=True, stdout=subprocess.DEVNULL)
+    sys.path.insert(0, args.stubs)
+    global grpc, pb, pb_grpc, health_pb2, health_pb2_grpc
+    import grpc as grpc_module
+    from switchyard.v1 import switchyard_pb2, switchyard_pb2_grpc
+    import health_pb2 as h
+    import health_pb2_grpc as hg
+    grpc, pb, pb_grpc, health_pb2, health_pb2_grpc = (grpc_module, switchyard_pb2,
+                                                       switchyard_pb2_grpc, h, hg)
+    args.model = os.path.join(args.work, "model")
+    subprocess.run([args.bin, "make-tiny-model", "--out", args.model] + MODEL_FLAGS, check=True,
+                   stdout=subprocess.DEVNULL)
+
+    def give_up(signum, frame):
+        raise TimeoutError(f"scenario {args.scenario} ran past {args.timeout} s")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    t0 = time.time()
+    try:
+        SCENARIOS[args.scenario](args)
+    except Exception as e:  # a scenario that cannot go on is one failure, after cleanup
+        check(f"{args.scenario} ran to the end", False, f"{type(e).__name__}: {e}")
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(f"serve {args.scenario} on {args.ranks} ranks: {n_pass} passed, {n_fail} failed "
+          f"({time.time() - t0:.1f} s)", flush=True)
+    # grpc's threads may still be winding down; nothing is left to clean up.
+    os._exit(0 if n_fail == 0 and n_pass > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
