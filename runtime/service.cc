@@ -3,7 +3,7 @@
 
 #include <algorithm>
 #include <deque>
-#include <limits>
+#include <regex>
 #include <utility>
 
 namespace sy {
@@ -12,13 +12,16 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Code = RequestError::Code;
 
-// sy::Error messages end in " [check `...` failed at file:line, rank r]": a client gets the
-// message only.
-std::string client_message(const std::exception& e) {
-  std::string m = e.what();
-  const size_t open = m.rfind(" [");
-  if (open != std::string::npos && !m.empty() && m.back() == ']') m.resize(open);
+// Messages made by SY_CHECK end in " [check `expr` failed at file.cc:123, rank 0]" (or
+// " [file.cc:123]"): a client gets the message without the source location.
+std::string client_message(const std::string& m) {
+  static const std::regex location(R"( \[(check `.*` failed at )?[\w.]+:\d+(, rank \d+)?\]$)");
+  std::smatch match;
+  if (std::regex_search(m, match, location)) return m.substr(0, match.position(0));
   return m;
+}
+std::string client_message(const std::exception& e) {
+  return client_message(std::string(e.what()));
 }
 
 void check_ids(const google::protobuf::RepeatedField<uint32_t>& ids, int64_t vocab_size,
@@ -398,7 +401,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* Service::Generate(
     const uint64_t id = engine->submit(std::move(params), sink);
     sink->set_request(engine, id);
   } catch (const RequestError& e) {
-    sink->end(grpc::Status(status_code(e.code()), e.what()));
+    sink->end(grpc::Status(status_code(e.code()), client_message(e)));
   } catch (const std::exception& e) {
     sink->end(grpc::Status(grpc::StatusCode::INTERNAL, client_message(e)));
   }
@@ -435,7 +438,7 @@ grpc::ServerUnaryReactor* Service::Detokenize(grpc::CallbackServerContext* conte
     response->set_text(
         tokenizer_.decode(std::vector<int32_t>(request->ids().begin(), request->ids().end())));
   } catch (const RequestError& e) {
-    reactor->Finish(grpc::Status(status_code(e.code()), e.what()));
+    reactor->Finish(grpc::Status(status_code(e.code()), client_message(e)));
     return reactor;
   } catch (const std::exception& e) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, client_message(e)));

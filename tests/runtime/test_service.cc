@@ -268,6 +268,12 @@ TEST(ServiceServer, GenerateMatchesTheEngineAlone) {
   const Streamed bad = stream(*s.stub, ids_request({1, 384}, 4));
   EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(bad.status.error_message().find("token_ids"), std::string::npos);
+  v1::GenerateRequest hot = ids_request({1}, 4);
+  hot.set_temperature(-1);
+  const Streamed refused = stream(*s.stub, hot);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(refused.status.error_message(), "sampling: temperature -1 outside [0, 100]")
+      << "the message names the field, without a source location";
 }
 
 TEST(ServiceServer, UnavailableWhileLoadingAndAfterClose) {
