@@ -191,6 +191,10 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
     const auto until = Clock::now() + std::chrono::seconds(1);
     while (service.n_open_streams() > 0 && Clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // Peers may wait in a collective: end the job now rather than after unwinding.
+    if (par.config.world > 1) MpiEnv::abort_job(e.what());
+    signals.detach();
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     throw;
   }
   signals.detach();

@@ -17,8 +17,10 @@ void ServeConfig::validate() const {
   SY_CHECK(max_running <= max_batch_tokens, "--max-running ", max_running,
            " must be at most --max-batch-tokens ", max_batch_tokens,
            " (every running sequence may need a token in the same step)");
-  SY_CHECK(max_queue_requests >= 0, "--max-queue-requests ", max_queue_requests, " must be >= 0");
-  SY_CHECK(max_queue_tokens >= 0, "--max-queue-tokens ", max_queue_tokens, " must be >= 0");
+  // Every request passes through the queue, so a queue of 0 would refuse everything.
+  SY_CHECK(max_queue_requests >= 1, "--max-queue-requests ", max_queue_requests,
+           " must be at least 1");
+  SY_CHECK(max_queue_tokens >= 1, "--max-queue-tokens ", max_queue_tokens, " must be at least 1");
   SY_CHECK(kv_blocks >= 0, "--kv-blocks ", kv_blocks, " must be >= 0 (0 = enough for ",
            "--max-running full contexts)");
   SY_CHECK(block_size > 0 && block_size <= 4096, "--block-size ", block_size, " outside [1, 4096]");
@@ -35,8 +37,8 @@ int64_t ServeConfig::context(const ModelConfig& config) const {
 
 int64_t ServeConfig::context_limit(const ModelConfig& config) const {
   const int64_t per_seq = (context(config) + block_size - 1) / block_size;
-  return std::min({per_seq * block_size, n_kv_blocks(config) * block_size,
-                   config.max_position_embeddings});
+  return std::min(
+      {per_seq * block_size, n_kv_blocks(config) * block_size, config.max_position_embeddings});
 }
 
 int64_t ServeConfig::n_kv_blocks(const ModelConfig& config) const {

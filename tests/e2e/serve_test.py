@@ -262,6 +262,17 @@ def scenario_basic(args):
         log(f"  health while starting: {' -> '.join(seen)}")
         check("health of the service name", s.health_status("switchyard.v1.Switchyard") ==
               "SERVING")
+        # Server reflection lists the services (grpcurl relies on it). The request is written
+        # by hand: ServerReflectionRequest{list_services: ""} is field 7, an empty string.
+        reflect = s.channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            listed = b"".join(reflect(iter([b"\x3a\x00"]), timeout=10))
+        except grpc.RpcError as e:
+            listed = str(e).encode()
+        check("reflection lists the services", b"switchyard.v1.Switchyard" in listed and
+              b"grpc.health.v1.Health" in listed, repr(listed[:200]))
         m = s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         check("model info", m.world_size == args.ranks and len(m.ranks) == args.ranks and
               m.vocab_size == VOCAB and m.num_hidden_layers == 2 and
