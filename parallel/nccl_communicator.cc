@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -82,7 +83,8 @@ class NcclCommunicator final : public Communicator {
       g_live.erase(std::remove(g_live.begin(), g_live.end(), this), g_live.end());
     }
     // Every operation was synchronised when it returned, so destroying frees local resources
-    // only. An aborted communicator is already gone.
+    // only. While an exception unwinds, a group may be half enqueued: abort instead.
+    if (std::uncaught_exceptions() > 0) abort();
     if (!aborted_) ncclCommDestroy(comm_);
     cudaFree(scratch_);
     cudaStreamDestroy(stream_);
