@@ -39,6 +39,28 @@ struct GenerateArgs {
 void add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
 
+// `switchyard bench MODE`: measurements for capacity planning. Modes: all-to-all.
+struct BenchAllToAllArgs {
+  std::string backend = "mpi";  // mpi (host buffers) or nccl (device buffers, one GPU per rank)
+  int64_t hidden = 4096;        // elements per token row
+  int top_k = 2;                // experts each token is sent to
+  int64_t n_experts = 8;        // experts, placed contiguously over the ranks as in the model
+  int64_t min_tokens = 1;       // tokens per rank of the first size
+  int64_t max_tokens = 4096;    // tokens per rank of the last size (sizes double)
+  std::string dtype = "auto";   // f32 or bf16; auto: f32 on mpi, bf16 on nccl
+  int iters = 20;               // timed exchanges per size
+  int warmup = 5;               // untimed exchanges per size, before the timed ones
+  uint64_t seed = 1;            // routing and payload seed
+  std::string json;             // also write the table here as JSON (rank 0); empty: no file
+};
+struct BenchArgs {
+  std::string mode;  // the mode given on the command line, e.g. "all-to-all"
+  BenchAllToAllArgs all_to_all;
+};
+void add_bench(CLI::App& app, BenchArgs& args);
+int run_bench(const BenchArgs& args);
+int run_bench_all_to_all(const BenchAllToAllArgs& args);
+
 // True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
 bool launched_by_mpi();
 

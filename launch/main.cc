@@ -2,6 +2,7 @@
 //
 //   make-tiny-model   write a seeded random Mixtral-architecture checkpoint (Hugging Face layout)
 //   generate          run one prompt through a model and stream the generated text
+//   bench MODE        measurements: all-to-all (the MoE dispatch exchange)
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -10,6 +11,9 @@
 
 #include "launch/commands.h"
 #include "parallel/mpi_env.h"
+#ifdef SY_HAVE_NCCL
+#include "parallel/nccl_communicator.h"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"switchyard: expert-parallel serving runtime for Mixtral-style MoE models"};
@@ -18,6 +22,8 @@ int main(int argc, char** argv) {
   sy::launch::add_make_tiny_model(app, tiny);
   sy::launch::GenerateArgs gen;
   sy::launch::add_generate(app, gen);
+  sy::launch::BenchArgs bench;
+  sy::launch::add_bench(app, bench);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -26,8 +32,12 @@ int main(int argc, char** argv) {
   try {
     if (app.got_subcommand("make-tiny-model")) return sy::launch::run_make_tiny_model(tiny);
     if (app.got_subcommand("generate")) return sy::launch::run_generate(gen);
+    if (app.got_subcommand("bench")) return sy::launch::run_bench(bench);
   } catch (const std::exception& e) {
     // Under MPI a failed rank ends the whole job, so no peer waits in a collective.
+#ifdef SY_HAVE_NCCL
+    sy::abort_nccl_communicators();
+#endif
     return sy::MpiEnv::fail(e.what());
   }
   return 0;
