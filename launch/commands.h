@@ -85,6 +85,46 @@ void print_layout(const ParallelContext& parallel, const ModelConfig& config,
 // Parses "1,2,3" into token ids; throws naming `flag`.
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag);
 
+// `switchyard bench MODE`: measurements for capacity planning. Modes: all-to-all.
+struct BenchAllToAllArgs {
+  std::string backend = "mpi";  // mpi (host buffers) or nccl (device buffers, one GPU per rank)
+  int64_t hidden = 4096;        // elements per token row
+  int top_k = 2;                // experts each token is sent to
+  int64_t n_experts = 8;        // experts, placed contiguously over the ranks as in the model
+  int64_t min_tokens = 1;       // tokens per rank of the first size
+  int64_t max_tokens = 4096;    // tokens per rank of the last size (sizes double)
+  std::string dtype = "auto";   // f32 or bf16; auto: f32 on mpi, bf16 on nccl
+  int iters = 20;               // timed exchanges per size
+  int warmup = 5;               // untimed exchanges per size, before the timed ones
+  uint64_t seed = 1;            // routing and payload seed
+  std::string json;             // also write the table here as JSON (rank 0); empty: no file
+};
+struct BenchEngineArgs {
+  std::string model;                        // checkpoint directory, or
+  std::string synthetic;                    // preset name or config.json: seeded random weights
+  int64_t layers = 0;                       // decoder layers to run; 0 = all
+  std::vector<int64_t> batch = {1, 8, 32};  // sequences per step
+  std::vector<int64_t> prompt_len = {128};  // prompt tokens per sequence
+  std::vector<int64_t> output_len = {16};   // decode steps
+  int tp = 1;                               // tensor-parallel ranks of attention
+  int ep = 0;                               // expert-parallel ranks; 0 = the world
+  std::string moe_exchange = "all-to-all";
+  int64_t max_batch_tokens = 1024;  // prefill tokens per step
+  uint64_t seed = 1;                // weights and tokens
+  double mem_bandwidth_gbs = 0;     // the job's memory bandwidth; 0 = measure
+  std::string json;                 // every sample as JSON (rank 0); empty: no file
+};
+struct BenchArgs {
+  std::string mode;  // the mode given on the command line, e.g. "all-to-all"
+  BenchAllToAllArgs all_to_all;
+  BenchEngineArgs engine;
+};
+void add_bench_engine(CLI::App& bench, BenchEngineArgs& args);
+int run_bench_engine(const BenchEngineArgs& args);
+void add_bench(CLI::App& app, BenchArgs& args);
+int run_bench(const BenchArgs& args);
+int run_bench_all_to_all(const BenchAllToAllArgs& args);
+
 // True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
 bool launched_by_mpi();
 

@@ -4,6 +4,7 @@
 //   generate          run one prompt through a model and stream the generated text
 //   serve             serve a model over gRPC from every rank of an MPI job
 //   client            call a running server (generate, tokenize, detokenize, info, health)
+//   bench MODE        measurements: all-to-all (the MoE dispatch exchange)
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -12,6 +13,9 @@
 
 #include "launch/commands.h"
 #include "parallel/mpi_env.h"
+#ifdef SY_HAVE_NCCL
+#include "parallel/nccl_communicator.h"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"switchyard: expert-parallel serving runtime for Mixtral-style MoE models"};
@@ -24,6 +28,8 @@ int main(int argc, char** argv) {
   sy::launch::add_serve(app, serve);
   sy::launch::ClientArgs client;
   sy::launch::add_client(app, client);
+  sy::launch::BenchArgs bench;
+  sy::launch::add_bench(app, bench);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -34,8 +40,12 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("generate")) return sy::launch::run_generate(gen);
     if (app.got_subcommand("serve")) return sy::launch::run_serve(serve);
     if (app.got_subcommand("client")) return sy::launch::run_client(app, client);
+    if (app.got_subcommand("bench")) return sy::launch::run_bench(bench);
   } catch (const std::exception& e) {
     // Under MPI a failed rank ends the whole job, so no peer waits in a collective.
+#ifdef SY_HAVE_NCCL
+    sy::abort_nccl_communicators();
+#endif
     return sy::MpiEnv::fail(e.what());
   }
   return 0;

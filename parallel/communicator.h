@@ -41,5 +41,8 @@ class Communicator {
 
 // The MPI communicator over MPI_COMM_WORLD (host buffers). MPI must be initialised.
 std::unique_ptr<Communicator> make_mpi_world_communicator();
+// A world of one rank without MPI (host buffers): collectives are local copies. For a process
+// started without an MPI launcher.
+std::unique_ptr<Communicator> make_self_communicator();
 
 }  // namespace sy

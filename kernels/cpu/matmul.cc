@@ -14,6 +14,11 @@ void matmul(Tensor out, Tensor x, Tensor w) {
   check_tensor(out, "matmul.out", DType::kF32, {m, n});
   if (m == 0 || n == 0) return;
   SY_CHECK(m < (1ll << 31) && n < (1ll << 31) && k < (1ll << 31), "matmul: extents too large");
+  if (m == 1) {  // decode of one token: a matrix-vector product reads w once, with no packing
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(n), static_cast<int>(k), 1.f, w.f32(),
+                static_cast<int>(k), x.f32(), 1, 0.f, out.f32(), 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
               static_cast<int>(k), 1.f, x.f32(), static_cast<int>(k), w.f32(), static_cast<int>(k),
               0.f, out.f32(), static_cast<int>(n));
