@@ -301,11 +301,78 @@ void print_row(const Row& r, const char* dtype) {
   std::fflush(stdout);
 }
 
-void write_json(const std::string& path, nlohmann::ordered_json doc) {
-  std::ofstream out(path);
-  out << doc.dump(2) << "\n";
-  SY_CHECK(out.good(), "cannot write --json ", path);
-}
+// What rank 0 prints and writes: the header, a row per size, the footer and the --json file,
+// opened at the start so that a bad path fails before the sweep.
+class Report {
+ public:
+  Report(const BenchAllToAllArgs& a, int world, const std::string& backend,
+         const std::string& dtype)
+      : dtype_(dtype) {
+    if (!a.json.empty()) {
+      json_path_ = a.json;
+      json_file_.open(a.json);
+      SY_CHECK(json_file_.good(), "cannot write --json ", a.json);
+    }
+    doc_ = {{"benchmark", "all-to-all"},
+            {"world", world},
+            {"backend", backend},
+            {"hidden", a.hidden},
+            {"top_k", a.top_k},
+            {"experts", a.n_experts},
+            {"dtype", dtype},
+            {"iters", a.iters},
+            {"warmup", a.warmup},
+            {"seed", a.seed},
+            {"rows", nlohmann::ordered_json::array()}};
+    std::printf("# switchyard bench all-to-all: MoE dispatch, one row per (token, expert) pair\n");
+    std::printf("# world %d rank(s), backend %s%s, hidden %lld, top-k %d, experts %lld, dtype %s\n",
+                world, backend.c_str(), backend == "self" ? " (no MPI launcher: local copies)" : "",
+                static_cast<long long>(a.hidden), a.top_k, static_cast<long long>(a.n_experts),
+                dtype.c_str());
+    std::printf("# iters %d, warmup %d, seed %llu\n#\n%s", a.iters, a.warmup,
+                static_cast<unsigned long long>(a.seed), kColumns);
+    std::fflush(stdout);
+  }
+
+  void add(const Row& r) {
+    print_row(r, dtype_.c_str());
+    doc_["rows"].push_back({{"bytes", r.bytes},
+                            {"tokens", r.tokens},
+                            {"dtype", dtype_},
+                            {"time_us", r.time_us},
+                            {"algbw_gbps", r.algbw},
+                            {"busbw_gbps", r.busbw},
+                            {"n_wrong", r.n_wrong}});
+    sum_busbw_ += r.busbw;
+    n_wrong_ += r.n_wrong;
+  }
+
+  void finish() {
+    const size_t n_rows = doc_["rows"].size();
+    const double avg_busbw = n_rows > 0 ? sum_busbw_ / static_cast<double>(n_rows) : 0.0;
+    std::printf("# avg bus bandwidth: %.3f GB/s\n", avg_busbw);
+    if (n_wrong_ == 0)
+      std::printf("# all correct\n");
+    else
+      std::printf("# WRONG: %lld\n", static_cast<long long>(n_wrong_));
+    std::fflush(stdout);
+    if (json_file_.is_open()) {
+      doc_["avg_busbw_gbps"] = avg_busbw;
+      doc_["n_wrong"] = n_wrong_;
+      json_file_ << doc_.dump(2) << "\n";
+      json_file_.close();
+      SY_CHECK(json_file_.good(), "cannot write --json ", json_path_);
+    }
+  }
+
+ private:
+  std::string dtype_;
+  std::string json_path_;
+  std::ofstream json_file_;
+  nlohmann::ordered_json doc_;
+  double sum_busbw_ = 0;
+  int64_t n_wrong_ = 0;
+};
 
 }  // namespace
 
@@ -321,7 +388,6 @@ int run_bench_all_to_all(const BenchAllToAllArgs& a) {
     control = make_self_communicator();
   }
   const int W = control->size();
-  const bool root = control->rank() == 0;
   SY_CHECK(a.n_experts >= W, "--experts ", a.n_experts, " is fewer than the ", W,
            " ranks: some rank would hold none");
   const bool nccl = a.backend == "nccl";
@@ -329,61 +395,19 @@ int run_bench_all_to_all(const BenchAllToAllArgs& a) {
   if (nccl) nccl_comm = open_nccl(*control, env != nullptr ? env->local_rank() : 0);
   Communicator& comm = nccl ? *nccl_comm : *control;
   const std::string backend = nccl ? "nccl" : env != nullptr ? "mpi" : "self";
-  const std::string dtype_str = a.dtype != "auto" ? a.dtype : nccl ? "bf16" : "f32";
-  const DType dtype = dtype_str == "bf16" ? DType::kBF16 : DType::kF32;
+  const std::string dtype = a.dtype != "auto" ? a.dtype : nccl ? "bf16" : "f32";
 
-  AllToAllBench bench(a, comm, *control, dtype, nccl);
-  if (root) {
-    std::printf("# switchyard bench all-to-all: MoE dispatch, one row per (token, expert) pair\n");
-    std::printf("# world %d rank(s), backend %s%s, hidden %lld, top-k %d, experts %lld, dtype %s\n",
-                W, backend.c_str(), backend == "self" ? " (no MPI launcher: local copies)" : "",
-                static_cast<long long>(a.hidden), a.top_k, static_cast<long long>(a.n_experts),
-                dtype_str.c_str());
-    std::printf("# iters %d, warmup %d, seed %llu\n#\n%s", a.iters, a.warmup,
-                static_cast<unsigned long long>(a.seed), kColumns);
-    std::fflush(stdout);
-  }
-  nlohmann::ordered_json rows = nlohmann::ordered_json::array();
-  double sum_busbw = 0;
+  AllToAllBench bench(a, comm, *control, dtype == "bf16" ? DType::kBF16 : DType::kF32, nccl);
+  std::unique_ptr<Report> report;
+  if (control->rank() == 0) report = std::make_unique<Report>(a, W, backend, dtype);
   int64_t n_wrong = 0;
   for (size_t k = 0; k < bench.sizes().size(); ++k) {
-    const Row r = bench.measure(k);
-    sum_busbw += r.busbw;
+    const Row r = bench.measure(k);  // collective: the ranks' results combined on every rank
     n_wrong += r.n_wrong;
-    if (!root) continue;
-    print_row(r, dtype_str.c_str());
-    rows.push_back({{"bytes", r.bytes},
-                    {"tokens", r.tokens},
-                    {"dtype", dtype_str},
-                    {"time_us", r.time_us},
-                    {"algbw_gbps", r.algbw},
-                    {"busbw_gbps", r.busbw},
-                    {"n_wrong", r.n_wrong}});
+    if (report != nullptr) report->add(r);
   }
-  const double avg_busbw = sum_busbw / static_cast<double>(bench.sizes().size());
-  if (root) {
-    std::printf("# avg bus bandwidth: %.3f GB/s\n", avg_busbw);
-    if (n_wrong == 0)
-      std::printf("# all correct\n");
-    else
-      std::printf("# WRONG: %lld\n", static_cast<long long>(n_wrong));
-    std::fflush(stdout);
-    if (!a.json.empty())
-      write_json(a.json, {{"benchmark", "all-to-all"},
-                          {"world", W},
-                          {"backend", backend},
-                          {"hidden", a.hidden},
-                          {"top_k", a.top_k},
-                          {"experts", a.n_experts},
-                          {"dtype", dtype_str},
-                          {"iters", a.iters},
-                          {"warmup", a.warmup},
-                          {"seed", a.seed},
-                          {"rows", rows},
-                          {"avg_busbw_gbps", avg_busbw},
-                          {"n_wrong", n_wrong}});
-  }
-  // The JSON is written before any rank leaves; a failed write ends the job on rank 0.
+  if (report != nullptr) report->finish();
+  // Every rank waits for rank 0's file; a failed write ends the job from rank 0.
   control->barrier();
   return n_wrong == 0 ? 0 : 1;
 }
