@@ -28,7 +28,7 @@ void fail(const char* file, int line, const char* expr, const std::string& messa
   out << base << ":" << line;
   if (g_rank.load() >= 0) out << ", rank " << g_rank.load();
   out << "]";
-  throw Error(out.str());
+  throw Error(out.str(), message);
 }
 
 }  // namespace detail

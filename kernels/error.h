@@ -11,9 +11,17 @@
 
 namespace sy {
 
+// what() is the message followed by where it was raised ("[check `x` failed at f.cc:12, rank 0]");
+// message() is the message alone, for clients that should not see source locations.
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& message) : std::runtime_error(message), message_(message) {}
+  Error(const std::string& what, const std::string& message)
+      : std::runtime_error(what), message_(message) {}
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;
 };
 
 // The rank printed in error messages; -1 until the parallel environment sets it.

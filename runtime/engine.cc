@@ -99,7 +99,7 @@ void Engine::validate(const RequestParams& p) const {
   try {
     p.sampling.validate();
   } catch (const Error& e) {
-    bad(std::string("sampling: ") + e.what());
+    bad("sampling: " + e.message());
   }
   if (static_cast<int64_t>(p.stop.size()) > options_.max_stop_strings)
     bad("stop: " + std::to_string(p.stop.size()) + " stop strings (at most " +
@@ -113,6 +113,9 @@ void Engine::validate(const RequestParams& p) const {
   for (int32_t id : p.stop_token_ids)
     if (id < 0 || id >= vocab)
       bad("stop_token_ids: token id " + std::to_string(id) + " outside the vocabulary");
+  if (n_prompt > options_.max_queue_tokens)
+    bad("prompt: " + std::to_string(n_prompt) + " tokens exceed the admission limit of " +
+        std::to_string(options_.max_queue_tokens) + " prompt tokens (--max-queue-tokens)");
   if (p.logprobs < 0 || p.logprobs > options_.max_logprobs)
     bad("logprobs: " + std::to_string(p.logprobs) + " outside [0, " +
         std::to_string(options_.max_logprobs) + "]");

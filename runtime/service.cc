@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <deque>
-#include <regex>
 #include <utility>
 
 namespace sy {
@@ -12,16 +11,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Code = RequestError::Code;
 
-// Messages made by SY_CHECK end in " [check `expr` failed at file.cc:123, rank 0]" (or
-// " [file.cc:123]"): a client gets the message without the source location.
-std::string client_message(const std::string& m) {
-  static const std::regex location(R"( \[(check `.*` failed at )?[\w.]+:\d+(, rank \d+)?\]$)");
-  std::smatch match;
-  if (std::regex_search(m, match, location)) return m.substr(0, match.position(0));
-  return m;
-}
+// What a client sees of an error: sy::Error's message without its source location.
 std::string client_message(const std::exception& e) {
-  return client_message(std::string(e.what()));
+  if (const auto* error = dynamic_cast<const Error*>(&e)) return error->message();
+  return e.what();
 }
 
 void check_ids(const google::protobuf::RepeatedField<uint32_t>& ids, int64_t vocab_size,

@@ -59,13 +59,16 @@ elif grep -q -- "--tp 3 must divide the world size 4" "$work/bad.err"; then
 else
   n_fail=$((n_fail + 1)); echo "FAILED: no clear error for --tp 3: $(head -2 "$work/bad.err")"
 fi
-# A rank killed mid-generation: the whole job ends within 10 s, non-zero, naming the rank.
-mpirun -n 3 "$bin" generate --model "$work/m" --prompt-ids 1 --max-tokens 4000 --ignore-eos \
+# A rank killed mid-generation: the whole job ends within 10 s, non-zero, naming the rank. The
+# model is large enough that the generation lasts far longer than the test waits.
+"$bin" make-tiny-model --out "$work/long" --layers 4 --hidden-size 256 --intermediate-size 512 \
+  --max-position 20000 >/dev/null || exit 1
+mpirun -n 3 "$bin" generate --model "$work/long" --prompt-ids 1 --max-tokens 16000 --ignore-eos \
   >/dev/null 2>"$work/kill.err" &
 job=$!
 victim=""
 for _ in $(seq 100); do
-  for pid in $(pgrep -f "generate --model $work/m --prompt-ids 1 --max-tokens 4000"); do
+  for pid in $(pgrep -f "generate --model $work/long --prompt-ids 1 --max-tokens 16000"); do
     if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=2; then
       victim=$pid
     fi
@@ -81,7 +84,7 @@ if kill -0 "$job" 2>/dev/null; then
   kill -9 "$job"; n_fail=$((n_fail + 1)); echo "FAILED: the job outlived a killed rank by 15 s"
 else
   wait "$job"; rc=$?
-  left=$(pgrep -f "generate --model $work/m --prompt-ids 1 --max-tokens 4000" | wc -l)
+  left=$(pgrep -f "generate --model $work/long --prompt-ids 1 --max-tokens 16000" | wc -l)
   if [ -z "$victim" ] || [ "$rc" = 0 ] || [ "$left" != 0 ] || [ $(( $(date +%s) - start )) -gt 10 ] ||
      ! grep -q "rank 2" "$work/kill.err"; then
     n_fail=$((n_fail + 1)); echo "FAILED: killed rank: victim '$victim' rc $rc, $left left: $(head -3 "$work/kill.err")"

@@ -140,7 +140,9 @@ TEST(Engine, ValidationNamesTheField) {
       ADD_FAILURE() << "accepted bad " << field;
     } catch (const RequestError& e) {
       EXPECT_EQ(e.code(), RequestError::Code::kInvalidArgument);
-      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+      EXPECT_NE(e.message().find(field), std::string::npos) << e.message();
+      EXPECT_EQ(e.message().find(".cc:"), std::string::npos)
+          << "a source location in " << e.message();
     }
   };
   expect(request({}, 4), "prompt");
@@ -158,6 +160,18 @@ TEST(Engine, ValidationNamesTheField) {
   p = request({1}, 4);
   p.logprobs = 21;
   expect(p, "logprobs");
+}
+
+TEST(Engine, PromptLargerThanTheQueueIsInvalidNotExhausted) {
+  EngineOptions options;
+  options.max_queue_tokens = 4;
+  Served s(64, options, false);
+  try {
+    s.engine->submit(request({1, 5, 6, 7, 8}, 2), std::make_shared<Collector>());
+    FAIL() << "admitted";
+  } catch (const RequestError& e) {
+    EXPECT_EQ(e.code(), RequestError::Code::kInvalidArgument) << e.message();
+  }
 }
 
 TEST(Engine, FullQueueIsResourceExhausted) {
