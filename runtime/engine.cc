@@ -193,6 +193,11 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
   u.total_time_ms = ms_between(seq.arrival, now);
   u.preemptions = seq.preemptions;
   blocks_.release(seq.blocks);
+  {
+    // Before the last event goes out, so a client that sees it also sees the blocks freed.
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.kv_blocks_used = blocks_.n_total() - blocks_.n_free();
+  }
   seq.sink->on_event(std::move(event));
 }
 
