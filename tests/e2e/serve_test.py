@@ -652,7 +652,40 @@ def scenario_rank_kill(args):
         s.kill()
 
 
-SCENARIOS = {"basic": scenario_basic, "faults": scenario_faults, "queue": scenario_queue,
+def scenario_loading(args):
+    """Health is NOT_SERVING while the ranks load their weights, then SERVING."""
+    big = os.path.join(args.work, "big")
+    subprocess.run([args.bin, "make-tiny-model", "--out", big, "--layers", "8", "--hidden-size",
+                    "512", "--intermediate-size", "2048", "--vocab-size", str(VOCAB), "--dtype",
+                    "f32", "--shard-mib", "64"], check=True, stdout=subprocess.DEVNULL)
+    args.model = big
+    s = Server(args, "loading", [])
+    try:
+        # A fresh channel per poll: a channel refused while the port was closed backs off for a
+        # second or more, longer than the load takes.
+        seen = []
+        end = time.time() + 90
+        while time.time() < end and (not seen or seen[-1] != "SERVING"):
+            with grpc.insecure_channel(s.target) as channel:
+                try:
+                    r = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+                except grpc.RpcError as e:
+                    status = e.code().name
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.02)
+        log(f"  health while starting: {' -> '.join(seen)}")
+        check("NOT_SERVING while loading, then SERVING",
+              "NOT_SERVING" in seen and seen[-1] == "SERVING" and
+              seen.index("NOT_SERVING") < len(seen) - 1, " -> ".join(seen))
+        still_works(s, "after loading")
+    finally:
+        s.kill()
+
+
+SCENARIOS = {"basic": scenario_basic, "loading": scenario_loading, "faults": scenario_faults, "queue": scenario_queue,
              "drain": scenario_drain, "grace": scenario_grace, "rank_kill": scenario_rank_kill}
 
 
