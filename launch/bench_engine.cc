@@ -116,10 +116,7 @@ void add_bench_engine(CLI::App& bench, BenchEngineArgs& a) {
   cmd->add_option("--batch", a.batch, "Sequences per step, e.g. 1,8,64")->delimiter(',');
   cmd->add_option("--prompt-len", a.prompt_len, "Prompt tokens per sequence")->delimiter(',');
   cmd->add_option("--output-len", a.output_len, "Decode steps")->delimiter(',');
-  cmd->add_option("--tp", a.tp, "Tensor-parallel ranks of attention")->capture_default_str();
-  cmd->add_option("--ep", a.ep, "Expert-parallel ranks (0 = the world)")->capture_default_str();
-  cmd->add_option("--moe-exchange", a.moe_exchange, "all-to-all or all-gather")
-      ->capture_default_str();
+  add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
   cmd->add_option("--max-batch-tokens", a.max_batch_tokens, "Prefill tokens per step")
       ->capture_default_str();
   cmd->add_option("--seed", a.seed, "Weights and token seed")->capture_default_str();

@@ -125,6 +125,9 @@ void add_bench(CLI::App& app, BenchArgs& args);
 int run_bench(const BenchArgs& args);
 int run_bench_all_to_all(const BenchAllToAllArgs& args);
 
+// --tp, --ep and --moe-exchange, the rank layout flags of generate, serve and bench engine.
+void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange);
+
 // True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
 bool launched_by_mpi();
 

@@ -52,6 +52,15 @@ void print_layout(const ParallelContext& par, const ModelConfig& config, const W
     std::fprintf(stderr, "  %5d  %10d  %10d\n", r, all[2 * r], all[2 * r + 1]);
 }
 
+void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange) {
+  cmd->add_option("--tp", tp, "Tensor-parallel ranks of attention (divides the world)")
+      ->capture_default_str();
+  cmd->add_option("--ep", ep, "Expert-parallel ranks (divides the world; 0 = the world)")
+      ->capture_default_str();
+  cmd->add_option("--moe-exchange", moe_exchange, "all-to-all or all-gather")
+      ->capture_default_str();
+}
+
 bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"})
     if (std::getenv(v) != nullptr) return true;
@@ -83,12 +92,7 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
       ->capture_default_str();
   cmd->add_option("--prefill-chunk", a.prefill_chunk, "Prompt tokens per forward step")
       ->capture_default_str();
-  cmd->add_option("--tp", a.tp, "Tensor-parallel ranks of attention (divides the world)")
-      ->capture_default_str();
-  cmd->add_option("--ep", a.ep, "Expert-parallel ranks (divides the world; 0 = the world)")
-      ->capture_default_str();
-  cmd->add_option("--moe-exchange", a.moe_exchange, "all-to-all or all-gather")
-      ->capture_default_str();
+  add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
 }
 
 int run_generate(const GenerateArgs& a) {

@@ -214,12 +214,7 @@ void add_serve(CLI::App& app, ServeArgs& a) {
   cmd->add_option("--model", c.model, "Model directory (Hugging Face layout)")->required();
   cmd->add_option("--listen", c.listen, "host:port of the gRPC server (port 0 = any free port)")
       ->capture_default_str();
-  cmd->add_option("--tp", a.tp, "Tensor-parallel ranks of attention (divides the world)")
-      ->capture_default_str();
-  cmd->add_option("--ep", a.ep, "Expert-parallel ranks (divides the world; 0 = the world)")
-      ->capture_default_str();
-  cmd->add_option("--moe-exchange", a.moe_exchange, "all-to-all or all-gather")
-      ->capture_default_str();
+  add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
   cmd->add_option("--max-batch-tokens", c.max_batch_tokens,
                   "Tokens per step (prefill chunks + decode tokens)")
       ->capture_default_str();
