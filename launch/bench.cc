@@ -35,16 +35,20 @@ void add_all_to_all(CLI::App& bench, BenchArgs& args) {
 }  // namespace
 
 void add_bench(CLI::App& app, BenchArgs& args) {
-  CLI::App* bench = app.add_subcommand("bench", "Measurements: bench all-to-all|engine [flags]");
+  CLI::App* bench =
+      app.add_subcommand("bench", "Measurements: bench all-to-all|engine|serve [flags]");
   bench->require_subcommand(1);
   add_all_to_all(*bench, args);
   add_bench_engine(*bench, args.engine);
   bench->get_subcommand("engine")->callback([&args] { args.mode = "engine"; });
+  add_bench_serve(*bench, args.serve);
+  bench->get_subcommand("serve")->callback([&args] { args.mode = "serve"; });
 }
 
 int run_bench(const BenchArgs& args) {
   if (args.mode == "all-to-all") return run_bench_all_to_all(args.all_to_all);
   if (args.mode == "engine") return run_bench_engine(args.engine);
+  if (args.mode == "serve") return run_bench_serve(args.serve);
   SY_FAIL("bench: unknown mode \"", args.mode, "\"");
 }
 

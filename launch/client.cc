@@ -7,7 +7,6 @@
 //   health       prints SERVING or NOT_SERVING (exit 1 unless SERVING)
 //
 // A call that ends with a non-OK status prints "CODE: message" on stderr and exits 1.
-#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -16,6 +15,7 @@
 
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "launch/commands.h"
+#include "launch/rpc.h"
 #include "switchyard/v1/switchyard.grpc.pb.h"
 
 namespace sy::launch {
@@ -24,58 +24,12 @@ namespace {
 namespace v1 = ::switchyard::v1;
 namespace health = ::grpc::health::v1;
 
-const char* code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK:
-      return "OK";
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN:
-      return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND:
-      return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS:
-      return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED:
-      return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-      return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION:
-      return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED:
-      return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE:
-      return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED:
-      return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL:
-      return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS:
-      return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED:
-      return "UNAUTHENTICATED";
-    default:
-      return "UNKNOWN";
-  }
-}
-
 int report(const grpc::Status& status) {
   if (status.ok()) return 0;
   std::fflush(stdout);
-  std::fprintf(stderr, "%s: %s\n", code_name(status.error_code()), status.error_message().c_str());
+  std::fprintf(stderr, "%s: %s\n", status_code_name(status.error_code()),
+               status.error_message().c_str());
   return 1;
-}
-
-void set_timeout(grpc::ClientContext& context, double seconds) {
-  context.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                           std::chrono::duration<double>(seconds)));
 }
 
 const char* finish_name(v1::FinishReason reason) {

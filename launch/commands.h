@@ -85,7 +85,7 @@ void print_layout(const ParallelContext& parallel, const ModelConfig& config,
 // Parses "1,2,3" into token ids; throws naming `flag`.
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag);
 
-// `switchyard bench MODE`: measurements for capacity planning. Modes: all-to-all.
+// `switchyard bench MODE`: measurements for capacity planning. Modes: all-to-all, engine, serve.
 struct BenchAllToAllArgs {
   std::string backend = "mpi";  // mpi (host buffers) or nccl (device buffers, one GPU per rank)
   int64_t hidden = 4096;        // elements per token row
@@ -114,13 +114,32 @@ struct BenchEngineArgs {
   double mem_bandwidth_gbs = 0;     // the job's memory bandwidth; 0 = measure
   std::string json;                 // every sample as JSON (rank 0); empty: no file
 };
+struct BenchServeArgs {
+  std::string target = "127.0.0.1:50051";  // host:port of a running server
+  std::vector<double> rate;                // open loop: requests/s (Poisson arrivals), a sweep
+  std::vector<int64_t> concurrency;        // closed loop: requests in flight, a sweep
+  int64_t prompt_len = 128;                // prompt tokens (fixed), unless a range or file
+  int64_t output_len = 32;                 // generated tokens (fixed), unless a range or file
+  std::string prompt_len_range;            // "A:B": prompt tokens uniform in [A, B]
+  std::string output_len_range;            // "A:B": generated tokens uniform in [A, B]
+  std::string lengths_file;                // lines "prompt_len output_len", drawn uniformly
+  double warmup_s = 2;                     // per sweep value, before the measured window
+  double duration_s = 10;                  // measured window per sweep value
+  double slo_ttft_ms = 0;                  // goodput: time to first token at most; 0 = any
+  double slo_tpot_ms = 0;                  // goodput: time per output token at most; 0 = any
+  uint64_t seed = 1;                       // arrivals, lengths and prompt tokens
+  std::string json;                        // every sample as JSON; empty: no file
+};
 struct BenchArgs {
   std::string mode;  // the mode given on the command line, e.g. "all-to-all"
   BenchAllToAllArgs all_to_all;
   BenchEngineArgs engine;
+  BenchServeArgs serve;
 };
 void add_bench_engine(CLI::App& bench, BenchEngineArgs& args);
 int run_bench_engine(const BenchEngineArgs& args);
+void add_bench_serve(CLI::App& bench, BenchServeArgs& args);
+int run_bench_serve(const BenchServeArgs& args);
 void add_bench(CLI::App& app, BenchArgs& args);
 int run_bench(const BenchArgs& args);
 int run_bench_all_to_all(const BenchAllToAllArgs& args);

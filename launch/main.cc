@@ -4,7 +4,8 @@
 //   generate          run one prompt through a model and stream the generated text
 //   serve             serve a model over gRPC from every rank of an MPI job
 //   client            call a running server (generate, tokenize, detokenize, info, health)
-//   bench MODE        measurements: all-to-all (the MoE dispatch exchange)
+//   bench MODE        measurements: all-to-all (the MoE dispatch exchange), engine (the ranks'
+//                     throughput), serve (a load generator against a running server)
 #include <cstdio>
 #include <exception>
 #include <string>

@@ -1,0 +1,590 @@
+// `switchyard bench serve`: a load generator against a running server, measuring what a client
+// sees: time to first token, time per output token, inter-token latency, end-to-end latency,
+// throughput and goodput under a given load.
+//
+// The load is open loop (`--rate`: Poisson arrivals at R requests/s, seeded) or closed loop
+// (`--concurrency`: C requests always in flight, a new one sent as each ends); a list of values is
+// a sweep, run one value after the other. Each value runs `--warmup-s` seconds whose requests are
+// not counted, then a measured window of `--duration-s` seconds: a request counts when it was sent
+// inside the window and ended before the window closed. Requests still in flight when the window
+// closes are cancelled and not counted.
+//
+// Requests use gRPC's callback API: every Generate stream is a reactor driven by gRPC's own
+// threads, so hundreds of streams need no thread each. The driver (the calling thread) only sends
+// requests at their arrival times, collects the ended ones and prints progress.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
+
+#include "launch/commands.h"
+#include "launch/rpc.h"
+#include "switchyard/v1/switchyard.grpc.pb.h"
+
+namespace sy::launch {
+namespace {
+
+namespace v1 = ::switchyard::v1;
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// One request as the client saw it. Times are steady-clock instants; `message_times` has one
+// entry per streamed message that carried tokens.
+struct Sample {
+  Clock::time_point sent;
+  Clock::time_point last_message;  // the last streamed message (the one with the finish reason)
+  Clock::time_point ended;         // the call's status
+  std::vector<Clock::time_point> message_times;
+  int64_t prompt_tokens = 0;
+  int64_t max_tokens = 0;
+  int64_t n_tokens = 0;  // tokens received
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  std::string message;  // the status message of a failed request
+};
+
+class Stream;
+
+// Where streams go once gRPC is done with them; filled by the reactors, emptied by the driver.
+struct Sink {
+  std::mutex mutex;
+  std::condition_variable ended_cv;
+  std::vector<Stream*> ended;  // guarded by mutex
+};
+
+// One Generate stream. The driver owns it and deletes it once it appears in Sink::ended (gRPC
+// no longer touches a reactor after OnDone).
+class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  Stream(v1::Switchyard::Stub& stub, Sink& sink, v1::GenerateRequest request, Sample sample)
+      : sink_(sink), request_(std::move(request)), sample_(std::move(sample)) {
+    sample_.sent = Clock::now();
+    stub.async()->Generate(&context_, &request_, this);
+    StartRead(&response_);
+    StartCall();
+  }
+
+  // Asks gRPC to end the call (thread-safe); OnDone follows with CANCELLED.
+  void cancel() { context_.TryCancel(); }
+
+  // The request as the client saw it; complete once the stream is in Sink::ended.
+  Sample& sample() { return sample_; }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended; OnDone follows
+    sample_.last_message = Clock::now();
+    if (response_.token_ids_size() > 0) {
+      sample_.message_times.push_back(Clock::now());
+      sample_.n_tokens += response_.token_ids_size();
+    }
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    sample_.ended = Clock::now();
+    sample_.code = status.error_code();
+    sample_.message = status.error_message();
+    Sink& sink = sink_;  // `this` may be deleted as soon as it is in the list
+    {
+      std::lock_guard<std::mutex> lock(sink.mutex);
+      sink.ended.push_back(this);
+    }
+    sink.ended_cv.notify_all();
+  }
+
+ private:
+  Sink& sink_;
+  grpc::ClientContext context_;
+  v1::GenerateRequest request_;
+  v1::GenerateResponse response_;
+  Sample sample_;
+};
+
+// Prompt and output lengths of the next request: fixed, uniform over a range, or a line of a file.
+class Lengths {
+ public:
+  explicit Lengths(const BenchServeArgs& a) {
+    if (!a.lengths_file.empty()) {
+      std::ifstream f(a.lengths_file);
+      SY_CHECK(f.good(), "cannot read --lengths-file ", a.lengths_file);
+      std::string line;
+      for (int64_t n = 1; std::getline(f, line); ++n) {
+        if (line.find_first_not_of(" \t\r") == std::string::npos || line[0] == '#') continue;
+        std::istringstream in(line);
+        int64_t p = 0, o = 0;
+        SY_CHECK(static_cast<bool>(in >> p >> o) && p >= 1 && o >= 1, "--lengths-file ",
+                 a.lengths_file, " line ", n, ": want \"prompt_len output_len\", both >= 1, got \"",
+                 line, "\"");
+        pairs_.push_back({p, o});
+      }
+      SY_CHECK(!pairs_.empty(), "--lengths-file ", a.lengths_file, " has no lengths");
+      return;
+    }
+    prompt_ = parse_range(a.prompt_len_range, a.prompt_len, "--prompt-len");
+    output_ = parse_range(a.output_len_range, a.output_len, "--output-len");
+  }
+
+  // The most prompt + output tokens of any request.
+  int64_t max_total() const {
+    int64_t m = prompt_.second + output_.second;
+    for (const auto& [p, o] : pairs_) m = std::max(m, p + o);
+    return m;
+  }
+
+  std::pair<int64_t, int64_t> draw(std::mt19937_64& rng) const {
+    if (!pairs_.empty())
+      return pairs_[std::uniform_int_distribution<size_t>(0, pairs_.size() - 1)(rng)];
+    return {std::uniform_int_distribution<int64_t>(prompt_.first, prompt_.second)(rng),
+            std::uniform_int_distribution<int64_t>(output_.first, output_.second)(rng)};
+  }
+
+ private:
+  // "A:B" -> [A, B]; empty -> [fixed, fixed].
+  static std::pair<int64_t, int64_t> parse_range(const std::string& text, int64_t fixed,
+                                                 const char* flag) {
+    if (text.empty()) {
+      SY_CHECK(fixed >= 1, flag, " ", fixed, " must be >= 1");
+      return {fixed, fixed};
+    }
+    const size_t colon = text.find(':');
+    int64_t lo = 0, hi = 0;
+    try {
+      SY_CHECK(colon != std::string::npos, "no colon");
+      lo = std::stoll(text.substr(0, colon));
+      hi = std::stoll(text.substr(colon + 1));
+    } catch (const std::exception&) {
+      SY_FAIL(flag, "-range \"", text, "\": want A:B");
+    }
+    SY_CHECK(lo >= 1 && lo <= hi, flag, "-range \"", text, "\": want 1 <= A <= B");
+    return {lo, hi};
+  }
+
+  std::pair<int64_t, int64_t> prompt_{0, 0}, output_{0, 0};
+  std::vector<std::pair<int64_t, int64_t>> pairs_;
+};
+
+// The q-quantile of sorted values (linear interpolation); 0 when empty.
+double quantile(const std::vector<double>& sorted, double q) {
+  if (sorted.empty()) return 0;
+  const double pos = q * static_cast<double>(sorted.size() - 1);
+  const size_t i = static_cast<size_t>(pos);
+  if (i + 1 >= sorted.size()) return sorted.back();
+  return sorted[i] + (pos - static_cast<double>(i)) * (sorted[i + 1] - sorted[i]);
+}
+
+struct Stats {
+  double mean = 0, p50 = 0, p90 = 0, p99 = 0;
+};
+Stats stats_of(std::vector<double> v) {
+  Stats s;
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  for (double x : v) s.mean += x / static_cast<double>(v.size());
+  s.p50 = quantile(v, 0.5);
+  s.p90 = quantile(v, 0.9);
+  s.p99 = quantile(v, 0.99);
+  return s;
+}
+json stats_json(const Stats& s) {
+  return {{"mean", s.mean}, {"p50", s.p50}, {"p90", s.p90}, {"p99", s.p99}};
+}
+
+// The measured results of one sweep value.
+struct Run {
+  std::string mode;  // "rate" or "concurrency"
+  double value = 0;  // requests/s or requests in flight
+  int64_t n_completed = 0, n_tokens = 0, n_good = 0, n_cancelled_at_end = 0;
+  double duration_s = 0;
+  Stats ttft, tpot, e2e, itl;
+  std::map<std::string, int64_t> errors;  // status code name -> requests
+  json samples = json::array();
+};
+
+// Progress on stderr: rewritten in place on a terminal, else one line every few seconds.
+class Progress {
+ public:
+  Progress() : tty_(isatty(fileno(stderr)) != 0) {}
+  // Prints `line` if enough time has passed, or at once when `phase` changed.
+  void update(const std::string& phase, const std::string& line) {
+    const auto now = Clock::now();
+    const auto every = tty_ ? std::chrono::milliseconds(200) : std::chrono::seconds(5);
+    if (phase == phase_ && now - last_ < every) return;
+    phase_ = phase;
+    last_ = now;
+    if (tty_)
+      std::fprintf(stderr, "\r%-100s", line.c_str());
+    else
+      std::fprintf(stderr, "%s\n", line.c_str());
+    std::fflush(stderr);
+  }
+  void done() {
+    if (tty_) std::fprintf(stderr, "\r%-100s\r", "");
+    last_ = Clock::time_point();
+    phase_.clear();
+  }
+
+ private:
+  bool tty_;
+  Clock::time_point last_;
+  std::string phase_;
+};
+
+class Driver {
+ public:
+  Driver(const BenchServeArgs& a, v1::Switchyard::Stub& stub, int64_t vocab_size)
+      : a_(a), stub_(stub), vocab_size_(vocab_size), lengths_(a) {}
+
+  Run run(const std::string& mode, double value, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    Run run;
+    run.mode = mode;
+    run.value = value;
+    run.duration_s = a_.duration_s;
+    const bool open_loop = mode == "rate";
+    const auto t0 = Clock::now();
+    const auto window_begin = t0 + to_duration(a_.warmup_s);
+    const auto window_end = window_begin + to_duration(a_.duration_s);
+    std::exponential_distribution<double> gap(open_loop ? value : 1.0);
+    auto next_arrival = t0;
+    int64_t in_flight = 0, n_sent = 0;
+    std::vector<Sample> counted;
+    if (!open_loop)
+      for (int64_t i = 0; i < static_cast<int64_t>(value); ++i, ++in_flight, ++n_sent) send(rng);
+
+    while (Clock::now() < window_end) {
+      if (open_loop) {
+        while (next_arrival <= Clock::now()) {
+          send(rng);
+          ++in_flight;
+          ++n_sent;
+          next_arrival += to_duration(gap(rng));
+        }
+      }
+      const auto wake = std::min({open_loop ? next_arrival : window_end, window_end,
+                                  Clock::now() + std::chrono::milliseconds(100)});
+      for (Sample& s : reap(wake)) {
+        --in_flight;
+        if (s.sent >= window_begin && s.ended <= window_end) counted.push_back(std::move(s));
+        if (!open_loop && Clock::now() < window_end) {
+          send(rng);
+          ++in_flight;
+          ++n_sent;
+        }
+      }
+      const auto now = Clock::now();
+      const char* phase = now < window_begin ? "warm-up" : "measuring";
+      char line[160];
+      std::snprintf(line, sizeof(line),
+                    "# %s %g: %s %.0f/%.0f s, sent %lld, in flight %lld, counted %zu", mode.c_str(),
+                    value, now < window_begin ? "warm-up" : "measuring",
+                    std::chrono::duration<double>(now - t0).count(), a_.warmup_s + a_.duration_s,
+                    (long long)n_sent, (long long)in_flight, counted.size());
+      progress_.update(phase, line);
+    }
+    progress_.done();
+
+    // Cancel what is left, wait for every stream to end, and count none of them.
+    run.n_cancelled_at_end = static_cast<int64_t>(live_.size());
+    for (Stream* s : live_) s->cancel();
+    while (!live_.empty())
+      for (Sample& s : reap(Clock::now() + std::chrono::milliseconds(100)))
+        if (s.sent >= window_begin && s.ended <= window_end) counted.push_back(std::move(s));
+    summarise(run, counted, window_begin);
+    return run;
+  }
+
+ private:
+  static Clock::duration to_duration(double seconds) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+
+  // Waits until a stream ends or `until`; deletes the ended streams and returns their samples.
+  std::vector<Sample> reap(Clock::time_point until) {
+    std::vector<Stream*> ended;
+    {
+      std::unique_lock<std::mutex> lock(sink_.mutex);
+      sink_.ended_cv.wait_until(lock, until, [&] { return !sink_.ended.empty(); });
+      ended.swap(sink_.ended);
+    }
+    std::vector<Sample> samples;
+    for (Stream* s : ended) {
+      samples.push_back(std::move(s->sample()));
+      live_.erase(s);
+      delete s;
+    }
+    return samples;
+  }
+
+  void send(std::mt19937_64& rng) {
+    const auto [prompt_len, output_len] = lengths_.draw(rng);
+    v1::GenerateRequest request;
+    std::uniform_int_distribution<int64_t> token(0, vocab_size_ - 1);
+    for (int64_t i = 0; i < prompt_len; ++i)
+      request.mutable_token_ids()->add_ids(static_cast<uint32_t>(token(rng)));
+    request.set_max_tokens(static_cast<uint32_t>(output_len));
+    request.set_temperature(0);  // greedy
+    request.set_ignore_eos(true);
+    Sample sample;
+    sample.prompt_tokens = prompt_len;
+    sample.max_tokens = output_len;
+    live_.insert(new Stream(stub_, sink_, std::move(request), std::move(sample)));
+  }
+
+  void summarise(Run& run, const std::vector<Sample>& counted, Clock::time_point window_begin) {
+    std::vector<double> ttft, tpot, e2e, itl;
+    for (const Sample& s : counted) {
+      json j = {{"arrival_s", ms_between(window_begin, s.sent) / 1e3},
+                {"status", status_code_name(s.code)},
+                {"prompt_tokens", s.prompt_tokens},
+                {"max_tokens", s.max_tokens},
+                {"tokens", s.n_tokens},
+                {"e2e_ms", ms_between(s.sent, s.ended)}};  // for errors: until the status
+      if (s.code != grpc::StatusCode::OK) {
+        ++run.errors[status_code_name(s.code)];
+        j["message"] = s.message;
+        run.samples.push_back(j);
+        continue;
+      }
+      ++run.n_completed;
+      run.n_tokens += s.n_tokens;
+      const double e2e_ms = ms_between(s.sent, s.last_message);
+      j["e2e_ms"] = e2e_ms;
+      const double ttft_ms =
+          s.message_times.empty() ? e2e_ms : ms_between(s.sent, s.message_times[0]);
+      json itl_ms = json::array();
+      for (size_t i = 1; i < s.message_times.size(); ++i) {
+        const double gap = ms_between(s.message_times[i - 1], s.message_times[i]);
+        itl.push_back(gap);
+        itl_ms.push_back(gap);
+      }
+      ttft.push_back(ttft_ms);
+      e2e.push_back(e2e_ms);
+      // A request of one token has no time per output token.
+      double tpot_ms = 0;
+      if (s.n_tokens > 1) {
+        tpot_ms = (e2e_ms - ttft_ms) / static_cast<double>(s.n_tokens - 1);
+        tpot.push_back(tpot_ms);
+        j["tpot_ms"] = tpot_ms;
+      }
+      const bool good = (a_.slo_ttft_ms <= 0 || ttft_ms <= a_.slo_ttft_ms) &&
+                        (a_.slo_tpot_ms <= 0 || tpot_ms <= a_.slo_tpot_ms);
+      run.n_good += good ? 1 : 0;
+      j["ttft_ms"] = ttft_ms;
+      j["itl_ms"] = itl_ms;
+      j["meets_slo"] = good;
+      run.samples.push_back(j);
+    }
+    run.ttft = stats_of(ttft);
+    run.tpot = stats_of(tpot);
+    run.e2e = stats_of(e2e);
+    run.itl = stats_of(itl);
+  }
+
+  const BenchServeArgs& a_;
+  v1::Switchyard::Stub& stub_;
+  int64_t vocab_size_;
+  Lengths lengths_;
+  Sink sink_;
+  std::set<Stream*> live_;  // sent and not yet reaped; owned
+  Progress progress_;
+};
+
+std::string errors_text(const Run& r) {
+  std::string s;
+  for (const auto& [name, n] : r.errors)
+    s += (s.empty() ? "" : ",") + name + ":" + std::to_string(n);
+  return s.empty() ? "-" : s;
+}
+int64_t n_errors(const Run& r) {
+  int64_t n = 0;
+  for (const auto& [name, count] : r.errors) n += count;
+  return n;
+}
+
+void print_tables(const std::vector<Run>& runs, const BenchServeArgs& a) {
+  const bool open_loop = runs.front().mode == "rate";
+  const char* load = open_loop ? "rate" : "conc";
+  const char* load_unit = open_loop ? "(req/s)" : "(streams)";
+  std::printf("#\n# throughput, time to first token and time per output token\n");
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", load, "completed", "req/s",
+              "tok/s", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean", "tpot_p50",
+              "tpot_p90", "tpot_p99", "cancelled");
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", load_unit, "(req)",
+              "(req/s)", "(tok/s)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)",
+              "(req)");
+  for (const Run& r : runs)
+    std::printf("  %9g %9lld %9.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.2f %9.2f %9.2f %9.2f %9lld\n",
+                r.value, (long long)r.n_completed, r.n_completed / r.duration_s,
+                r.n_tokens / r.duration_s, r.ttft.mean, r.ttft.p50, r.ttft.p90, r.ttft.p99,
+                r.tpot.mean, r.tpot.p50, r.tpot.p90, r.tpot.p99, (long long)r.n_cancelled_at_end);
+  std::printf("#\n# inter-token latency, end-to-end latency, errors and goodput\n");
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s  %s\n", load, "itl_p50", "itl_p99",
+              "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99", "goodput", "errors", "good%",
+              "errors_by_code");
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s\n", load_unit, "(ms)", "(ms)", "(ms)",
+              "(ms)", "(ms)", "(ms)", "(req/s)", "(req)", "(%)");
+  for (const Run& r : runs) {
+    const int64_t n_err = n_errors(r);
+    const int64_t n_all = r.n_completed + n_err;
+    std::printf("  %9g %9.2f %9.2f %9.1f %9.1f %9.1f %9.1f %9.2f %9lld %7.1f  %s\n", r.value,
+                r.itl.p50, r.itl.p99, r.e2e.mean, r.e2e.p50, r.e2e.p90, r.e2e.p99,
+                r.n_good / r.duration_s, (long long)n_err,
+                n_all > 0 ? 100.0 * r.n_good / n_all : 0.0, errors_text(r).c_str());
+  }
+  int64_t total_errors = 0;
+  for (const Run& r : runs) total_errors += n_errors(r);
+  std::printf("# goodput: requests/s meeting TTFT <= %s and TPOT <= %s\n",
+              a.slo_ttft_ms > 0 ? (std::to_string(a.slo_ttft_ms) + " ms").c_str() : "any",
+              a.slo_tpot_ms > 0 ? (std::to_string(a.slo_tpot_ms) + " ms").c_str() : "any");
+  if (total_errors == 0)
+    std::printf("# no errors\n");
+  else
+    std::printf("# ERRORS: %lld\n", (long long)total_errors);
+}
+
+}  // namespace
+
+void add_bench_serve(CLI::App& bench, BenchServeArgs& a) {
+  CLI::App* cmd =
+      bench.add_subcommand("serve", "Load generator: latency and throughput of a running server");
+  cmd->add_option("--target", a.target, "host:port of the server")->capture_default_str();
+  auto* rate =
+      cmd->add_option("--rate", a.rate, "Requests/s, Poisson arrivals, e.g. 1,2,4")->delimiter(',');
+  auto* conc = cmd->add_option("--concurrency", a.concurrency,
+                               "Requests in flight (closed loop), e.g. 1,4,16")
+                   ->delimiter(',');
+  rate->excludes(conc);
+  conc->excludes(rate);
+  auto* plen =
+      cmd->add_option("--prompt-len", a.prompt_len, "Prompt tokens")->capture_default_str();
+  auto* olen =
+      cmd->add_option("--output-len", a.output_len, "Generated tokens")->capture_default_str();
+  auto* prange =
+      cmd->add_option("--prompt-len-range", a.prompt_len_range, "Prompt tokens uniform in A:B");
+  auto* orange =
+      cmd->add_option("--output-len-range", a.output_len_range, "Generated tokens uniform in A:B");
+  auto* file = cmd->add_option("--lengths-file", a.lengths_file,
+                               "Lines \"prompt_len output_len\", drawn uniformly");
+  prange->excludes(plen);
+  orange->excludes(olen);
+  for (auto* o : {plen, olen, prange, orange}) file->excludes(o);
+  cmd->add_option("--warmup-s", a.warmup_s, "Seconds per sweep value whose requests do not count")
+      ->capture_default_str();
+  cmd->add_option("--duration-s", a.duration_s, "Measured seconds per sweep value")
+      ->capture_default_str();
+  cmd->add_option("--slo-ttft-ms", a.slo_ttft_ms, "Goodput: time to first token at most (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--slo-tpot-ms", a.slo_tpot_ms,
+                  "Goodput: time per output token at most (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--seed", a.seed, "Arrivals, lengths and prompt tokens")->capture_default_str();
+  cmd->add_option("--json", a.json, "Write every sample as JSON to this file");
+}
+
+int run_bench_serve(const BenchServeArgs& a) {
+  SY_CHECK(a.rate.empty() != a.concurrency.empty(), "bench serve: give --rate or --concurrency");
+  for (double r : a.rate) SY_CHECK(r > 0 && std::isfinite(r), "--rate ", r, " must be > 0");
+  for (int64_t c : a.concurrency) SY_CHECK(c >= 1, "--concurrency ", c, " must be >= 1");
+  SY_CHECK(a.duration_s > 0, "--duration-s ", a.duration_s, " must be > 0");
+  SY_CHECK(a.warmup_s >= 0, "--warmup-s ", a.warmup_s, " must be >= 0");
+
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateChannel(a.target, grpc::InsecureChannelCredentials());
+  std::unique_ptr<v1::Switchyard::Stub> stub = v1::Switchyard::NewStub(channel);
+  v1::ModelInfo info;
+  {
+    grpc::ClientContext context;
+    set_timeout(context, 30);
+    context.set_wait_for_ready(true);
+    const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+    SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", a.target, ": ",
+             status_code_name(status.error_code()), ": ", status.error_message());
+  }
+  Driver driver(a, *stub, info.vocab_size());
+  const int64_t max_total = Lengths(a).max_total();
+  SY_CHECK(max_total <= info.context_limit_tokens(), "bench serve: prompt + output of ", max_total,
+           " tokens exceeds the server's context limit of ", info.context_limit_tokens());
+
+  const bool open_loop = !a.rate.empty();
+  std::printf("# switchyard bench serve: %s, %s (world %u, tp %u, ep %u, %s)\n", a.target.c_str(),
+              info.model_path().c_str(), info.world_size(), info.tp(), info.ep(),
+              info.device().c_str());
+  std::string lengths =
+      !a.lengths_file.empty()
+          ? "from " + a.lengths_file
+          : "prompt " +
+                (a.prompt_len_range.empty() ? std::to_string(a.prompt_len) : a.prompt_len_range) +
+                ", output " +
+                (a.output_len_range.empty() ? std::to_string(a.output_len) : a.output_len_range);
+  std::printf(
+      "# %s, lengths %s tokens, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu\n",
+      open_loop ? "open loop (Poisson arrivals)" : "closed loop", lengths.c_str(), a.warmup_s,
+      a.duration_s, (unsigned long long)a.seed);
+  std::fflush(stdout);  // the header before the progress lines on stderr
+
+  std::vector<Run> runs;
+  std::vector<double> values;
+  if (open_loop)
+    values = a.rate;
+  else
+    for (int64_t c : a.concurrency) values.push_back(static_cast<double>(c));
+  for (size_t i = 0; i < values.size(); ++i)
+    runs.push_back(driver.run(open_loop ? "rate" : "concurrency", values[i], a.seed + i));
+  print_tables(runs, a);
+
+  if (!a.json.empty()) {
+    json out = {{"benchmark", "serve"},
+                {"target", a.target},
+                {"model", info.model_path()},
+                {"world", info.world_size()},
+                {"device", info.device()},
+                {"mode", open_loop ? "rate" : "concurrency"},
+                {"warmup_s", a.warmup_s},
+                {"duration_s", a.duration_s},
+                {"slo_ttft_ms", a.slo_ttft_ms},
+                {"slo_tpot_ms", a.slo_tpot_ms},
+                {"seed", a.seed},
+                {"runs", json::array()}};
+    for (const Run& r : runs) {
+      json errors = json::object();
+      for (const auto& [name, n] : r.errors) errors[name] = n;
+      out["runs"].push_back({{"mode", r.mode},
+                             {"value", r.value},
+                             {"completed", r.n_completed},
+                             {"cancelled_at_end", r.n_cancelled_at_end},
+                             {"request_throughput", r.n_completed / r.duration_s},
+                             {"output_token_throughput", r.n_tokens / r.duration_s},
+                             {"goodput", r.n_good / r.duration_s},
+                             {"ttft_ms", stats_json(r.ttft)},
+                             {"tpot_ms", stats_json(r.tpot)},
+                             {"itl_ms", stats_json(r.itl)},
+                             {"e2e_ms", stats_json(r.e2e)},
+                             {"errors", errors},
+                             {"samples", r.samples}});
+    }
+    std::ofstream f(a.json);
+    f << out.dump(1) << "\n";
+    SY_CHECK(f.good(), "cannot write --json ", a.json);
+  }
+  return 0;
+}
+
+}  // namespace sy::launch

@@ -1,0 +1,237 @@
+#!/usr/bin/python3
+"""End-to-end test of `switchyard bench serve` against `mpirun -n 2 switchyard serve`.
+
+Starts the server on a tiny model on a free port (always killed at the end), then runs
+
+  bench serve --concurrency 1,4 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --json F
+  bench serve --rate 20 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8
+
+and checks: both tables carry their columns, every sweep value has completed > 0 and 0 errors,
+each request in the JSON received exactly output-len tokens, percentiles are ordered
+(p50 <= p90 <= p99). If matplotlib imports, launch/plot_bench.py must write PNG files for the
+serve JSON and for a `bench engine --json` file.
+
+Usage: bench_serve_test.py --bin SWITCHYARD --work DIR [--ranks N]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL_FLAGS = ["--seed", "11", "--layers", "2", "--hidden-size", "64", "--intermediate-size", "96",
+               "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab-size", "320",
+               "--shard-mib", "0.25"]
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+           "OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+           "OPENBLAS_NUM_THREADS": "1"}
+OUTPUT_LEN = 8
+n_pass = 0
+n_fail = 0
+
+
+def check(name, ok, detail=""):
+    global n_pass, n_fail
+    if ok:
+        n_pass += 1
+    else:
+        n_fail += 1
+        print(f"FAILED: {name}" + (f": {detail}" if detail else ""), flush=True)
+    return ok
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """Every process below `pid` (the ranks may leave mpirun's process group)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_job(proc):
+    for pid in descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+
+
+def wait_serving(bin_path, target, proc, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        r = subprocess.run([bin_path, "client", "--target", target, "--timeout-s", "2", "health"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if r.returncode == 0 and "SERVING" in r.stdout:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not SERVING after {timeout} s")
+
+
+def rows_of(table_text):
+    """Data rows (not # lines) of bench serve's output, split into the two tables."""
+    tables, current = [], None
+    for line in table_text.splitlines():
+        if line.startswith("#"):
+            if current:
+                tables.append(current)
+                current = None
+            continue
+        if current is None:
+            current = []
+        current.append(line.split())
+    if current:
+        tables.append(current)
+    return tables
+
+
+def check_output(name, out, n_values):
+    for column in ["completed", "req/s", "tok/s", "ttft_p50", "ttft_p99", "tpot_mean", "tpot_p99",
+                   "itl_p50", "itl_p99", "e2e_p90", "goodput", "errors", "errors_by_code"]:
+        check(f"{name}: column {column}", f" {column}" in out)
+    tables = rows_of(out)
+    if not check(f"{name}: two tables of {n_values} rows", len(tables) == 2 and
+                 all(len(t) == n_values for t in tables), str(tables)):
+        return
+    for row in tables[0]:
+        check(f"{name}: load {row[0]}: completed > 0", int(row[1]) > 0, str(row))
+        ttft = [float(v) for v in row[5:8]]
+        tpot = [float(v) for v in row[9:12]]
+        check(f"{name}: load {row[0]}: table TTFT and TPOT p50 <= p90 <= p99",
+              ttft == sorted(ttft) and tpot == sorted(tpot), str(row))
+    for row in tables[1]:
+        check(f"{name}: load {row[0]}: errors == 0", int(row[8]) == 0 and row[10] == "-", str(row))
+
+
+def check_json(path, values):
+    with open(path) as f:
+        data = json.load(f)
+    runs = data["runs"]
+    check("json: one run per value", [r["value"] for r in runs] == values, str(runs)[:200])
+    for r in runs:
+        tag = f"json {r['mode']} {r['value']:g}"
+        samples = r["samples"]
+        check(f"{tag}: samples == completed > 0", len(samples) == r["completed"] > 0,
+              f"{len(samples)} samples, completed {r['completed']}")
+        check(f"{tag}: no errors", not r["errors"] and all(s["status"] == "OK" for s in samples),
+              str(r["errors"]))
+        check(f"{tag}: every request got {OUTPUT_LEN} tokens",
+              all(s["tokens"] == OUTPUT_LEN for s in samples),
+              str(sorted({s["tokens"] for s in samples})))
+        check(f"{tag}: itl has tokens - 1 gaps at most",
+              all(len(s["itl_ms"]) <= s["tokens"] - 1 for s in samples))
+        check(f"{tag}: ttft <= e2e", all(0 < s["ttft_ms"] <= s["e2e_ms"] for s in samples))
+        for key in ["ttft_ms", "tpot_ms", "e2e_ms", "itl_ms"]:
+            st = r[key]
+            check(f"{tag}: {key} p50 <= p90 <= p99", st["p50"] <= st["p90"] <= st["p99"], str(st))
+
+
+def run_bench(args, target, extra, name):
+    cmd = [args.bin, "bench", "serve", "--target", target, "--prompt-len", "8", "--output-len",
+           str(OUTPUT_LEN), "--warmup-s", "1", "--duration-s", "3"] + extra
+    print(f"# {name}: {' '.join(cmd[1:])}", flush=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    print(r.stdout, end="", flush=True)
+    check(f"{name}: exit 0", r.returncode == 0, r.stderr[-500:])
+    check(f"{name}: progress on stderr", "measuring" in r.stderr, r.stderr[-300:])
+    return r.stdout
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--bin", required=True, help="the switchyard program")
+    p.add_argument("--work", required=True, help="scratch directory (emptied)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=150, help="seconds before giving up")
+    args = p.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    model = os.path.join(args.work, "model")
+    subprocess.run([args.bin, "make-tiny-model", "--out", model] + MODEL_FLAGS, check=True,
+                   stdout=subprocess.DEVNULL)
+
+    def give_up(signum, frame):
+        raise TimeoutError(f"ran past {args.timeout} s")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    t0 = time.time()
+    target = f"127.0.0.1:{free_port()}"
+    err = open(os.path.join(args.work, "serve.err"), "w")
+    server = subprocess.Popen(["mpirun", "-n", str(args.ranks), "--oversubscribe", args.bin,
+                               "serve", "--model", model, "--listen", target],
+                              stdout=err, stderr=err, env=dict(os.environ, **MPI_ENV),
+                              start_new_session=True)
+    try:
+        wait_serving(args.bin, target, server)
+        serve_json = os.path.join(args.work, "serve.json")
+        out = run_bench(args, target, ["--concurrency", "1,4", "--json", serve_json],
+                        "concurrency")
+        check_output("concurrency", out, 2)
+        check_json(serve_json, [1, 4])
+        out = run_bench(args, target, ["--rate", "20", "--seed", "3"], "rate")
+        check_output("rate", out, 1)
+
+        try:
+            import matplotlib  # noqa: F401
+            have_matplotlib = True
+        except ImportError:
+            have_matplotlib = False
+            print("# matplotlib does not import: plot_bench.py not checked", flush=True)
+        if have_matplotlib:
+            engine_json = os.path.join(args.work, "engine.json")
+            r = subprocess.run([args.bin, "bench", "engine", "--model", model, "--batch", "1,2",
+                                "--prompt-len", "4", "--output-len", "2", "--json", engine_json],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), timeout=60)
+            check("bench engine --json: exit 0", r.returncode == 0, r.stderr[-300:])
+            plots = os.path.join(args.work, "plots")
+            r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/plot_bench.py"),
+                                serve_json, engine_json, "--out", plots],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               timeout=60)
+            check("plot_bench.py: exit 0", r.returncode == 0, r.stderr[-500:])
+            for png in ["serve-latency.png", "engine-throughput.png", "engine-expert-load.png"]:
+                path = os.path.join(plots, png)
+                ok = os.path.exists(path) and os.path.getsize(path) > 1000
+                if ok:
+                    with open(path, "rb") as f:
+                        ok = f.read(8) == b"\x89PNG\r\n\x1a\n"
+                check(f"plot_bench.py writes {png}", ok)
+    except Exception as e:  # one failure, after cleanup
+        check("ran to the end", False, f"{type(e).__name__}: {e}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        kill_job(server)
+        err.close()
+    print(f"bench serve: {n_pass} passed, {n_fail} failed ({time.time() - t0:.1f} s)", flush=True)
+    os._exit(0 if n_fail == 0 and n_pass > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
