@@ -5,7 +5,8 @@ Runs both in the same invocation, one after the other on the same machine, and p
 switchyard/transformers ratios of prefill and decode tokens per second.
 
   python3 launch/bench_transformers.py --model DIR --switchyard build/launch/switchyard \
-      --batch 1,8 --prompt-len 128 --output-len 32 --ranks 2 --threads 2 [--device cuda]
+      --batch 1,8 --prompt-len 128 --output-len 32 --ranks 2 --threads 2 \
+      [--engine-args "--tp 2"] [--device cuda]
 
 transformers runs with `--threads` torch threads; switchyard runs `bench engine` under
 `mpirun -n RANKS` with one BLAS thread per rank, so both use the same number of cores.
@@ -52,6 +53,7 @@ def switchyard_case(args, batch, prompt, output):
         out = os.path.join(tmp, "engine.json")
         cmd = [args.switchyard, "bench", "engine", "--model", args.model, "--batch", str(batch),
                "--prompt-len", str(prompt), "--output-len", str(output), "--json", out]
+        cmd += args.engine_args.split()
         if args.ranks > 1:
             cmd = ["mpirun", "-n", str(args.ranks), "--oversubscribe"] + cmd
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, args.threads // args.ranks)),
@@ -74,6 +76,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for each side")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--engine-args", default="",
+                   help="more flags for `bench engine`, e.g. '--tp 2 --moe-exchange all-gather'")
     p.add_argument("--json", help="write every row here")
     args = p.parse_args()
 
@@ -86,7 +90,8 @@ def main():
     vocab = model.config.vocab_size
 
     print(f"# switchyard vs transformers {transformers.__version__} (torch {torch.__version__}), "
-          f"{args.device}, {args.threads} threads, switchyard on {args.ranks} rank(s)")
+          f"{args.device}, {args.threads} threads, switchyard on {args.ranks} rank(s) "
+          f"{args.engine_args}")
     print(f"# {'batch':>5} {'prompt':>6} {'output':>6} {'hf_prefill':>11} {'sy_prefill':>11} "
           f"{'ratio':>6} {'hf_decode':>10} {'sy_decode':>10} {'ratio':>6}   (tok/s)")
     rows = []
