@@ -14,42 +14,16 @@
 
 #include "parallel/context.h"
 #include "runtime/generator.h"
+#include "tests/common/fixtures.h"
 
 namespace sy {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Prompt {
-  std::vector<int32_t> ids;
-  std::vector<float> logits;  // transformers, [n, vocab]
-  std::vector<int32_t> greedy;
-};
-
-std::vector<fs::path> fixture_dirs() {
-  std::vector<fs::path> dirs;
-  for (const auto& e : fs::directory_iterator(SY_FIXTURES_DIR))
-    if (e.is_directory() && fs::exists(e.path() / "reference.json")) dirs.push_back(e.path());
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
-
-std::vector<Prompt> load_prompts(const fs::path& dir, int64_t vocab) {
-  std::ifstream in(dir / "reference.json");
-  auto j = nlohmann::json::parse(in);
-  std::vector<Prompt> prompts;
-  for (const auto& p : j.at("prompts")) {
-    Prompt pr;
-    pr.ids = p.at("ids").get<std::vector<int32_t>>();
-    pr.greedy = p.at("greedy").get<std::vector<int32_t>>();
-    std::ifstream bin(dir / p.at("logits").get<std::string>(), std::ios::binary);
-    pr.logits.resize(pr.ids.size() * static_cast<size_t>(vocab));
-    bin.read(reinterpret_cast<char*>(pr.logits.data()),
-             static_cast<std::streamsize>(pr.logits.size() * sizeof(float)));
-    prompts.push_back(std::move(pr));
-  }
-  return prompts;
-}
+using test::fixture_dirs;
+using test::load_prompts;
+using Prompt = test::FixturePrompt;
 
 // Logits outside 1e-4 of the row's largest |reference| (prints the first few).
 int64_t n_wrong_logits(const std::vector<float>& got, const std::vector<float>& want, int64_t vocab,

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/generator.h"
+#include "tests/common/fixtures.h"
 
 namespace sy {
 namespace {
@@ -19,41 +20,9 @@ namespace {
 namespace fs = std::filesystem;
 constexpr double kRelTol = 1e-4;
 
-struct Prompt {
-  std::string name;
-  std::vector<int32_t> ids;
-  std::vector<float> logits;  // [n, vocab]
-  std::vector<int32_t> greedy;
-};
-
-// SY_FIXTURES_DIR in the environment points the test at other reference models.
-std::vector<fs::path> fixture_dirs() {
-  const char* env = std::getenv("SY_FIXTURES_DIR");
-  std::vector<fs::path> dirs;
-  for (const auto& e : fs::directory_iterator(env != nullptr ? env : SY_FIXTURES_DIR))
-    if (e.is_directory() && fs::exists(e.path() / "reference.json")) dirs.push_back(e.path());
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
-
-std::vector<Prompt> load_prompts(const fs::path& dir, int64_t vocab) {
-  std::ifstream in(dir / "reference.json");
-  auto j = nlohmann::json::parse(in);
-  std::vector<Prompt> prompts;
-  for (const auto& p : j.at("prompts")) {
-    Prompt pr;
-    pr.name = p.value("name", "");
-    pr.ids = p.at("ids").get<std::vector<int32_t>>();
-    pr.greedy = p.at("greedy").get<std::vector<int32_t>>();
-    std::ifstream bin(dir / p.at("logits").get<std::string>(), std::ios::binary);
-    pr.logits.resize(pr.ids.size() * static_cast<size_t>(vocab));
-    bin.read(reinterpret_cast<char*>(pr.logits.data()),
-             static_cast<std::streamsize>(pr.logits.size() * sizeof(float)));
-    EXPECT_TRUE(bin.good()) << "short logits file for " << dir << " " << pr.name;
-    prompts.push_back(std::move(pr));
-  }
-  return prompts;
-}
+using test::fixture_dirs;
+using test::load_prompts;
+using Prompt = test::FixturePrompt;
 
 // Rows within kRelTol of the row's largest |logit|; prints the first 10 mismatches.
 int64_t compare_logits(const std::string& what, const float* got, const float* want, int64_t n_rows,
