@@ -9,31 +9,14 @@
 #include "parallel/context.h"
 #include "runtime/engine.h"
 #include "runtime/generator.h"
+#include "tests/common/collector.h"
 
 namespace sy {
 namespace {
 
 const std::string kModel = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
 
-class Collector : public RequestSink {
- public:
-  void on_event(RequestEvent e) override {
-    std::lock_guard<std::mutex> lock(mu);
-    tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
-    if (e.finish != FinishReason::kNone) {
-      done = true;
-      cv.notify_all();
-    }
-  }
-  void wait() {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done; });
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<int32_t> tokens;
-  bool done = false;
-};
+using test::Collector;
 
 double cpu_seconds() {
   rusage u{};

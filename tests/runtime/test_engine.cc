@@ -8,40 +8,14 @@
 
 #include "runtime/engine.h"
 #include "runtime/generator.h"
+#include "tests/common/collector.h"
 
 namespace sy {
 namespace {
 
 const std::string kModel = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
 
-// Collects a request's events; thread-safe.
-class Collector : public RequestSink {
- public:
-  void on_event(RequestEvent e) override {
-    std::lock_guard<std::mutex> lock(mu);
-    tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
-    text += e.text;
-    for (auto& l : e.logprobs) logprobs.push_back(l);
-    if (e.finish != FinishReason::kNone) {
-      finish = e.finish;
-      usage = e.usage;
-      done = true;
-      cv.notify_all();
-    }
-  }
-  void wait() {
-    std::unique_lock<std::mutex> lock(mu);
-    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return done; }));
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<int32_t> tokens;
-  std::vector<TokenLogprobs> logprobs;
-  std::string text;
-  FinishReason finish = FinishReason::kNone;
-  Usage usage;
-  bool done = false;
-};
+using test::Collector;
 
 struct Served {
   std::unique_ptr<Ops> ops;
