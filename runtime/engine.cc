@@ -275,9 +275,10 @@ bool Engine::schedule() {
       batch_.positions.push_back(static_cast<int32_t>(pos));
       batch_.token_seq.push_back(row);
     }
-    std::vector<int32_t> table = seq.blocks;
-    table.resize(static_cast<size_t>(limits.max_blocks_per_seq), 0);
-    batch_.block_tables.insert(batch_.block_tables.end(), table.begin(), table.end());
+    // The sequence's blocks, then zeros up to the table width (no copy per step).
+    batch_.block_tables.insert(batch_.block_tables.end(), seq.blocks.begin(), seq.blocks.end());
+    batch_.block_tables.resize(
+        batch_.block_tables.size() + limits.max_blocks_per_seq - seq.blocks.size(), 0);
     seq.n_computed += seq.scheduled;
     if (seq.n_computed == static_cast<int64_t>(seq.tokens.size())) {
       batch_.logit_rows.push_back(static_cast<int32_t>(batch_.tokens.size() - 1));

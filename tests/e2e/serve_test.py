@@ -253,6 +253,29 @@ def still_works(server, name):
 LONG = 2000  # tokens of a generation that outlasts whatever a test does meanwhile
 
 
+def start_long_streams(s, n, first_id, timeout):
+    """Starts n LONG greedy streams; returns (threads, results) once each has its first token."""
+    started = threading.Barrier(n + 1)
+    results = [None] * n
+
+    def run(i):
+        flag = []
+
+        def on_message(call, r):
+            if not flag:
+                flag.append(1)
+                started.wait()
+
+        results[i] = generate(s.stub, ids_request([1, first_id + i], LONG, ignore_eos=True),
+                              timeout=timeout, on_message=on_message)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)
+    return threads, results
+
+
 # ---- scenarios ----------------------------------------------------------------------------------
 
 def scenario_basic(args):
@@ -529,24 +552,7 @@ def scenario_drain(args):
         s.wait_serving()
         ranks = s.find_ranks(args.ranks)
         n = 4
-        started = threading.Barrier(n + 1)
-        results = [None] * n
-
-        def run(i):
-            flag = []
-
-            def on_message(call, r):
-                if not flag:
-                    flag.append(1)
-                    started.wait()
-
-            results[i] = generate(s.stub, ids_request([1, 10 + i], LONG, ignore_eos=True),
-                                  timeout=120, on_message=on_message)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        started.wait(timeout=60)
+        threads, results = start_long_streams(s, n, 10, timeout=120)
         os.kill(ranks[0], signal.SIGTERM)
         t0 = time.time()
         status = None
@@ -612,24 +618,7 @@ def scenario_rank_kill(args):
         ranks = s.find_ranks(args.ranks)
         check("found every rank", len(ranks) == args.ranks, str(ranks))
         n = 3
-        started = threading.Barrier(n + 1)
-        results = [None] * n
-
-        def run(i):
-            flag = []
-
-            def on_message(call, r):
-                if not flag:
-                    flag.append(1)
-                    started.wait()
-
-            results[i] = generate(s.stub, ids_request([1, 20 + i], LONG, ignore_eos=True),
-                                  timeout=60, on_message=on_message)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        started.wait(timeout=60)
+        threads, results = start_long_streams(s, n, 20, timeout=60)
         victim = args.ranks - 1
         os.kill(ranks[victim], signal.SIGKILL)
         t0 = time.time()
