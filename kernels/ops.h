@@ -6,6 +6,12 @@
 //   n_tokens  tokens in this step (all sequences flattened)
 //   n_heads / n_kv_heads   query / key-value heads held by this rank, head_dim per head
 //   n_blocks, block_size   paged KV cache geometry
+//
+// Element types. Each backend has a storage dtype S (storage_dtype()): the dtype of its linear
+// weights, embeddings, KV cache and of the activations that feed a GEMM. The CPU backend has
+// S = F32 and takes F32 everywhere; the CUDA backend has S = BF16. The residual stream, norm
+// weights, q/k/v before RoPE, router logits and weights, and logits stay F32 on every backend.
+// Below, "F32|S" means either, as the operand's dtype says; the math is fp32 inside every op.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +34,8 @@ class Ops {
  public:
   virtual ~Ops() = default;
   virtual Device device() const = 0;
+  // Dtype of weights, KV cache and GEMM inputs on this backend (see the header comment).
+  virtual DType storage_dtype() const = 0;
 
   // ---- memory ------------------------------------------------------------------------------
   virtual void* alloc(size_t bytes) = 0;
@@ -39,35 +47,45 @@ class Ops {
 
   // ---- ops ---------------------------------------------------------------------------------
   // out[t] = table[ids[t] - row_offset] when that row is held here, else zeros (vocab-parallel).
-  // out: F32 [n_tokens, dim]; ids: I32 [n_tokens]; table: F32 [n_rows, dim].
+  // out: F32 [n_tokens, dim]; ids: I32 [n_tokens]; table: F32|S [n_rows, dim].
   virtual void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset) = 0;
-  // out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * weight. out may alias x. [n_tokens, dim].
+  // out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * weight. x: F32 [n_tokens, dim]; weight: F32
+  // [dim]; out: F32|S [n_tokens, dim], may alias x when F32.
   virtual void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps) = 0;
-  // out = a + b, elementwise, same shapes; out may alias a or b.
+  // out = a + b, elementwise, same shapes, F32; out may alias a or b.
   virtual void add(Tensor out, Tensor a, Tensor b) = 0;
-  // out = x · wᵀ.   out: F32 [m, n]; x: F32 [m, k]; w: F32 [n, k] (a Hugging Face Linear weight).
+  // out = x · wᵀ.   out: F32|S [m, n]; x: [m, k] and w: [n, k] (a Hugging Face Linear weight),
+  // both F32 or both S; fp32 accumulation.
   virtual void matmul(Tensor out, Tensor x, Tensor w) = 0;
-  // Rotates q: [n_tokens, n_heads, head_dim] and k: [n_tokens, n_kv_heads, head_dim] in place by
+  // The experts of one MoE projection as one grouped GEMM: rows [offsets[g], offsets[g + 1]) of
+  // out = the same rows of x · w[g]ᵀ, for g in [0, n_groups). offsets: host [n_groups + 1];
+  // dtypes as matmul, every w[g] of one shape. Groups with no rows are skipped. The default runs
+  // one matmul per group.
+  virtual void grouped_matmul(Tensor out, Tensor x, const Tensor* w, const int64_t* offsets,
+                              size_t n_groups);
+  // Rotates q: F32 [n_tokens, n_heads, head_dim] and k: F32 [n_tokens, n_kv_heads, head_dim] in place by
   // their positions (Hugging Face rotate-half convention, base `theta`).
   virtual void rope(Tensor q, Tensor k, Tensor positions, double theta) = 0;
-  // Writes k, v: [n_tokens, n_kv_heads, head_dim] into the caches
+  // Writes k, v: F32 [n_tokens, n_kv_heads, head_dim] into the caches F32|S
   // [n_blocks, block_size, n_kv_heads, head_dim] at the slots of their positions.
   virtual void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v,
                          const AttentionMeta& meta) = 0;
-  // Causal grouped-query attention of q: [n_tokens, n_heads, head_dim] over each token's
-  // sequence in the caches, positions [max(0, p - window + 1), p]. out: like q.
+  // Causal grouped-query attention of q: F32 [n_tokens, n_heads, head_dim] over each token's
+  // sequence in the caches (F32|S), positions [max(0, p - window + 1), p]. out: F32|S, q's shape.
   virtual void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache,
                          const AttentionMeta& meta) = 0;
   // Router: softmax(logits) in fp32, top-k, the k weights renormalised to sum 1.
   // logits: F32 [n_tokens, n_experts]; topk_idx: I32 [n_tokens, k]; topk_weights: F32 [n_tokens,
   // k].
   virtual void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits) = 0;
-  // out[r] = x[rows[r]].   out: [n_rows, dim]; x: [n_tokens, dim]; rows: I32 [n_rows].
+  // out[r] = x[rows[r]].   out: [n_rows, dim]; x: [n_tokens, dim], out's dtype (any);
+  // rows: I32 [n_rows].
   virtual void gather_rows(Tensor out, Tensor x, Tensor rows) = 0;
   // out[rows[r]] += weights[r] * x[r] for every r, in order of r.
-  // out: [n_tokens, dim]; x: [n_rows, dim]; rows: I32 [n_rows]; weights: F32 [n_rows].
+  // out: F32 [n_tokens, dim]; x: F32|S [n_rows, dim]; rows: I32 [n_rows]; weights: F32 [n_rows].
   virtual void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights) = 0;
-  // out = silu(gate) * up, elementwise. [n_rows, hidden_dim]; out may alias gate.
+  // out = silu(gate) * up, elementwise. [n_rows, hidden_dim], all F32 or all S; out may alias
+  // gate.
   virtual void swiglu(Tensor out, Tensor gate, Tensor up) = 0;
 };
 

@@ -134,35 +134,37 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   const int64_t R = limits_.max_logit_rows;
 
   // Two passes over the same carving: the first sizes the allocation, the second places views.
+  const DType S = ops_.storage_dtype();  // GEMM inputs (ops.h)
   auto carve = [&](Carver& c) {
     x_ = c.take(DType::kF32, {N, dim});
-    xn_ = c.take(DType::kF32, {N, dim});
+    xn_ = c.take(S, {N, dim});
     q_ = c.take(DType::kF32, {N, n_heads, head_dim});
     k_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
     v_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
-    attn_ = c.take(DType::kF32, {N, n_heads, head_dim});
+    attn_ = c.take(S, {N, n_heads, head_dim});
     o_ = c.take(DType::kF32, {N, dim});
     router_logits_ = c.take(DType::kF32, {N, n_experts});
     topk_idx_ = c.take(DType::kI32, {N, k});
     topk_weights_ = c.take(DType::kF32, {N, k});
     x_own_ = c.take(DType::kF32, {N, dim});
-    xn_own_ = c.take(DType::kF32, {N, dim});
+    xn_own_ = c.take(S, {N, dim});
     y_own_ = c.take(DType::kF32, {N, dim});
-    moe_send_ = c.take(DType::kF32, {N * k, dim});
-    moe_recv_ = c.take(DType::kF32, {N * k, dim});
-    moe_in_ = c.take(DType::kF32, {N * k, dim});
-    moe_out_ = c.take(DType::kF32, {N * k, dim});
+    moe_send_ = c.take(S, {N * k, dim});
+    moe_recv_ = c.take(S, {N * k, dim});
+    moe_in_ = c.take(S, {N * k, dim});
+    moe_out_ = c.take(S, {N * k, dim});
     sorted_rows_ = c.take(DType::kI32, {N * k});
     sorted_weights_ = c.take(DType::kF32, {N * k});
     perm_ = c.take(DType::kI32, {N * k});
-    expert_scratch_.gate = c.take(DType::kF32, {N * k, hidden_dim});
-    expert_scratch_.up = c.take(DType::kF32, {N * k, hidden_dim});
+    expert_scratch_.gate = c.take(S, {N * k, hidden_dim});
+    expert_scratch_.up = c.take(S, {N * k, hidden_dim});
     ids_ = c.take(DType::kI32, {N});
     positions_ = c.take(DType::kI32, {N});
     token_seq_ = c.take(DType::kI32, {N});
     block_tables_ = c.take(DType::kI32, {limits_.max_seqs, limits_.max_blocks_per_seq});
     logit_rows_ = c.take(DType::kI32, {R});
     logit_x_ = c.take(DType::kF32, {R, dim});
+    logit_xn_ = c.take(S, {R, dim});
     logits_ = c.take(DType::kF32, {R, n_vocab});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
   };
@@ -174,15 +176,16 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
 
   const int64_t n_layers = config_.num_hidden_layers;
   const int64_t per_layer = limits_.n_blocks * limits_.block_size * n_kv_heads * head_dim;
-  kv_storage_ = DeviceBuffer(ops_, static_cast<size_t>(2 * n_layers * per_layer) * sizeof(float));
-  float* kv = static_cast<float*>(kv_storage_.get());
+  const size_t layer_bytes = static_cast<size_t>(per_layer) * dtype_size(S);
+  kv_storage_ = DeviceBuffer(ops_, 2 * static_cast<size_t>(n_layers) * layer_bytes);
+  char* kv = static_cast<char*>(kv_storage_.get());
   for (int64_t l = 0; l < n_layers; ++l) {
     k_cache_.emplace_back(
-        kv + (2 * l) * per_layer, DType::kF32,
+        kv + (2 * l) * layer_bytes, S,
         std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
         ops_.device());
     v_cache_.emplace_back(
-        kv + (2 * l + 1) * per_layer, DType::kF32,
+        kv + (2 * l + 1) * layer_bytes, S,
         std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
         ops_.device());
   }
@@ -318,11 +321,12 @@ void Model::logits_block(const StepBatch& batch, float* logits) {
   if (n_logits == 0) return;
   const float eps = static_cast<float>(config_.rms_norm_eps);
   ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(), static_cast<size_t>(n_logits) * 4);
-  Tensor lx = logit_x_.rows(0, n_logits);  // [n_logits, dim]
-  Tensor lg = logits_.rows(0, n_logits);   // [n_logits, n_vocab]
+  Tensor lx = logit_x_.rows(0, n_logits);    // [n_logits, dim]
+  Tensor lxn = logit_xn_.rows(0, n_logits);  // [n_logits, dim] storage dtype
+  Tensor lg = logits_.rows(0, n_logits);     // [n_logits, n_vocab]
   ops_.gather_rows(lx, x_.rows(0, batch.n_tokens()), logit_rows_.rows(0, n_logits));
-  ops_.rmsnorm(lx, lx, weights_.norm, eps);
-  ops_.matmul(lg, lx, weights_.lm_head);
+  ops_.rmsnorm(lxn, lx, weights_.norm, eps);
+  ops_.matmul(lg, lxn, weights_.lm_head);
   if (world_ == 1) {
     ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
     return;
@@ -330,8 +334,6 @@ void Model::logits_block(const StepBatch& batch, float* logits) {
   // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
   vocab_counts_.resize(static_cast<size_t>(world_));
   for (int r = 0; r < world_; ++r) vocab_counts_[r] = n_logits * split_count(vocab, world_, r);
-  if (profile_ != nullptr)
-    profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
   if (profile_ != nullptr)
     profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
   Tensor all = logits_all_.rows(0, n_logits * vocab).reshape({n_logits * vocab, 1});
@@ -395,7 +397,8 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   if (profile_ != nullptr && (all_to_all || rank_ == 0))
     for (int64_t e = 0; e < n_experts; ++e)
       profile_->expert_tokens[layer * n_experts + e] += layout_.n_tokens_per_expert[e];
-  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
+  const uint64_t row_bytes =
+      static_cast<uint64_t>(config_.hidden_size) * dtype_size(ops_.storage_dtype());
   if (all_to_all) {
     // layout -> dispatch -> expert FFN -> combine, over this rank's expert group.
     Communicator& ep = *par_->ep;
@@ -423,7 +426,7 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
     ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
     ops_.gather_rows(in, recv, perm);
     lap(ForwardProfile::kDispatch);
-    expert_ffn(ops_, y, in, L.experts, ep_plan_.local_offsets.data(), expert_scratch_);
+    expert_ffn(ops_, y, in, L, ep_plan_.local_offsets.data(), expert_scratch_);
     lap(ForwardProfile::kExpert);
     ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
     ops_.gather_rows(recv, y, perm);                      // back in received order
@@ -445,14 +448,15 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor y = moe_out_.rows(0, n_local_rows);           // [n_local_rows, dim]
   ops_.gather_rows(in, xn, local_rows);                // dispatch (local)
   lap(ForwardProfile::kDispatch);
-  expert_ffn(ops_, y, in, L.experts, local_offsets_.data(), expert_scratch_);
+  expert_ffn(ops_, y, in, L, local_offsets_.data(), expert_scratch_);
   lap(ForwardProfile::kExpert);
   ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
   if (par_ != nullptr && par_->ep->size() > 1) {
     const int E = par_->ep->size();
     par_->ep->all_reduce_sum(out);  // partial sums
     if (profile_ != nullptr)
-      profile_->bytes[ForwardProfile::kEpReduce] += 2 * n_tokens * row_bytes * (E - 1) / E;
+      profile_->bytes[ForwardProfile::kEpReduce] +=
+          2 * n_tokens * out.row_numel() * sizeof(float) * (E - 1) / E;
   }
   lap(ForwardProfile::kCombine);
 }

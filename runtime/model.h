@@ -127,7 +127,7 @@ class Model {
   // ---- run state (device), sized for limits_.max_tokens = N ----------------------------------
   DeviceBuffer state_storage_;
   Tensor x_;              // [N, dim]            residual stream
-  Tensor xn_;             // [N, dim]            normed input of attention / MoE
+  Tensor xn_;             // [N, dim]            normed input of attention / MoE (storage dtype)
   Tensor q_;              // [N, n_heads, head_dim]
   Tensor k_;              // [N, n_kv_heads, head_dim]
   Tensor v_;              // [N, n_kv_heads, head_dim]
@@ -153,6 +153,7 @@ class Model {
   Tensor block_tables_;           // I32 [max_seqs, max_blocks_per_seq]
   Tensor logit_rows_;             // I32 [max_logit_rows]
   Tensor logit_x_;                // [max_logit_rows, dim]
+  Tensor logit_xn_;               // [max_logit_rows, dim]       normed, storage dtype
   Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
   Tensor logits_all_;  // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
 

@@ -45,25 +45,25 @@ void moe_layout(MoeLayout& layout, const int32_t* topk_idx, const float* topk_we
   layout.n_rows = n_tokens * k;
 }
 
-void expert_ffn(Ops& ops, Tensor out, Tensor in, const std::vector<ExpertWeights>& experts,
-                const int64_t* offsets, const ExpertScratch& scratch) {
+void expert_ffn(Ops& ops, Tensor out, Tensor in, const LayerWeights& layer, const int64_t* offsets,
+                const ExpertScratch& scratch) {
   SY_CHECK(in.ndim == 2 && out.ndim == 2 && in.size(0) == out.size(0), "expert_ffn: in ",
            in.shape_str(), " out ", out.shape_str());
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const int64_t begin = offsets[i];
-    const int64_t n = offsets[i + 1] - begin;
-    if (n == 0) continue;
-    SY_CHECK(begin >= 0 && begin + n <= in.size(0) && n <= scratch.gate.size(0),
-             "expert_ffn: rows [", begin, ", ", begin + n, ") of ", in.size(0));
-    const ExpertWeights& E = experts[i];
-    Tensor x = in.rows(begin, n);                // [n, dim]
-    Tensor gate = scratch.gate.rows(0, n);       // [n, hidden_dim]
-    Tensor up = scratch.up.rows(0, n);           // [n, hidden_dim]
-    ops.matmul(gate, x, E.w1);                   // [n, hidden_dim]
-    ops.matmul(up, x, E.w3);                     // [n, hidden_dim]
-    ops.swiglu(gate, gate, up);                  // [n, hidden_dim]
-    ops.matmul(out.rows(begin, n), gate, E.w2);  // [n, dim]
-  }
+  const size_t n_experts = layer.experts.size();
+  const int64_t begin = offsets[0];
+  const int64_t n = offsets[n_experts] - begin;
+  if (n == 0) return;
+  SY_CHECK(begin >= 0 && begin + n <= in.size(0) && begin + n <= scratch.gate.size(0),
+           "expert_ffn: rows [", begin, ", ", begin + n, ") of ", in.size(0));
+  const int64_t rows_end = begin + n;
+  Tensor gate = scratch.gate.rows(0, rows_end);  // [rows, hidden_dim]
+  Tensor up = scratch.up.rows(0, rows_end);      // [rows, hidden_dim]
+  Tensor x = in.rows(0, rows_end);
+  ops.grouped_matmul(gate, x, layer.w1.data(), offsets, n_experts);
+  ops.grouped_matmul(up, x, layer.w3.data(), offsets, n_experts);
+  Tensor g = gate.rows(begin, n);
+  ops.swiglu(g, g, up.rows(begin, n));
+  ops.grouped_matmul(out.rows(0, rows_end), gate, layer.w2.data(), offsets, n_experts);
 }
 
 void EpPlan::reserve(int ep_size, int64_t n_experts, int64_t max_rows, size_t n_local_experts) {

@@ -35,10 +35,12 @@ struct ExpertScratch {
   Tensor up;    // [max_rows, hidden_dim]
 };
 
-// out rows [offsets[i], offsets[i + 1]) = SwiGLU expert i applied to the same rows of `in`, for
-// each local expert i. in, out: [n_rows, dim]; offsets: [n_local_experts + 1] on the host.
-void expert_ffn(Ops& ops, Tensor out, Tensor in, const std::vector<ExpertWeights>& experts,
-                const int64_t* offsets, const ExpertScratch& scratch);
+// out rows [offsets[i], offsets[i + 1]) = SwiGLU expert i of `layer` applied to the same rows of
+// `in`, for each local expert i: one grouped GEMM per projection (gate, up, down) and one SwiGLU
+// over all rows. in, out: [n_rows, dim] (storage dtype); offsets: [n_local_experts + 1] on the
+// host.
+void expert_ffn(Ops& ops, Tensor out, Tensor in, const LayerWeights& layer, const int64_t* offsets,
+                const ExpertScratch& scratch);
 
 // The expert-parallel exchange of one MoE block over the E ranks of an expert group. Rows leave
 // each rank in expert order (so in destination-rank order, experts being placed contiguously);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 namespace sy {
@@ -132,35 +133,48 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
   return plan;
 }
 
+// Dtype a planned tensor is held in: norm weights (1-d) in F32, the rest in the storage dtype.
+DType held_dtype(const Planned& t, const Ops& ops) {
+  return t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype();
+}
+
 // Carves the views of `plan` out of one allocation on `ops`' device.
 void allocate(std::vector<Planned>& plan, Weights& w, Ops& ops) {
-  uint64_t n_floats = 0;
+  uint64_t n_bytes = 0;
   for (const Planned& t : plan) {
     int64_t n = 1;
     for (int64_t d : t.dst_shape) n *= d;
-    n_floats += static_cast<uint64_t>(n + 15) / 16 * 16;  // 64-byte aligned views
+    n_bytes += (static_cast<uint64_t>(n) * dtype_size(held_dtype(t, ops)) + 63) / 64 * 64;
   }
-  w.storage = DeviceBuffer(ops, n_floats * sizeof(float));
-  w.total_bytes = n_floats * sizeof(float);
-  float* cursor = static_cast<float*>(w.storage.get());
+  w.storage = DeviceBuffer(ops, n_bytes);
+  w.total_bytes = n_bytes;
+  char* cursor = static_cast<char*>(w.storage.get());
   for (Planned& t : plan) {
     Tensor view;
     view.data = cursor;
-    view.dtype = DType::kF32;
+    view.dtype = held_dtype(t, ops);
     view.device = ops.device();
     view.ndim = static_cast<int>(t.dst_shape.size());
     for (int i = 0; i < view.ndim; ++i) view.shape[i] = t.dst_shape[static_cast<size_t>(i)];
     *t.dst = view;
-    cursor += (view.numel() + 15) / 16 * 16;
+    cursor += (view.bytes() + 63) / 64 * 64;
   }
 }
 
 void finish_weights(const ModelConfig& c, Weights& w) {
   if (c.tie_word_embeddings) w.lm_head = w.embed;
   w.expert_bytes = 0;
-  for (const LayerWeights& L : w.layers)
-    for (const ExpertWeights& E : L.experts)
+  for (LayerWeights& L : w.layers) {
+    L.w1.clear();
+    L.w2.clear();
+    L.w3.clear();
+    for (const ExpertWeights& E : L.experts) {
       w.expert_bytes += E.w1.bytes() + E.w2.bytes() + E.w3.bytes();
+      L.w1.push_back(E.w1);
+      L.w2.push_back(E.w2);
+      L.w3.push_back(E.w3);
+    }
+  }
 }
 
 }  // namespace
@@ -181,17 +195,17 @@ Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard&
   allocate(plan, w, ops);
   ProgressPrinter printer(show_progress);
   ckpt.set_progress(std::ref(printer), source_bytes);
-  std::vector<float> staging;
+  std::vector<char> staging;
   for (const Planned& t : plan) {
     const Tensor& view = *t.dst;
     if (ops.device() == Device::kCpu) {
       ckpt.read(t.name, t.shape, view, t.slice);
     } else {
-      staging.resize(static_cast<size_t>(view.numel()));
+      staging.resize(view.bytes());
       Tensor host = view;
       host.data = staging.data();
       host.device = Device::kCpu;
-      ckpt.read(t.name, t.shape, host, t.slice);
+      ckpt.read(t.name, t.shape, host, t.slice);  // converted to the held dtype on the host
       ops.copy_from_host(view.data, staging.data(), view.bytes());
     }
   }
@@ -206,6 +220,7 @@ Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& 
   std::vector<Planned> plan = plan_weights(c, shard, w);
   allocate(plan, w, ops);
   std::vector<float> staging;
+  std::vector<uint16_t> staging16;
   uint64_t tensor_index = 0;
   for (const Planned& t : plan) {
     const Tensor& view = *t.dst;
@@ -221,8 +236,9 @@ Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& 
     // Each tensor's values depend only on (seed, its name's position), not on the shard, for
     // full tensors; sliced tensors differ across layouts, which a benchmark does not mind.
     uint64_t state = seed * 0x9e3779b97f4a7c15ull + (++tensor_index) * 0xbf58476d1ce4e5b9ull + 1;
-    float* dst = view.f32();
-    if (ops.device() != Device::kCpu) {
+    const bool direct = ops.device() == Device::kCpu && view.dtype == DType::kF32;
+    float* dst = direct ? view.f32() : nullptr;
+    if (!direct) {
       staging.resize(static_cast<size_t>(view.numel()));
       dst = staging.data();
     }
@@ -233,7 +249,20 @@ Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& 
       const float u = static_cast<float>(state >> 40) * 0x1.0p-24f;  // [0, 1)
       dst[i] = mean + half_width * (2.f * u - 1.f);
     }
-    if (ops.device() != Device::kCpu) ops.copy_from_host(view.data, dst, view.bytes());
+    if (!direct) {
+      const void* src = dst;
+      if (view.dtype == DType::kBF16) {
+        staging16.resize(static_cast<size_t>(view.numel()));
+        for (int64_t i = 0; i < view.numel(); ++i) staging16[i] = f32_to_bf16(dst[i]);
+        src = staging16.data();
+      } else {
+        SY_CHECK(view.dtype == DType::kF32, "synthetic weights: ", dtype_name(view.dtype));
+      }
+      if (ops.device() == Device::kCpu)
+        std::memcpy(view.data, src, view.bytes());
+      else
+        ops.copy_from_host(view.data, src, view.bytes());
+    }
   }
   finish_weights(c, w);
   return w;

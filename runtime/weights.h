@@ -38,6 +38,7 @@ struct LayerWeights {
   Tensor post_norm;                    // [dim]
   Tensor gate;                         // [n_experts, dim]              router, replicated
   std::vector<ExpertWeights> experts;  // [n_local_experts], in WeightShard::experts order
+  std::vector<Tensor> w1, w2, w3;      // [n_local_experts] the same views by projection
 };
 
 struct Weights {
@@ -50,8 +51,10 @@ struct Weights {
   uint64_t total_bytes = 0;   // bytes of everything held here
   DeviceBuffer storage;       // one allocation backing every tensor above
 
-  // Reads this rank's part of `checkpoint` into memory of `ops`' device (F32), checking every
-  // tensor's shape against `config`. `show_progress` prints bytes, tensors and rate to stderr.
+  // Reads this rank's part of `checkpoint` into memory of `ops`' device, checking every tensor's
+  // shape against `config`. Norm weights are F32; every other tensor is converted to
+  // ops.storage_dtype() (F32 on the CPU, BF16 on the GPU). `show_progress` prints bytes, tensors
+  // and rate to stderr.
   static Weights load(Checkpoint& checkpoint, const ModelConfig& config, const WeightShard& shard,
                       Ops& ops, bool show_progress);
   // Seeded random weights of the shapes `config` implies, made in memory with no files (for

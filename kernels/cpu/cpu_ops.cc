@@ -10,6 +10,7 @@ namespace {
 class CpuOps final : public Ops {
  public:
   Device device() const override { return Device::kCpu; }
+  DType storage_dtype() const override { return DType::kF32; }
   void* alloc(size_t bytes) override {
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     SY_CHECK(p != nullptr, "out of host memory allocating ", bytes, " bytes");

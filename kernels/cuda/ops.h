@@ -1,13 +1,36 @@
-// GPU ops. Each has a CPU twin of the same name in kernels/cpu/ops.h, its reference in tests.
+// GPU ops. Each has a CPU twin of the same name in kernels/cpu/ops.h, its reference in tests;
+// the contracts (shapes, dtypes) are those of kernels/ops.h, with F32|S meaning F32 or BF16.
+// Every launcher checks its operands, enqueues on `stream` and never synchronises.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "kernels/tensor.h"
+#include <memory>
+
+#include "kernels/ops.h"
 
 namespace sy::cuda {
 
-// out[t, :] = x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * weight.   x, out: [n_tokens, dim] F32.
+void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset, cudaStream_t stream);
 void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps, cudaStream_t stream);
+void add(Tensor out, Tensor a, Tensor b, cudaStream_t stream);
+void rope(Tensor q, Tensor k, Tensor positions, double theta, cudaStream_t stream);
+void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const AttentionMeta& meta,
+               cudaStream_t stream);
+void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta,
+               cudaStream_t stream);
+void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits, cudaStream_t stream);
+void gather_rows(Tensor out, Tensor x, Tensor rows, cudaStream_t stream);
+// Needs int32 device scratch of scatter_scratch_size(out rows, rows) elements.
+void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights, int32_t* scratch,
+                          int64_t scratch_size, cudaStream_t stream);
+int64_t scatter_scratch_size(int64_t n_tokens, int64_t n_rows);
+void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
+
+// The CUDA backend on device `device` (made current): cuBLAS GEMMs, the kernels above, one
+// non-blocking stream; storage dtype BF16. Throws when there is no such device.
+std::unique_ptr<Ops> make_cuda_ops(int device);
+// The stream every op of `ops` (a CUDA backend) runs on; device communicators enqueue on it.
+cudaStream_t stream_of(Ops& ops);
 
 }  // namespace sy::cuda

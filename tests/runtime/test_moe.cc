@@ -57,6 +57,13 @@ TEST(ExpertFfn, MatchesLoopsWithEmptyExperts) {
     store.push_back(test::random_vector(hidden * dim, 30 + e));
     experts[e].w3 = Tensor(store.back().data(), DType::kF32, {hidden, dim});
   }
+  LayerWeights layer;
+  layer.experts = experts;
+  for (const ExpertWeights& E : experts) {
+    layer.w1.push_back(E.w1);
+    layer.w2.push_back(E.w2);
+    layer.w3.push_back(E.w3);
+  }
   const int64_t offsets[] = {0, 4, 4, 7};  // expert 1 gets no rows
   const int64_t n_rows = 7;
   auto in = test::random_vector(n_rows * dim, 40);
@@ -64,7 +71,7 @@ TEST(ExpertFfn, MatchesLoopsWithEmptyExperts) {
   ExpertScratch scratch{Tensor(gate.data(), DType::kF32, {n_rows, hidden}),
                         Tensor(up.data(), DType::kF32, {n_rows, hidden})};
   expert_ffn(*ops, Tensor(out.data(), DType::kF32, {n_rows, dim}),
-             Tensor(in.data(), DType::kF32, {n_rows, dim}), experts, offsets, scratch);
+             Tensor(in.data(), DType::kF32, {n_rows, dim}), layer, offsets, scratch);
   std::vector<double> want(n_rows * dim, 0.0);
   for (int64_t e = 0; e < n_experts; ++e) {
     const float* w1 = experts[e].w1.f32();

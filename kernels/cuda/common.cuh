@@ -1,0 +1,90 @@
+// Shared device helpers of the CUDA kernels: element loads and stores in fp32 for F32 and BF16
+// operands, block-wide reductions, and the launch check that names the failing op.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/device.h"
+#include "kernels/tensor.h"
+
+namespace sy::cuda {
+
+// Reads element i of an F32 or BF16 array as fp32.
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+// Writes fp32 `v` to element i, rounding to nearest even for BF16 (as the CPU's f32_to_bf16).
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// Sum / max over the block. Every thread of the block must call it; blockDim.x is a multiple of
+// 32 and at most 1024. `scratch` is 32 floats of shared memory, free on entry. Every thread gets
+// the result.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int n_warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : 0.f;
+  v = warp_sum(v);
+  __syncthreads();  // scratch is free again for the caller's next reduction
+  return v;
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int n_warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : -INFINITY;
+  v = warp_max(v);
+  __syncthreads();
+  return v;
+}
+
+// Grid size for `n` items at `per_block` items per block, capped at the grid's x limit (kernels
+// using it stride over their items).
+inline unsigned grid_for(int64_t n, int64_t per_block) {
+  const int64_t blocks = (n + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 32 ? 65535 * 32 : blocks));
+}
+
+// Throws naming `op` when its launch failed (bad configuration, a sticky earlier fault).
+inline void check_launch(const char* op) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) SY_FAIL("CUDA kernel ", op, " failed: ", cudaGetErrorString(e));
+}
+
+// Checks that every operand of `op` lives on the GPU.
+inline void check_on_device(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    SY_CHECK(t->device == Device::kCuda, op, ": an operand ", t->shape_str(),
+             " is in host memory; the CUDA backend needs device tensors");
+}
+
+// Checks `t` is F32 or BF16 with shape `dims` (-1: any). Kernels template on the two.
+inline void check_float(const Tensor& t, const char* name, std::initializer_list<int64_t> dims) {
+  SY_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16, name, ": dtype ",
+           dtype_name(t.dtype), "; F32 or BF16 expected");
+  check_tensor(t, name, t.dtype, dims);
+}
+
+}  // namespace sy::cuda
