@@ -13,12 +13,16 @@
 namespace sy::cuda {
 
 // Reads element i of an F32 or BF16 array as fp32.
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const float* p, int64_t i) {
+  return p[i];
+}
 __device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
 // Writes fp32 `v` to element i, rounding to nearest even for BF16 (as the CPU's f32_to_bf16).
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) {
+  p[i] = v;
+}
 __device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
 }
@@ -82,8 +86,8 @@ inline void check_on_device(const char* op, std::initializer_list<const Tensor*>
 
 // Checks `t` is F32 or BF16 with shape `dims` (-1: any). Kernels template on the two.
 inline void check_float(const Tensor& t, const char* name, std::initializer_list<int64_t> dims) {
-  SY_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16, name, ": dtype ",
-           dtype_name(t.dtype), "; F32 or BF16 expected");
+  SY_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16, name, ": dtype ", dtype_name(t.dtype),
+           "; F32 or BF16 expected");
   check_tensor(t, name, t.dtype, dims);
 }
 

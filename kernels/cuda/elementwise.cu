@@ -15,7 +15,8 @@ __global__ void embedding_kernel(float* out, const int32_t* ids, const T* table,
   const int64_t r = static_cast<int64_t>(ids[t]) - row_offset;
   float* o = out + t * dim;
   const bool held = r >= 0 && r < n_rows;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = held ? load(table, r * dim + i) : 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+    o[i] = held ? load(table, r * dim + i) : 0.f;
 }
 
 __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
@@ -73,9 +74,9 @@ void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream) {
   if (n == 0) return;
   with_float_type(gate.dtype, "swiglu", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    swiglu_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(
-        static_cast<T*>(out.data), static_cast<const T*>(gate.data),
-        static_cast<const T*>(up.data), n);
+    swiglu_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(static_cast<T*>(out.data),
+                                                           static_cast<const T*>(gate.data),
+                                                           static_cast<const T*>(up.data), n);
   });
   check_launch("swiglu");
 }

@@ -64,8 +64,8 @@ __global__ void scan_kernel(int32_t* counts, int32_t* cursor, int64_t n) {
 }
 
 // entries[cursor[t]++] = r for every row r of token t (in any order; sorted below).
-__global__ void fill_kernel(int32_t* entries, int32_t* cursor, const int32_t* rows,
-                            int64_t n_rows, int64_t n_tokens) {
+__global__ void fill_kernel(int32_t* entries, int32_t* cursor, const int32_t* rows, int64_t n_rows,
+                            int64_t n_tokens) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n_rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int32_t t = rows[r];

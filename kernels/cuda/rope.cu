@@ -43,8 +43,7 @@ void rope(Tensor q, Tensor k, Tensor positions, double theta, cudaStream_t strea
   SY_CHECK(head_dim % 2 == 0 && head_dim <= 4096, "rope: head_dim ", head_dim);
   if (n_tokens == 0) return;
   rope_kernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(
-      q.f32(), k.f32(), positions.i32(), q.size(1), k.size(1), head_dim,
-      static_cast<float>(theta));
+      q.f32(), k.f32(), positions.i32(), q.size(1), k.size(1), head_dim, static_cast<float>(theta));
   check_launch("rope");
 }
 
