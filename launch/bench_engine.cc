@@ -64,6 +64,46 @@ double measure_flops() {
   return best;
 }
 
+// The same two figures on a device backend, through its own ops: an F32 add over 3 x 256 MiB
+// (two reads, one write) and a 4096^3 GEMM in the storage dtype.
+double measure_device_bandwidth(Ops& ops) {
+  const int64_t n = (256ll << 20) / 4;
+  DeviceBuffer a(ops, n * 4), b(ops, n * 4), c(ops, n * 4);
+  const Device d = ops.device();
+  Tensor ta(a.get(), DType::kF32, {n}, d), tb(b.get(), DType::kF32, {n}, d),
+      tc(c.get(), DType::kF32, {n}, d);
+  ops.fill_zero(tb);
+  ops.fill_zero(tc);
+  double best = 0;
+  for (int rep = 0; rep < 6; ++rep) {
+    ops.synchronize();
+    const auto t = Clock::now();
+    ops.add(ta, tb, tc);
+    ops.synchronize();
+    if (rep > 0) best = std::max(best, 3.0 * n * 4 / seconds_since(t));
+  }
+  return best;
+}
+
+double measure_device_flops(Ops& ops) {
+  const int64_t n = 4096;
+  const DType S = ops.storage_dtype();
+  const Device d = ops.device();
+  DeviceBuffer x(ops, n * n * dtype_size(S)), w(ops, n * n * dtype_size(S)), o(ops, n * n * 4);
+  Tensor tx(x.get(), S, {n, n}, d), tw(w.get(), S, {n, n}, d), to(o.get(), DType::kF32, {n, n}, d);
+  ops.fill_zero(tx);
+  ops.fill_zero(tw);
+  double best = 0;
+  for (int rep = 0; rep < 6; ++rep) {
+    ops.synchronize();
+    const auto t = Clock::now();
+    ops.matmul(to, tx, tw);
+    ops.synchronize();
+    if (rep > 0) best = std::max(best, 2.0 * n * n * n / seconds_since(t));
+  }
+  return best;
+}
+
 // Gathers one double per rank (as two floats would lose precision: sent as int32 pairs).
 std::vector<double> gather_all(Communicator* world, const std::vector<double>& mine) {
   if (world == nullptr) return mine;
@@ -117,6 +157,7 @@ void add_bench_engine(CLI::App& bench, BenchEngineArgs& a) {
   cmd->add_option("--prompt-len", a.prompt_len, "Prompt tokens per sequence")->delimiter(',');
   cmd->add_option("--output-len", a.output_len, "Decode steps")->delimiter(',');
   add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
+  add_device_flags(cmd, a.backend);
   cmd->add_option("--max-batch-tokens", a.max_batch_tokens, "Prefill tokens per step")
       ->capture_default_str();
   cmd->add_option("--seed", a.seed, "Weights and token seed")->capture_default_str();
@@ -133,6 +174,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
   for (int64_t v : a.batch) SY_CHECK(v >= 1, "--batch ", v, " must be >= 1");
   for (int64_t v : a.prompt_len) SY_CHECK(v >= 1, "--prompt-len ", v, " must be >= 1");
   for (int64_t v : a.output_len) SY_CHECK(v >= 1, "--output-len ", v, " must be >= 1");
+  a.backend.validate();
 
   std::unique_ptr<MpiEnv> env;
   std::unique_ptr<Communicator> world;
@@ -159,7 +201,9 @@ int run_bench_engine(const BenchEngineArgs& a) {
   pc.ep = a.ep;
   pc.exchange = parse_moe_exchange(a.moe_exchange);
   pc.validate(config);
-  if (world) par = ParallelContext::create(pc, *world);
+  Backend backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0,
+                                 env ? env->local_size() : 1);
+  if (world) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
 
   const int64_t max_b = *std::max_element(a.batch.begin(), a.batch.end());
   const int64_t max_len = *std::max_element(a.prompt_len.begin(), a.prompt_len.end()) +
@@ -174,7 +218,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
   limits.max_tokens = std::max(a.max_batch_tokens, max_b);
   limits.max_logit_rows = max_b;
 
-  auto ops = make_cpu_ops();
+  Ops* ops = backend.ops.get();
   const WeightShard shard = shard_for(config, par.get());
   const auto t_load = Clock::now();
   Weights weights;
@@ -190,8 +234,9 @@ int run_bench_engine(const BenchEngineArgs& a) {
 
   // Machine figures, measured once: every rank at the same time, summed (the job's aggregate).
   if (world) world->barrier();
-  const double bw_rank = measure_bandwidth();
-  const double flops_rank = measure_flops();
+  const bool on_cpu = ops->device() == Device::kCpu;
+  const double bw_rank = on_cpu ? measure_bandwidth() : measure_device_bandwidth(*ops);
+  const double flops_rank = on_cpu ? measure_flops() : measure_device_flops(*ops);
   double bw = 0, peak_flops = 0;
   for (double v : gather_all(world.get(), {bw_rank})) bw += v;
   for (double v : gather_all(world.get(), {flops_rank})) peak_flops += v;
@@ -200,14 +245,16 @@ int run_bench_engine(const BenchEngineArgs& a) {
   const int64_t E = config.num_local_experts, L = config.num_hidden_layers;
   const int64_t dim = config.hidden_size;
   if (root) {
-    std::printf("# bench engine: %s%s, %lld of %lld layers, world %d, tp %d, ep %d, %s, cpu fp32\n",
+    std::printf("# bench engine: %s%s, %lld of %lld layers, world %d, tp %d, ep %d, %s, %s %s\n",
                 a.synthetic.empty() ? a.model.c_str() : a.synthetic.c_str(),
                 a.synthetic.empty() ? "" : " (synthetic)", (long long)L, (long long)all_layers, W,
-                pc.tp, pc.ep_size(), moe_exchange_name(pc.exchange));
+                pc.tp, pc.ep_size(), moe_exchange_name(pc.exchange), backend.description.c_str(),
+                dtype_name(ops->storage_dtype()));
     std::printf(
-        "# weights %.2f GiB on rank 0, made in %.1f s; measured: memory %.1f GB/s, fp32 GEMM %.1f "
+        "# weights %.2f GiB on rank 0, made in %.1f s; measured: memory %.1f GB/s, %s GEMM %.1f "
         "GFLOP/s (all ranks)\n",
-        weight_bytes / double(1 << 30), load_s, bw / 1e9, peak_flops / 1e9);
+        weight_bytes / double(1 << 30), load_s, bw / 1e9, dtype_name(ops->storage_dtype()),
+        peak_flops / 1e9);
   }
 
   json out;
@@ -312,10 +359,11 @@ int run_bench_engine(const BenchEngineArgs& a) {
     const double k = double(config.num_experts_per_tok);
     const double active_experts = E * (1 - std::pow(1 - k / E, double(c.batch)));
     const double ctx = c.prompt + c.output / 2.0;
+    const double es = static_cast<double>(dtype_size(ops->storage_dtype()));  // bytes/element
     const double weight_bytes_step =
-        4.0 * (L * (attn_params + E * dim + active_experts * expert_params) +
-               double(config.vocab_size) * dim);
-    const double kv_bytes_step = 4.0 * L * c.batch * ctx * 2 * config.kv_dim();
+        es * (L * (attn_params + E * dim + active_experts * expert_params) +
+              double(config.vocab_size) * dim);
+    const double kv_bytes_step = es * L * c.batch * ctx * 2 * config.kv_dim();
     const double bytes_step = weight_bytes_step + kv_bytes_step;
     const double flops_step =
         2.0 * c.batch *

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 
 #include "parallel/context.h"
+#include "runtime/backend.h"
 #include "runtime/sampler.h"
 #include "runtime/serve_config.h"
 #include "runtime/tiny_model.h"
@@ -39,6 +40,7 @@ struct GenerateArgs {
   int tp = 1;                   // tensor-parallel ranks of attention
   int ep = 0;                   // expert-parallel ranks (0 = the world)
   std::string moe_exchange = "all-to-all";
+  BackendOptions backend;  // --device, --comm
 };
 void add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
@@ -48,6 +50,7 @@ struct ServeArgs {
   int tp = 1;  // tensor-parallel ranks of attention
   int ep = 0;  // expert-parallel ranks (0 = the world)
   std::string moe_exchange = "all-to-all";
+  BackendOptions backend;  // --device, --comm
 };
 void add_serve(CLI::App& app, ServeArgs& args);
 int run_serve(const ServeArgs& args);
@@ -109,6 +112,7 @@ struct BenchEngineArgs {
   int tp = 1;                               // tensor-parallel ranks of attention
   int ep = 0;                               // expert-parallel ranks; 0 = the world
   std::string moe_exchange = "all-to-all";
+  BackendOptions backend;           // --device, --comm
   int64_t max_batch_tokens = 1024;  // prefill tokens per step
   uint64_t seed = 1;                // weights and tokens
   double mem_bandwidth_gbs = 0;     // the job's memory bandwidth; 0 = measure
@@ -146,6 +150,8 @@ int run_bench_all_to_all(const BenchAllToAllArgs& args);
 
 // --tp, --ep and --moe-exchange, the rank layout flags of generate, serve and bench engine.
 void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange);
+// --device cpu|cuda and --comm auto|nccl|mpi.
+void add_device_flags(CLI::App* cmd, BackendOptions& backend);
 
 // True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix, ...).
 bool launched_by_mpi();

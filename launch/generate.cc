@@ -61,6 +61,15 @@ void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange
       ->capture_default_str();
 }
 
+void add_device_flags(CLI::App* cmd, BackendOptions& backend) {
+  cmd->add_option("--device", backend.device, "cpu or cuda (weights and KV cache in BF16)")
+      ->capture_default_str();
+  cmd->add_option("--comm", backend.comm,
+                  "GPU ranks: auto, nccl (one GPU per rank) or mpi (host staging; ranks may "
+                  "share a GPU)")
+      ->capture_default_str();
+}
+
 bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"})
     if (std::getenv(v) != nullptr) return true;
@@ -93,6 +102,7 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
   cmd->add_option("--prefill-chunk", a.prefill_chunk, "Prompt tokens per forward step")
       ->capture_default_str();
   add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
+  add_device_flags(cmd, a.backend);
 }
 
 int run_generate(const GenerateArgs& a) {
@@ -100,6 +110,7 @@ int run_generate(const GenerateArgs& a) {
   SY_CHECK(a.max_tokens >= 0, "--max-tokens ", a.max_tokens, " must be >= 0");
   SY_CHECK(a.prefill_chunk > 0, "--prefill-chunk ", a.prefill_chunk, " must be positive");
   a.sampling.validate();
+  a.backend.validate();
   const ModelConfig config = ModelConfig::load(a.model);
   std::unique_ptr<Tokenizer> tokenizer =
       Tokenizer::load(a.model, config.bos_token_id, config.eos_token_ids);
@@ -120,21 +131,28 @@ int run_generate(const GenerateArgs& a) {
   // Under an MPI launcher every rank runs this same request in lockstep.
   std::unique_ptr<MpiEnv> env;
   std::unique_ptr<Communicator> world;
+  Backend backend;
   std::unique_ptr<ParallelContext> par;
-  if (launched_by_mpi() || a.tp > 1 || a.ep > 0) {
+  const bool parallel = launched_by_mpi() || a.tp > 1 || a.ep > 0;
+  ParallelConfig pc;
+  if (parallel) {
     env = std::make_unique<MpiEnv>(nullptr, nullptr);
     world = make_mpi_world_communicator();
-    ParallelConfig pc;
     pc.world = env->size();
     pc.rank = env->rank();
     pc.tp = a.tp;
     pc.ep = a.ep;
     pc.exchange = parse_moe_exchange(a.moe_exchange);
     pc.validate(config);  // before any weight is read
-    par = ParallelContext::create(pc, *world);
   }
+  backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0,
+                         env ? env->local_size() : 1);
+  if (parallel) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
   const bool root = env == nullptr || env->is_root();
-  LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, root, par.get());
+  if (root && a.backend.device != "cpu")
+    std::fprintf(stderr, "device: %s\n", backend.description.c_str());
+  LoadedModel loaded =
+      load_model(a.model, context, a.prefill_chunk, root, par.get(), backend.ops.get());
   if (par != nullptr) print_layout(*par, config, loaded.model->weights());
   GenerateOptions options;
   options.max_tokens = a.max_tokens;

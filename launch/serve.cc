@@ -142,11 +142,13 @@ void print_config(const ServeConfig& config, const ModelConfig& model, int tp) {
     std::fprintf(stderr, "  %-22s %s\n", name.c_str(), value.c_str());
 }
 
-int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& par) {
+int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& par,
+               const Backend& backend) {
   const ServeConfig& sc = a.config;
   std::unique_ptr<Tokenizer> tokenizer =
       Tokenizer::load(sc.model, config.bos_token_id, config.eos_token_ids);
-  Service service(*tokenizer, model_info(sc.model, config, par.config, sc.context_limit(config)));
+  Service service(*tokenizer, model_info(sc.model, config, par.config, sc.context_limit(config),
+                                         a.backend.device));
   LoadedModel loaded;
   std::unique_ptr<Engine> engine;
 
@@ -168,7 +170,8 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   ShutdownSignals signals(sc.grace_period_s, [&] { set_serving(*server, false); });
 
   print_config(sc, config, par.config.tp);
-  loaded = load_model(sc.model, config, sc.model_limits(config), true, &par);
+  std::fprintf(stderr, "  %-22s %s\n", "device", backend.description.c_str());
+  loaded = load_model(sc.model, config, sc.model_limits(config), true, &par, backend.ops.get());
   print_layout(par, config, loaded.model->weights());
   engine = std::make_unique<Engine>(*loaded.model, *tokenizer, sc.engine_options(), par.world);
   SY_CHECK(engine->context_limit() == sc.context_limit(config), "the engine's context limit ",
@@ -215,6 +218,7 @@ void add_serve(CLI::App& app, ServeArgs& a) {
   cmd->add_option("--listen", c.listen, "host:port of the gRPC server (port 0 = any free port)")
       ->capture_default_str();
   add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);
+  add_device_flags(cmd, a.backend);
   cmd->add_option("--max-batch-tokens", c.max_batch_tokens,
                   "Tokens per step (prefill chunks + decode tokens)")
       ->capture_default_str();
@@ -240,6 +244,7 @@ void add_serve(CLI::App& app, ServeArgs& a) {
 
 int run_serve(const ServeArgs& a) {
   a.config.validate();
+  a.backend.validate();
   // Block the shutdown signals before MPI and gRPC start their threads, which inherit the mask:
   // rank 0 takes them on its signal thread, the other ranks ignore them.
   const sigset_t signals = shutdown_signals();
@@ -258,10 +263,13 @@ int run_serve(const ServeArgs& a) {
   pc.exchange = parse_moe_exchange(a.moe_exchange);
   pc.validate(config);                                       // before any weight is read
   const ModelLimits limits = a.config.model_limits(config);  // validates the budgets
-  std::unique_ptr<ParallelContext> par = ParallelContext::create(pc, *world);
-  if (env.is_root()) return serve_root(a, config, *par);
+  const Backend backend = make_backend(a.backend, world.get(), env.local_rank(), env.local_size());
+  std::unique_ptr<ParallelContext> par =
+      ParallelContext::create(pc, backend.world ? *backend.world : *world);
+  if (env.is_root()) return serve_root(a, config, *par, backend);
 
-  LoadedModel loaded = load_model(a.config.model, config, limits, false, par.get());
+  LoadedModel loaded =
+      load_model(a.config.model, config, limits, false, par.get(), backend.ops.get());
   print_layout(*par, config, loaded.model->weights());
   Engine::run_worker(*loaded.model, *world);
   return 0;

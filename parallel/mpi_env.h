@@ -17,6 +17,7 @@ class MpiEnv {
   int rank() const { return rank_; }
   int size() const { return size_; }
   int local_rank() const { return local_rank_; }  // rank among the processes of this node
+  int local_size() const { return local_size_; }  // processes of this job on this node
   bool is_root() const { return rank_ == 0; }
 
   // Prints "switchyard: rank R failed: <message>" and aborts every rank of the job.
@@ -29,6 +30,7 @@ class MpiEnv {
   int rank_ = 0;
   int size_ = 1;
   int local_rank_ = 0;
+  int local_size_ = 1;
 };
 
 }  // namespace sy

@@ -54,7 +54,7 @@ char* at(const Tensor& t, int64_t row) {
 }
 
 class NcclCommunicator;
-std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device);
+std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device, cudaStream_t stream);
 
 // The live communicators of this process, for abort_nccl_communicators().
 std::mutex g_live_mutex;
@@ -63,14 +63,16 @@ std::vector<NcclCommunicator*> g_live;
 class NcclCommunicator final : public Communicator {
  public:
   // Takes ownership of `comm`, an initialised communicator on `device` (the current device).
-  NcclCommunicator(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+  // Enqueues on `stream` when it is not null (not owned), else on a stream of its own.
+  NcclCommunicator(ncclComm_t comm, int device, cudaStream_t stream)
+      : comm_(comm), device_(device), stream_(stream), owns_stream_(stream == nullptr) {
     try {
       SY_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
       SY_NCCL_CHECK(ncclCommCount(comm_, &size_));
-      SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      if (owns_stream_) SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
       SY_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
     } catch (...) {
-      if (stream_ != nullptr) cudaStreamDestroy(stream_);
+      if (owns_stream_ && stream_ != nullptr) cudaStreamDestroy(stream_);
       throw;  // the caller (adopt) aborts `comm`
     }
     std::lock_guard<std::mutex> lock(g_live_mutex);
@@ -87,7 +89,7 @@ class NcclCommunicator final : public Communicator {
     if (std::uncaught_exceptions() > 0) abort();
     if (!aborted_) ncclCommDestroy(comm_);
     cudaFree(scratch_);
-    cudaStreamDestroy(stream_);
+    if (owns_stream_) cudaStreamDestroy(stream_);
   }
 
   NcclCommunicator(const NcclCommunicator&) = delete;
@@ -247,7 +249,7 @@ class NcclCommunicator final : public Communicator {
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
     ncclComm_t sub = nullptr;
     SY_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
-    return adopt(sub, device_);
+    return adopt(sub, device_, owns_stream_ ? nullptr : stream_);
 #else
     SY_FAIL("split needs NCCL >= 2.18 (ncclCommSplit); this build has ", NCCL_MAJOR, ".",
             NCCL_MINOR);
@@ -295,13 +297,14 @@ class NcclCommunicator final : public Communicator {
   int size_ = 1;
   bool aborted_ = false;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = true;
   void* scratch_ = nullptr;  // [1] f32: the barrier's all-reduce
 };
 
 // Wraps a new NCCL communicator; frees it when the wrapper cannot be built.
-std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device) {
+std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device, cudaStream_t stream) {
   try {
-    return std::make_unique<NcclCommunicator>(comm, device);
+    return std::make_unique<NcclCommunicator>(comm, device, stream);
   } catch (...) {
     ncclCommAbort(comm);
     throw;
@@ -310,7 +313,8 @@ std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device) {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device) {
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device,
+                                                     cudaStream_t stream) {
   const int n_devices = cuda::device_count();
   const bool ok = device >= 0 && device < n_devices;
   // Agree first: a rank without a device must not leave the others waiting for its id.
@@ -328,7 +332,7 @@ std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, in
   bootstrap.broadcast(&id, sizeof(id), 0);
   ncclComm_t comm = nullptr;
   SY_NCCL_CHECK(ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank()));
-  return adopt(comm, device);
+  return adopt(comm, device, stream);
 }
 
 void abort_nccl_communicators() noexcept {

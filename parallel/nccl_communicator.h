@@ -1,9 +1,9 @@
 // The NCCL communicator: the collectives of communicator.h on CUDA device buffers, one GPU per
 // rank. Built only with the CUDA backend; code that uses it checks `#ifdef SY_HAVE_NCCL`.
 //
-// Every collective is enqueued on one CUDA stream owned by the communicator and the stream is
-// synchronised before the call returns, so callers see finished results in device memory.
-// Counts may differ between ranks and may be zero, as in the MPI communicator:
+// Every collective is enqueued on one CUDA stream (the communicator's own, or the one it is
+// given) and the stream is synchronised before the call returns, so callers see finished results in
+// device memory. Counts may differ between ranks and may be zero, as in the MPI communicator:
 //   reduce_scatter_sum  equal counts: ncclReduceScatter; otherwise one ncclReduce per
 //                       destination rank (root = that rank) in one NCCL group, no padding
 //   all_gather          equal counts: ncclAllGather; otherwise one ncclBroadcast per source
@@ -12,6 +12,8 @@
 //                       rank keeps are a device-to-device copy on the same stream
 // Rows are moved as bytes (any dtype); the reductions take F32.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <memory>
 
@@ -24,7 +26,11 @@ namespace sy {
 // becomes the current device. Collective over `bootstrap`. Every rank checks its device first
 // and all ranks throw the same error when any rank lacks one, so none waits in NCCL's set-up.
 // The caller picks the device from the node-local rank (MpiEnv::local_rank()).
-std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device);
+// With `stream` (not owned) every collective is enqueued on it, after the kernels already
+// there: pass the compute stream of the ops backend (cuda::stream_of) so that collectives read
+// finished inputs. Communicators split from it share the stream.
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device,
+                                                     cudaStream_t stream = nullptr);
 
 // Aborts every NCCL communicator of this process (ncclCommAbort), for the error path of the top
 // level before the job ends: this rank's pending NCCL work is cancelled instead of waiting for

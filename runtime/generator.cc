@@ -10,7 +10,7 @@ namespace sy {
 
 LoadedModel load_model(const std::string& model_dir, int64_t max_context,
                        int64_t max_tokens_per_step, bool show_progress,
-                       const ParallelContext* parallel) {
+                       const ParallelContext* parallel, Ops* ops) {
   const ModelConfig config = ModelConfig::load(model_dir);
   if (parallel != nullptr) parallel->config.validate(config);
   SY_CHECK(max_context > 0 && max_context <= config.max_position_embeddings, "context of ",
@@ -23,21 +23,24 @@ LoadedModel load_model(const std::string& model_dir, int64_t max_context,
   limits.max_seqs = 1;
   limits.max_tokens = std::max<int64_t>(1, std::min(max_tokens_per_step, max_context));
   limits.max_logit_rows = limits.max_tokens;
-  return load_model(model_dir, config, limits, show_progress, parallel);
+  return load_model(model_dir, config, limits, show_progress, parallel, ops);
 }
 
 LoadedModel load_model(const std::string& model_dir, const ModelConfig& config,
                        const ModelLimits& limits, bool show_progress,
-                       const ParallelContext* parallel) {
+                       const ParallelContext* parallel, Ops* ops) {
   LoadedModel m;
   m.config = config;
   if (parallel != nullptr) parallel->config.validate(m.config);
   limits.validate();
   Checkpoint checkpoint = Checkpoint::open(model_dir);
-  m.ops = make_cpu_ops();
+  if (ops == nullptr) {
+    m.ops = make_cpu_ops();
+    ops = m.ops.get();
+  }
   Weights weights =
-      Weights::load(checkpoint, m.config, shard_for(m.config, parallel), *m.ops, show_progress);
-  m.model = std::make_unique<Model>(m.config, std::move(weights), *m.ops, limits, parallel);
+      Weights::load(checkpoint, m.config, shard_for(m.config, parallel), *ops, show_progress);
+  m.model = std::make_unique<Model>(m.config, std::move(weights), *ops, limits, parallel);
   return m;
 }
 

@@ -33,19 +33,20 @@ struct GenerateResult {
 // Loads config, checkpoint and this rank's weights of `model_dir` and builds a Model with
 // room for one sequence of `max_context` tokens. `parallel` (not owned, may be null) selects
 // this rank's shard; the layout is validated before any weight is read.
+// `ops` (not owned) is the backend to load onto; null: a CPU backend owned by the result.
 struct LoadedModel {
   ModelConfig config;
-  std::unique_ptr<Ops> ops;
+  std::unique_ptr<Ops> ops;  // the CPU backend made when none was given
   std::unique_ptr<Model> model;
 };
 LoadedModel load_model(const std::string& model_dir, int64_t max_context,
                        int64_t max_tokens_per_step, bool show_progress,
-                       const ParallelContext* parallel = nullptr);
+                       const ParallelContext* parallel = nullptr, Ops* ops = nullptr);
 // The same for serving: a Model with the given capacity (many sequences, a shared KV cache).
 // `config` is model_dir's config.json, already loaded (and the layout validated against it).
 LoadedModel load_model(const std::string& model_dir, const ModelConfig& config,
                        const ModelLimits& limits, bool show_progress,
-                       const ParallelContext* parallel = nullptr);
+                       const ParallelContext* parallel = nullptr, Ops* ops = nullptr);
 
 // Runs one request to completion. `on_token` is called with each generated id as it is sampled.
 // With a parallel model every rank calls it with the same arguments; rank 0's sampled token is

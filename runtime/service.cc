@@ -155,7 +155,8 @@ grpc::StatusCode status_code(RequestError::Code code) {
 }
 
 v1::ModelInfo model_info(const std::string& model_path, const ModelConfig& c,
-                         const ParallelConfig& p, int64_t context_limit) {
+                         const ParallelConfig& p, int64_t context_limit,
+                         const std::string& device) {
   v1::ModelInfo m;
   m.set_model_path(model_path);
   m.set_hidden_size(static_cast<uint32_t>(c.hidden_size));
@@ -187,7 +188,7 @@ v1::ModelInfo model_info(const std::string& model_path, const ModelConfig& c,
     for (int64_t e : experts_of(c.num_local_experts, q.ep_size(), q.ep_rank()))
       info->add_experts(static_cast<uint32_t>(e));
   }
-  m.set_device("cpu");
+  m.set_device(device);
   return m;
 }
 

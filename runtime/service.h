@@ -63,8 +63,10 @@ grpc::Status finish_status(const RequestEvent& event);
 grpc::StatusCode status_code(RequestError::Code code);
 
 // The model, the layout of every rank and the context limit, as GetModelInfo returns them.
+// `device` is the --device the ranks run on ("cpu" or "cuda").
 v1::ModelInfo model_info(const std::string& model_path, const ModelConfig& config,
-                         const ParallelConfig& parallel, int64_t context_limit);
+                         const ParallelConfig& parallel, int64_t context_limit,
+                         const std::string& device = "cpu");
 
 // ---- the service --------------------------------------------------------------------------------
 

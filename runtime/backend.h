@@ -1,0 +1,41 @@
+// The compute backend of one rank: `--device cpu|cuda` and, for GPU ranks in a job of several,
+// how device tensors travel between ranks (`--comm auto|nccl|mpi`).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "kernels/ops.h"
+#include "parallel/communicator.h"
+
+namespace sy {
+
+struct BackendOptions {
+  std::string device = "cpu";  // cpu | cuda
+  std::string comm = "auto";   // auto | nccl | mpi (GPU ranks of a parallel job)
+
+  void validate() const;
+};
+
+// Where this rank runs.
+struct Backend {
+  std::unique_ptr<Ops> ops;
+  // The world communicator for the model (over `host_world`'s ranks): null for CPU ranks (the
+  // host world is used as is); for GPU ranks a routed communicator (parallel/
+  // routed_communicator.h) whose device tensors go through NCCL or MPI host staging.
+  std::unique_ptr<Communicator> world;
+  std::string description;  // "cpu", "cuda:0 NVIDIA H100 (nccl)", ...
+};
+
+// Builds this rank's backend. `host_world` (null for a lone process) is the job's MPI
+// communicator; `local_rank` / `local_size` place the rank on its node: GPU ranks use device
+// local_rank % n_devices. With comm "auto", NCCL is used when it is built and every rank of the
+// job has a GPU of its own, host staging otherwise; every rank makes the same choice. A
+// collective over `host_world` when given.
+Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank,
+                     int local_size);
+
+// True when this build has the CUDA backend.
+bool cuda_backend_built();
+
+}  // namespace sy
