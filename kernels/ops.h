@@ -63,8 +63,8 @@ class Ops {
   // one matmul per group.
   virtual void grouped_matmul(Tensor out, Tensor x, const Tensor* w, const int64_t* offsets,
                               size_t n_groups);
-  // Rotates q: F32 [n_tokens, n_heads, head_dim] and k: F32 [n_tokens, n_kv_heads, head_dim] in place by
-  // their positions (Hugging Face rotate-half convention, base `theta`).
+  // Rotates q: F32 [n_tokens, n_heads, head_dim] and k: F32 [n_tokens, n_kv_heads, head_dim] in
+  // place by their positions (Hugging Face rotate-half convention, base `theta`).
   virtual void rope(Tensor q, Tensor k, Tensor positions, double theta) = 0;
   // Writes k, v: F32 [n_tokens, n_kv_heads, head_dim] into the caches F32|S
   // [n_blocks, block_size, n_kv_heads, head_dim] at the slots of their positions.
