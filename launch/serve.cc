@@ -136,9 +136,10 @@ void set_serving(grpc::Server& server, bool serving) {
   health->SetServingStatus(kServiceName, serving);
 }
 
-void print_config(const ServeConfig& config, const ModelConfig& model, int tp) {
+void print_config(const ServeConfig& config, const ModelConfig& model, int tp,
+                  size_t kv_bytes_per_value) {
   std::fprintf(stderr, "# serve\n");
-  for (const auto& [name, value] : config.table(model, tp))
+  for (const auto& [name, value] : config.table(model, tp, kv_bytes_per_value))
     std::fprintf(stderr, "  %-22s %s\n", name.c_str(), value.c_str());
 }
 
@@ -169,7 +170,7 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
       sc.listen.substr(0, sc.listen.rfind(':')) + ":" + std::to_string(port);
   ShutdownSignals signals(sc.grace_period_s, [&] { set_serving(*server, false); });
 
-  print_config(sc, config, par.config.tp);
+  print_config(sc, config, par.config.tp, dtype_size(backend.ops->storage_dtype()));
   std::fprintf(stderr, "  %-22s %s\n", "device", backend.description.c_str());
   loaded = load_model(sc.model, config, sc.model_limits(config), true, &par, backend.ops.get());
   print_layout(par, config, loaded.model->weights());

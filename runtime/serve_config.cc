@@ -68,15 +68,17 @@ EngineOptions ServeConfig::engine_options() const {
   return o;
 }
 
-uint64_t ServeConfig::kv_cache_bytes(const ModelConfig& config, int tp) const {
-  // K and V, per layer [n_blocks, block_size, n_kv_heads / tp, head_dim], fp32.
+uint64_t ServeConfig::kv_cache_bytes(const ModelConfig& config, int tp,
+                                     size_t bytes_per_value) const {
+  // K and V, per layer [n_blocks, block_size, n_kv_heads / tp, head_dim].
   const uint64_t per_token = 2ull * static_cast<uint64_t>(config.num_hidden_layers) *
-                             static_cast<uint64_t>(config.kv_dim() / tp) * sizeof(float);
+                             static_cast<uint64_t>(config.kv_dim() / tp) * bytes_per_value;
   return per_token * static_cast<uint64_t>(n_kv_blocks(config) * block_size);
 }
 
 std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelConfig& config,
-                                                                    int tp) const {
+                                                                    int tp,
+                                                                    size_t bytes_per_value) const {
   auto mib = [](uint64_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; };
   std::ostringstream grace;
   grace << grace_period_s;
@@ -90,7 +92,7 @@ std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelC
       {"context_limit_tokens", std::to_string(context_limit(config))},
       {"block_size", std::to_string(block_size)},
       {"kv_blocks", std::to_string(n_kv_blocks(config))},
-      {"kv_cache_per_rank", mib(kv_cache_bytes(config, tp))},
+      {"kv_cache_per_rank", mib(kv_cache_bytes(config, tp, bytes_per_value))},
       {"grace_period_s", grace.str()},
   };
 }

@@ -39,9 +39,11 @@ struct ServeConfig {
   ModelLimits model_limits(const ModelConfig& config) const;
   EngineOptions engine_options() const;
   // KV cache bytes per rank for `config` sharded over `tp` attention ranks (fp32 on the CPU).
-  uint64_t kv_cache_bytes(const ModelConfig& config, int tp) const;
+  // `bytes_per_value`: 4 for the CPU backend's fp32 cache, 2 for bf16 on GPUs.
+  uint64_t kv_cache_bytes(const ModelConfig& config, int tp, size_t bytes_per_value = 4) const;
   // "name value" rows for the start-up table.
-  std::vector<std::pair<std::string, std::string>> table(const ModelConfig& config, int tp) const;
+  std::vector<std::pair<std::string, std::string>> table(const ModelConfig& config, int tp,
+                                                         size_t bytes_per_value = 4) const;
 };
 
 }  // namespace sy
