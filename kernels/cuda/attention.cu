@@ -19,7 +19,7 @@ constexpr int kMaxHeadDim = 256;  // two output dimensions per thread
 template <typename TC, typename TO>
 __global__ void attention_kernel(TO* out, const float* q, const TC* k_cache, const TC* v_cache,
                                  const int32_t* positions, const int32_t* token_seq,
-                                 const int32_t* block_tables, int64_t max_blocks,
+                                 const int32_t* block_tables, int64_t n_seqs, int64_t max_blocks,
                                  int64_t block_size, int64_t n_blocks, int64_t n_heads,
                                  int64_t n_kv_heads, int64_t head_dim, int64_t window,
                                  float scale) {
@@ -37,8 +37,11 @@ __global__ void attention_kernel(TO* out, const float* q, const TC* k_cache, con
 
   const int64_t pos = positions[t];
   const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-  const int64_t n_ctx = pos - lo + 1;
-  const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * max_blocks;
+  const int64_t n_ctx = seq_ok ? pos - lo + 1 : 0;
+  const int64_t seq = token_seq[t];
+  // A sequence outside the table (the host validates steps; never in a valid one) reads nothing.
+  const int64_t seq_ok = seq >= 0 && seq < n_seqs ? 1 : 0;
+  const int32_t* table = block_tables + (seq_ok ? seq : 0) * max_blocks;
   const int64_t d0 = threadIdx.x;
   const int64_t d1 = threadIdx.x + kTile;
   float running_max = -INFINITY;
@@ -122,8 +125,9 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
       attention_kernel<TC, TO><<<grid, kTile, 0, stream>>>(
           static_cast<TO*>(out.data), q.f32(), static_cast<const TC*>(k_cache.data),
           static_cast<const TC*>(v_cache.data), meta.positions.i32(), meta.token_seq.i32(),
-          meta.block_tables.i32(), meta.block_tables.size(1), meta.block_size, k_cache.size(0),
-          n_heads, n_kv_heads, head_dim, meta.sliding_window, scale);
+          meta.block_tables.i32(), meta.block_tables.size(0), meta.block_tables.size(1),
+          meta.block_size, k_cache.size(0), n_heads, n_kv_heads, head_dim, meta.sliding_window,
+          scale);
     });
   });
   check_launch("attention");

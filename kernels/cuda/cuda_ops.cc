@@ -110,6 +110,7 @@ class CudaOps final : public Ops {
     const int64_t n = w.size(0);
     check_gemm("matmul", out, x, w, m);
     if (m == 0 || n == 0) return;
+    if (k == 0) return fill_zero(out);  // an empty sum
     const float alpha = 1.f;
     const float beta = 0.f;
     // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major outᵀ[n, m] = wᵀ · xᵀ: op(A) = wᵀ
@@ -131,7 +132,8 @@ class CudaOps final : public Ops {
              ")");
     SY_CHECK(x.ndim == 2 && out.ndim == 2 && x.size(0) == out.size(0), "grouped_matmul: x ",
              x.shape_str(), ", out ", out.shape_str());
-    if (!grouped_supported_) return Ops::grouped_matmul(out, x, w, offsets, n_groups);
+    bool& refused = grouped_refused_[out.dtype == DType::kF32 ? 0 : 1];
+    if (refused) return Ops::grouped_matmul(out, x, w, offsets, n_groups);
     host_a_.clear();
     host_b_.clear();
     host_c_.clear();
@@ -179,7 +181,7 @@ class CudaOps final : public Ops {
         beta_.data(), dev + 2 * kMaxGroups, cuda_type(out.dtype), m_.data(), n_problems,
         group_size_.data(), CUBLAS_COMPUTE_32F);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED) {
-      grouped_supported_ = false;  // this toolkit or dtype mix: one GEMM per group from now on
+      refused = true;  // this toolkit refuses this output dtype: one GEMM per group from now on
       return Ops::grouped_matmul(out, x, w, offsets, n_groups);
     }
     SY_CUBLAS_CHECK(st, "grouped_matmul");
@@ -239,8 +241,8 @@ class CudaOps final : public Ops {
   int device_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  void* pointer_arrays_ = nullptr;  // device [3, kMaxGroups] A, B, C pointers
-  bool grouped_supported_ = true;
+  void* pointer_arrays_ = nullptr;            // device [3, kMaxGroups] A, B, C pointers
+  bool grouped_refused_[2] = {false, false};  // by output dtype: F32, the storage dtype
   size_t last_group_ = 0;  // the last group with rows in the current grouped_matmul
   int32_t* scatter_scratch_ = nullptr;
   int64_t scatter_scratch_size_ = 0;

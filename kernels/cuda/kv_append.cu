@@ -7,19 +7,22 @@
 namespace sy::cuda {
 namespace {
 
-// One block per token. A position beyond its block table or a block id outside the cache is
+// One block per token. A sequence outside the block table, a position beyond its block table or
+// a block id outside the cache is
 // skipped (the host validates both before the step; the kernel only refuses to write out of
 // bounds).
 template <typename T>
 __global__ void kv_append_kernel(T* k_cache, T* v_cache, const float* k, const float* v,
                                  const int32_t* positions, const int32_t* token_seq,
-                                 const int32_t* block_tables, int64_t max_blocks,
+                                 const int32_t* block_tables, int64_t n_seqs, int64_t max_blocks,
                                  int64_t block_size, int64_t n_blocks, int64_t row) {
   const int64_t t = blockIdx.x;
   const int64_t pos = positions[t];
   const int64_t logical = pos / block_size;
   if (pos < 0 || logical >= max_blocks) return;
-  const int64_t block = block_tables[token_seq[t] * max_blocks + logical];
+  const int64_t seq = token_seq[t];
+  if (seq < 0 || seq >= n_seqs) return;
+  const int64_t block = block_tables[seq * max_blocks + logical];
   if (block < 0 || block >= n_blocks) return;
   const int64_t slot = block * block_size + pos % block_size;
   for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
@@ -51,7 +54,8 @@ void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const Attenti
     kv_append_kernel<T><<<static_cast<unsigned>(n_tokens), 128, 0, stream>>>(
         static_cast<T*>(k_cache.data), static_cast<T*>(v_cache.data), k.f32(), v.f32(),
         meta.positions.i32(), meta.token_seq.i32(), meta.block_tables.i32(),
-        meta.block_tables.size(1), meta.block_size, k_cache.size(0), n_kv_heads * head_dim);
+        meta.block_tables.size(0), meta.block_tables.size(1), meta.block_size, k_cache.size(0),
+        n_kv_heads * head_dim);
   });
   check_launch("kv_append");
 }
