@@ -37,10 +37,10 @@ __global__ void attention_kernel(TO* out, const float* q, const TC* k_cache, con
 
   const int64_t pos = positions[t];
   const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-  const int64_t n_ctx = seq_ok ? pos - lo + 1 : 0;
   const int64_t seq = token_seq[t];
   // A sequence outside the table (the host validates steps; never in a valid one) reads nothing.
-  const int64_t seq_ok = seq >= 0 && seq < n_seqs ? 1 : 0;
+  const bool seq_ok = seq >= 0 && seq < n_seqs;
+  const int64_t n_ctx = seq_ok ? pos - lo + 1 : 0;
   const int32_t* table = block_tables + (seq_ok ? seq : 0) * max_blocks;
   const int64_t d0 = threadIdx.x;
   const int64_t d1 = threadIdx.x + kTile;
