@@ -1,6 +1,8 @@
 // Default implementations of the ops interface (see ops.h).
 #include "kernels/ops.h"
 
+#include <vector>
+
 namespace sy {
 
 void Ops::grouped_matmul(Tensor out, Tensor x, const Tensor* w, const int64_t* offsets,
@@ -14,6 +16,56 @@ void Ops::grouped_matmul(Tensor out, Tensor x, const Tensor* w, const int64_t* o
     SY_CHECK(n >= 0, "grouped_matmul: offsets decrease at group ", g);
     if (n > 0) matmul(out.rows(offsets[g], n), x.rows(offsets[g], n), w[g]);
   }
+}
+
+void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
+                    Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
+  const int64_t n_tokens = topk_idx.size(0);
+  const int64_t k = topk_idx.size(1);
+  const int64_t n_rows = n_tokens * k;
+  const int64_t n_experts = offsets.size(0) - 1;
+  check_tensor(topk_idx, "moe_route.topk_idx", DType::kI32, {n_tokens, k});
+  check_tensor(topk_weights, "moe_route.topk_weights", DType::kF32, {n_tokens, k});
+  check_tensor(sorted_rows, "moe_route.sorted_rows", DType::kI32, {n_rows});
+  check_tensor(sorted_weights, "moe_route.sorted_weights", DType::kF32, {n_rows});
+  check_tensor(offsets, "moe_route.offsets", DType::kI32, {n_experts + 1});
+  SY_CHECK(
+      n_experts >= 1 && 0 <= expert_begin && expert_begin <= expert_end && expert_end <= n_experts,
+      "moe_route: experts [", expert_begin, ", ", expert_end, ") of ", n_experts);
+  std::vector<int32_t> idx(static_cast<size_t>(n_rows)), rows(static_cast<size_t>(n_rows));
+  std::vector<float> w(static_cast<size_t>(n_rows)), sw(static_cast<size_t>(n_rows));
+  std::vector<int32_t> off(static_cast<size_t>(n_experts + 1), 0);
+  copy_to_host(idx.data(), topk_idx.data, topk_idx.bytes());
+  copy_to_host(w.data(), topk_weights.data, topk_weights.bytes());
+  for (int32_t e : idx) {
+    SY_CHECK(e >= 0 && e < n_experts, "moe_route: expert id ", e, " outside [0, ", n_experts, ")");
+    ++off[static_cast<size_t>(e) + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) off[e + 1] += off[e];
+  std::vector<int32_t> cursor(off.begin(), off.end() - 1);
+  for (int64_t i = 0; i < n_rows; ++i) {  // token-major: stable in token order
+    const int32_t e = idx[i];
+    const int32_t r = cursor[e]++;
+    const bool here = e >= expert_begin && e < expert_end;
+    rows[r] = here ? static_cast<int32_t>(i / k) : -1;
+    sw[r] = here ? w[i] : 0.f;
+  }
+  copy_from_host(sorted_rows.data, rows.data(), sorted_rows.bytes());
+  copy_from_host(sorted_weights.data, sw.data(), sorted_weights.bytes());
+  copy_from_host(offsets.data, off.data(), offsets.bytes());
+  synchronize();  // the host vectors go out of scope
+}
+
+void Ops::grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets,
+                                 int64_t first, size_t n_groups) {
+  SY_CHECK(offsets.dtype == DType::kI32 && offsets.ndim == 1 && first >= 0 &&
+               first + static_cast<int64_t>(n_groups) < offsets.size(0),
+           "grouped_matmul_offsets: groups [", first, ", ", first + static_cast<int64_t>(n_groups),
+           ") of offsets ", offsets.shape_str());
+  std::vector<int32_t> off(n_groups + 1);
+  copy_to_host(off.data(), static_cast<int32_t*>(offsets.data) + first, off.size() * 4);
+  std::vector<int64_t> off64(off.begin(), off.end());
+  grouped_matmul(out, x, w, off64.data(), n_groups);
 }
 
 }  // namespace sy

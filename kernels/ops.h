@@ -78,15 +78,50 @@ class Ops {
   // logits: F32 [n_tokens, n_experts]; topk_idx: I32 [n_tokens, k]; topk_weights: F32 [n_tokens,
   // k].
   virtual void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits) = 0;
-  // out[r] = x[rows[r]].   out: [n_rows, dim]; x: [n_tokens, dim], out's dtype (any);
-  // rows: I32 [n_rows].
+  // out[r] = x[rows[r]], or zeros where rows[r] < 0.   out: [n_rows, dim]; x: [n_tokens, dim],
+  // out's dtype (any); rows: I32 [n_rows].
   virtual void gather_rows(Tensor out, Tensor x, Tensor rows) = 0;
-  // out[rows[r]] += weights[r] * x[r] for every r, in order of r.
+  // out[rows[r]] += weights[r] * x[r] for every r with rows[r] >= 0, in order of r.
   // out: F32 [n_tokens, dim]; x: F32|S [n_rows, dim]; rows: I32 [n_rows]; weights: F32 [n_rows].
   virtual void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights) = 0;
   // out = silu(gate) * up, elementwise. [n_rows, hidden_dim], all F32 or all S; out may alias
   // gate.
   virtual void swiglu(Tensor out, Tensor gate, Tensor up) = 0;
+
+  // ---- routing without the host (a decode step that never waits for the GPU) ---------------
+  // The MoE layout on the device: the (token, j) pairs of topk_idx: I32 [n_tokens, k] sorted by
+  // expert, stable in token order, as runtime/moe.h's moe_layout does on the host.
+  // sorted_rows: I32 [n_tokens * k], the token of each row, or -1 for the rows of experts
+  // outside [expert_begin, expert_end) (computed elsewhere); sorted_weights: F32 [n_tokens * k],
+  // the router weight (0 for those rows); offsets: I32 [n_experts + 1], the first row of each
+  // expert. The default sorts on the host (copies out and back).
+  virtual void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
+                         Tensor topk_weights, int64_t expert_begin, int64_t expert_end);
+  // grouped_matmul with row ranges read from device memory: group g covers rows
+  // [offsets[first + g], offsets[first + g + 1]) of x and out (offsets: I32, as moe_route
+  // makes). Rows outside every group are left as they are. The default copies the offsets to
+  // the host and calls grouped_matmul.
+  virtual void grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets,
+                                      int64_t first, size_t n_groups);
+
+  // ---- graphs ------------------------------------------------------------------------------
+  // A backend with graphs records the ops issued between begin_graph() and end_graph(id) (none
+  // of which may synchronise or copy from the host) as graph `id`, replacing any graph of that
+  // id, without running them; launch_graph(id) runs it. The others have none.
+  virtual bool supports_graphs() const { return false; }
+  virtual bool has_graph(int64_t id) const {
+    (void)id;
+    return false;
+  }
+  virtual void begin_graph() { SY_FAIL("this backend has no graphs"); }
+  virtual void end_graph(int64_t id) {
+    (void)id;
+    SY_FAIL("this backend has no graphs");
+  }
+  virtual void launch_graph(int64_t id) {
+    (void)id;
+    SY_FAIL("this backend has no graphs");
+  }
 };
 
 // The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.

@@ -156,6 +156,7 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     sorted_rows_ = c.take(DType::kI32, {N * k});
     sorted_weights_ = c.take(DType::kF32, {N * k});
     perm_ = c.take(DType::kI32, {N * k});
+    expert_offsets_ = c.take(DType::kI32, {n_experts + 1});
     expert_scratch_.gate = c.take(S, {N * k, hidden_dim});
     expert_scratch_.up = c.take(S, {N * k, hidden_dim});
     ids_ = c.take(DType::kI32, {N});
@@ -190,6 +191,10 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
         ops_.device());
   }
 
+  // Small steps (decode) route on the device when the backend is a GPU; larger ones (prefill)
+  // take the host layout and the cuBLAS grouped GEMM, whose row counts come from the host.
+  if (ops_.device() != Device::kCpu) device_route_max_rows_ = kDeviceRouteMaxRows;
+  graph_seen_.assign(static_cast<size_t>((limits_.max_seqs + 1) * (R + 1)), 0);
   layout_.reserve(N, k, n_experts);
   host_topk_idx_.resize(static_cast<size_t>(N * k));
   host_topk_weights_.resize(static_cast<size_t>(N * k));
@@ -257,76 +262,115 @@ void Model::forward(const StepBatch& batch, float* logits) {
     ++profile_->steps;
     profile_->tokens += n_tokens;
   }
-  Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
-  ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
-  if (world_ > 1) {
-    par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
-    if (profile_ != nullptr)
-      profile_->bytes[ForwardProfile::kEmbed] += 2 * n_tokens * row_bytes * (world_ - 1) / world_;
-  }
-  const int tp = par_ != nullptr ? par_->config.tp : 1;
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
-    Tensor xn = xn_.rows(0, n_tokens);  // [n_tokens, dim]
-    Tensor o = o_.rows(0, n_tokens);    // [n_tokens, dim]
-    lap(ForwardProfile::kOther);
-    ops_.rmsnorm(xn, x, L.input_norm, eps);  // [n_tokens, dim]
-    attention_block(l, n_tokens, meta);      // o = partial attn(xn)
-    if (!all_to_all) {
+  if (n_logits > 0)
+    ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(),
+                        static_cast<size_t>(n_logits) * 4);
+
+  // Every op of the step from here to the logits: run at once, or recorded into a graph that
+  // later pure-decode steps of the same shape replay (one rank, device routing, no profile).
+  auto step = [&] {
+    Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
+    ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
+    if (world_ > 1) {
+      par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
+      if (profile_ != nullptr)
+        profile_->bytes[ForwardProfile::kEmbed] += 2 * n_tokens * row_bytes * (world_ - 1) / world_;
+    }
+    const int tp = par_ != nullptr ? par_->config.tp : 1;
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+      const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
+      Tensor xn = xn_.rows(0, n_tokens);  // [n_tokens, dim]
+      Tensor o = o_.rows(0, n_tokens);    // [n_tokens, dim]
+      lap(ForwardProfile::kOther);
+      ops_.rmsnorm(xn, x, L.input_norm, eps);  // [n_tokens, dim]
+      attention_block(l, n_tokens, meta);      // o = partial attn(xn)
+      if (!all_to_all) {
+        if (tp > 1) {
+          par_->tp->all_reduce_sum(o);
+          if (profile_ != nullptr)
+            profile_->bytes[ForwardProfile::kTpReduce] += 2 * n_tokens * row_bytes * (tp - 1) / tp;
+        }
+        lap(ForwardProfile::kAttention);
+        ops_.add(x, x, o);                      // residual
+        ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
+        moe_block(l, o, xn);                    // o = moe(xn)
+        ops_.add(x, x, o);                      // residual
+        continue;
+      }
+      // Sequence parallel: this rank's tokens, summed over its attention group.
+      Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
+      Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
+      Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
       if (tp > 1) {
-        par_->tp->all_reduce_sum(o);
+        const int first = par_->config.tp_group() * tp;
+        tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
+        int64_t group_rows = 0;
+        for (int64_t c : tp_counts_) group_rows += c;
+        par_->tp->reduce_scatter_sum(y_own,
+                                     o.rows(split_begin(n_tokens, world_, first), group_rows),
+                                     tp_counts_);  // [n_own, dim]
         if (profile_ != nullptr)
-          profile_->bytes[ForwardProfile::kTpReduce] += 2 * n_tokens * row_bytes * (tp - 1) / tp;
+          profile_->bytes[ForwardProfile::kTpReduce] += (group_rows - n_own) * row_bytes;
+        ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
+      } else {
+        ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
       }
       lap(ForwardProfile::kAttention);
-      ops_.add(x, x, o);                      // residual
-      ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
-      moe_block(l, o, xn);                    // o = moe(xn)
-      ops_.add(x, x, o);                      // residual
-      continue;
-    }
-    // Sequence parallel: this rank's tokens, summed over its attention group.
-    Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
-    Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
-    Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
-    if (tp > 1) {
-      const int first = par_->config.tp_group() * tp;
-      tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
-      int64_t group_rows = 0;
-      for (int64_t c : tp_counts_) group_rows += c;
-      par_->tp->reduce_scatter_sum(y_own, o.rows(split_begin(n_tokens, world_, first), group_rows),
-                                   tp_counts_);  // [n_own, dim]
+      ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
+      moe_block(l, y_own, xn_own);                       // y = moe(xn), all-to-all
+      ops_.add(x_own, x_own, y_own);                     // residual
+      par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
       if (profile_ != nullptr)
-        profile_->bytes[ForwardProfile::kTpReduce] += (group_rows - n_own) * row_bytes;
-      ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
-    } else {
-      ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
+        profile_->bytes[ForwardProfile::kResidualGather] += n_own * row_bytes * (world_ - 1);
     }
-    lap(ForwardProfile::kAttention);
-    ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
-    moe_block(l, y_own, xn_own);                       // y = moe(xn), all-to-all
-    ops_.add(x_own, x_own, y_own);                     // residual
-    par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
-    if (profile_ != nullptr)
-      profile_->bytes[ForwardProfile::kResidualGather] += n_own * row_bytes * (world_ - 1);
+    logits_compute(n_logits, n_tokens);
+  };
+
+  const int64_t k = config_.num_experts_per_tok;
+  const bool graph = ops_.supports_graphs() && world_ == 1 && profile_ == nullptr &&
+                     n_tokens == batch.n_seqs && routes_on_device(n_tokens * k, false);
+  const int64_t key = n_tokens * (limits_.max_logit_rows + 1) + n_logits;
+  if (graph && ops_.has_graph(key)) {
+    ops_.launch_graph(key);
+  } else if (graph && graph_seen_[static_cast<size_t>(key)]) {
+    // The second step of this shape: the first one ran eagerly, so every lazily sized buffer
+    // of the backend already has its size, and nothing in the step allocates.
+    ops_.begin_graph();
+    step();
+    ops_.end_graph(key);
+    ops_.launch_graph(key);
+  } else {
+    step();
+    if (graph) graph_seen_[static_cast<size_t>(key)] = 1;
   }
-  logits_block(batch, logits);
+  logits_fetch(n_logits, logits);
   lap(ForwardProfile::kOther);
 }
 
-void Model::logits_block(const StepBatch& batch, float* logits) {
-  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
-  const int64_t n_vocab = weights_.shard.n_vocab;
-  const int64_t vocab = config_.vocab_size;
+bool Model::routes_on_device(int64_t n_rows, bool all_to_all) const {
+  return device_route_max_rows_ > 0 && !all_to_all && n_rows <= device_route_max_rows_;
+}
+
+void Model::set_device_routing(int64_t max_rows) {
+  device_route_max_rows_ = max_rows;
+}
+
+void Model::logits_compute(int64_t n_logits, int64_t n_tokens) {
   if (n_logits == 0) return;
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(), static_cast<size_t>(n_logits) * 4);
   Tensor lx = logit_x_.rows(0, n_logits);    // [n_logits, dim]
   Tensor lxn = logit_xn_.rows(0, n_logits);  // [n_logits, dim] storage dtype
   Tensor lg = logits_.rows(0, n_logits);     // [n_logits, n_vocab]
-  ops_.gather_rows(lx, x_.rows(0, batch.n_tokens()), logit_rows_.rows(0, n_logits));
+  ops_.gather_rows(lx, x_.rows(0, n_tokens), logit_rows_.rows(0, n_logits));
   ops_.rmsnorm(lxn, lx, weights_.norm, eps);
   ops_.matmul(lg, lxn, weights_.lm_head);
+}
+
+void Model::logits_fetch(int64_t n_logits, float* logits) {
+  const int64_t n_vocab = weights_.shard.n_vocab;
+  const int64_t vocab = config_.vocab_size;
+  if (n_logits == 0) return;
+  Tensor lg = logits_.rows(0, n_logits);  // [n_logits, n_vocab]
   if (world_ == 1) {
     ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
     return;
@@ -380,6 +424,8 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor topk_weights = topk_weights_.rows(0, n_tokens);    // [n_tokens, k]
   ops_.matmul(router_logits, xn, L.gate);
   ops_.moe_gate(topk_idx, topk_weights, router_logits);
+  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  if (routes_on_device(n_rows, all_to_all)) return moe_block_on_device(layer, out, xn);
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
   ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());
   moe_layout(layout_, host_topk_idx_.data(), host_topk_weights_.data(), n_tokens, k, n_experts);
@@ -391,7 +437,6 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
   ops_.fill_zero(out);
 
-  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
   // Routed pairs of the tokens this rank owns (with the all-gather exchange every rank sees every
   // token, so rank 0 alone counts them).
   if (profile_ != nullptr && (all_to_all || rank_ == 0))
@@ -451,6 +496,51 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   expert_ffn(ops_, y, in, L, local_offsets_.data(), expert_scratch_);
   lap(ForwardProfile::kExpert);
   ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
+  if (par_ != nullptr && par_->ep->size() > 1) {
+    const int E = par_->ep->size();
+    par_->ep->all_reduce_sum(out);  // partial sums
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kEpReduce] +=
+          2 * n_tokens * out.row_numel() * sizeof(float) * (E - 1) / E;
+  }
+  lap(ForwardProfile::kCombine);
+}
+
+// The MoE block with the layout made on the device (Ops::moe_route) and the experts' row ranges
+// read from device memory: no copy to the host, so the step can be a graph. Every routed row is
+// gathered (rows of other ranks' experts as zeros) and the grouped GEMMs compute only the rows of
+// this rank's experts; the combine skips the others (row -1).
+void Model::moe_block_on_device(int64_t layer, Tensor out, Tensor xn) {
+  const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
+  const int64_t n_tokens = xn.size(0);
+  const int64_t n_rows = n_tokens * config_.num_experts_per_tok;
+  const int64_t n_experts = config_.num_local_experts;
+  const std::vector<int64_t>& experts = weights_.shard.experts;
+  Tensor rows = sorted_rows_.rows(0, n_rows);        // [n_rows] token, or -1
+  Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
+  ops_.moe_route(rows, weights, expert_offsets_, topk_idx_.rows(0, n_tokens),
+                 topk_weights_.rows(0, n_tokens), experts.front(), experts.back() + 1);
+  if (profile_ != nullptr && rank_ == 0) {
+    std::vector<int32_t> offsets(static_cast<size_t>(n_experts + 1));
+    ops_.copy_to_host(offsets.data(), expert_offsets_.data, expert_offsets_.bytes());
+    for (int64_t e = 0; e < n_experts; ++e)
+      profile_->expert_tokens[layer * n_experts + e] += offsets[e + 1] - offsets[e];
+  }
+  lap(ForwardProfile::kRouter);
+  Tensor in = moe_in_.rows(0, n_rows);  // [n_rows, dim] expert order
+  Tensor y = moe_out_.rows(0, n_rows);  // [n_rows, dim]
+  ops_.gather_rows(in, xn, rows);       // dispatch (local)
+  lap(ForwardProfile::kDispatch);
+  Tensor gate = expert_scratch_.gate.rows(0, n_rows);  // [n_rows, hidden_dim]
+  Tensor up = expert_scratch_.up.rows(0, n_rows);      // [n_rows, hidden_dim]
+  const size_t n_local = experts.size();
+  ops_.grouped_matmul_offsets(gate, in, L.w1.data(), expert_offsets_, experts.front(), n_local);
+  ops_.grouped_matmul_offsets(up, in, L.w3.data(), expert_offsets_, experts.front(), n_local);
+  ops_.swiglu(gate, gate, up);  // also on rows of other experts: their values are never used
+  ops_.grouped_matmul_offsets(y, gate, L.w2.data(), expert_offsets_, experts.front(), n_local);
+  lap(ForwardProfile::kExpert);
+  ops_.fill_zero(out);
+  ops_.scatter_add_weighted(out, y, rows, weights);  // combine
   if (par_ != nullptr && par_->ep->size() > 1) {
     const int E = par_->ep->size();
     par_->ep->all_reduce_sum(out);  // partial sums

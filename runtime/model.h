@@ -103,6 +103,12 @@ class Model {
   // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
   // the device at every phase boundary.
   void set_profile(ForwardProfile* profile);
+  // MoE blocks of at most `max_rows` routed rows (tokens x top-k) build their layout on the
+  // device (Ops::moe_route) instead of on the host; 0 turns it off. The default is
+  // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
+  // the CPU. The all-to-all exchange always takes the host layout (its counts travel by MPI).
+  void set_device_routing(int64_t max_rows);
+  static constexpr int64_t kDeviceRouteMaxRows = 256;
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
@@ -110,7 +116,10 @@ class Model {
   void attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
   // out = MoE(xn) for n_tokens rows; the expert exchange follows the parallel layout.
   void moe_block(int64_t layer, Tensor out, Tensor xn);
-  void logits_block(const StepBatch& batch, float* logits);
+  void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
+  void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
+  void logits_fetch(int64_t n_logits, float* logits);       // to the host, every rank's columns
+  bool routes_on_device(int64_t n_rows, bool all_to_all) const;
 
   ModelConfig config_;
   Weights weights_;
@@ -146,6 +155,7 @@ class Model {
   Tensor sorted_rows_;  // I32 [N * k]
   Tensor sorted_weights_;  // [N * k]
   Tensor perm_;            // I32 [N * k]         row permutation between exchange and expert order
+  Tensor expert_offsets_;  // I32 [n_experts + 1] first routed row of each expert (device routing)
   ExpertScratch expert_scratch_;  // [N * k, hidden_dim] x 2
   Tensor ids_;                    // I32 [N]
   Tensor positions_;              // I32 [N]
@@ -172,6 +182,8 @@ class Model {
   std::vector<int64_t> tp_counts_;     // [tp] the same for this attention group
   std::vector<int64_t> vocab_counts_;  // [world] logit elements of each rank's block
   std::vector<float> host_logits_;     // [vocab * max_logit_rows] (parallel)
+  int64_t device_route_max_rows_ = 0;  // see set_device_routing
+  std::vector<uint8_t> graph_seen_;    // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
 };
 
 }  // namespace sy

@@ -15,8 +15,11 @@ void gather_rows(Tensor out, Tensor x, Tensor rows) {
   const int64_t n_tokens = x.size(0);
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t src = rows.i32()[r];
-    SY_CHECK(src >= 0 && src < n_tokens, "gather_rows: row ", src, " of ", n_tokens);
-    std::memcpy(out.f32() + r * dim, x.f32() + src * dim, static_cast<size_t>(dim) * 4);
+    SY_CHECK(src < n_tokens, "gather_rows: row ", src, " of ", n_tokens);
+    if (src < 0)
+      std::memset(out.f32() + r * dim, 0, static_cast<size_t>(dim) * 4);
+    else
+      std::memcpy(out.f32() + r * dim, x.f32() + src * dim, static_cast<size_t>(dim) * 4);
   }
 }
 
@@ -30,7 +33,8 @@ void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights) {
   const int64_t n_tokens = out.size(0);
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t dst = rows.i32()[r];
-    SY_CHECK(dst >= 0 && dst < n_tokens, "scatter_add_weighted: row ", dst, " of ", n_tokens);
+    SY_CHECK(dst < n_tokens, "scatter_add_weighted: row ", dst, " of ", n_tokens);
+    if (dst < 0) continue;  // a row computed on another rank
     const float w = weights.f32()[r];
     float* o = out.f32() + dst * dim;
     const float* xr = x.f32() + r * dim;

@@ -239,6 +239,16 @@ TEST(CpuOps, GatherAndWeightedScatterAdd) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < dim; ++i) want[idx[r] * dim + i] += double(w[r]) * g[r * dim + i];
   expect_close("scatter_add_weighted", out, want, 1e-6, 1e-6);
+  // A negative row (computed on another rank) gathers zeros and scatters nothing.
+  idx[3] = -1;
+  cpu::gather_rows(view(g, {rows, dim}), view(x, {n, dim}), view(idx, {rows}));
+  for (int64_t i = 0; i < dim; ++i) EXPECT_EQ(g[3 * dim + i], 0.f);
+  std::vector<float> before = out;
+  std::vector<float> one_row_w(rows, 0.f);
+  one_row_w[3] = 1.f;
+  cpu::scatter_add_weighted(view(out, {n, dim}), view(g, {rows, dim}), view(idx, {rows}),
+                            view(one_row_w, {rows}));
+  EXPECT_EQ(out, before);
   idx[3] = static_cast<int32_t>(n);  // out of range
   EXPECT_THROW(cpu::gather_rows(view(g, {rows, dim}), view(x, {n, dim}), view(idx, {rows})), Error);
 }

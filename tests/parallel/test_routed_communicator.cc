@@ -4,7 +4,8 @@
 // ranks sharing one GPU take (copy out, MPI, copy back). Checked: each collective against the
 // plain MPI communicator on the same data (exactly), host tensors still going straight to MPI,
 // mixed host/device operands refused, and the whole parallel forward pass through staging
-// giving exactly the logits and tokens of the plain run, for every layout and both exchanges.
+// giving exactly the logits and tokens of the plain run, for every layout and both exchanges
+// (with the all-gather exchange through the device-routing MoE block of GPU decode steps).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -196,6 +197,9 @@ TEST_F(RoutedCommunicator, ParallelModelThroughStagingEqualsPlainRun) {
       auto cpu = make_cpu_ops();
       LoadedModel plain = load_model(dir.string(), 64, 16, false, par_plain.get(), cpu.get());
       LoadedModel staged = load_model(dir.string(), 64, 16, false, par_staged.get(), &ops_);
+      // The all-gather exchange also runs the device-routing MoE block here (rows of other
+      // ranks' experts marked -1), as GPUs do for decode steps.
+      if (ex == MoeExchange::kAllGather) staged.model->set_device_routing(int64_t{1} << 30);
       for (const auto& p : prompts) {
         GenerateOptions o;
         o.max_tokens = 4;

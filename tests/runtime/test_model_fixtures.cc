@@ -47,8 +47,9 @@ int64_t compare_logits(const std::string& what, const float* got, const float* w
   return n_wrong;
 }
 
-void check_fixture(const fs::path& dir, int64_t chunk) {
+void check_fixture(const fs::path& dir, int64_t chunk, bool device_routing = false) {
   LoadedModel m = load_model(dir.string(), 64, chunk, false);
+  if (device_routing) m.model->set_device_routing(int64_t{1} << 30);
   const int64_t vocab = m.config.vocab_size;
   auto prompts = load_prompts(dir, vocab);
   ASSERT_GE(prompts.size(), 3u) << dir;
@@ -85,6 +86,15 @@ TEST(ModelFixtures, TokenByTokenDecodeMatchesTransformers) {
 
 TEST(ModelFixtures, ChunkedPrefillMatchesTransformers) {
   for (const auto& dir : fixture_dirs()) check_fixture(dir, 7);
+}
+
+// The MoE block with its layout made through Ops::moe_route and the experts' row ranges read
+// by Ops::grouped_matmul_offsets (the GPU's decode path), forced on the CPU backend.
+TEST(ModelFixtures, DeviceRoutingPathMatchesTransformers) {
+  for (const auto& dir : fixture_dirs()) {
+    check_fixture(dir, 1, true);
+    check_fixture(dir, 7, true);
+  }
 }
 
 }  // namespace
