@@ -3,6 +3,8 @@
 // delicate stays fp32 (kernels/ops.h).
 #include <cublas_v2.h>
 
+#include <map>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/device.h"
@@ -48,9 +50,17 @@ class CudaOps final : public Ops {
     // fp32 GEMMs stay fp32 (no TF32): the F32 path is the precise one.
     SY_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     SY_CUDA_CHECK(cudaMalloc(&pointer_arrays_, 3 * kMaxGroups * sizeof(void*)));
+    // cuBLAS may not allocate while a graph is being recorded: give it its workspace now.
+    SY_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+    SY_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes),
+                    "cublasSetWorkspace");
   }
   ~CudaOps() override {
     cudaStreamSynchronize(stream_);
+    for (auto& [id, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (auto& [key, ptrs] : weight_arrays_) cudaFree(ptrs.first);
+    for (void* p : retired_) cudaFree(p);
+    cudaFree(cublas_workspace_);
     cudaFree(scatter_scratch_);
     cudaFree(pointer_arrays_);
     cublasDestroy(cublas_);
@@ -207,9 +217,9 @@ class CudaOps final : public Ops {
   void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights) override {
     const int64_t need = scatter_scratch_size(out.size(0), rows.size(0));
     if (need > scatter_scratch_size_) {
-      // Grows to the largest step seen (the first steps of a run); freed with the backend.
-      synchronize();
-      cudaFree(scatter_scratch_);
+      // Grows to the largest step seen (the first steps of a run). The old buffer stays
+      // allocated until the backend goes: a recorded graph may still point at it.
+      if (scatter_scratch_ != nullptr) retired_.push_back(scatter_scratch_);
       scatter_scratch_ = nullptr;
       scatter_scratch_ = static_cast<int32_t*>(alloc(static_cast<size_t>(need) * 4));
       scatter_scratch_size_ = need;
@@ -218,6 +228,65 @@ class CudaOps final : public Ops {
                                stream_);
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override { cuda::swiglu(out, gate, up, stream_); }
+
+  void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
+                 Tensor topk_weights, int64_t expert_begin, int64_t expert_end) override {
+    cuda::moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
+                    expert_end, stream_);
+  }
+
+  // BF16: the grouped kernel reading row ranges from the device. The device array of the
+  // groups' weight pointers is made on first use of each weight set (the eager first step of a
+  // shape, never while a graph is recorded) and kept.
+  void grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets, int64_t first,
+                              size_t n_groups) override {
+    if (n_groups == 0) return;
+    if (x.dtype != DType::kBF16 || w[0].dtype != DType::kBF16)
+      return Ops::grouped_matmul_offsets(out, x, w, offsets, first, n_groups);
+    const int64_t n_out = w[0].size(0);
+    for (size_t g = 0; g < n_groups; ++g)
+      SY_CHECK(w[g].ndim == 2 && w[g].size(0) == n_out && w[g].size(1) == x.size(1) &&
+                   w[g].dtype == DType::kBF16 && w[g].device == Device::kCuda,
+               "grouped_matmul_offsets: weight ", g, " ", w[g].shape_str(), " for x ",
+               x.shape_str());
+    const auto key = std::make_pair(static_cast<const void*>(w[0].data), n_groups);
+    auto it = weight_arrays_.find(key);
+    if (it == weight_arrays_.end()) {
+      std::vector<const void*> host(n_groups);
+      bool aligned = true;
+      for (size_t g = 0; g < n_groups; ++g) {
+        host[g] = w[g].data;
+        aligned = aligned && reinterpret_cast<uintptr_t>(w[g].data) % 16 == 0;
+      }
+      void** dev = static_cast<void**>(alloc(n_groups * sizeof(void*)));
+      SY_CUDA_CHECK(cudaMemcpy(dev, host.data(), n_groups * sizeof(void*), cudaMemcpyHostToDevice));
+      it = weight_arrays_.emplace(key, std::make_pair(dev, aligned)).first;
+    }
+    cuda::grouped_rows_gemm(out, x, it->second.first, it->second.second, n_out, offsets, first,
+                            n_groups, stream_);
+  }
+
+  bool supports_graphs() const override { return true; }
+  bool has_graph(int64_t id) const override { return graphs_.count(id) > 0; }
+  void begin_graph() override {
+    SY_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  }
+  void end_graph(int64_t id) override {
+    cudaGraph_t graph = nullptr;
+    SY_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) SY_FAIL("CUDA graph ", id, " could not be made: ", cudaGetErrorString(e));
+    auto it = graphs_.find(id);
+    if (it != graphs_.end()) cudaGraphExecDestroy(it->second);
+    graphs_[id] = exec;
+  }
+  void launch_graph(int64_t id) override {
+    auto it = graphs_.find(id);
+    SY_CHECK(it != graphs_.end(), "no CUDA graph ", id);
+    SY_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  }
 
  private:
   // Shapes and dtypes of out[m, n] = x[m, k] · w[n, k]ᵀ on this device.
@@ -246,6 +315,13 @@ class CudaOps final : public Ops {
   size_t last_group_ = 0;  // the last group with rows in the current grouped_matmul
   int32_t* scatter_scratch_ = nullptr;
   int64_t scatter_scratch_size_ = 0;
+  std::vector<void*> retired_;  // outgrown scratch buffers, kept for recorded graphs
+  static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+  void* cublas_workspace_ = nullptr;
+  // Device arrays of expert weight pointers by (first weight, groups), and whether all are
+  // 16-byte aligned.
+  std::map<std::pair<const void*, size_t>, std::pair<void**, bool>> weight_arrays_;
+  std::map<int64_t, cudaGraphExec_t> graphs_;
   // Host argument arrays of the grouped GEMM, reused.
   std::vector<const void*> host_a_, host_b_;
   std::vector<void*> host_c_;

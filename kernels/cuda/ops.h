@@ -26,6 +26,13 @@ void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights, int
                           int64_t scratch_size, cudaStream_t stream);
 int64_t scatter_scratch_size(int64_t n_tokens, int64_t n_rows);
 void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
+void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
+               Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream);
+// Ops::grouped_matmul_offsets for BF16 x and weights: `w_device` is a device array of the
+// n_groups weight pointers ([n_out, K] each; `w_aligned`: all 16-byte aligned).
+void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
+                       int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
+                       cudaStream_t stream);
 
 // The CUDA backend on device `device` (made current): cuBLAS GEMMs, the kernels above, one
 // non-blocking stream; storage dtype BF16. Throws when there is no such device.

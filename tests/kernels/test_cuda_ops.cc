@@ -993,5 +993,124 @@ TEST_F(CudaOps, HostTensorsAreRefused) {
                {"attention", "host memory"});
 }
 
+// ---- routing on the device and graphs -----------------------------------------------------------
+
+// moe_route on the GPU makes exactly the host layout (the CPU backend's default moe_route):
+// stable in token order, rows of experts outside the range marked -1 with weight 0.
+TEST_F(CudaOps, MoeRouteMatchesHostLayout) {
+  const int64_t n_experts = 8, k = 2;
+  for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{7}, int64_t{19}, int64_t{128}}) {
+    for (int skew = 0; skew < 2; ++skew) {
+      std::mt19937_64 rng(static_cast<uint64_t>(900 + n + skew));
+      std::vector<int32_t> idx(static_cast<size_t>(n * k));
+      for (int64_t t = 0; t < n; ++t) {
+        const int32_t a = skew ? 6 : static_cast<int32_t>(rng() % n_experts);
+        int32_t b = skew ? 7 : static_cast<int32_t>(rng() % n_experts);
+        if (b == a) b = (a + 1) % n_experts;
+        idx[static_cast<size_t>(t * k)] = a;
+        idx[static_cast<size_t>(t * k + 1)] = b;
+      }
+      const std::vector<float> w = random_vector(n * k, 910 + n);
+      for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, 8}, {2, 5}}) {
+        const std::string what =
+            cat("moe_route n=", n, skew ? " skewed" : "", " experts [", begin, ", ", end, ")");
+        std::vector<int32_t> rows(static_cast<size_t>(n * k)), offsets(n_experts + 1);
+        std::vector<float> sw(static_cast<size_t>(n * k));
+        cpu_->moe_route(host(rows, {n * k}), host(sw, {n * k}), host(offsets, {n_experts + 1}),
+                        host(idx, {n, k}), host(w, {n, k}), begin, end);
+        const DeviceTensor g_idx = upload(*gpu_, idx, {n, k});
+        const DeviceTensor g_w = upload(*gpu_, w, DType::kF32, {n, k});
+        DeviceTensor g_rows(*gpu_, DType::kI32, {n * k});
+        DeviceTensor g_sw(*gpu_, DType::kF32, {n * k});
+        DeviceTensor g_off(*gpu_, DType::kI32, {n_experts + 1});
+        gpu_->moe_route(g_rows, g_sw, g_off, g_idx, g_w, begin, end);
+        EXPECT_EQ(download_i32(*gpu_, g_rows), rows) << what;
+        EXPECT_EQ(download(*gpu_, g_sw), sw) << what;
+        EXPECT_EQ(download_i32(*gpu_, g_off), offsets) << what;
+      }
+    }
+  }
+}
+
+// grouped_matmul_offsets (row ranges read from device memory) against one CPU matmul per group;
+// groups start at an offset (first = 1), rows of no group keep their values. K = 64 takes the
+// 16-byte-load path, K = 67 the scalar one.
+TEST_F(CudaOps, GroupedMatmulWithDeviceOffsetsMatchesCpu) {
+  const int64_t n_groups = 6, n = 45;
+  for (int64_t k : {int64_t{64}, int64_t{67}}) {
+    std::vector<std::vector<float>> w;
+    std::vector<DeviceTensor> gw;
+    std::vector<Tensor> views;
+    gw.reserve(n_groups);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      w.push_back(bf16_rounded(random_vector(n * k, 950 + g)));
+      gw.push_back(upload(*gpu_, w.back(), DType::kBF16, {n, k}));
+      views.push_back(gw.back());
+    }
+    for (DType out_dtype : {DType::kF32, DType::kBF16}) {
+      for (int64_t m : {int64_t{1}, int64_t{3}, int64_t{19}, int64_t{133}}) {
+        for (Routing routing : {Routing::kSpread, Routing::kOneGroup, Routing::kAllEmpty}) {
+          const std::string what = cat("grouped_matmul_offsets k=", k, " ", dtype_name(out_dtype),
+                                       " m=", m, " ", routing_name(routing));
+          // offsets[0] belongs to a group before `first`, which owns no rows.
+          const std::vector<int64_t> local = group_offsets(m, n_groups, routing, 960 + m);
+          std::vector<int32_t> offsets = {0};
+          for (int64_t o : local) offsets.push_back(static_cast<int32_t>(o));
+          const std::vector<float> x = bf16_rounded(random_vector(m * k, 970 + m));
+          std::vector<float> want = random_vector(m * n, 980 + m, 100.f);
+          if (out_dtype == DType::kBF16) want = bf16_rounded(want);
+          const DeviceTensor gout = upload(*gpu_, want, out_dtype, {m, n});
+          for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t first = local[static_cast<size_t>(g)];
+            const int64_t rows = local[static_cast<size_t>(g) + 1] - first;
+            if (rows > 0)
+              cpu_->matmul(host(want, {m, n}).rows(first, rows), host(x, {m, k}).rows(first, rows),
+                           host(w[static_cast<size_t>(g)], {n, k}));
+          }
+          const DeviceTensor gx = upload(*gpu_, x, DType::kBF16, {m, k});
+          const DeviceTensor goff = upload(*gpu_, offsets, {static_cast<int64_t>(offsets.size())});
+          gpu_->grouped_matmul_offsets(gout, gx, views.data(), goff, 1,
+                                       static_cast<size_t>(n_groups));
+          const double budget = kGemmBudget + (out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
+          expect_within(what, download(*gpu_, gout), want, n, budget);
+        }
+      }
+    }
+  }
+}
+
+// A recorded graph does what the same ops do eagerly, and a replay sees new input values.
+TEST_F(CudaOps, GraphReplaysTheRecordedOps) {
+  const int64_t m = 5, k = 64, n = 32;
+  const std::vector<float> w = bf16_rounded(random_vector(n * k, 990));
+  const DeviceTensor gw = upload(*gpu_, w, DType::kBF16, {n, k});
+  DeviceTensor gx(*gpu_, DType::kBF16, {m, k});
+  DeviceTensor gy(*gpu_, DType::kF32, {m, n});
+  DeviceTensor gz(*gpu_, DType::kF32, {m, n});
+  EXPECT_TRUE(gpu_->supports_graphs());
+  EXPECT_FALSE(gpu_->has_graph(7));
+  gpu_->begin_graph();
+  gpu_->matmul(gy, gx, gw);
+  gpu_->add(gz, gy, gy);
+  gpu_->end_graph(7);
+  EXPECT_TRUE(gpu_->has_graph(7));
+  for (int rep = 0; rep < 2; ++rep) {
+    const std::vector<float> x = bf16_rounded(random_vector(m * k, 991 + rep));
+    // New values in the memory the graph reads.
+    const std::vector<uint16_t> words = [&] {
+      std::vector<uint16_t> v(x.size());
+      for (size_t i = 0; i < x.size(); ++i) v[i] = f32_to_bf16(x[i]);
+      return v;
+    }();
+    gpu_->copy_from_host(gx.t().data, words.data(), words.size() * 2);
+    gpu_->launch_graph(7);
+    std::vector<float> want(static_cast<size_t>(m * n));
+    cpu_->matmul(host(want, {m, n}), host(x, {m, k}), host(w, {n, k}));
+    for (float& v : want) v *= 2.f;
+    expect_within(cat("graph replay ", rep), download(*gpu_, gz), want, n, 2 * kGemmBudget);
+  }
+  EXPECT_THROW(gpu_->launch_graph(8), Error);
+}
+
 }  // namespace
 }  // namespace sy
