@@ -1,6 +1,8 @@
 // Default implementations of the ops interface (see ops.h).
 #include "kernels/ops.h"
 
+#include "kernels/cpu/ops.h"
+
 #include <vector>
 
 namespace sy {
@@ -66,6 +68,26 @@ void Ops::grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor o
   copy_to_host(off.data(), static_cast<int32_t*>(offsets.data) + first, off.size() * 4);
   std::vector<int64_t> off64(off.begin(), off.end());
   grouped_matmul(out, x, w, off64.data(), n_groups);
+}
+
+void Ops::sample(Tensor out_ids, Tensor logits, Tensor params) {
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  check_tensor(logits, "sample.logits", DType::kF32, {n, vocab});
+  check_tensor(params, "sample.params", DType::kF32, {n, kSampleParams});
+  check_tensor(out_ids, "sample.out_ids", DType::kI32, {n});
+  std::vector<float> rows(static_cast<size_t>(n * vocab)),
+      p(static_cast<size_t>(n * kSampleParams));
+  std::vector<int32_t> ids(static_cast<size_t>(n)), order;
+  copy_to_host(rows.data(), logits.data, logits.bytes());
+  copy_to_host(p.data(), params.data, params.bytes());
+  for (int64_t r = 0; r < n; ++r) {
+    const float* q = p.data() + r * kSampleParams;
+    ids[r] = cpu::sample_row(rows.data() + r * vocab, vocab, q[0], static_cast<int64_t>(q[1]), q[2],
+                             q[3], static_cast<double>(q[4]) + static_cast<double>(q[5]), order);
+  }
+  copy_from_host(out_ids.data, ids.data(), out_ids.bytes());
+  synchronize();
 }
 
 }  // namespace sy

@@ -104,6 +104,14 @@ class Ops {
   virtual void grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets,
                                       int64_t first, size_t n_groups);
 
+  // ---- sampling ----------------------------------------------------------------------------
+  // One token per row of logits: F32 [n, vocab]; params: F32 [n, kSampleParams] per row
+  // (temperature, top_k, top_p, min_p, u_hi, u_lo) with the draw u = u_hi + u_lo in [0, 1);
+  // out_ids: I32 [n]. The semantics of kernels/cpu/sample.cc (greedy when temperature is 0).
+  // The default copies the rows to the host and samples there.
+  static constexpr int64_t kSampleParams = 6;
+  virtual void sample(Tensor out_ids, Tensor logits, Tensor params);
+
   // ---- graphs ------------------------------------------------------------------------------
   // A backend with graphs records the ops issued between begin_graph() and end_graph(id) (none
   // of which may synchronise or copy from the host) as graph `id`, replacing any graph of that

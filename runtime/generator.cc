@@ -100,11 +100,28 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
 
   // Decode.
   Sampler sampler(options.sampling, vocab);
+  // On a GPU of its own the model samples on the device and only the token comes back; the
+  // repetition penalty needs the context and stays on the host.
+  const bool on_device = model.ops().device() != Device::kCpu && model.parallel() == nullptr &&
+                         options.sampling.repetition_penalty == 1.f;
+  float params[Ops::kSampleParams] = {};
+  auto device_params = [&] {
+    const SamplingParams& sp = options.sampling;
+    const double u = sp.temperature == 0.f ? 0.0 : sampler.draw();
+    const float hi = static_cast<float>(u);
+    params[0] = sp.temperature;
+    params[1] = static_cast<float>(sp.top_k);
+    params[2] = sp.top_p;
+    params[3] = sp.min_p;
+    params[4] = hi;
+    params[5] = static_cast<float>(u - static_cast<double>(hi));
+  };
+  int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;
   context_ids.reserve(static_cast<size_t>(context));
   result.finish_reason = "length";
   for (int64_t step = 0; step < options.max_tokens; ++step) {
-    int32_t next = sampler.sample(last_logits.data(), context_ids);
+    int32_t next = device_next >= 0 ? device_next : sampler.sample(last_logits.data(), context_ids);
     if (model.parallel() != nullptr) model.parallel()->world->broadcast(&next, sizeof(next), 0);
     result.tokens.push_back(next);
     context_ids.push_back(next);
@@ -123,7 +140,12 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     batch.positions.push_back(static_cast<int32_t>(context_ids.size() - 1));
     batch.token_seq.push_back(0);
     batch.logit_rows.push_back(0);
-    model.forward(batch, last_logits.data());
+    if (on_device) {
+      device_params();
+      model.forward_sample(batch, params, &device_next);
+    } else {
+      model.forward(batch, last_logits.data());
+    }
   }
   result.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
   return result;

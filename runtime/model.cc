@@ -167,6 +167,8 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     logit_x_ = c.take(DType::kF32, {R, dim});
     logit_xn_ = c.take(S, {R, dim});
     logits_ = c.take(DType::kF32, {R, n_vocab});
+    sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
+    sample_ids_ = c.take(DType::kI32, {R});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
   };
   Carver sizing(nullptr, ops_.device());
@@ -206,6 +208,25 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
 }
 
 void Model::forward(const StepBatch& batch, float* logits) {
+  run_step(batch);
+  logits_fetch(static_cast<int64_t>(batch.logit_rows.size()), logits);
+  lap(ForwardProfile::kOther);
+}
+
+void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids) {
+  SY_CHECK(world_ == 1, "forward_sample: the logits of a parallel model are split over its ranks");
+  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
+  run_step(batch);
+  if (n_logits > 0) {
+    Tensor p = sample_params_.rows(0, n_logits);
+    ops_.copy_from_host(p.data, params, p.bytes());
+    ops_.sample(sample_ids_.rows(0, n_logits), logits_.rows(0, n_logits), p);
+    ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
+  }
+  lap(ForwardProfile::kOther);
+}
+
+void Model::run_step(const StepBatch& batch) {
   const int64_t n_tokens = batch.n_tokens();
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   SY_CHECK(n_tokens > 0 && n_tokens <= limits_.max_tokens, "step of ", n_tokens,
@@ -343,8 +364,6 @@ void Model::forward(const StepBatch& batch, float* logits) {
     step();
     if (graph) graph_seen_[static_cast<size_t>(key)] = 1;
   }
-  logits_fetch(n_logits, logits);
-  lap(ForwardProfile::kOther);
 }
 
 bool Model::routes_on_device(int64_t n_rows, bool all_to_all) const {

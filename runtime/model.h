@@ -95,10 +95,15 @@ class Model {
   // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
   // rank. A collective when parallel.
   void forward(const StepBatch& batch, float* logits);
+  // Runs one step and samples one token per logit row on the device (Ops::sample): `params`
+  // (host) [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens.
+  // Only the ids travel back to the host. One rank only (a parallel model's logits are split).
+  void forward_sample(const StepBatch& batch, const float* params, int32_t* ids);
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
   const Weights& weights() const { return weights_; }
+  Ops& ops() const { return ops_; }
   const ParallelContext* parallel() const { return par_; }
   // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
   // the device at every phase boundary.
@@ -115,6 +120,7 @@ class Model {
  private:
   void attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
   // out = MoE(xn) for n_tokens rows; the expert exchange follows the parallel layout.
+  void run_step(const StepBatch& batch);  // every op of a step up to the logits on the device
   void moe_block(int64_t layer, Tensor out, Tensor xn);
   void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
@@ -165,6 +171,8 @@ class Model {
   Tensor logit_x_;                // [max_logit_rows, dim]
   Tensor logit_xn_;               // [max_logit_rows, dim]       normed, storage dtype
   Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
+  Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
+  Tensor sample_ids_;             // I32 [max_logit_rows]
   Tensor logits_all_;  // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------

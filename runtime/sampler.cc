@@ -5,6 +5,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/cpu/ops.h"
 #include "kernels/error.h"
 
 namespace sy {
@@ -45,58 +46,18 @@ int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context
       s = s > 0 ? s / params_.repetition_penalty : s * params_.repetition_penalty;
     }
   }
-  if (params_.temperature == 0.f) {
-    return static_cast<int32_t>(std::max_element(scores_.begin(), scores_.end()) - scores_.begin());
-  }
-  for (float& s : scores_) s /= params_.temperature;
+  const double u = params_.temperature == 0.f ? 0.0 : draw();
+  return cpu::sample_row(scores_.data(), vocab_size_, params_.temperature, params_.top_k,
+                         params_.top_p, params_.min_p, u, order_);
+}
 
-  // Candidates sorted by score (descending); ties keep the lower id first.
-  std::iota(order_.begin(), order_.end(), 0);
-  size_t n = V;
-  if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < V) {
-    n = static_cast<size_t>(params_.top_k);
-    std::partial_sort(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(n), order_.end(),
-                      [&](int32_t a, int32_t b) {
-                        return scores_[a] > scores_[b] || (scores_[a] == scores_[b] && a < b);
-                      });
-  } else {
-    std::sort(order_.begin(), order_.end(), [&](int32_t a, int32_t b) {
-      return scores_[a] > scores_[b] || (scores_[a] == scores_[b] && a < b);
-    });
-  }
-  // Softmax over the candidates, in double for the cumulative sums.
-  const double max_s = scores_[order_[0]];
-  double total = 0;
-  for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(scores_[order_[i]]) - max_s);
-  auto prob = [&](size_t i) {
-    return std::exp(static_cast<double>(scores_[order_[i]]) - max_s) / total;
-  };
-  if (params_.top_p < 1.f) {
-    // Keep the smallest prefix whose probability reaches top_p (at least one token).
-    double cum = 0;
-    size_t keep = 0;
-    while (keep < n) {
-      cum += prob(keep);
-      ++keep;
-      if (cum >= params_.top_p) break;
-    }
-    n = keep;
-  }
-  if (params_.min_p > 0.f) {
-    const double threshold = params_.min_p * prob(0);
-    size_t keep = 1;
-    while (keep < n && prob(keep) >= threshold) ++keep;
-    n = keep;
-  }
-  double kept = 0;
-  for (size_t i = 0; i < n; ++i) kept += prob(i);
-  const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53 * kept;
-  double cum = 0;
-  for (size_t i = 0; i < n; ++i) {
-    cum += prob(i);
-    if (u < cum) return order_[i];
-  }
-  return order_[n - 1];
+double Sampler::draw() {
+  // 53 random bits, carried as two floats (hi + lo) as the GPU sampler receives them, so that
+  // host and device draws are the same number.
+  const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+  const float hi = static_cast<float>(u);
+  const float lo = static_cast<float>(u - static_cast<double>(hi));
+  return static_cast<double>(hi) + static_cast<double>(lo);
 }
 
 }  // namespace sy

@@ -26,6 +26,10 @@ class Sampler {
   // Picks the next token from `logits` [vocab_size]; `context` holds the prompt and the tokens
   // generated so far (for the repetition penalty). Allocates nothing.
   int32_t sample(const float* logits, const std::vector<int32_t>& context);
+  // The next uniform number in [0, 1) of this sampler's stream (what sample() draws when the
+  // temperature is not 0), for sampling on the device (Ops::sample) with the same stream.
+  double draw();
+  const SamplingParams& params() const { return params_; }
 
  private:
   SamplingParams params_;

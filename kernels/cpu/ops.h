@@ -2,6 +2,8 @@
 // One op per file in this folder; each checks its operands and runs plain loops or BLAS.
 #pragma once
 
+#include <vector>
+
 #include "kernels/ops.h"
 
 namespace sy::cpu {
@@ -17,6 +19,11 @@ void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits);
 void gather_rows(Tensor out, Tensor x, Tensor rows);
 void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights);
 void swiglu(Tensor out, Tensor gate, Tensor up);
+
+// One row of sampling (see sample.cc): `scores` [vocab] are divided by the temperature in
+// place; `u` in [0, 1) is the draw; `order` is scratch.
+int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
+                   float min_p, double u, std::vector<int32_t>& order);
 
 // Physical cache slot of `position` in sequence `seq` (checked against the table's extent).
 int64_t kv_slot(const AttentionMeta& meta, int64_t seq, int64_t position);

@@ -266,6 +266,10 @@ class CudaOps final : public Ops {
                             n_groups, stream_);
   }
 
+  void sample(Tensor out_ids, Tensor logits, Tensor params) override {
+    cuda::sample(out_ids, logits, params, stream_);
+  }
+
   bool supports_graphs() const override { return true; }
   bool has_graph(int64_t id) const override { return graphs_.count(id) > 0; }
   void begin_graph() override {

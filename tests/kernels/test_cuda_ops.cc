@@ -1112,5 +1112,54 @@ TEST_F(CudaOps, GraphReplaysTheRecordedOps) {
   EXPECT_THROW(gpu_->launch_graph(8), Error);
 }
 
+// ---- sampling ----------------------------------------------------------------------------------
+
+// The GPU sampler picks exactly the token of the CPU twin (kernels/cpu/sample.cc, through the
+// CPU backend's Ops::sample) for the same draw: greedy with ties, temperature, top-k, top-p,
+// min-p and their mixes, vocabularies around a block's 1024 threads and Mixtral's 32000, and
+// logits with many exact ties (a coarse grid), where the order among equal scores decides.
+TEST_F(CudaOps, SampleMatchesCpuTwin) {
+  struct Case {
+    float temperature;
+    int64_t top_k;
+    float top_p, min_p;
+  };
+  const Case cases[] = {{0.f, 0, 1.f, 0.f},   {1.f, 0, 1.f, 0.f},    {0.7f, 50, 1.f, 0.f},
+                        {1.3f, 0, 0.9f, 0.f}, {1.f, 0, 1.f, 0.05f},  {0.8f, 40, 0.95f, 0.02f},
+                        {1.f, 1, 1.f, 0.f},   {2.f, 5000, 0.5f, 0.f}};
+  for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{1025}, int64_t{32000}}) {
+    for (int coarse = 0; coarse < 2; ++coarse) {
+      const int64_t n = 24;
+      std::vector<float> logits = random_vector(n * vocab, 1000 + vocab + coarse, 4.f);
+      if (coarse)  // many exact ties
+        for (float& v : logits) v = std::round(v * 2.f) / 2.f;
+      std::vector<float> params(static_cast<size_t>(n * Ops::kSampleParams));
+      std::mt19937_64 rng(static_cast<uint64_t>(vocab));
+      for (int64_t r = 0; r < n; ++r) {
+        const Case& c = cases[r % (sizeof(cases) / sizeof(cases[0]))];
+        const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+        const float hi = static_cast<float>(u);
+        float* q = params.data() + r * Ops::kSampleParams;
+        q[0] = c.temperature;
+        q[1] = static_cast<float>(c.top_k);
+        q[2] = c.top_p;
+        q[3] = c.min_p;
+        q[4] = hi;
+        q[5] = static_cast<float>(u - static_cast<double>(hi));
+      }
+      std::vector<int32_t> want(static_cast<size_t>(n));
+      std::vector<float> scratch = logits;  // the twin divides by the temperature in place
+      cpu_->sample(host(want, {n}), host(scratch, {n, vocab}),
+                   host(params, {n, Ops::kSampleParams}));
+      const DeviceTensor glogits = upload(*gpu_, logits, DType::kF32, {n, vocab});
+      const DeviceTensor gparams = upload(*gpu_, params, DType::kF32, {n, Ops::kSampleParams});
+      DeviceTensor gids(*gpu_, DType::kI32, {n});
+      gpu_->sample(gids, glogits, gparams);
+      EXPECT_EQ(download_i32(*gpu_, gids), want)
+          << "vocab " << vocab << (coarse ? " with ties" : "");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sy

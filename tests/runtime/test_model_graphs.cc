@@ -18,8 +18,9 @@ namespace {
 
 class RecordingOps final : public Ops {
  public:
-  RecordingOps() : cpu_(make_cpu_ops()) {}
-  Device device() const override { return Device::kCpu; }
+  // `device` kCuda makes the model treat it as a GPU: device routing and device sampling on.
+  explicit RecordingOps(Device device = Device::kCpu) : cpu_(make_cpu_ops()), device_(device) {}
+  Device device() const override { return device_; }
   DType storage_dtype() const override { return DType::kF32; }
   void* alloc(size_t bytes) override {
     refuse_while_recording("alloc");
@@ -83,6 +84,12 @@ class RecordingOps final : public Ops {
     run([=, this] { cpu_->grouped_matmul_offsets(out, x, ws.data(), offsets, first, n_groups); });
   }
 
+  void sample(Tensor ids, Tensor logits, Tensor params) override {
+    refuse_while_recording("sample");  // sampling follows the recorded step
+    cpu_->sample(ids, logits, params);
+    ++samples;
+  }
+
   bool supports_graphs() const override { return true; }
   bool has_graph(int64_t id) const override { return graphs_.count(id) > 0; }
   void begin_graph() override {
@@ -102,6 +109,7 @@ class RecordingOps final : public Ops {
   }
 
   int64_t launches = 0;
+  int64_t samples = 0;
 
  private:
   void refuse_while_recording(const char* what) const {
@@ -115,6 +123,7 @@ class RecordingOps final : public Ops {
   }
 
   std::unique_ptr<Ops> cpu_;
+  Device device_;
   bool recording_ = false;
   std::vector<std::function<void()>> tape_;
   std::map<int64_t, std::vector<std::function<void()>>> graphs_;
@@ -139,6 +148,37 @@ TEST(ModelGraphs, RecordedDecodeStepsReplayToTheSameTokens) {
     total_launches += ops.launches;
   }
   std::printf("replayed %lld recorded decode steps\n", static_cast<long long>(total_launches));
+}
+
+// The same backend presented as a GPU: the model routes on the device and records its decode
+// steps by default, and generate() samples on the device (Ops::sample) with the host sampler's
+// stream of draws: the same tokens as the CPU run, for greedy and for seeded sampling.
+TEST(ModelGraphs, DeviceSamplingGivesTheHostSamplersTokens) {
+  for (const auto& dir : test::fixture_dirs()) {
+    RecordingOps ops(Device::kCuda);
+    LoadedModel plain = load_model(dir.string(), 64, 7, false);
+    LoadedModel device = load_model(dir.string(), 64, 7, false, nullptr, &ops);
+    for (const auto& p : test::load_prompts(dir, plain.config.vocab_size)) {
+      for (int sampled = 0; sampled < 2; ++sampled) {
+        GenerateOptions o;
+        o.max_tokens = 10;
+        o.ignore_eos = true;
+        if (sampled) {
+          o.sampling.temperature = 0.9f;
+          o.sampling.top_k = 20;
+          o.sampling.top_p = 0.9f;
+          o.sampling.min_p = 0.01f;
+          o.sampling.seed = 7;
+        }
+        const GenerateResult want = generate(*plain.model, p.ids, o);
+        const GenerateResult got = generate(*device.model, p.ids, o);
+        EXPECT_EQ(got.tokens, want.tokens)
+            << dir.filename() << " " << p.name << " sampled " << sampled;
+      }
+    }
+    EXPECT_GT(ops.samples, 0);
+    EXPECT_GT(ops.launches, 0);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,67 @@
+// Sampling of one row of scores in Hugging Face generate()'s order: temperature, top-k, top-p,
+// min-p, then a draw; greedy (the lowest id among the largest) when the temperature is 0. The
+// reference of the GPU sampler and the body of runtime/sampler.cc's Sampler.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kernels/cpu/ops.h"
+
+namespace sy::cpu {
+
+int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
+                   float min_p, double u, std::vector<int32_t>& order) {
+  const size_t V = static_cast<size_t>(vocab);
+  if (temperature == 0.f)
+    return static_cast<int32_t>(std::max_element(scores, scores + V) - scores);
+  for (size_t i = 0; i < V; ++i) scores[i] /= temperature;
+  // Candidates sorted by score (descending); ties keep the lower id first.
+  order.resize(V);
+  std::iota(order.begin(), order.end(), 0);
+  auto before = [&](int32_t a, int32_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  };
+  size_t n = V;
+  if (top_k > 0 && static_cast<size_t>(top_k) < V) {
+    n = static_cast<size_t>(top_k);
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(),
+                      before);
+  } else {
+    std::sort(order.begin(), order.end(), before);
+  }
+  // Softmax over the candidates, in double for the cumulative sums.
+  const double max_s = scores[order[0]];
+  double total = 0;
+  for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(scores[order[i]]) - max_s);
+  auto prob = [&](size_t i) {
+    return std::exp(static_cast<double>(scores[order[i]]) - max_s) / total;
+  };
+  if (top_p < 1.f) {
+    // Keep the smallest prefix whose probability reaches top_p (at least one token).
+    double cum = 0;
+    size_t keep = 0;
+    while (keep < n) {
+      cum += prob(keep);
+      ++keep;
+      if (cum >= top_p) break;
+    }
+    n = keep;
+  }
+  if (min_p > 0.f) {
+    const double threshold = min_p * prob(0);
+    size_t keep = 1;
+    while (keep < n && prob(keep) >= threshold) ++keep;
+    n = keep;
+  }
+  double kept = 0;
+  for (size_t i = 0; i < n; ++i) kept += prob(i);
+  const double target = u * kept;
+  double cum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    cum += prob(i);
+    if (target < cum) return order[i];
+  }
+  return order[n - 1];
+}
+
+}  // namespace sy::cpu

@@ -1,0 +1,157 @@
+// Sampling on the GPU (Ops::sample), one block per row, with the semantics of the CPU twin
+// (kernels/cpu/sample.cc) without sorting the vocabulary. Each token gets a 64-bit key, its score
+// (as ordered bits) above its inverted id, so that a larger key means earlier in the twin's order
+// (score descending, then id ascending). Every cut of the twin is a prefix of that order, so it
+// is a key threshold, found by binary search over the key space with block-wide counts and sums:
+//   top-k   the largest T with at least k keys >= T
+//   top-p   the largest T whose prefix holds probability >= top_p
+//   min-p   tokens of the prefix with probability >= min_p x the top's (a prefix too)
+//   draw    the largest key T whose prefix holds more than u x (the kept probability): its token
+// Probabilities are fp64 as in the twin; only the order of summation differs, which moves a cut
+// only when u or top_p falls within ~1e-15 of a boundary.
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace sy::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+using u64 = unsigned long long;
+
+__device__ __forceinline__ u64 key_of(float score, int64_t id) {
+  uint32_t b = __float_as_uint(score);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<u64>(b) << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<uint32_t>(id));
+}
+__device__ __forceinline__ int64_t id_of(u64 key) {
+  return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
+}
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* sh, Op op) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = op(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const T r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+struct Max {
+  __device__ u64 operator()(u64 a, u64 b) const { return a > b ? a : b; }
+};
+struct Sum {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(int32_t* out_ids, const float* logits, const float* params, int64_t vocab) {
+  __shared__ u64 ksh[kThreads];
+  __shared__ double dsh[kThreads];
+  const int64_t row = blockIdx.x;
+  const float* l = logits + row * vocab;
+  const float* q = params + row * Ops::kSampleParams;
+  const float temperature = q[0];
+  const int64_t top_k = static_cast<int64_t>(q[1]);
+  const float top_p = q[2];
+  const float min_p = q[3];
+  const double u = static_cast<double>(q[4]) + static_cast<double>(q[5]);
+  auto score = [&](int64_t i) { return temperature > 0.f ? l[i] / temperature : l[i]; };
+
+  u64 best = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) best = max(best, key_of(score(i), i));
+  const u64 top = block_reduce(best, ksh, Max{});
+  if (temperature == 0.f) {  // greedy: the lowest id among the largest logits
+    if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(top));
+    return;
+  }
+  const double max_s = score(id_of(top));
+  auto p = [&](int64_t i) { return exp(static_cast<double>(score(i)) - max_s); };
+
+  // The largest T in [lo, hi] with pred(T) (pred(lo) holds, pred is monotone).
+  auto search = [&](u64 lo, u64 hi, auto pred) {
+    while (lo < hi) {
+      const u64 mid = lo + (hi - lo) / 2 + ((hi - lo) & 1);  // rounds up, cannot overflow
+      if (pred(mid))
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    return lo;
+  };
+  auto count_at_least = [&](u64 t) {
+    u64 c = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) c += key_of(score(i), i) >= t ? 1 : 0;
+    return block_reduce(c, ksh, Sum{});
+  };
+  // Sum of p over the keys >= max(t, floor_key) whose probability p / norm is at least
+  // `threshold` (the top always counts); norm = 1 and threshold < 0 count every key.
+  auto mass_at_least = [&](u64 t, u64 floor_key, double threshold, double norm) {
+    double s = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const u64 k = key_of(score(i), i);
+      if (k >= t && k >= floor_key) {
+        const double pi = p(i);
+        if (k == top || pi / norm >= threshold) s += pi;
+      }
+    }
+    return block_reduce(s, dsh, Sum{});
+  };
+
+  // top-k
+  u64 cut = 0;
+  if (top_k > 0 && top_k < vocab)
+    cut = search(0, top, [&](u64 t) { return count_at_least(t) >= static_cast<u64>(top_k); });
+  const double total = mass_at_least(0, cut, -1.0, 1.0);
+  // top-p: the shortest prefix with probability >= top_p
+  if (top_p < 1.f)
+    cut =
+        search(cut, top, [&](u64 t) { return mass_at_least(t, cut, -1.0, 1.0) / total >= top_p; });
+  // min-p: probability >= min_p x the top's (the top's p is exp(0) = 1), as the twin compares
+  const double threshold = min_p > 0.f ? min_p * (1.0 / total) : -1.0;
+  const double kept = mass_at_least(0, cut, threshold, total);
+  const double target = u * kept;
+  // The draw: the last key whose prefix still holds more than `target`.
+  const u64 chosen =
+      search(cut, top, [&](u64 t) { return mass_at_least(t, cut, threshold, total) > target; });
+  // `chosen` is a key of the kept set unless rounding left no prefix above target; then the
+  // twin takes the last kept token: the smallest kept key.
+  u64 smallest = ~0ull;
+  bool found = false;
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+    const u64 k = key_of(score(i), i);
+    if (k >= cut && (k == top || p(i) / total >= threshold)) {
+      smallest = min(smallest, k);
+      found = found || k == chosen;
+    }
+  }
+  smallest = ~block_reduce(~smallest, ksh, Max{});
+  const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), ksh, Sum{});
+  if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
+}
+
+}  // namespace
+
+void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream) {
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  check_tensor(logits, "sample.logits", DType::kF32, {n, vocab});
+  check_tensor(params, "sample.params", DType::kF32, {n, Ops::kSampleParams});
+  check_tensor(out_ids, "sample.out_ids", DType::kI32, {n});
+  check_on_device("sample", {&out_ids, &logits, &params});
+  SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "sample: vocabulary of ", vocab);
+  if (n == 0) return;
+  sample_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(out_ids.i32(), logits.f32(),
+                                                                   params.f32(), vocab);
+  check_launch("sample");
+}
+
+}  // namespace sy::cuda
