@@ -313,7 +313,15 @@ void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, Toke
 
 }  // namespace
 
-void Engine::process_logits() {
+bool Engine::sample_on_device() const {
+  if (model_.ops().device() == Device::kCpu) return false;
+  if (model_.parallel() != nullptr && model_.parallel()->config.world > 1) return false;
+  for (const Sequence* seq : logit_seqs_)
+    if (seq->params.logprobs > 0 || seq->params.sampling.repetition_penalty != 1.f) return false;
+  return true;
+}
+
+void Engine::process_logits(const int32_t* sampled) {
   const int64_t vocab = model_.config().vocab_size;
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> done;
@@ -321,7 +329,7 @@ void Engine::process_logits() {
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
     Sequence& seq = *logit_seqs_[i];
     const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
-    const int32_t next = seq.sampler->sample(row, seq.tokens);
+    const int32_t next = sampled != nullptr ? sampled[i] : seq.sampler->sample(row, seq.tokens);
     seq.tokens.push_back(next);
     if (seq.n_generated() == 1) seq.first_token = now;
     RequestEvent event;
@@ -455,9 +463,20 @@ void Engine::run() {
           wire.insert(wire.end(), v->begin(), v->end());
         world_->broadcast(wire.data(), wire.size() * sizeof(int32_t), 0);
       }
-      model_.forward(batch_, logits_.data());
       const int64_t generated = static_cast<int64_t>(logit_seqs_.size());
-      process_logits();
+      if (sample_on_device()) {
+        // Only the tokens come back from the GPU: each sequence's sampler gives its parameters
+        // and draw, in the same stream as on the host.
+        sample_params_.resize(logit_seqs_.size() * Ops::kSampleParams);
+        sampled_.resize(logit_seqs_.size());
+        for (size_t i = 0; i < logit_seqs_.size(); ++i)
+          logit_seqs_[i]->sampler->device_params(sample_params_.data() + i * Ops::kSampleParams);
+        model_.forward_sample(batch_, sample_params_.data(), sampled_.data());
+        process_logits(sampled_.data());
+      } else {
+        model_.forward(batch_, logits_.data());
+        process_logits(nullptr);
+      }
       const Clock::time_point t = Clock::now();
       recent.emplace_back(t, generated);
       recent_tokens += generated;

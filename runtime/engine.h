@@ -141,7 +141,11 @@ class Engine {
   // Sends `event` as the request's last (with finish reason and usage) and frees its blocks.
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
-  void process_logits();
+  // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
+  void process_logits(const int32_t* sampled);
+  // True when this step's tokens can be sampled on the device: a GPU model on one rank, and no
+  // sequence of the step wants logprobs or a repetition penalty (both need the logits here).
+  bool sample_on_device() const;
   void validate(const RequestParams& params) const;
 
   Model& model_;
@@ -167,6 +171,8 @@ class Engine {
   StepBatch batch_;
   std::vector<Sequence*> logit_seqs_;  // sequence of each logit row
   std::vector<float> logits_;          // [max_running, vocab]
+  std::vector<float> sample_params_;   // [max_running, Ops::kSampleParams] (device sampling)
+  std::vector<int32_t> sampled_;       // [max_running]
   std::chrono::steady_clock::time_point start_;
 };
 

@@ -105,17 +105,6 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   const bool on_device = model.ops().device() != Device::kCpu && model.parallel() == nullptr &&
                          options.sampling.repetition_penalty == 1.f;
   float params[Ops::kSampleParams] = {};
-  auto device_params = [&] {
-    const SamplingParams& sp = options.sampling;
-    const double u = sp.temperature == 0.f ? 0.0 : sampler.draw();
-    const float hi = static_cast<float>(u);
-    params[0] = sp.temperature;
-    params[1] = static_cast<float>(sp.top_k);
-    params[2] = sp.top_p;
-    params[3] = sp.min_p;
-    params[4] = hi;
-    params[5] = static_cast<float>(u - static_cast<double>(hi));
-  };
   int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;
   context_ids.reserve(static_cast<size_t>(context));
@@ -141,7 +130,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     batch.token_seq.push_back(0);
     batch.logit_rows.push_back(0);
     if (on_device) {
-      device_params();
+      sampler.device_params(params);
       model.forward_sample(batch, params, &device_next);
     } else {
       model.forward(batch, last_logits.data());

@@ -60,4 +60,17 @@ double Sampler::draw() {
   return static_cast<double>(hi) + static_cast<double>(lo);
 }
 
+void Sampler::device_params(float* out) {
+  SY_CHECK(params_.repetition_penalty == 1.f,
+           "device sampling: the repetition penalty is applied on the host");
+  const double u = params_.temperature == 0.f ? 0.0 : draw();
+  const float hi = static_cast<float>(u);
+  out[0] = params_.temperature;
+  out[1] = static_cast<float>(params_.top_k);
+  out[2] = params_.top_p;
+  out[3] = params_.min_p;
+  out[4] = hi;
+  out[5] = static_cast<float>(u - static_cast<double>(hi));
+}
+
 }  // namespace sy

@@ -29,6 +29,10 @@ class Sampler {
   // The next uniform number in [0, 1) of this sampler's stream (what sample() draws when the
   // temperature is not 0), for sampling on the device (Ops::sample) with the same stream.
   double draw();
+  // The Ops::sample parameters of this sampler's next token, draw included (when the
+  // temperature is not 0): out[Ops::kSampleParams]. Only without a repetition penalty (which
+  // needs the context, so it samples on the host).
+  void device_params(float* out);
   const SamplingParams& params() const { return params_; }
 
  private:
