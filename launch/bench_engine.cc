@@ -201,8 +201,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
   pc.ep = a.ep;
   pc.exchange = parse_moe_exchange(a.moe_exchange);
   pc.validate(config);
-  Backend backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0,
-                                 env ? env->local_size() : 1);
+  Backend backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
   if (world) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
 
   const int64_t max_b = *std::max_element(a.batch.begin(), a.batch.end());

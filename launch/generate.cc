@@ -145,8 +145,7 @@ int run_generate(const GenerateArgs& a) {
     pc.exchange = parse_moe_exchange(a.moe_exchange);
     pc.validate(config);  // before any weight is read
   }
-  backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0,
-                         env ? env->local_size() : 1);
+  backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
   if (parallel) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
   const bool root = env == nullptr || env->is_root();
   if (root && a.backend.device != "cpu")

@@ -264,7 +264,7 @@ int run_serve(const ServeArgs& a) {
   pc.exchange = parse_moe_exchange(a.moe_exchange);
   pc.validate(config);                                       // before any weight is read
   const ModelLimits limits = a.config.model_limits(config);  // validates the budgets
-  const Backend backend = make_backend(a.backend, world.get(), env.local_rank(), env.local_size());
+  const Backend backend = make_backend(a.backend, world.get(), env.local_rank());
   std::unique_ptr<ParallelContext> par =
       ParallelContext::create(pc, backend.world ? *backend.world : *world);
   if (env.is_root()) return serve_root(a, config, *par, backend);

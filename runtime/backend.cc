@@ -1,6 +1,14 @@
 // Backend selection (see backend.h).
 #include "runtime/backend.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
 #include "parallel/routed_communicator.h"
 
 #ifdef SY_HAVE_CUDA
@@ -28,8 +36,7 @@ bool cuda_backend_built() {
 #endif
 }
 
-Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank,
-                     int local_size) {
+Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank) {
   options.validate();
   Backend b;
   if (options.device == "cpu") {
@@ -40,7 +47,6 @@ Backend make_backend(const BackendOptions& options, Communicator* host_world, in
 #ifndef SY_HAVE_CUDA
   (void)host_world;
   (void)local_rank;
-  (void)local_size;
   SY_FAIL(
       "--device cuda: this build has no CUDA backend (configure with nvcc available, "
       "-DSWITCHYARD_CUDA=ON)");
@@ -48,13 +54,8 @@ Backend make_backend(const BackendOptions& options, Communicator* host_world, in
   const int n_devices = cuda::device_count();
   // Agree on the outcome first, so that no rank waits in a collective for one that failed.
   float missing = n_devices == 0 ? 1.f : 0.f;
-  float shared = local_size > n_devices ? 1.f : 0.f;  // ranks of this node share a GPU
-  if (host_world != nullptr && host_world->size() > 1) {
-    float flags[2] = {missing, shared};
-    host_world->all_reduce_sum(Tensor(flags, DType::kF32, {2}));
-    missing = flags[0];
-    shared = flags[1];
-  }
+  if (host_world != nullptr && host_world->size() > 1)
+    host_world->all_reduce_sum(Tensor(&missing, DType::kF32, {1}));
   SY_CHECK(n_devices > 0, "--device cuda: no CUDA device on this node (driver or GPU missing)");
   SY_CHECK(missing == 0.f, "--device cuda: ", missing, " rank(s) found no CUDA device");
   const int device = local_rank % n_devices;
@@ -66,12 +67,28 @@ Backend make_backend(const BackendOptions& options, Communicator* host_world, in
     if (host_world != nullptr) b.world = make_routed_communicator(*host_world, nullptr, *b.ops);
     return b;
   }
+  // Do ranks share a GPU? Compare (host, GPU UUID) over the job: device numbers alone mislead
+  // when a launcher gives each rank its own CUDA_VISIBLE_DEVICES (every rank then sees device 0).
+  const int W = host_world->size();
+  int32_t mine[6] = {};
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  const uint64_t host_hash = std::hash<std::string>{}(std::string(host));
+  std::memcpy(mine, &host_hash, 8);
+  std::memcpy(mine + 2, prop.uuid.bytes, 16);
+  std::vector<int32_t> all(static_cast<size_t>(6 * W));
+  host_world->all_gather(Tensor(all.data(), DType::kI32, {W, 6}), Tensor(mine, DType::kI32, {1, 6}),
+                         std::vector<int64_t>(static_cast<size_t>(W), 1));
+  bool shared = false;
+  for (int r = 0; r < W && !shared; ++r)
+    for (int q = r + 1; q < W && !shared; ++q)
+      shared = std::equal(all.begin() + 6 * r, all.begin() + 6 * r + 6, all.begin() + 6 * q);
   bool use_nccl = false;
 #ifdef SY_HAVE_NCCL
-  use_nccl = options.comm == "nccl" || (options.comm == "auto" && shared == 0.f);
-  SY_CHECK(!(options.comm == "nccl" && shared > 0.f),
-           "--comm nccl: ranks share a GPU on some node (", local_size, " ranks, ", n_devices,
-           " GPU(s) here) and NCCL needs one GPU per rank; use --comm mpi or fewer ranks");
+  use_nccl = options.comm == "nccl" || (options.comm == "auto" && !shared);
+  SY_CHECK(!(options.comm == "nccl" && shared), "--comm nccl: ranks share a GPU (", n_devices,
+           " GPU(s) visible on this node) and NCCL needs one GPU per rank; use --comm mpi or "
+           "fewer ranks");
 #else
   SY_CHECK(options.comm != "nccl", "--comm nccl: this build has no NCCL");
 #endif

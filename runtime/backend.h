@@ -28,12 +28,12 @@ struct Backend {
 };
 
 // Builds this rank's backend. `host_world` (null for a lone process) is the job's MPI
-// communicator; `local_rank` / `local_size` place the rank on its node: GPU ranks use device
-// local_rank % n_devices. With comm "auto", NCCL is used when it is built and every rank of the
-// job has a GPU of its own, host staging otherwise; every rank makes the same choice. A
-// collective over `host_world` when given.
-Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank,
-                     int local_size);
+// communicator; `local_rank` places the rank on its node: GPU ranks use device
+// local_rank % (visible devices), so one rank per GPU, or each rank with its own
+// CUDA_VISIBLE_DEVICES. With comm "auto", NCCL is used when it is built and no two ranks share a
+// GPU (compared by host and GPU UUID), host staging otherwise; every rank makes the same choice.
+// A collective over `host_world` when given.
+Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank);
 
 // True when this build has the CUDA backend.
 bool cuda_backend_built();

@@ -50,7 +50,7 @@ TEST_F(CudaModel, RanksSharingOneGpuMatchOneRank) {
   opts.device = "cuda";
   opts.comm = "mpi";
   // The test's ranks run on one node: node-local rank and size are the world's.
-  Backend gpu = make_backend(opts, world_.get(), world_->rank(), world_->size());
+  Backend gpu = make_backend(opts, world_.get(), world_->rank());
   const int W = world_->size();
   for (const fs::path& dir : test::fixture_dirs()) {
     const ModelConfig config = ModelConfig::load(dir.string());

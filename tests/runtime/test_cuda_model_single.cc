@@ -60,7 +60,7 @@ TEST(CudaModel, MatchesCpuBackendAndTransformersOnEveryFixture) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   BackendOptions opts;
   opts.device = "cuda";
-  Backend gpu = make_backend(opts, nullptr, 0, 1);
+  Backend gpu = make_backend(opts, nullptr, 0);
   int decided_by_margin = 0;
   for (const fs::path& dir : test::fixture_dirs()) {
     const ModelConfig config = ModelConfig::load(dir.string());
