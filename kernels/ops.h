@@ -130,6 +130,14 @@ class Ops {
     (void)id;
     SY_FAIL("this backend has no graphs");
   }
+  // Ends a recording that failed half way (the partial graph is dropped), so that the backend
+  // runs ops again; a no-op when nothing is being recorded.
+  virtual void abort_graph() {}
+  // Frees graph `id` if there is one (its owner is going away).
+  virtual void drop_graph(int64_t id) { (void)id; }
+  // Makes this backend's device current for the calling thread (a rank's ops may be called from
+  // a thread other than the one that built them).
+  virtual void make_current() {}
 };
 
 // The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.

@@ -2,8 +2,11 @@
 #include "runtime/model.h"
 
 #include <algorithm>
+#include <atomic>
 
 namespace sy {
+
+std::atomic<int64_t> Model::next_serial_{1};
 
 void ModelLimits::validate() const {
   SY_CHECK(max_tokens > 0, "limits: max_tokens must be positive, got ", max_tokens);
@@ -115,7 +118,12 @@ WeightShard shard_for(const ModelConfig& c, const ParallelContext* parallel) {
 
 Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits,
              const ParallelContext* parallel)
-    : config_(config), weights_(std::move(weights)), ops_(ops), limits_(limits), par_(parallel) {
+    : config_(config),
+      weights_(std::move(weights)),
+      ops_(ops),
+      limits_(limits),
+      par_(parallel),
+      serial_(next_serial_++) {
   limits_.validate();
   if (par_ != nullptr) {
     par_->config.validate(config_);
@@ -227,6 +235,7 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
 }
 
 void Model::run_step(const StepBatch& batch) {
+  ops_.make_current();
   const int64_t n_tokens = batch.n_tokens();
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   SY_CHECK(n_tokens > 0 && n_tokens <= limits_.max_tokens, "step of ", n_tokens,
@@ -350,20 +359,31 @@ void Model::run_step(const StepBatch& batch) {
   const int64_t k = config_.num_experts_per_tok;
   const bool graph = ops_.supports_graphs() && world_ == 1 && profile_ == nullptr &&
                      n_tokens == batch.n_seqs && routes_on_device(n_tokens * k, false);
-  const int64_t key = n_tokens * (limits_.max_logit_rows + 1) + n_logits;
+  const int64_t shape = n_tokens * (limits_.max_logit_rows + 1) + n_logits;
+  const int64_t key = (serial_ << 40) | shape;  // graphs of the backend are shared by models
   if (graph && ops_.has_graph(key)) {
     ops_.launch_graph(key);
-  } else if (graph && graph_seen_[static_cast<size_t>(key)]) {
+  } else if (graph && graph_seen_[static_cast<size_t>(shape)]) {
     // The second step of this shape: the first one ran eagerly, so every lazily sized buffer
     // of the backend already has its size, and nothing in the step allocates.
     ops_.begin_graph();
-    step();
+    try {
+      step();
+    } catch (...) {
+      ops_.abort_graph();
+      throw;
+    }
     ops_.end_graph(key);
+    recorded_.push_back(key);
     ops_.launch_graph(key);
   } else {
     step();
-    if (graph) graph_seen_[static_cast<size_t>(key)] = 1;
+    if (graph) graph_seen_[static_cast<size_t>(shape)] = 1;
   }
+}
+
+Model::~Model() {
+  for (int64_t key : recorded_) ops_.drop_graph(key);
 }
 
 bool Model::routes_on_device(int64_t n_rows, bool all_to_all) const {

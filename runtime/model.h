@@ -6,6 +6,7 @@
 // ModelLimits; forward() allocates nothing.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <vector>
@@ -91,6 +92,9 @@ class Model {
   // the same config and limits and then call forward() with the same batches, in lockstep.
   Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits,
         const ParallelContext* parallel = nullptr);
+  ~Model();  // drops the graphs it recorded on the backend
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
   // rank. A collective when parallel.
@@ -113,7 +117,7 @@ class Model {
   // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
   // the CPU. The all-to-all exchange always takes the host layout (its counts travel by MPI).
   void set_device_routing(int64_t max_rows);
-  static constexpr int64_t kDeviceRouteMaxRows = 256;
+  static constexpr int64_t kDeviceRouteMaxRows = 64;
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
@@ -192,6 +196,9 @@ class Model {
   std::vector<float> host_logits_;     // [vocab * max_logit_rows] (parallel)
   int64_t device_route_max_rows_ = 0;  // see set_device_routing
   std::vector<uint8_t> graph_seen_;    // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
+  std::vector<int64_t> recorded_;      // graph ids recorded on the backend
+  int64_t serial_;                     // this model's graph namespace on a shared backend
+  static std::atomic<int64_t> next_serial_;
 };
 
 }  // namespace sy

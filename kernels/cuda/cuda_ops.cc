@@ -249,17 +249,17 @@ class CudaOps final : public Ops {
                    w[g].dtype == DType::kBF16 && w[g].device == Device::kCuda,
                "grouped_matmul_offsets: weight ", g, " ", w[g].shape_str(), " for x ",
                x.shape_str());
-    const auto key = std::make_pair(static_cast<const void*>(w[0].data), n_groups);
+    // Keyed by every pointer: freed weights' addresses come back in new allocations.
+    std::vector<const void*> key(n_groups);
+    bool aligned = true;
+    for (size_t g = 0; g < n_groups; ++g) {
+      key[g] = w[g].data;
+      aligned = aligned && reinterpret_cast<uintptr_t>(w[g].data) % 16 == 0;
+    }
     auto it = weight_arrays_.find(key);
     if (it == weight_arrays_.end()) {
-      std::vector<const void*> host(n_groups);
-      bool aligned = true;
-      for (size_t g = 0; g < n_groups; ++g) {
-        host[g] = w[g].data;
-        aligned = aligned && reinterpret_cast<uintptr_t>(w[g].data) % 16 == 0;
-      }
       void** dev = static_cast<void**>(alloc(n_groups * sizeof(void*)));
-      SY_CUDA_CHECK(cudaMemcpy(dev, host.data(), n_groups * sizeof(void*), cudaMemcpyHostToDevice));
+      copy_from_host(dev, key.data(), n_groups * sizeof(void*));  // ordered on the stream
       it = weight_arrays_.emplace(key, std::make_pair(dev, aligned)).first;
     }
     cuda::grouped_rows_gemm(out, x, it->second.first, it->second.second, n_out, offsets, first,
@@ -286,6 +286,23 @@ class CudaOps final : public Ops {
     if (it != graphs_.end()) cudaGraphExecDestroy(it->second);
     graphs_[id] = exec;
   }
+  void abort_graph() override {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &status) != cudaSuccess ||
+        status == cudaStreamCaptureStatusNone)
+      return;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+  }
+  void drop_graph(int64_t id) override {
+    auto it = graphs_.find(id);
+    if (it == graphs_.end()) return;
+    cudaGraphExecDestroy(it->second);
+    graphs_.erase(it);
+  }
+  void make_current() override { SY_CUDA_CHECK(cudaSetDevice(device_)); }
   void launch_graph(int64_t id) override {
     auto it = graphs_.find(id);
     SY_CHECK(it != graphs_.end(), "no CUDA graph ", id);
@@ -322,9 +339,9 @@ class CudaOps final : public Ops {
   std::vector<void*> retired_;  // outgrown scratch buffers, kept for recorded graphs
   static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
   void* cublas_workspace_ = nullptr;
-  // Device arrays of expert weight pointers by (first weight, groups), and whether all are
-  // 16-byte aligned.
-  std::map<std::pair<const void*, size_t>, std::pair<void**, bool>> weight_arrays_;
+  // Device arrays of expert weight pointers, by the pointers, and whether all are 16-byte
+  // aligned.
+  std::map<std::vector<const void*>, std::pair<void**, bool>> weight_arrays_;
   std::map<int64_t, cudaGraphExec_t> graphs_;
   // Host argument arrays of the grouped GEMM, reused.
   std::vector<const void*> host_a_, host_b_;

@@ -21,6 +21,7 @@ constexpr int kThreads = 1024;
 using u64 = unsigned long long;
 
 __device__ __forceinline__ u64 key_of(float score, int64_t id) {
+  if (score == 0.f) score = 0.f;  // -0 and +0 are one score, ordered by id as in the twin
   uint32_t b = __float_as_uint(score);
   b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   return (static_cast<u64>(b) << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<uint32_t>(id));
