@@ -382,6 +382,16 @@ void Model::run_step(const StepBatch& batch) {
   }
 }
 
+// With experts split over ranks (all-gather exchange), each rank holds the sum over its own
+// experts: the expert group adds them up.
+void Model::reduce_expert_partials(Tensor out) {
+  if (par_ == nullptr || par_->ep->size() == 1) return;
+  const int E = par_->ep->size();
+  par_->ep->all_reduce_sum(out);
+  if (profile_ != nullptr)
+    profile_->bytes[ForwardProfile::kEpReduce] += 2 * out.bytes() * (E - 1) / E;
+}
+
 Model::~Model() {
   for (int64_t key : recorded_) ops_.drop_graph(key);
 }
@@ -535,13 +545,7 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   expert_ffn(ops_, y, in, L, local_offsets_.data(), expert_scratch_);
   lap(ForwardProfile::kExpert);
   ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
-  if (par_ != nullptr && par_->ep->size() > 1) {
-    const int E = par_->ep->size();
-    par_->ep->all_reduce_sum(out);  // partial sums
-    if (profile_ != nullptr)
-      profile_->bytes[ForwardProfile::kEpReduce] +=
-          2 * n_tokens * out.row_numel() * sizeof(float) * (E - 1) / E;
-  }
+  reduce_expert_partials(out);
   lap(ForwardProfile::kCombine);
 }
 
@@ -580,13 +584,7 @@ void Model::moe_block_on_device(int64_t layer, Tensor out, Tensor xn) {
   lap(ForwardProfile::kExpert);
   ops_.fill_zero(out);
   ops_.scatter_add_weighted(out, y, rows, weights);  // combine
-  if (par_ != nullptr && par_->ep->size() > 1) {
-    const int E = par_->ep->size();
-    par_->ep->all_reduce_sum(out);  // partial sums
-    if (profile_ != nullptr)
-      profile_->bytes[ForwardProfile::kEpReduce] +=
-          2 * n_tokens * out.row_numel() * sizeof(float) * (E - 1) / E;
-  }
+  reduce_expert_partials(out);
   lap(ForwardProfile::kCombine);
 }
 

@@ -127,6 +127,7 @@ class Model {
   void run_step(const StepBatch& batch);  // every op of a step up to the logits on the device
   void moe_block(int64_t layer, Tensor out, Tensor xn);
   void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
+  void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
   void logits_fetch(int64_t n_logits, float* logits);       // to the host, every rank's columns
   bool routes_on_device(int64_t n_rows, bool all_to_all) const;

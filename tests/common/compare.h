@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -48,6 +49,21 @@ inline std::vector<float> random_vector(size_t n, uint64_t seed, float scale = 1
   std::vector<float> v(n);
   for (float& x : v) x = dist(rng);
   return v;
+}
+
+// The largest |got - want| over all rows of `vocab` values, each relative to its row's largest
+// |want| (the logits budgets of the model tests).
+inline double max_rel_error(const std::vector<float>& got, const std::vector<float>& want,
+                            int64_t vocab) {
+  double worst = 0;
+  for (size_t r = 0; r * vocab < want.size(); ++r) {
+    double scale = 1e-30;
+    for (int64_t v = 0; v < vocab; ++v)
+      scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
+    for (int64_t v = 0; v < vocab; ++v)
+      worst = std::max(worst, std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale);
+  }
+  return worst;
 }
 
 }  // namespace sy::test

@@ -14,25 +14,13 @@
 #include "parallel/context.h"
 #include "runtime/backend.h"
 #include "runtime/generator.h"
+#include "tests/common/compare.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
 namespace {
 
 namespace fs = std::filesystem;
-
-// Largest error relative to each row's largest |want|, over all rows.
-double max_rel_error(const std::vector<float>& got, const std::vector<float>& want, int64_t vocab) {
-  double worst = 0;
-  for (size_t r = 0; r * vocab < want.size(); ++r) {
-    double scale = 1e-30;
-    for (int64_t v = 0; v < vocab; ++v)
-      scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
-    for (int64_t v = 0; v < vocab; ++v)
-      worst = std::max(worst, std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale);
-  }
-  return worst;
-}
 
 class CudaModel : public ::testing::Test {
  protected:
@@ -75,7 +63,7 @@ TEST_F(CudaModel, RanksSharingOneGpuMatchOneRank) {
           const GenerateResult b = generate(*multi.model, p.ids, o);
           EXPECT_EQ(a.tokens, b.tokens)
               << dir.filename() << " tp " << tp << " " << moe_exchange_name(ex) << " " << p.name;
-          EXPECT_LE(max_rel_error(b.prompt_logits, a.prompt_logits, config.vocab_size), 1e-2)
+          EXPECT_LE(test::max_rel_error(b.prompt_logits, a.prompt_logits, config.vocab_size), 1e-2)
               << dir.filename() << " tp " << tp << " " << moe_exchange_name(ex);
         }
       }

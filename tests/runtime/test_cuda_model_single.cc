@@ -19,6 +19,7 @@
 #include "kernels/cuda/device.h"
 #include "runtime/backend.h"
 #include "runtime/generator.h"
+#include "tests/common/compare.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
@@ -26,19 +27,6 @@ namespace {
 
 namespace fs = std::filesystem;
 constexpr double kLogitBudget = 4e-2;
-
-// Largest error relative to each row's largest |want|, over all rows.
-double max_rel_error(const std::vector<float>& got, const std::vector<float>& want, int64_t vocab) {
-  double worst = 0;
-  for (size_t r = 0; r * vocab < want.size(); ++r) {
-    double scale = 1e-30;
-    for (int64_t v = 0; v < vocab; ++v)
-      scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
-    for (int64_t v = 0; v < vocab; ++v)
-      worst = std::max(worst, std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale);
-  }
-  return worst;
-}
 
 // Margin between the two largest logits of a row, relative to its largest |logit|.
 double top2_margin(const float* row, int64_t vocab) {
@@ -75,8 +63,8 @@ TEST(CudaModel, MatchesCpuBackendAndTransformersOnEveryFixture) {
       const GenerateResult want = generate(*cpu.model, p.ids, o);
       const GenerateResult got = generate(*cuda.model, p.ids, o);
       const std::string what = dir.filename().string() + "/" + p.name;
-      const double err_cpu = max_rel_error(got.prompt_logits, want.prompt_logits, V);
-      const double err_ref = max_rel_error(got.prompt_logits, p.logits, V);
+      const double err_cpu = test::max_rel_error(got.prompt_logits, want.prompt_logits, V);
+      const double err_ref = test::max_rel_error(got.prompt_logits, p.logits, V);
       std::printf("%-32s logits vs cpu %.2e, vs transformers %.2e\n", what.c_str(), err_cpu,
                   err_ref);
       EXPECT_LE(err_cpu, kLogitBudget) << what;
