@@ -20,8 +20,9 @@ void Ops::grouped_matmul(Tensor out, Tensor x, const Tensor* w, const int64_t* o
   }
 }
 
-void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
-                    Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
+void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, const Tensor& offsets,
+                     const Tensor& topk_idx, const Tensor& topk_weights, int64_t expert_begin,
+                     int64_t expert_end) {
   const int64_t n_tokens = topk_idx.size(0);
   const int64_t k = topk_idx.size(1);
   const int64_t n_rows = n_tokens * k;
@@ -31,9 +32,27 @@ void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, T
   check_tensor(sorted_rows, "moe_route.sorted_rows", DType::kI32, {n_rows});
   check_tensor(sorted_weights, "moe_route.sorted_weights", DType::kF32, {n_rows});
   check_tensor(offsets, "moe_route.offsets", DType::kI32, {n_experts + 1});
-  SY_CHECK(
-      n_experts >= 1 && 0 <= expert_begin && expert_begin <= expert_end && expert_end <= n_experts,
-      "moe_route: experts [", expert_begin, ", ", expert_end, ") of ", n_experts);
+  SY_CHECK(n_experts >= 1 && n_experts <= 4096 && 0 <= expert_begin && expert_begin <= expert_end &&
+               expert_end <= n_experts,
+           "moe_route: experts [", expert_begin, ", ", expert_end, ") of ", n_experts);
+}
+
+void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params) {
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  check_tensor(logits, "sample.logits", DType::kF32, {n, vocab});
+  check_tensor(params, "sample.params", DType::kF32, {n, Ops::kSampleParams});
+  check_tensor(out_ids, "sample.out_ids", DType::kI32, {n});
+  SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "sample: vocabulary of ", vocab);
+}
+
+void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
+                    Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
+  check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
+                  expert_end);
+  const int64_t k = topk_idx.size(1);
+  const int64_t n_rows = topk_idx.size(0) * k;
+  const int64_t n_experts = offsets.size(0) - 1;
   std::vector<int32_t> idx(static_cast<size_t>(n_rows)), rows(static_cast<size_t>(n_rows));
   std::vector<float> w(static_cast<size_t>(n_rows)), sw(static_cast<size_t>(n_rows));
   std::vector<int32_t> off(static_cast<size_t>(n_experts + 1), 0);
@@ -73,9 +92,7 @@ void Ops::grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor o
 void Ops::sample(Tensor out_ids, Tensor logits, Tensor params) {
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
-  check_tensor(logits, "sample.logits", DType::kF32, {n, vocab});
-  check_tensor(params, "sample.params", DType::kF32, {n, kSampleParams});
-  check_tensor(out_ids, "sample.out_ids", DType::kI32, {n});
+  check_sample(out_ids, logits, params);
   std::vector<float> rows(static_cast<size_t>(n * vocab)),
       p(static_cast<size_t>(n * kSampleParams));
   std::vector<int32_t> ids(static_cast<size_t>(n)), order;

@@ -140,6 +140,12 @@ class Ops {
   virtual void make_current() {}
 };
 
+// Operand checks shared by the backends' moe_route and sample (shapes and dtypes as above).
+void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, const Tensor& offsets,
+                     const Tensor& topk_idx, const Tensor& topk_weights, int64_t expert_begin,
+                     int64_t expert_end);
+void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params);
+
 // The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.
 std::unique_ptr<Ops> make_cpu_ops();
 

@@ -27,41 +27,48 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
 }
 
-// Sum / max over the block. Every thread of the block must call it; blockDim.x is a multiple of
-// 32 and at most 1024. `scratch` is 32 floats of shared memory, free on entry. Every thread gets
-// the result.
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+// Reductions over a warp and over the block with `op` (a binary functor) and its identity. The
+// block version must be called by every thread of the block; blockDim.x is a multiple of 32 and
+// at most 1024; `scratch` is 32 values of shared memory, free on entry and again on return.
+// Every thread gets the result. T: float, double or unsigned long long.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+  for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset /= 2)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Op op, T identity) {
+  v = warp_reduce(v, op);
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : identity, op);
+  __syncthreads();
   return v;
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ unsigned long long operator()(unsigned long long a,
+                                                           unsigned long long b) const {
+    return a > b ? a : b;
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+  return warp_reduce(v, SumOp{});
 }
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int n_warps = blockDim.x / 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? scratch[lane] : 0.f;
-  v = warp_sum(v);
-  __syncthreads();  // scratch is free again for the caller's next reduction
-  return v;
+  return block_reduce(v, scratch, SumOp{}, 0.f);
 }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-  v = warp_max(v);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int n_warps = blockDim.x / 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? scratch[lane] : -INFINITY;
-  v = warp_max(v);
-  __syncthreads();
-  return v;
+  return block_reduce(v, scratch, MaxOp{}, -INFINITY);
 }
 
 // Grid size for `n` items at `per_block` items per block, capped at the grid's x limit (kernels

@@ -114,15 +114,9 @@ void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor
   const int64_t k = topk_idx.size(1);
   const int64_t n_rows = n_tokens * k;
   const int64_t n_experts = offsets.size(0) - 1;
-  check_tensor(topk_idx, "moe_route.topk_idx", DType::kI32, {n_tokens, k});
-  check_tensor(topk_weights, "moe_route.topk_weights", DType::kF32, {n_tokens, k});
-  check_tensor(sorted_rows, "moe_route.sorted_rows", DType::kI32, {n_rows});
-  check_tensor(sorted_weights, "moe_route.sorted_weights", DType::kF32, {n_rows});
-  check_tensor(offsets, "moe_route.offsets", DType::kI32, {n_experts + 1});
+  check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
+                  expert_end);
   check_on_device("moe_route", {&sorted_rows, &sorted_weights, &offsets, &topk_idx, &topk_weights});
-  SY_CHECK(n_experts >= 1 && n_experts <= 4096 && 0 <= expert_begin && expert_begin <= expert_end &&
-               expert_end <= n_experts,
-           "moe_route: experts [", expert_begin, ", ", expert_end, ") of ", n_experts);
   const size_t shared = static_cast<size_t>(n_experts + 1) * sizeof(int32_t);
   moe_route_kernel<<<1, 1024, shared, stream>>>(sorted_rows.i32(), sorted_weights.f32(),
                                                 offsets.i32(), topk_idx.i32(), topk_weights.f32(),

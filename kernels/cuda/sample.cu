@@ -30,33 +30,10 @@ __device__ __forceinline__ int64_t id_of(u64 key) {
   return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
 }
 
-template <typename T, typename Op>
-__device__ T block_reduce(T v, T* sh, Op op) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) sh[threadIdx.x] = op(sh[threadIdx.x], sh[threadIdx.x + s]);
-    __syncthreads();
-  }
-  const T r = sh[0];
-  __syncthreads();
-  return r;
-}
-
-struct Max {
-  __device__ u64 operator()(u64 a, u64 b) const { return a > b ? a : b; }
-};
-struct Sum {
-  template <typename T>
-  __device__ T operator()(T a, T b) const {
-    return a + b;
-  }
-};
-
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(int32_t* out_ids, const float* logits, const float* params, int64_t vocab) {
-  __shared__ u64 ksh[kThreads];
-  __shared__ double dsh[kThreads];
+  __shared__ u64 ksh[32];
+  __shared__ double dsh[32];
   const int64_t row = blockIdx.x;
   const float* l = logits + row * vocab;
   const float* q = params + row * Ops::kSampleParams;
@@ -69,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
 
   u64 best = 0;
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) best = max(best, key_of(score(i), i));
-  const u64 top = block_reduce(best, ksh, Max{});
+  const u64 top = block_reduce(best, ksh, MaxOp{}, u64{0});
   if (temperature == 0.f) {  // greedy: the lowest id among the largest logits
     if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(top));
     return;
@@ -91,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
   auto count_at_least = [&](u64 t) {
     u64 c = 0;
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) c += key_of(score(i), i) >= t ? 1 : 0;
-    return block_reduce(c, ksh, Sum{});
+    return block_reduce(c, ksh, SumOp{}, u64{0});
   };
   // Sum of p over the keys >= max(t, floor_key) whose probability p / norm is at least
   // `threshold` (the top always counts); norm = 1 and threshold < 0 count every key.
@@ -104,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
         if (k == top || pi / norm >= threshold) s += pi;
       }
     }
-    return block_reduce(s, dsh, Sum{});
+    return block_reduce(s, dsh, SumOp{}, 0.0);
   };
 
   // top-k
@@ -134,8 +111,8 @@ __global__ void __launch_bounds__(kThreads)
       found = found || k == chosen;
     }
   }
-  smallest = ~block_reduce(~smallest, ksh, Max{});
-  const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), ksh, Sum{});
+  smallest = ~block_reduce(~smallest, ksh, MaxOp{}, u64{0});
+  const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), ksh, SumOp{}, u64{0});
   if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
 }
 
@@ -144,11 +121,8 @@ __global__ void __launch_bounds__(kThreads)
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream) {
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
-  check_tensor(logits, "sample.logits", DType::kF32, {n, vocab});
-  check_tensor(params, "sample.params", DType::kF32, {n, Ops::kSampleParams});
-  check_tensor(out_ids, "sample.out_ids", DType::kI32, {n});
+  check_sample(out_ids, logits, params);
   check_on_device("sample", {&out_ids, &logits, &params});
-  SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "sample: vocabulary of ", vocab);
   if (n == 0) return;
   sample_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(out_ids.i32(), logits.f32(),
                                                                    params.f32(), vocab);
