@@ -24,7 +24,6 @@
 #include <memory>
 #include <mutex>
 #include <random>
-#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -92,7 +91,7 @@ class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
     if (!ok) return;  // the stream ended; OnDone follows
     sample_.last_message = Clock::now();
     if (response_.token_ids_size() > 0) {
-      sample_.message_times.push_back(Clock::now());
+      sample_.message_times.push_back(sample_.last_message);
       sample_.n_tokens += response_.token_ids_size();
     }
     StartRead(&response_);
@@ -303,7 +302,7 @@ class Driver {
 
     // Cancel what is left, wait for every stream to end, and count none of them.
     run.n_cancelled_at_end = static_cast<int64_t>(live_.size());
-    for (Stream* s : live_) s->cancel();
+    for (auto& [stream, owned] : live_) stream->cancel();
     while (!live_.empty())
       for (Sample& s : reap(Clock::now() + std::chrono::milliseconds(100)))
         if (s.sent >= window_begin && s.ended <= window_end) counted.push_back(std::move(s));
@@ -327,8 +326,7 @@ class Driver {
     std::vector<Sample> samples;
     for (Stream* s : ended) {
       samples.push_back(std::move(s->sample()));
-      live_.erase(s);
-      delete s;
+      live_.erase(s);  // deletes it: gRPC is done with it
     }
     return samples;
   }
@@ -345,7 +343,9 @@ class Driver {
     Sample sample;
     sample.prompt_tokens = prompt_len;
     sample.max_tokens = output_len;
-    live_.insert(new Stream(stub_, sink_, std::move(request), std::move(sample)));
+    auto stream = std::make_unique<Stream>(stub_, sink_, std::move(request), std::move(sample));
+    Stream* key = stream.get();
+    live_.emplace(key, std::move(stream));
   }
 
   void summarise(Run& run, const std::vector<Sample>& counted, Clock::time_point window_begin) {
@@ -403,7 +403,7 @@ class Driver {
   int64_t vocab_size_;
   Lengths lengths_;
   Sink sink_;
-  std::set<Stream*> live_;  // sent and not yet reaped; owned
+  std::map<Stream*, std::unique_ptr<Stream>> live_;  // sent and not yet reaped
   Progress progress_;
 };
 

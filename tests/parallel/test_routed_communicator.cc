@@ -170,11 +170,15 @@ TEST_F(RoutedCommunicator, HostTensorsSkipStagingAndMixedOperandsAreRefused) {
   EXPECT_THROW(routed_->all_gather(host(out, world_->size()), dev(a, 2), ones), Error);
   // A split keeps routing: its ranks and staging work as the parent's.
   auto sub = routed_->split(world_->rank() % 2, world_->rank());
-  auto c = seeded(6, 5);
+  auto plain = world_->split(world_->rank() % 2, world_->rank());
+  auto c = seeded(6, 5), d = c;
+  const int64_t copies = ops_.copies_out;
   sub->all_reduce_sum(dev(c, 2));
-  float n = 1.f;
-  sub->all_reduce_sum(Tensor(&n, DType::kF32, {1}));
-  EXPECT_EQ(static_cast<int>(n), sub->size());
+  plain->all_reduce_sum(host(d, 2));
+  EXPECT_EQ(c, d);
+  EXPECT_GT(ops_.copies_out, copies);  // staged
+  EXPECT_EQ(sub->size(), plain->size());
+  EXPECT_EQ(sub->rank(), plain->rank());
 }
 
 // Every layout and both exchanges: staged and plain runs give identical logits and tokens.
