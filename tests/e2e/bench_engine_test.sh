@@ -3,18 +3,7 @@
 # split, the collective bytes and the expert load are printed; the JSON has one sample per case
 # with consistent fields; synthetic weights need no files. Usage: bench_engine_test.sh BIN WORK_DIR
 set -uo pipefail
-bin=$1
-work=$2
-rm -rf "$work" && mkdir -p "$work"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader
-n_pass=0
-n_fail=0
-check() {
-  local name=$1
-  shift
-  if "$@"; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $name"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 "$bin" make-tiny-model --out "$work/m" --layers 2 --hidden-size 64 --intermediate-size 96 \
   --heads 4 --kv-heads 2 --head-dim 16 --vocab-size 320 >/dev/null || exit 1
 
@@ -55,5 +44,4 @@ out=$(mpirun -n 2 "$bin" bench engine --synthetic mixtral-8x7b --layers 1 --batc
 check "synthetic 8x7b layer" grep -q "mixtral-8x7b (synthetic), 1 of 32 layers" <<<"$out"
 check "bad flag" bash -c "! '$bin' bench engine --model '$work/m' --batch 0 2>/dev/null"
 
-echo "bench engine: $n_pass passed, $n_fail failed"
-test "$n_fail" -eq 0
+summary "bench engine"

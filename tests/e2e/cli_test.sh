@@ -3,16 +3,7 @@
 # Hugging Face checkpoint; generate streams text, prints ids and a summary, writes logits, and
 # fails cleanly on bad input. Usage: cli_test.sh SWITCHYARD_BINARY WORK_DIR
 set -uo pipefail
-bin=$1
-work=$2
-rm -rf "$work" && mkdir -p "$work"
-n_pass=0
-n_fail=0
-check() {  # check NAME COMMAND...: passes when the command succeeds
-  local name=$1
-  shift
-  if "$@"; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $name"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 fails_with() {  # fails_with MESSAGE COMMAND...: the command exits non-zero, stderr has MESSAGE
   local message=$1
   shift
@@ -55,5 +46,4 @@ cp -r "$work/m1" "$work/broken"
 truncate -s 100 "$(ls "$work"/broken/model-*-of-*.safetensors | head -1)"
 check "truncated shard" fails_with "safetensors" "$bin" generate --model "$work/broken" --prompt hi
 
-echo "cli: $n_pass passed, $n_fail failed"
-test "$n_fail" -eq 0
+summary "cli"

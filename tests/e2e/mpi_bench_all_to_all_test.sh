@@ -5,13 +5,7 @@
 # a clear error (no hang) for a layout with too few experts.
 # Usage: mpi_bench_all_to_all_test.sh SWITCHYARD_BINARY WORK_DIR
 set -uo pipefail
-bin=$1
-work=$2
-rm -rf "$work" && mkdir -p "$work"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader
-n_pass=0
-n_fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # check_run TAG N N_ROWS FLAGS...: runs the benchmark on N ranks and checks its table and JSON.
 check_run() {
@@ -47,17 +41,11 @@ assert d["n_wrong"] == 0
 PY
 }
 
-record() {  # record NAME COMMAND...
-  local name=$1
-  shift
-  if "$@"; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $name"; fi
-}
-
 small=(--max-tokens 64 --hidden 256 --iters 3 --warmup 1)
-record "n2 f32" check_run n2 2 7 "${small[@]}"
-record "n3 f32" check_run n3 3 7 "${small[@]}"
-record "n3 bf16" check_run n3_bf16 3 7 "${small[@]}" --dtype bf16
-record "n2 odd sizes" check_run n2_odd 2 3 --min-tokens 3 --max-tokens 20 --hidden 19 --top-k 3 \
+check "n2 f32" check_run n2 2 7 "${small[@]}"
+check "n3 f32" check_run n3 3 7 "${small[@]}"
+check "n3 bf16" check_run n3_bf16 3 7 "${small[@]}" --dtype bf16
+check "n2 odd sizes" check_run n2_odd 2 3 --min-tokens 3 --max-tokens 20 --hidden 19 --top-k 3 \
   --experts 5 --iters 2 --seed 7
 
 # Too few experts for the ranks: a clear error on every rank, non-zero exit, no hang.
@@ -69,7 +57,6 @@ few_experts() {
   grep -q -- "--experts 2 is fewer than the 3 ranks" "$work/few.err" ||
     { echo "  no clear error: $(head -2 "$work/few.err")"; return 1; }
 }
-record "too few experts" few_experts
+check "too few experts" few_experts
 
-echo "mpi bench all-to-all: $n_pass passed, $n_fail failed"
-test "$n_fail" -eq 0
+summary "mpi bench all-to-all"

@@ -5,13 +5,7 @@
 # token on four or eight ranks leaves most ranks with nothing). A bad layout fails cleanly.
 # Usage: mpi_generate_test.sh SWITCHYARD_BINARY WORK_DIR
 set -uo pipefail
-bin=$1
-work=$2
-rm -rf "$work" && mkdir -p "$work"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader
-n_pass=0
-n_fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 "$bin" make-tiny-model --out "$work/m" --seed 3 --layers 2 --hidden-size 64 --intermediate-size 80 \
   --heads 8 --kv-heads 8 --head-dim 8 --vocab-size 320 --sliding-window 16 >/dev/null || exit 1
 
@@ -48,16 +42,16 @@ for layout in "2" "2 --tp 2" "2 --moe-exchange all-gather" "3" "3 --ep 1" "4 --t
     [ $ok = 1 ] && cmp -s "$work/single.$p.ids" "$work/$tag.$p.ids" || { ok=0; echo "  $tag: ids differ"; }
     [ $ok = 1 ] && close "$work/$tag.$p.logits" "$work/single.$p.logits" || ok=0
   done
-  if [ $ok = 1 ]; then n_pass=$((n_pass + 1)); else n_fail=$((n_fail + 1)); echo "FAILED: $layout"; fi
+  if [ $ok = 1 ]; then pass; else fail "$layout"; fi
 done
 
 # An impossible layout: a clear error naming the flag, non-zero exit, no hang.
 if timeout 60 mpirun -n 4 "$bin" generate --model "$work/m" --prompt-ids 1 --tp 3 2>"$work/bad.err" >/dev/null; then
-  n_fail=$((n_fail + 1)); echo "FAILED: --tp 3 on 4 ranks was accepted"
+  fail "--tp 3 on 4 ranks was accepted"
 elif grep -q -- "--tp 3 must divide the world size 4" "$work/bad.err"; then
-  n_pass=$((n_pass + 1))
+  pass
 else
-  n_fail=$((n_fail + 1)); echo "FAILED: no clear error for --tp 3: $(head -2 "$work/bad.err")"
+  fail "no clear error for --tp 3: $(head -2 "$work/bad.err")"
 fi
 # A rank killed mid-generation: the whole job ends within 10 s, non-zero, naming the rank. The
 # model is large enough that the generation lasts far longer than the test waits.
@@ -81,17 +75,16 @@ start=$(date +%s)
 [ -n "$victim" ] && kill -9 "$victim"
 for _ in $(seq 150); do kill -0 "$job" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$job" 2>/dev/null; then
-  kill -9 "$job"; n_fail=$((n_fail + 1)); echo "FAILED: the job outlived a killed rank by 15 s"
+  kill -9 "$job"; fail "the job outlived a killed rank by 15 s"
 else
   wait "$job"; rc=$?
   left=$(pgrep -f "generate --model $work/long --prompt-ids 1 --max-tokens 16000" | wc -l)
   if [ -z "$victim" ] || [ "$rc" = 0 ] || [ "$left" != 0 ] || [ $(( $(date +%s) - start )) -gt 10 ] ||
      ! grep -q "rank 2" "$work/kill.err"; then
-    n_fail=$((n_fail + 1)); echo "FAILED: killed rank: victim '$victim' rc $rc, $left left: $(head -3 "$work/kill.err")"
+    fail "killed rank: victim '$victim' rc $rc, $left left: $(head -3 "$work/kill.err")"
   else
-    n_pass=$((n_pass + 1))
+    pass
   fi
 fi
 
-echo "mpi generate: $n_pass passed, $n_fail failed"
-test "$n_fail" -eq 0
+summary "mpi generate"
