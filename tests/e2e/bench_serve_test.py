@@ -18,57 +18,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from e2e_common import MPI_ENV, ROOT, check, descendants, free_port, tally
+
 MODEL_FLAGS = ["--seed", "11", "--layers", "2", "--hidden-size", "64", "--intermediate-size", "96",
                "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab-size", "320",
                "--shard-mib", "0.25"]
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
-           "OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-           "OPENBLAS_NUM_THREADS": "1"}
 OUTPUT_LEN = 8
-n_pass = 0
-n_fail = 0
-
-
-def check(name, ok, detail=""):
-    global n_pass, n_fail
-    if ok:
-        n_pass += 1
-    else:
-        n_fail += 1
-        print(f"FAILED: {name}" + (f": {detail}" if detail else ""), flush=True)
-    return ok
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid):
-    """Every process below `pid` (the ranks may leave mpirun's process group)."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
 
 
 def kill_job(proc):
@@ -229,8 +188,9 @@ def main():
         signal.setitimer(signal.ITIMER_REAL, 0)
         kill_job(server)
         err.close()
-    print(f"bench serve: {n_pass} passed, {n_fail} failed ({time.time() - t0:.1f} s)", flush=True)
-    os._exit(0 if n_fail == 0 and n_pass > 0 else 1)
+    print(f"bench serve: {tally.n_pass} passed, {tally.n_fail} failed "
+          f"({time.time() - t0:.1f} s)", flush=True)
+    os._exit(0 if tally.ok() else 1)
 
 
 if __name__ == "__main__":

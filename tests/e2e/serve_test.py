@@ -28,35 +28,19 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from e2e_common import MPI_ENV, ROOT, check, children, free_port, tally
+
 VOCAB = 320
 MODEL_FLAGS = ["--seed", "11", "--layers", "2", "--hidden-size", "64", "--intermediate-size", "96",
                "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab-size", str(VOCAB),
                "--max-position", "4096", "--sliding-window", "64", "--shard-mib", "0.25"]
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
-           "OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-           "OPENBLAS_NUM_THREADS": "1"}
 
 grpc = pb = pb_grpc = health_pb2 = health_pb2_grpc = None  # imported once the stubs exist
-n_pass = 0
-n_fail = 0
-
-
-def check(name, ok, detail=""):
-    global n_pass, n_fail
-    if ok:
-        n_pass += 1
-    else:
-        n_fail += 1
-        print(f"FAILED: {name}" + (f": {detail}" if detail else ""), flush=True)
-    return ok
 
 
 def log(message):
@@ -64,28 +48,6 @@ def log(message):
 
 
 # ---- processes ----------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid):
-    """Direct children of `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
-
 
 def world_rank(pid):
     try:
@@ -717,10 +679,11 @@ def main():
     except Exception as e:  # a scenario that cannot go on is one failure, after cleanup
         check(f"{args.scenario} ran to the end", False, f"{type(e).__name__}: {e}")
     signal.setitimer(signal.ITIMER_REAL, 0)
-    print(f"serve {args.scenario} on {args.ranks} ranks: {n_pass} passed, {n_fail} failed "
+    print(f"serve {args.scenario} on {args.ranks} ranks: {tally.n_pass} passed, "
+          f"{tally.n_fail} failed "
           f"({time.time() - t0:.1f} s)", flush=True)
     # grpc's threads may still be winding down; nothing is left to clean up.
-    os._exit(0 if n_fail == 0 and n_pass > 0 else 1)
+    os._exit(0 if tally.ok() else 1)
 
 
 if __name__ == "__main__":
