@@ -15,21 +15,20 @@
 #include "runtime/generator.h"
 #include "tests/common/collector.h"
 #include "tests/common/fixtures.h"
+#include "tests/common/forwarding_ops.h"
 
 namespace sy {
 namespace {
 
-class RecordingOps final : public Ops {
+class RecordingOps final : public test::ForwardingOps {
  public:
   // `device` kCuda makes the model treat it as a GPU: device routing and device sampling on.
-  explicit RecordingOps(Device device = Device::kCpu) : cpu_(make_cpu_ops()), device_(device) {}
+  explicit RecordingOps(Device device = Device::kCpu) : device_(device) {}
   Device device() const override { return device_; }
-  DType storage_dtype() const override { return DType::kF32; }
   void* alloc(size_t bytes) override {
     refuse_while_recording("alloc");
     return cpu_->alloc(bytes);
   }
-  void free(void* ptr) override { cpu_->free(ptr); }
   void copy_from_host(void* dst, const void* src, size_t bytes) override {
     refuse_while_recording("copy_from_host");
     cpu_->copy_from_host(dst, src, bytes);
@@ -125,7 +124,6 @@ class RecordingOps final : public Ops {
       op();
   }
 
-  std::unique_ptr<Ops> cpu_;
   Device device_;
   bool recording_ = false;
   std::vector<std::function<void()>> tape_;
