@@ -49,7 +49,7 @@ void expert_ffn(Ops& ops, Tensor out, Tensor in, const LayerWeights& layer, cons
                 const ExpertScratch& scratch) {
   SY_CHECK(in.ndim == 2 && out.ndim == 2 && in.size(0) == out.size(0), "expert_ffn: in ",
            in.shape_str(), " out ", out.shape_str());
-  const size_t n_experts = layer.experts.size();
+  const size_t n_experts = layer.w1.size();
   const int64_t begin = offsets[0];
   const int64_t n = offsets[n_experts] - begin;
   if (n == 0) return;

@@ -115,14 +115,15 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
     plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
     plan.push_back(
         {p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate, {n_experts, dim}});
-    L.experts.resize(shard.experts.size());
+    L.w1.resize(shard.experts.size());  // sized before their elements' addresses are taken
+    L.w2.resize(shard.experts.size());
+    L.w3.resize(shard.experts.size());
     for (size_t i = 0; i < shard.experts.size(); ++i) {
       const std::string e =
           p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
-      ExpertWeights& E = L.experts[i];
-      plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &E.w1, {hidden_dim, dim}});
-      plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &E.w2, {dim, hidden_dim}});
-      plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &E.w3, {hidden_dim, dim}});
+      plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &L.w1[i], {hidden_dim, dim}});
+      plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &L.w2[i], {dim, hidden_dim}});
+      plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &L.w3[i], {hidden_dim, dim}});
     }
   }
   plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
@@ -164,17 +165,9 @@ void allocate(std::vector<Planned>& plan, Weights& w, Ops& ops) {
 void finish_weights(const ModelConfig& c, Weights& w) {
   if (c.tie_word_embeddings) w.lm_head = w.embed;
   w.expert_bytes = 0;
-  for (LayerWeights& L : w.layers) {
-    L.w1.clear();
-    L.w2.clear();
-    L.w3.clear();
-    for (const ExpertWeights& E : L.experts) {
-      w.expert_bytes += E.w1.bytes() + E.w2.bytes() + E.w3.bytes();
-      L.w1.push_back(E.w1);
-      L.w2.push_back(E.w2);
-      L.w3.push_back(E.w3);
-    }
-  }
+  for (const LayerWeights& L : w.layers)
+    for (size_t i = 0; i < L.w1.size(); ++i)
+      w.expert_bytes += L.w1[i].bytes() + L.w2[i].bytes() + L.w3[i].bytes();
 }
 
 }  // namespace

@@ -23,22 +23,18 @@ struct WeightShard {
   static WeightShard full(const ModelConfig& config);
 };
 
-struct ExpertWeights {
-  Tensor w1;  // [hidden_dim, dim]  gate projection
-  Tensor w2;  // [dim, hidden_dim]  down projection
-  Tensor w3;  // [hidden_dim, dim]  up projection
-};
-
 struct LayerWeights {
-  Tensor input_norm;                   // [dim]
-  Tensor wq;                           // [n_heads * head_dim, dim]     rows of this rank's heads
-  Tensor wk;                           // [n_kv_heads * head_dim, dim]
-  Tensor wv;                           // [n_kv_heads * head_dim, dim]
-  Tensor wo;                           // [dim, n_heads * head_dim]     columns of this rank's heads
-  Tensor post_norm;                    // [dim]
-  Tensor gate;                         // [n_experts, dim]              router, replicated
-  std::vector<ExpertWeights> experts;  // [n_local_experts], in WeightShard::experts order
-  std::vector<Tensor> w1, w2, w3;      // [n_local_experts] the same views by projection
+  Tensor input_norm;  // [dim]
+  Tensor wq;          // [n_heads * head_dim, dim]     rows of this rank's heads
+  Tensor wk;          // [n_kv_heads * head_dim, dim]
+  Tensor wv;          // [n_kv_heads * head_dim, dim]
+  Tensor wo;          // [dim, n_heads * head_dim]     columns of this rank's heads
+  Tensor post_norm;   // [dim]
+  Tensor gate;        // [n_experts, dim]              router, replicated
+  // This rank's experts, in WeightShard::experts order: [n_local_experts] each.
+  std::vector<Tensor> w1;  // [hidden_dim, dim]  gate projection
+  std::vector<Tensor> w2;  // [dim, hidden_dim]  down projection
+  std::vector<Tensor> w3;  // [hidden_dim, dim]  up projection
 };
 
 struct Weights {

@@ -48,21 +48,17 @@ TEST(ExpertFfn, MatchesLoopsWithEmptyExperts) {
   auto ops = make_cpu_ops();
   const int64_t dim = 6, hidden = 10, n_experts = 3;
   std::vector<std::vector<float>> store;
-  std::vector<ExpertWeights> experts(n_experts);
+  LayerWeights layer;
   for (int64_t e = 0; e < n_experts; ++e) {
     store.push_back(test::random_vector(hidden * dim, 10 + e));
-    experts[e].w1 = Tensor(store.back().data(), DType::kF32, {hidden, dim});
+    layer.w1.emplace_back(store.back().data(), DType::kF32,
+                          std::initializer_list<int64_t>{hidden, dim});
     store.push_back(test::random_vector(dim * hidden, 20 + e));
-    experts[e].w2 = Tensor(store.back().data(), DType::kF32, {dim, hidden});
+    layer.w2.emplace_back(store.back().data(), DType::kF32,
+                          std::initializer_list<int64_t>{dim, hidden});
     store.push_back(test::random_vector(hidden * dim, 30 + e));
-    experts[e].w3 = Tensor(store.back().data(), DType::kF32, {hidden, dim});
-  }
-  LayerWeights layer;
-  layer.experts = experts;
-  for (const ExpertWeights& E : experts) {
-    layer.w1.push_back(E.w1);
-    layer.w2.push_back(E.w2);
-    layer.w3.push_back(E.w3);
+    layer.w3.emplace_back(store.back().data(), DType::kF32,
+                          std::initializer_list<int64_t>{hidden, dim});
   }
   const int64_t offsets[] = {0, 4, 4, 7};  // expert 1 gets no rows
   const int64_t n_rows = 7;
@@ -74,9 +70,9 @@ TEST(ExpertFfn, MatchesLoopsWithEmptyExperts) {
              Tensor(in.data(), DType::kF32, {n_rows, dim}), layer, offsets, scratch);
   std::vector<double> want(n_rows * dim, 0.0);
   for (int64_t e = 0; e < n_experts; ++e) {
-    const float* w1 = experts[e].w1.f32();
-    const float* w2 = experts[e].w2.f32();
-    const float* w3 = experts[e].w3.f32();
+    const float* w1 = layer.w1[e].f32();
+    const float* w2 = layer.w2[e].f32();
+    const float* w3 = layer.w3[e].f32();
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
       std::vector<double> act(hidden);
       for (int64_t h = 0; h < hidden; ++h) {
