@@ -12,6 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "parallel/layout.h"
+#include "runtime/config.h"
+
 namespace sy::test {
 
 struct FixturePrompt {
@@ -50,6 +53,28 @@ inline std::vector<FixturePrompt> load_prompts(const std::filesystem::path& dir,
     prompts.push_back(std::move(pr));
   }
   return prompts;
+}
+
+// Every layout (tp, ep, MoE exchange) the world allows for `config`, as seen from `rank`.
+inline std::vector<ParallelConfig> parallel_layouts(int world, int rank,
+                                                    const ModelConfig& config) {
+  std::vector<ParallelConfig> out;
+  for (int tp = 1; tp <= world; ++tp) {
+    if (world % tp || config.num_key_value_heads % tp) continue;
+    for (int ep = 1; ep <= world; ++ep) {
+      if (world % ep || ep > config.num_local_experts) continue;
+      for (MoeExchange ex : {MoeExchange::kAllToAll, MoeExchange::kAllGather}) {
+        ParallelConfig pc;
+        pc.world = world;
+        pc.rank = rank;
+        pc.tp = tp;
+        pc.ep = ep;
+        pc.exchange = ex;
+        out.push_back(pc);
+      }
+    }
+  }
+  return out;
 }
 
 }  // namespace sy::test

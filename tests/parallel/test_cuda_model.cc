@@ -43,29 +43,21 @@ TEST_F(CudaModel, RanksSharingOneGpuMatchOneRank) {
   for (const fs::path& dir : test::fixture_dirs()) {
     const ModelConfig config = ModelConfig::load(dir.string());
     LoadedModel single = load_model(dir.string(), 64, 16, false, nullptr, gpu.ops.get());
-    for (int tp = 1; tp <= W; ++tp) {
-      if (W % tp || config.num_key_value_heads % tp) continue;
-      for (MoeExchange ex : {MoeExchange::kAllToAll, MoeExchange::kAllGather}) {
-        ParallelConfig pc;
-        pc.world = W;
-        pc.rank = world_->rank();
-        pc.tp = tp;
-        pc.exchange = ex;
-        if (pc.ep_size() > config.num_local_experts) continue;
-        auto par = ParallelContext::create(pc, *gpu.world);
-        LoadedModel multi = load_model(dir.string(), 64, 16, false, par.get(), gpu.ops.get());
-        for (const test::FixturePrompt& p : test::load_prompts(dir, config.vocab_size)) {
-          GenerateOptions o;
-          o.max_tokens = static_cast<int64_t>(p.greedy.size());
-          o.ignore_eos = true;
-          o.all_prompt_logits = true;
-          const GenerateResult a = generate(*single.model, p.ids, o);
-          const GenerateResult b = generate(*multi.model, p.ids, o);
-          EXPECT_EQ(a.tokens, b.tokens)
-              << dir.filename() << " tp " << tp << " " << moe_exchange_name(ex) << " " << p.name;
-          EXPECT_LE(test::max_rel_error(b.prompt_logits, a.prompt_logits, config.vocab_size), 1e-2)
-              << dir.filename() << " tp " << tp << " " << moe_exchange_name(ex);
-        }
+    for (const ParallelConfig& pc : test::parallel_layouts(W, world_->rank(), config)) {
+      auto par = ParallelContext::create(pc, *gpu.world);
+      LoadedModel multi = load_model(dir.string(), 64, 16, false, par.get(), gpu.ops.get());
+      for (const test::FixturePrompt& p : test::load_prompts(dir, config.vocab_size)) {
+        GenerateOptions o;
+        o.max_tokens = static_cast<int64_t>(p.greedy.size());
+        o.ignore_eos = true;
+        o.all_prompt_logits = true;
+        const GenerateResult a = generate(*single.model, p.ids, o);
+        const GenerateResult b = generate(*multi.model, p.ids, o);
+        EXPECT_EQ(a.tokens, b.tokens) << dir.filename() << " tp " << pc.tp << " ep " << pc.ep_size()
+                                      << " " << moe_exchange_name(pc.exchange) << " " << p.name;
+        EXPECT_LE(test::max_rel_error(b.prompt_logits, a.prompt_logits, config.vocab_size), 1e-2)
+            << dir.filename() << " tp " << pc.tp << " ep " << pc.ep_size() << " "
+            << moe_exchange_name(pc.exchange);
       }
     }
   }

@@ -95,27 +95,6 @@ class ParallelModel : public ::testing::Test {
   std::unique_ptr<Communicator> world_;
 };
 
-// Every layout the world allows for `config`.
-std::vector<ParallelConfig> layouts(int world, int rank, const ModelConfig& config) {
-  std::vector<ParallelConfig> out;
-  for (int tp = 1; tp <= world; ++tp) {
-    if (world % tp || config.num_key_value_heads % tp) continue;
-    for (int ep = 1; ep <= world; ++ep) {
-      if (world % ep || ep > config.num_local_experts) continue;
-      for (MoeExchange ex : {MoeExchange::kAllToAll, MoeExchange::kAllGather}) {
-        ParallelConfig pc;
-        pc.world = world;
-        pc.rank = rank;
-        pc.tp = tp;
-        pc.ep = ep;
-        pc.exchange = ex;
-        out.push_back(pc);
-      }
-    }
-  }
-  return out;
-}
-
 int64_t total(Communicator& world, int64_t n) {
   float v = static_cast<float>(n);
   world.all_reduce_sum(Tensor(&v, DType::kF32, {1}));
@@ -129,7 +108,8 @@ TEST_F(ParallelModel, EveryLayoutMatchesSingleRankAndTransformers) {
   int n_layouts = 0;
   for (const auto& dir : dirs) {
     const ModelConfig config = ModelConfig::load(dir.string());
-    for (const ParallelConfig& pc : layouts(world_->size(), world_->rank(), config)) {
+    for (const ParallelConfig& pc :
+         test::parallel_layouts(world_->size(), world_->rank(), config)) {
       n_wrong += check_layout(dir, pc, false);
       ++n_layouts;
     }
@@ -143,7 +123,7 @@ TEST_F(ParallelModel, SkewedRoutingOneRankGetsEverything) {
   const fs::path dir = fixture_dirs().front();
   const ModelConfig config = ModelConfig::load(dir.string());
   int64_t n_wrong = 0;
-  for (const ParallelConfig& pc : layouts(world_->size(), world_->rank(), config))
+  for (const ParallelConfig& pc : test::parallel_layouts(world_->size(), world_->rank(), config))
     n_wrong += check_layout(dir, pc, true);
   EXPECT_EQ(total(*world_, n_wrong), 0);
 }

@@ -157,34 +157,28 @@ TEST_F(RoutedCommunicator, ParallelModelThroughStagingEqualsPlainRun) {
   const auto prompts = test::load_prompts(dir, config.vocab_size);
   const int W = world_->size();
   int n_layouts = 0;
-  for (int tp = 1; tp <= W; ++tp) {
-    if (W % tp || config.num_key_value_heads % tp) continue;
-    for (MoeExchange ex : {MoeExchange::kAllToAll, MoeExchange::kAllGather}) {
-      ParallelConfig pc;
-      pc.world = W;
-      pc.rank = world_->rank();
-      pc.tp = tp;
-      pc.exchange = ex;
-      auto par_plain = ParallelContext::create(pc, *world_);
-      auto par_staged = ParallelContext::create(pc, *routed_);
-      auto cpu = make_cpu_ops();
-      LoadedModel plain = load_model(dir.string(), 64, 16, false, par_plain.get(), cpu.get());
-      LoadedModel staged = load_model(dir.string(), 64, 16, false, par_staged.get(), &ops_);
-      // The all-gather exchange also runs the device-routing MoE block here (rows of other
-      // ranks' experts marked -1), as GPUs do for decode steps.
-      if (ex == MoeExchange::kAllGather) staged.model->set_device_routing(int64_t{1} << 30);
-      for (const auto& p : prompts) {
-        GenerateOptions o;
-        o.max_tokens = 4;
-        o.ignore_eos = true;
-        o.all_prompt_logits = true;
-        const GenerateResult a = generate(*plain.model, p.ids, o);
-        const GenerateResult b = generate(*staged.model, p.ids, o);
-        EXPECT_EQ(a.tokens, b.tokens) << "tp " << tp << " " << moe_exchange_name(ex);
-        EXPECT_EQ(a.prompt_logits, b.prompt_logits) << "tp " << tp << " " << moe_exchange_name(ex);
-      }
-      ++n_layouts;
+  for (const ParallelConfig& pc : test::parallel_layouts(W, world_->rank(), config)) {
+    auto par_plain = ParallelContext::create(pc, *world_);
+    auto par_staged = ParallelContext::create(pc, *routed_);
+    auto cpu = make_cpu_ops();
+    LoadedModel plain = load_model(dir.string(), 64, 16, false, par_plain.get(), cpu.get());
+    LoadedModel staged = load_model(dir.string(), 64, 16, false, par_staged.get(), &ops_);
+    // The all-gather exchange also runs the device-routing MoE block here (rows of other
+    // ranks' experts marked -1), as GPUs do for decode steps.
+    if (pc.exchange == MoeExchange::kAllGather) staged.model->set_device_routing(int64_t{1} << 30);
+    for (const auto& p : prompts) {
+      GenerateOptions o;
+      o.max_tokens = 4;
+      o.ignore_eos = true;
+      o.all_prompt_logits = true;
+      const GenerateResult a = generate(*plain.model, p.ids, o);
+      const GenerateResult b = generate(*staged.model, p.ids, o);
+      EXPECT_EQ(a.tokens, b.tokens)
+          << "tp " << pc.tp << " ep " << pc.ep_size() << " " << moe_exchange_name(pc.exchange);
+      EXPECT_EQ(a.prompt_logits, b.prompt_logits)
+          << "tp " << pc.tp << " ep " << pc.ep_size() << " " << moe_exchange_name(pc.exchange);
     }
+    ++n_layouts;
   }
   EXPECT_GE(n_layouts, 2);
 }
