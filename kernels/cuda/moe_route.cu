@@ -3,6 +3,7 @@
 // CPU twins: the defaults in kernels/ops.cc (a host counting sort; grouped_matmul with the
 // offsets copied to the host).
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dispatch.cuh"
@@ -10,6 +11,8 @@
 
 namespace sy::cuda {
 namespace {
+
+constexpr int64_t kMaxRouteExperts = 256;
 
 // One block. Counts per expert in shared memory, a serial scan (experts are few), then each
 // routed pair finds its row: its expert's first row plus the pairs before it with the same
@@ -19,7 +22,7 @@ __global__ void moe_route_kernel(int32_t* sorted_rows, float* sorted_weights, in
                                  const int32_t* topk_idx, const float* topk_weights, int64_t n_rows,
                                  int64_t k, int64_t n_experts, int64_t expert_begin,
                                  int64_t expert_end) {
-  extern __shared__ int32_t first[];  // [n_experts + 1]
+  __shared__ int32_t first[kMaxRouteExperts + 1];
   for (int64_t e = threadIdx.x; e <= n_experts; e += blockDim.x) first[e] = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n_rows; i += blockDim.x) {
@@ -57,12 +60,12 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* f) {
 
 // out[r, n] = x[r, :] · w_g[n, :] for the rows r of group g = blockIdx.y, read from `offsets`.
 // One warp per output column n; it streams w_g's row n once per 8 rows of the group (decode
-// steps route a handful of rows to each expert), 16-byte loads when `vec`. A group without rows
-// exits before reading anything, so idle experts cost no weight traffic.
-template <typename TO>
-__global__ void grouped_rows_gemm_kernel(TO* out, const __nv_bfloat16* x,
-                                         const __nv_bfloat16* const* w, const int32_t* offsets,
-                                         int64_t first, int64_t n_out, int64_t K, bool vec) {
+// steps route a handful of rows to each expert), 16-byte loads when `vec` (BF16 only). A group
+// without rows exits before reading anything, so idle experts cost no weight traffic.
+template <typename TI, typename TO>
+__global__ void grouped_rows_gemm_kernel(TO* out, const TI* x, const TI* const* w,
+                                         const int32_t* offsets, int64_t first, int64_t n_out,
+                                         int64_t K, bool vec) {
   const int64_t g = blockIdx.y;
   const int64_t begin = offsets[first + g];
   const int64_t end = offsets[first + g + 1];
@@ -70,32 +73,35 @@ __global__ void grouped_rows_gemm_kernel(TO* out, const __nv_bfloat16* x,
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (n >= n_out) return;  // the same for the whole warp
-  const __nv_bfloat16* wn = w[g] + n * K;
+  const TI* wn = w[g] + n * K;
   for (int64_t r0 = begin; r0 < end; r0 += kRowsPerPass) {
     const int nr = end - r0 < kRowsPerPass ? static_cast<int>(end - r0) : kRowsPerPass;
     float acc[kRowsPerPass];
 #pragma unroll
     for (int i = 0; i < kRowsPerPass; ++i) acc[i] = 0.f;
-    if (vec) {
-      for (int64_t k0 = lane * 8; k0 < K; k0 += 32 * 8) {
-        float wf[8];
-        unpack8(*reinterpret_cast<const uint4*>(wn + k0), wf);
+    if constexpr (std::is_same_v<TI, __nv_bfloat16>) {
+      if (vec) {
+        for (int64_t k0 = lane * 8; k0 < K; k0 += 32 * 8) {
+          float wf[8];
+          unpack8(*reinterpret_cast<const uint4*>(wn + k0), wf);
 #pragma unroll
-        for (int i = 0; i < kRowsPerPass; ++i) {
-          if (i < nr) {
-            float xf[8];
-            unpack8(*reinterpret_cast<const uint4*>(x + (r0 + i) * K + k0), xf);
+          for (int i = 0; i < kRowsPerPass; ++i) {
+            if (i < nr) {
+              float xf[8];
+              unpack8(*reinterpret_cast<const uint4*>(x + (r0 + i) * K + k0), xf);
 #pragma unroll
-            for (int q = 0; q < 8; ++q) acc[i] += wf[q] * xf[q];
+              for (int q = 0; q < 8; ++q) acc[i] += wf[q] * xf[q];
+            }
           }
         }
       }
-    } else {
+    }
+    if (!vec) {
       for (int64_t kk = lane; kk < K; kk += 32) {
-        const float wf = __bfloat162float(wn[kk]);
+        const float wf = load(wn, kk);
 #pragma unroll
         for (int i = 0; i < kRowsPerPass; ++i)
-          if (i < nr) acc[i] += wf * __bfloat162float(x[(r0 + i) * K + kk]);
+          if (i < nr) acc[i] += wf * load(x, (r0 + i) * K + kk);
       }
     }
 #pragma unroll
@@ -117,10 +123,11 @@ void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor
   check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
                   expert_end);
   check_on_device("moe_route", {&sorted_rows, &sorted_weights, &offsets, &topk_idx, &topk_weights});
-  const size_t shared = static_cast<size_t>(n_experts + 1) * sizeof(int32_t);
-  moe_route_kernel<<<1, 1024, shared, stream>>>(sorted_rows.i32(), sorted_weights.f32(),
-                                                offsets.i32(), topk_idx.i32(), topk_weights.f32(),
-                                                n_rows, k, n_experts, expert_begin, expert_end);
+  SY_CHECK(n_experts <= kMaxRouteExperts, "moe_route: ", n_experts,
+           " experts (the GPU layout takes at most ", kMaxRouteExperts, ")");
+  moe_route_kernel<<<1, 1024, 0, stream>>>(sorted_rows.i32(), sorted_weights.f32(), offsets.i32(),
+                                           topk_idx.i32(), topk_weights.f32(), n_rows, k, n_experts,
+                                           expert_begin, expert_end);
   check_launch("moe_route");
 }
 
@@ -128,7 +135,7 @@ void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w
                        int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
                        cudaStream_t stream) {
   const int64_t K = x.size(1);
-  check_tensor(x, "grouped_matmul_offsets.x", DType::kBF16, {-1, K});
+  check_float(x, "grouped_matmul_offsets.x", {-1, K});
   check_float(out, "grouped_matmul_offsets.out", {x.size(0), n_out});
   check_tensor(offsets, "grouped_matmul_offsets.offsets", DType::kI32, {-1});
   check_on_device("grouped_matmul_offsets", {&out, &x, &offsets});
@@ -137,16 +144,19 @@ void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w
            ") of ", offsets.size(0) - 1);
   if (n_groups == 0 || n_out == 0 || x.size(0) == 0) return;
   SY_CHECK(n_groups <= 65535, "grouped_matmul_offsets: ", n_groups, " groups");
-  const bool vec = w_aligned && K % 8 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+  const bool vec = x.dtype == DType::kBF16 && w_aligned && K % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
   const int warps = 8;
   const dim3 grid(static_cast<unsigned>((n_out + warps - 1) / warps),
                   static_cast<unsigned>(n_groups));
-  with_float_type(out.dtype, "grouped_matmul_offsets.out", [&](auto tag) {
-    using TO = typename decltype(tag)::type;
-    grouped_rows_gemm_kernel<TO><<<grid, 32 * warps, 0, stream>>>(
-        static_cast<TO*>(out.data), static_cast<const __nv_bfloat16*>(x.data),
-        reinterpret_cast<const __nv_bfloat16* const*>(w_device), offsets.i32(), first, n_out, K,
-        vec);
+  with_float_type(x.dtype, "grouped_matmul_offsets.x", [&](auto in_tag) {
+    using TI = typename decltype(in_tag)::type;
+    with_float_type(out.dtype, "grouped_matmul_offsets.out", [&](auto out_tag) {
+      using TO = typename decltype(out_tag)::type;
+      grouped_rows_gemm_kernel<TI, TO><<<grid, 32 * warps, 0, stream>>>(
+          static_cast<TO*>(out.data), static_cast<const TI*>(x.data),
+          reinterpret_cast<const TI* const*>(w_device), offsets.i32(), first, n_out, K, vec);
+    });
   });
   check_launch("grouped_matmul_offsets");
 }

@@ -1,0 +1,57 @@
+// Forced include (-include) of the kernel sources when the CUDA emulator compiles them as host
+// C++: the device built-ins they use, mapped onto the emulator (emu.h).
+#pragma once
+
+// Before the toolkit headers, which define these only when they are not defined.
+#define __shared__ static  // one copy per kernel instantiation; blocks run one at a time
+#define __launch_bounds__(...)
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "tests/cuda_emu/emu.h"
+
+#define threadIdx (::sy::emu::thread_index())
+#define blockIdx (::sy::emu::block_index())
+#define blockDim (::sy::emu::block_dim())
+#define gridDim (::sy::emu::grid_dim())
+
+inline void __syncthreads() {
+  ::sy::emu::sync_block();
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  (void)mask;
+  (void)width;
+  return ::sy::emu::shfl_xor(v, lane_mask);
+}
+
+// Blocks run one at a time and their threads between barriers one after another, so a plain
+// read-modify-write is atomic here.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float rsqrtf(float x) {
+  return 1.f / std::sqrt(x);
+}
+
+inline unsigned long long max(unsigned long long a, unsigned long long b) {
+  return a > b ? a : b;
+}
+inline unsigned long long min(unsigned long long a, unsigned long long b) {
+  return a < b ? a : b;
+}
