@@ -62,7 +62,9 @@ void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange
 }
 
 void add_device_flags(CLI::App* cmd, BackendOptions& backend) {
-  cmd->add_option("--device", backend.device, "cpu or cuda (weights and KV cache in BF16)")
+  cmd->add_option("--device", backend.device, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--dtype", backend.dtype,
+                  "Weights, KV cache and GEMM inputs: auto (cpu f32, cuda bf16), bf16 or f32")
       ->capture_default_str();
   cmd->add_option("--comm", backend.comm,
                   "GPU ranks: auto, nccl (one GPU per rank) or mpi (host staging; ranks may "

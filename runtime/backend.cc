@@ -26,6 +26,10 @@ void BackendOptions::validate() const {
            "\" is not a device; use cpu or cuda");
   SY_CHECK(comm == "auto" || comm == "nccl" || comm == "mpi", "--comm: \"", comm,
            "\" is not a transport; use auto, nccl or mpi");
+  SY_CHECK(dtype == "auto" || dtype == "bf16" || dtype == "f32", "--dtype: \"", dtype,
+           "\" is not a storage precision; use auto, bf16 or f32");
+  SY_CHECK(!(device == "cpu" && dtype == "bf16"),
+           "--dtype bf16: the CPU backend computes in f32 only; use --device cuda or --dtype f32");
 }
 
 bool cuda_backend_built() {
@@ -59,10 +63,11 @@ Backend make_backend(const BackendOptions& options, Communicator* host_world, in
   SY_CHECK(n_devices > 0, "--device cuda: no CUDA device on this node (driver or GPU missing)");
   SY_CHECK(missing == 0.f, "--device cuda: ", missing, " rank(s) found no CUDA device");
   const int device = local_rank % n_devices;
-  b.ops = cuda::make_cuda_ops(device);
+  b.ops = cuda::make_cuda_ops(device, options.dtype == "f32" ? DType::kF32 : DType::kBF16);
   cudaDeviceProp prop{};
   SY_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  b.description = "cuda:" + std::to_string(device) + " " + prop.name;
+  b.description = "cuda:" + std::to_string(device) + " " + prop.name +
+                  (options.dtype == "f32" ? " f32" : " bf16");
   if (host_world == nullptr || host_world->size() == 1) {
     if (host_world != nullptr) b.world = make_routed_communicator(*host_world, nullptr, *b.ops);
     return b;

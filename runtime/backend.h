@@ -1,5 +1,6 @@
-// The compute backend of one rank: `--device cpu|cuda` and, for GPU ranks in a job of several,
-// how device tensors travel between ranks (`--comm auto|nccl|mpi`).
+// The compute backend of one rank: `--device cpu|cuda`, its storage precision
+// (`--dtype auto|bf16|f32`) and, for GPU ranks in a job of several, how device tensors travel
+// between ranks (`--comm auto|nccl|mpi`).
 #pragma once
 
 #include <memory>
@@ -13,6 +14,9 @@ namespace sy {
 struct BackendOptions {
   std::string device = "cpu";  // cpu | cuda
   std::string comm = "auto";   // auto | nccl | mpi (GPU ranks of a parallel job)
+  // Storage precision of weights, KV cache and GEMM inputs: auto (cpu: f32, cuda: bf16), bf16
+  // (cuda only) or f32. The CPU backend computes in f32 only.
+  std::string dtype = "auto";
 
   void validate() const;
 };

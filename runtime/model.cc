@@ -358,7 +358,8 @@ void Model::run_step(const StepBatch& batch) {
 
   const int64_t k = config_.num_experts_per_tok;
   const bool graph = ops_.supports_graphs() && world_ == 1 && profile_ == nullptr &&
-                     n_tokens == batch.n_seqs && routes_on_device(n_tokens * k, false);
+                     routing_trace_ == nullptr && n_tokens == batch.n_seqs &&
+                     routes_on_device(n_tokens * k, false);
   const int64_t shape = n_tokens * (limits_.max_logit_rows + 1) + n_logits;
   const int64_t key = (serial_ << 40) | shape;  // graphs of the backend are shared by models
   if (graph && ops_.has_graph(key)) {
@@ -473,6 +474,11 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor topk_weights = topk_weights_.rows(0, n_tokens);    // [n_tokens, k]
   ops_.matmul(router_logits, xn, L.gate);
   ops_.moe_gate(topk_idx, topk_weights, router_logits);
+  if (routing_trace_ != nullptr) {
+    const size_t at = routing_trace_->size();
+    routing_trace_->resize(at + static_cast<size_t>(n_tokens * k));
+    ops_.copy_to_host(routing_trace_->data() + at, topk_idx.data, topk_idx.bytes());
+  }
   const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
   if (routes_on_device(n_rows, all_to_all)) return moe_block_on_device(layer, out, xn);
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());

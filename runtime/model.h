@@ -118,6 +118,11 @@ class Model {
   // the CPU. The all-to-all exchange always takes the host layout (its counts travel by MPI).
   void set_device_routing(int64_t max_rows);
   static constexpr int64_t kDeviceRouteMaxRows = 64;
+  // Appends the router's choice of every MoE block run from now on to `trace` (null detaches):
+  // for each step, layer by layer, the top-k expert ids of each of the step's tokens (this
+  // rank's tokens with the all-to-all exchange). For tests comparing two backends' routing; it
+  // copies to the host at every layer, so traced steps run without graphs.
+  void set_routing_trace(std::vector<int32_t>* trace) { routing_trace_ = trace; }
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
@@ -191,14 +196,15 @@ class Model {
   std::vector<float> host_topk_weights_;  // [N * k]
   std::vector<int64_t> local_offsets_;    // [n_local_experts + 1]
   EpPlan ep_plan_;
-  std::vector<int64_t> token_counts_;  // [world] tokens owned by each rank in this step
-  std::vector<int64_t> tp_counts_;     // [tp] the same for this attention group
-  std::vector<int64_t> vocab_counts_;  // [world] logit elements of each rank's block
-  std::vector<float> host_logits_;     // [vocab * max_logit_rows] (parallel)
-  int64_t device_route_max_rows_ = 0;  // see set_device_routing
-  std::vector<uint8_t> graph_seen_;    // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
-  std::vector<int64_t> recorded_;      // graph ids recorded on the backend
-  int64_t serial_;                     // this model's graph namespace on a shared backend
+  std::vector<int64_t> token_counts_;              // [world] tokens owned by each rank in this step
+  std::vector<int64_t> tp_counts_;                 // [tp] the same for this attention group
+  std::vector<int64_t> vocab_counts_;              // [world] logit elements of each rank's block
+  std::vector<float> host_logits_;                 // [vocab * max_logit_rows] (parallel)
+  int64_t device_route_max_rows_ = 0;              // see set_device_routing
+  std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
+  std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
+  std::vector<int64_t> recorded_;    // graph ids recorded on the backend
+  int64_t serial_;                   // this model's graph namespace on a shared backend
   static std::atomic<int64_t> next_serial_;
 };
 

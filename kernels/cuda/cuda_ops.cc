@@ -1,6 +1,6 @@
 // The CUDA backend of the ops interface: device memory, one stream, cuBLAS GEMMs and the kernels
-// of this folder (see ops.h). Weights, KV cache and GEMM inputs are BF16; everything numerically
-// delicate stays fp32 (kernels/ops.h).
+// of this folder (see ops.h). Weights, KV cache and GEMM inputs are in the storage dtype (BF16,
+// or F32 on request); everything numerically delicate stays fp32 (kernels/ops.h).
 #include <cublas_v2.h>
 
 #include <map>
@@ -39,7 +39,9 @@ constexpr size_t kMaxGroups = 256;
 
 class CudaOps final : public Ops {
  public:
-  explicit CudaOps(int device) : device_(device) {
+  CudaOps(int device, DType storage) : device_(device), storage_(storage) {
+    SY_CHECK(storage == DType::kBF16 || storage == DType::kF32, "CUDA backend: storage dtype ",
+             dtype_name(storage), "; BF16 or F32");
     const int n = device_count();
     SY_CHECK(device >= 0 && device < n, "CUDA device ", device, " requested; this node has ", n,
              " CUDA device(s)");
@@ -70,7 +72,7 @@ class CudaOps final : public Ops {
   CudaOps& operator=(const CudaOps&) = delete;
 
   Device device() const override { return Device::kCuda; }
-  DType storage_dtype() const override { return DType::kBF16; }
+  DType storage_dtype() const override { return storage_; }
   cudaStream_t stream() const { return stream_; }
 
   void* alloc(size_t bytes) override {
@@ -235,18 +237,16 @@ class CudaOps final : public Ops {
                     expert_end, stream_);
   }
 
-  // BF16: the grouped kernel reading row ranges from the device. The device array of the
-  // groups' weight pointers is made on first use of each weight set (the eager first step of a
-  // shape, never while a graph is recorded) and kept.
+  // The grouped kernel reading row ranges from the device. The device array of the groups'
+  // weight pointers is made on first use of each weight set (the eager first step of a shape,
+  // never while a graph is recorded) and kept.
   void grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets, int64_t first,
                               size_t n_groups) override {
     if (n_groups == 0) return;
-    if (x.dtype != DType::kBF16 || w[0].dtype != DType::kBF16)
-      return Ops::grouped_matmul_offsets(out, x, w, offsets, first, n_groups);
     const int64_t n_out = w[0].size(0);
     for (size_t g = 0; g < n_groups; ++g)
       SY_CHECK(w[g].ndim == 2 && w[g].size(0) == n_out && w[g].size(1) == x.size(1) &&
-                   w[g].dtype == DType::kBF16 && w[g].device == Device::kCuda,
+                   w[g].dtype == x.dtype && w[g].device == Device::kCuda,
                "grouped_matmul_offsets: weight ", g, " ", w[g].shape_str(), " for x ",
                x.shape_str());
     // Keyed by every pointer: freed weights' addresses come back in new allocations.
@@ -329,6 +329,7 @@ class CudaOps final : public Ops {
   }
 
   int device_;
+  DType storage_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* pointer_arrays_ = nullptr;            // device [3, kMaxGroups] A, B, C pointers
@@ -353,8 +354,8 @@ class CudaOps final : public Ops {
 
 }  // namespace
 
-std::unique_ptr<Ops> make_cuda_ops(int device) {
-  return std::make_unique<CudaOps>(device);
+std::unique_ptr<Ops> make_cuda_ops(int device, DType storage) {
+  return std::make_unique<CudaOps>(device, storage);
 }
 
 cudaStream_t stream_of(Ops& ops) {

@@ -29,15 +29,18 @@ void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream);
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream);
-// Ops::grouped_matmul_offsets for BF16 x and weights: `w_device` is a device array of the
-// n_groups weight pointers ([n_out, K] each; `w_aligned`: all 16-byte aligned).
+// Ops::grouped_matmul_offsets for x and weights both BF16 or both F32: `w_device` is a device
+// array of the n_groups weight pointers ([n_out, K] each, x's dtype; `w_aligned`: all 16-byte
+// aligned).
 void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
                        int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
                        cudaStream_t stream);
 
 // The CUDA backend on device `device` (made current): cuBLAS GEMMs, the kernels above, one
-// non-blocking stream; storage dtype BF16. Throws when there is no such device.
-std::unique_ptr<Ops> make_cuda_ops(int device);
+// non-blocking stream. `storage` (Ops::storage_dtype) is BF16 for serving, or F32 for a run
+// whose only difference from the CPU backend is the order of fp32 arithmetic. Throws when there
+// is no such device.
+std::unique_ptr<Ops> make_cuda_ops(int device, DType storage = DType::kBF16);
 // The stream every op of `ops` (a CUDA backend) runs on; device communicators enqueue on it.
 cudaStream_t stream_of(Ops& ops);
 

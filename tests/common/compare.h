@@ -51,19 +51,27 @@ inline std::vector<float> random_vector(size_t n, uint64_t seed, float scale = 1
   return v;
 }
 
-// The largest |got - want| over all rows of `vocab` values, each relative to its row's largest
-// |want| (the logits budgets of the model tests).
-inline double max_rel_error(const std::vector<float>& got, const std::vector<float>& want,
-                            int64_t vocab) {
-  double worst = 0;
-  for (size_t r = 0; r * vocab < want.size(); ++r) {
-    double scale = 1e-30;
+// For each row of `vocab` values, the largest |got - want| relative to the row's largest |want|
+// (the logits budgets of the model tests).
+inline std::vector<double> row_rel_errors(const std::vector<float>& got,
+                                          const std::vector<float>& want, int64_t vocab) {
+  std::vector<double> errors;
+  for (size_t r = 0; (r + 1) * vocab <= want.size() && (r + 1) * vocab <= got.size(); ++r) {
+    double scale = 1e-30, worst = 0;
     for (int64_t v = 0; v < vocab; ++v)
       scale = std::max(scale, std::fabs(double(want[r * vocab + v])));
     for (int64_t v = 0; v < vocab; ++v)
       worst = std::max(worst, std::fabs(double(got[r * vocab + v]) - want[r * vocab + v]) / scale);
+    errors.push_back(worst);
   }
-  return worst;
+  return errors;
+}
+
+// The largest of row_rel_errors.
+inline double max_rel_error(const std::vector<float>& got, const std::vector<float>& want,
+                            int64_t vocab) {
+  const std::vector<double> e = row_rel_errors(got, want, vocab);
+  return e.empty() ? 0.0 : *std::max_element(e.begin(), e.end());
 }
 
 }  // namespace sy::test

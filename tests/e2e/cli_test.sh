@@ -42,6 +42,8 @@ check "bad id" fails_with "outside the vocabulary" "$bin" generate --model "$wor
 check "bad id text" fails_with "is not an integer" "$bin" generate --model "$work/m1" --prompt-ids 1,x
 check "bad temperature" fails_with "temperature" "$bin" generate --model "$work/m1" --prompt hi --temperature -1
 check "too long" fails_with "exceeds the context limit" "$bin" generate --model "$work/m1" --prompt hi --max-tokens 100000
+check "bad dtype" fails_with "is not a storage precision" "$bin" generate --model "$work/m1" --prompt hi --dtype f64
+check "bf16 on cpu" fails_with "the CPU backend computes in f32 only" "$bin" generate --model "$work/m1" --prompt hi --dtype bf16
 cp -r "$work/m1" "$work/broken"
 truncate -s 100 "$(ls "$work"/broken/model-*-of-*.safetensors | head -1)"
 check "truncated shard" fails_with "safetensors" "$bin" generate --model "$work/broken" --prompt hi
