@@ -14,6 +14,11 @@
 // errs by 1e-2 and more) and every greedy token identical, except at a step whose CPU top-2
 // margin is within that budget. Transformers gets twice the budget (the CPU's own 1e-4 on top).
 //
+// Sampling and serving (F32 storage, one fixture): generate() with seeded sampling on the GPU
+// (Ops::sample, the host sampler's stream of draws) and the serving engine (continuous batching,
+// graphs, device sampling from the engine's thread) give each request the CPU's tokens. Logits
+// differ by ~1e-6 only, so a draw would have to fall that close to a boundary to differ.
+//
 // BF16 storage (the serving default): weights, KV cache and every GEMM input rounded to bf16
 // (relative error <= 2^-9 each). Over 2-4 layers this moves the logits by about 1e-2 of the
 // largest, so kBf16Budget = 4e-2. One effect has no such bound: a token whose router sees two
@@ -32,10 +37,15 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
+#include <thread>
+#include <vector>
 
 #include "kernels/cuda/device.h"
 #include "runtime/backend.h"
+#include "runtime/engine.h"
 #include "runtime/generator.h"
+#include "tests/common/collector.h"
 #include "tests/common/compare.h"
 #include "tests/common/fixtures.h"
 
@@ -208,6 +218,78 @@ TEST(CudaModel, F32StorageMatchesCpuAndTransformersOnEveryFixture) {
 
 TEST(CudaModel, Bf16StorageWithinBudgetOnEveryFixture) {
   check_fixtures("bf16");
+}
+
+TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  BackendOptions opts;
+  opts.device = "cuda";
+  opts.dtype = "f32";
+  Backend gpu = make_backend(opts, nullptr, 0);
+  const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
+  const ModelConfig config = ModelConfig::load(dir);
+  LoadedModel cpu = load_model(dir, 128, 64, false);
+  {
+    LoadedModel cuda = load_model(dir, 64, kChunk, false, nullptr, gpu.ops.get());
+    for (const test::FixturePrompt& p : test::load_prompts(dir, config.vocab_size)) {
+      GenerateOptions o;
+      o.max_tokens = 10;
+      o.ignore_eos = true;
+      o.sampling.temperature = 0.9f;
+      o.sampling.top_k = 20;
+      o.sampling.top_p = 0.9f;
+      o.sampling.min_p = 0.01f;
+      o.sampling.seed = 7;
+      EXPECT_EQ(generate(*cuda.model, p.ids, o).tokens, generate(*cpu.model, p.ids, o).tokens)
+          << p.name;
+    }
+  }
+
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Weights w = Weights::load(ckpt, config, WeightShard::full(config), *gpu.ops, false);
+  ModelLimits limits;
+  limits.block_size = 4;
+  limits.max_blocks_per_seq = 32;
+  limits.n_blocks = 512;
+  limits.max_tokens = 64;
+  limits.max_seqs = 16;
+  limits.max_logit_rows = 16;
+  Model model(config, std::move(w), *gpu.ops, limits);
+  auto tokenizer = Tokenizer::load(dir, config.bos_token_id, config.eos_token_ids);
+  EngineOptions options;
+  options.max_batch_tokens = 24;
+  options.max_running = 16;
+  Engine engine(model, *tokenizer, options, nullptr);
+  std::thread loop([&] { engine.run(); });
+  std::vector<std::shared_ptr<test::Collector>> sinks;
+  std::vector<RequestParams> reqs;
+  for (int i = 0; i < 12; ++i) {
+    RequestParams p;
+    p.prompt = {1};
+    for (int j = 1; j < 1 + (i * 7) % 30; ++j) p.prompt.push_back(3 + (i * 131 + j * 17) % 380);
+    p.max_tokens = 4 + i % 9;
+    p.ignore_eos = true;
+    if (i % 2) {
+      p.sampling.temperature = 0.8f;
+      p.sampling.top_k = 30;
+      p.sampling.top_p = 0.95f;
+      p.sampling.seed = static_cast<uint64_t>(100 + i);
+    }
+    if (i == 5) p.logprobs = 2;  // its steps sample on the host
+    reqs.push_back(p);
+    sinks.push_back(std::make_shared<test::Collector>());
+    engine.submit(p, sinks.back());
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    sinks[i]->wait();
+    GenerateOptions o;
+    o.max_tokens = reqs[i].max_tokens;
+    o.ignore_eos = true;
+    o.sampling = reqs[i].sampling;
+    EXPECT_EQ(sinks[i]->tokens, generate(*cpu.model, reqs[i].prompt, o).tokens) << "request " << i;
+  }
+  engine.drain();
+  loop.join();
 }
 
 }  // namespace
