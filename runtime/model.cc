@@ -152,6 +152,7 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     attn_ = c.take(S, {N, n_heads, head_dim});
     o_ = c.take(DType::kF32, {N, dim});
     router_logits_ = c.take(DType::kF32, {N, n_experts});
+    router_in_ = c.take(DType::kF32, {S == DType::kF32 ? 0 : N, dim});
     topk_idx_ = c.take(DType::kI32, {N, k});
     topk_weights_ = c.take(DType::kF32, {N, k});
     x_own_ = c.take(DType::kF32, {N, dim});
@@ -323,7 +324,7 @@ void Model::run_step(const StepBatch& batch) {
         lap(ForwardProfile::kAttention);
         ops_.add(x, x, o);                      // residual
         ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
-        moe_block(l, o, xn);                    // o = moe(xn)
+        moe_block(l, o, xn, x);                 // o = moe(xn)
         ops_.add(x, x, o);                      // residual
         continue;
       }
@@ -347,7 +348,7 @@ void Model::run_step(const StepBatch& batch) {
       }
       lap(ForwardProfile::kAttention);
       ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
-      moe_block(l, y_own, xn_own);                       // y = moe(xn), all-to-all
+      moe_block(l, y_own, xn_own, x_own);                // y = moe(xn), all-to-all
       ops_.add(x_own, x_own, y_own);                     // residual
       par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
       if (profile_ != nullptr)
@@ -462,7 +463,7 @@ void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta
   ops_.matmul(o_.rows(0, n_tokens), attn.reshape({n_tokens, n_heads * head_dim}), L.wo);
 }
 
-void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
+void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x) {
   const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
   const int64_t n_tokens = xn.size(0);
   const int64_t k = config_.num_experts_per_tok;
@@ -472,7 +473,14 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn) {
   Tensor router_logits = router_logits_.rows(0, n_tokens);  // [n_tokens, n_experts]
   Tensor topk_idx = topk_idx_.rows(0, n_tokens);            // [n_tokens, k]
   Tensor topk_weights = topk_weights_.rows(0, n_tokens);    // [n_tokens, k]
-  ops_.matmul(router_logits, xn, L.gate);
+  // The router in fp32: its weights are F32, and so is its input (a second norm of x when the
+  // experts take a rounded one), so that rounding does not decide between near-tied experts.
+  Tensor router_in = xn;
+  if (xn.dtype != DType::kF32) {
+    router_in = router_in_.rows(0, n_tokens);
+    ops_.rmsnorm(router_in, x, L.post_norm, static_cast<float>(config_.rms_norm_eps));
+  }
+  ops_.matmul(router_logits, router_in, L.gate);
   ops_.moe_gate(topk_idx, topk_weights, router_logits);
   if (routing_trace_ != nullptr) {
     const size_t at = routing_trace_->size();

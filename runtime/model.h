@@ -130,7 +130,9 @@ class Model {
   void attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
   // out = MoE(xn) for n_tokens rows; the expert exchange follows the parallel layout.
   void run_step(const StepBatch& batch);  // every op of a step up to the logits on the device
-  void moe_block(int64_t layer, Tensor out, Tensor xn);
+  // `x` (F32) is the residual stream xn was normed from: with a storage dtype below fp32 the
+  // router takes its own fp32 norm of it.
+  void moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x);
   void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
   void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
@@ -159,6 +161,7 @@ class Model {
   Tensor attn_;           // [N, n_heads, head_dim]
   Tensor o_;              // [N, dim]            attention output / MoE output
   Tensor router_logits_;  // [N, n_experts]
+  Tensor router_in_;      // [N, dim] F32: the router's norm when the storage dtype is not F32
   Tensor topk_idx_;       // I32 [N, k]
   Tensor topk_weights_;   // [N, k]
   Tensor x_own_;          // [N, dim]            this rank's tokens of the residual stream

@@ -29,6 +29,7 @@ struct Planned {
   Slice slice;
   Tensor* dst;
   std::vector<int64_t> dst_shape;
+  bool fp32 = false;  // held in F32 whatever the storage dtype (the router)
 };
 
 class ProgressPrinter {
@@ -113,8 +114,12 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
                     &L.wo,
                     {dim, shard.n_heads * head_dim}});
     plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
-    plan.push_back(
-        {p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate, {n_experts, dim}});
+    plan.push_back({p + "block_sparse_moe.gate.weight",
+                    {n_experts, dim},
+                    all,
+                    &L.gate,
+                    {n_experts, dim},
+                    true});
     L.w1.resize(shard.experts.size());  // sized before their elements' addresses are taken
     L.w2.resize(shard.experts.size());
     L.w3.resize(shard.experts.size());
@@ -134,9 +139,10 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
   return plan;
 }
 
-// Dtype a planned tensor is held in: norm weights (1-d) in F32, the rest in the storage dtype.
+// Dtype a planned tensor is held in: norm weights (1-d) and the router in F32, the rest in the
+// storage dtype.
 DType held_dtype(const Planned& t, const Ops& ops) {
-  return t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype();
+  return t.fp32 || t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype();
 }
 
 // Carves the views of `plan` out of one allocation on `ops`' device.

@@ -27,8 +27,8 @@
 // rows attend to it. So both runs record their routing (Model::set_routing_trace), and:
 //   - every row before the first token whose expert set differs is within kBf16Budget, and so
 //     is the median row (past a difference, rows are not bounded one by one);
-//   - over all fixtures, at most 5% of (token, layer) routing decisions differ (about 1% do; a
-//     broken router or GEMM changes most of them);
+//   - over all fixtures, at most 5% of (token, layer) routing decisions differ (0.67% do on the
+//     emulator; a broken router or GEMM changes most of them);
 //   - greedy tokens are identical up to the first step that is a close call: the CPU's top-2
 //     margin within kBf16Budget, or at or past the first routing difference.
 #include <gtest/gtest.h>
