@@ -360,8 +360,9 @@ int run_bench_engine(const BenchEngineArgs& a) {
     const double ctx = c.prompt + c.output / 2.0;
     const double es = static_cast<double>(dtype_size(ops->storage_dtype()));  // bytes/element
     const double weight_bytes_step =
-        es * (L * (attn_params + E * dim + active_experts * expert_params) +
-              double(config.vocab_size) * dim);
+        es *
+            (L * (attn_params + active_experts * expert_params) + double(config.vocab_size) * dim) +
+        4.0 * L * E * dim;  // the router's weight is F32 on every backend
     const double kv_bytes_step = es * L * c.batch * ctx * 2 * config.kv_dim();
     const double bytes_step = weight_bytes_step + kv_bytes_step;
     const double flops_step =
