@@ -77,7 +77,7 @@ class Server:
         self.name = name
         self.err_path = os.path.join(args.work, f"{name}.err")
         cmd = ["mpirun", "-n", str(args.ranks), "--oversubscribe", args.bin, "serve", "--model",
-               args.model, "--listen", self.target] + args.layout + extra
+               args.model, "--listen", self.target] + args.layout + args.server_args + extra
         log(f"# {name}: {' '.join(cmd[4:])}")
         self.out = open(os.path.join(args.work, f"{name}.out"), "w")
         self.err = open(self.err_path, "w")
@@ -647,7 +647,9 @@ def main():
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--work", required=True, help="scratch directory (emptied)")
     p.add_argument("--timeout", type=float, default=170, help="seconds before giving up")
+    p.add_argument("--server-args", default="", help="more flags for serve (e.g. the device)")
     args = p.parse_args()
+    args.server_args = args.server_args.split()
     # 4 ranks split attention over 2 (the tiny model has 2 KV heads) to cover tensor parallelism.
     args.layout = ["--tp", "2"] if args.ranks % 2 == 0 and args.ranks >= 4 else []
     shutil.rmtree(args.work, ignore_errors=True)
