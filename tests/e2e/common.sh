@@ -1,6 +1,6 @@
 # Sourced by the end-to-end shell tests (after `set -uo pipefail`), with the test's arguments
 # BINARY WORK_DIR: sets `bin`, empties `work`, exports the MPI environment of the test machines
-# (root, oversubscription, yielding waits) and keeps the pass/fail counters.
+# (root, oversubscription, yielding waits), keeps the pass/fail counters and compares logits files.
 bin=$1
 work=$2
 rm -rf "$work" && mkdir -p "$work"
@@ -17,6 +17,14 @@ check() {  # check NAME COMMAND...: passes when the command succeeds
   local name=$1
   shift
   if "$@"; then pass; else fail "$name"; fi
+}
+logits_close() {  # logits_close A B VOCAB: float32 files within 1e-4 of each row's largest |B|
+  paste <(od -An -v -f -w4 "$1") <(od -An -v -f -w4 "$2") | awk -v V="$3" '
+    { a[NR] = $1; b[NR] = $2; m = (b[NR] < 0 ? -b[NR] : b[NR]); r = int((NR - 1) / V);
+      if (m > mx[r]) mx[r] = m }
+    END { bad = 0; for (i = 1; i <= NR; i++) { r = int((i - 1) / V); d = a[i] - b[i];
+            if (d < 0) d = -d; if (d > 1e-4 * mx[r]) bad++ }
+          if (NR == 0 || bad) { print "  " bad " logits differ"; exit 1 } }'
 }
 summary() {  # summary TITLE: prints the counts; succeeds when nothing failed
   echo "$1: $n_pass passed, $n_fail failed"

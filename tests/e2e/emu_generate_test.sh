@@ -12,15 +12,6 @@ emu=$3
   --heads 8 --kv-heads 4 --head-dim 8 --vocab-size 320 --sliding-window 16 >/dev/null || exit 1
 ids=$(seq -s, 1 7 320 | cut -d, -f1-30)
 
-close() {  # logits files within 1e-4 of each row's largest |value| (rows of 320)
-  paste <(od -An -v -f -w4 "$1") <(od -An -v -f -w4 "$2") | awk -v V=320 '
-    { a[NR] = $1; b[NR] = $2; m = (b[NR] < 0 ? -b[NR] : b[NR]); r = int((NR - 1) / V);
-      if (m > mx[r]) mx[r] = m }
-    END { bad = 0; for (i = 1; i <= NR; i++) { r = int((i - 1) / V); d = a[i] - b[i];
-            if (d < 0) d = -d; if (d > 1e-4 * mx[r]) bad++ }
-          if (NR == 0 || bad) { print "  " bad " logits differ"; exit 1 } }'
-}
-
 run() {  # run TAG LAUNCHER... -- FLAGS...: ids to $work/TAG.ids, logits to $work/TAG.logits
   local tag=$1
   shift
@@ -34,7 +25,7 @@ run() {  # run TAG LAUNCHER... -- FLAGS...: ids to $work/TAG.ids, logits to $wor
 
 same() {  # same TAG REF: ids identical and logits close
   cmp -s "$work/$1.ids" "$work/$2.ids" || { echo "  $1: ids differ from $2"; return 1; }
-  close "$work/$1.logits" "$work/$2.logits"
+  logits_close "$work/$1.logits" "$work/$2.logits" 320
 }
 
 run cpu "$bin" -- || exit 1

@@ -9,16 +9,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 "$bin" make-tiny-model --out "$work/m" --seed 3 --layers 2 --hidden-size 64 --intermediate-size 80 \
   --heads 8 --kv-heads 8 --head-dim 8 --vocab-size 320 --sliding-window 16 >/dev/null || exit 1
 
-# Logits files equal within 1e-4 relative to each row's largest |value| (rows of 320).
-close() {
-  paste <(od -An -v -f -w4 "$1") <(od -An -v -f -w4 "$2") | awk -v V=320 '
-    { a[NR] = $1; b[NR] = $2; m = (b[NR] < 0 ? -b[NR] : b[NR]); r = int((NR - 1) / V);
-      if (m > mx[r]) mx[r] = m }
-    END { bad = 0; for (i = 1; i <= NR; i++) { r = int((i - 1) / V); d = a[i] - b[i];
-            if (d < 0) d = -d; if (d > 1e-4 * mx[r]) bad++ }
-          if (NR == 0 || bad) { print "  " bad " logits differ"; exit 1 } }'
-}
-
 run() {  # run TAG N FLAGS...: generate under mpirun -n N, writing ids and logits
   local tag=$1 n=$2
   shift 2
@@ -40,7 +30,7 @@ for layout in "2" "2 --tp 2" "2 --moe-exchange all-gather" "3" "3 --ep 1" "4 --t
   run "$tag" "$@" || ok=0
   for p in 1 2; do
     [ $ok = 1 ] && cmp -s "$work/single.$p.ids" "$work/$tag.$p.ids" || { ok=0; echo "  $tag: ids differ"; }
-    [ $ok = 1 ] && close "$work/$tag.$p.logits" "$work/single.$p.logits" || ok=0
+    [ $ok = 1 ] && logits_close "$work/$tag.$p.logits" "$work/single.$p.logits" 320 || ok=0
   done
   if [ $ok = 1 ]; then pass; else fail "$layout"; fi
 done

@@ -38,15 +38,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "kernels/cuda/device.h"
 #include "runtime/backend.h"
-#include "runtime/engine.h"
 #include "runtime/generator.h"
-#include "tests/common/collector.h"
 #include "tests/common/compare.h"
+#include "tests/common/engine_check.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
@@ -245,51 +243,7 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
     }
   }
 
-  Checkpoint ckpt = Checkpoint::open(dir);
-  Weights w = Weights::load(ckpt, config, WeightShard::full(config), *gpu.ops, false);
-  ModelLimits limits;
-  limits.block_size = 4;
-  limits.max_blocks_per_seq = 32;
-  limits.n_blocks = 512;
-  limits.max_tokens = 64;
-  limits.max_seqs = 16;
-  limits.max_logit_rows = 16;
-  Model model(config, std::move(w), *gpu.ops, limits);
-  auto tokenizer = Tokenizer::load(dir, config.bos_token_id, config.eos_token_ids);
-  EngineOptions options;
-  options.max_batch_tokens = 24;
-  options.max_running = 16;
-  Engine engine(model, *tokenizer, options, nullptr);
-  std::thread loop([&] { engine.run(); });
-  std::vector<std::shared_ptr<test::Collector>> sinks;
-  std::vector<RequestParams> reqs;
-  for (int i = 0; i < 12; ++i) {
-    RequestParams p;
-    p.prompt = {1};
-    for (int j = 1; j < 1 + (i * 7) % 30; ++j) p.prompt.push_back(3 + (i * 131 + j * 17) % 380);
-    p.max_tokens = 4 + i % 9;
-    p.ignore_eos = true;
-    if (i % 2) {
-      p.sampling.temperature = 0.8f;
-      p.sampling.top_k = 30;
-      p.sampling.top_p = 0.95f;
-      p.sampling.seed = static_cast<uint64_t>(100 + i);
-    }
-    if (i == 5) p.logprobs = 2;  // its steps sample on the host
-    reqs.push_back(p);
-    sinks.push_back(std::make_shared<test::Collector>());
-    engine.submit(p, sinks.back());
-  }
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    sinks[i]->wait();
-    GenerateOptions o;
-    o.max_tokens = reqs[i].max_tokens;
-    o.ignore_eos = true;
-    o.sampling = reqs[i].sampling;
-    EXPECT_EQ(sinks[i]->tokens, generate(*cpu.model, reqs[i].prompt, o).tokens) << "request " << i;
-  }
-  engine.drain();
-  loop.join();
+  test::expect_engine_matches_each_request_alone(*gpu.ops);
 }
 
 }  // namespace
