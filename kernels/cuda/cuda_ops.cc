@@ -46,6 +46,9 @@ class CudaOps final : public Ops {
     SY_CHECK(device >= 0 && device < n, "CUDA device ", device, " requested; this node has ", n,
              " CUDA device(s)");
     SY_CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    SY_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    sm_count_ = prop.multiProcessorCount;
     SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     SY_CUBLAS_CHECK(cublasCreate(&cublas_), "cublasCreate");
     SY_CUBLAS_CHECK(cublasSetStream(cublas_, stream_), "cublasSetStream");
@@ -64,6 +67,7 @@ class CudaOps final : public Ops {
     for (void* p : retired_) cudaFree(p);
     cudaFree(cublas_workspace_);
     cudaFree(scatter_scratch_);
+    cudaFree(attention_workspace_);
     cudaFree(pointer_arrays_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
@@ -208,7 +212,20 @@ class CudaOps final : public Ops {
   }
   void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache,
                  const AttentionMeta& meta) override {
-    cuda::attention(out, q, k_cache, v_cache, meta, stream_);
+    const int64_t n_tokens = q.size(0), n_heads = q.size(1), head_dim = q.size(2);
+    const AttentionPlan plan =
+        plan_attention(n_tokens, n_heads, k_cache.size(2),
+                       meta.block_tables.size(1) * meta.block_size, meta.sliding_window, sm_count_);
+    const int64_t need = attention_workspace_floats(plan, n_tokens, n_heads, head_dim);
+    if (need > attention_workspace_size_) {
+      // As the scatter scratch: grows to the largest need, outgrown buffers kept for graphs.
+      if (attention_workspace_ != nullptr) retired_.push_back(attention_workspace_);
+      attention_workspace_ = nullptr;
+      attention_workspace_ = static_cast<float*>(alloc(static_cast<size_t>(need) * 4));
+      attention_workspace_size_ = need;
+    }
+    cuda::attention(out, q, k_cache, v_cache, meta, plan, attention_workspace_,
+                    attention_workspace_size_, stream_);
   }
   void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits) override {
     cuda::moe_gate(topk_idx, topk_weights, logits, stream_);
@@ -337,6 +354,9 @@ class CudaOps final : public Ops {
   size_t last_group_ = 0;  // the last group with rows in the current grouped_matmul
   int32_t* scatter_scratch_ = nullptr;
   int64_t scatter_scratch_size_ = 0;
+  float* attention_workspace_ = nullptr;  // flash-decoding partials
+  int64_t attention_workspace_size_ = 0;
+  int sm_count_ = 1;
   std::vector<void*> retired_;  // outgrown scratch buffers, kept for recorded graphs
   static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
   void* cublas_workspace_ = nullptr;

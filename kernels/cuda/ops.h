@@ -17,7 +17,22 @@ void add(Tensor out, Tensor a, Tensor b, cudaStream_t stream);
 void rope(Tensor q, Tensor k, Tensor positions, double theta, cudaStream_t stream);
 void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const AttentionMeta& meta,
                cudaStream_t stream);
+// How attention covers a step (attention.cu): blocks per (KV head, token) for the query heads
+// sharing the KV head, and the context splits of flash-decoding (1: none). A function of shapes
+// only: `capacity` is the block table's positions (max_blocks * block_size), `window` the
+// sliding window (0: none), `sm_count` the GPU's multiprocessors.
+struct AttentionPlan {
+  int64_t sub_blocks = 1;
+  int64_t n_splits = 1;
+  int64_t split_len = 1;  // positions per split
+};
+AttentionPlan plan_attention(int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
+                             int64_t capacity, int64_t window, int sm_count);
+// fp32 device workspace the plan needs (0 without splits).
+int64_t attention_workspace_floats(const AttentionPlan& plan, int64_t n_tokens, int64_t n_heads,
+                                   int64_t head_dim);
 void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta,
+               const AttentionPlan& plan, float* workspace, int64_t workspace_floats,
                cudaStream_t stream);
 void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits, cudaStream_t stream);
 void gather_rows(Tensor out, Tensor x, Tensor rows, cudaStream_t stream);

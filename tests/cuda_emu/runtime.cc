@@ -560,7 +560,8 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   prop->sharedMemPerBlock = kMaxSharedBytes;
   prop->warpSize = 32;
   prop->maxThreadsPerBlock = kMaxThreads;
-  prop->multiProcessorCount = 1;
+  // As an H100 SXM: launch plans sized by it (attention's splits) are those a GPU gets.
+  prop->multiProcessorCount = 132;
   prop->major = 9;
   prop->minor = 0;
   return cudaSuccess;

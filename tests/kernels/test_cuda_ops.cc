@@ -14,7 +14,8 @@
 //   kv_append   into BF16 and F32 paged caches over shuffled physical blocks: bit-exact
 //   attention   the same caches, prefill chunks and decode tokens of several sequences in one
 //               step, GQA (4 query heads per KV head), sliding window 0 and 5, out F32 and BF16,
-//               head_dim 128 and 64
+//               head_dim 128 and 64; long decode contexts (to 5000) through the split
+//               (flash-decoding) path with 1, 4, 8 and 12 query heads per KV head
 //   moe_gate    8 experts top-2, 4 experts top-1, exact logit ties, every token to one expert, no
 //               tokens
 //   gather_rows, scatter_add_weighted   F32 and BF16 rows, routed rows (each token 0..3 times in
@@ -263,6 +264,7 @@ class CudaOps : public ::testing::Test {
   }
 
   void check_kv_append_and_attention(int64_t head_dim, int64_t block_size, bool attention);
+  void check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
   void check_moe_gate(int64_t n, int64_t n_experts, int64_t k, int64_t skew_expert, uint64_t seed);
 
   std::unique_ptr<Ops> cpu_;
@@ -723,6 +725,124 @@ TEST_F(CudaOps, PagedAttentionHeadDim128MatchesCpu) {
 
 TEST_F(CudaOps, PagedAttentionHeadDim64OddBlocksMatchesCpu) {
   check_kv_append_and_attention(64, 5, true);
+}
+
+// Flash-decoding plans: a function of shapes only, splitting the context only for steps with too
+// few (KV head, token) pairs to fill the GPU, in whole tiles that cover the longest context the
+// block table (or the window) allows. Host code: runs without a GPU.
+TEST(CudaAttentionPlan, SplitsOnlySmallStepsAndCoversTheContext) {
+  const int sms = 132;
+  // Mixtral, batch 1, a 32k table: many splits, whole 128-position tiles, covering 32768.
+  const cuda::AttentionPlan one = cuda::plan_attention(1, 32, 8, 32768, 0, sms);
+  EXPECT_EQ(one.sub_blocks, 1);
+  EXPECT_GT(one.n_splits, 1);
+  EXPECT_LE(one.n_splits, 64);
+  EXPECT_EQ(one.split_len % 128, 0);
+  EXPECT_GE(one.n_splits * one.split_len, 32768);
+  EXPECT_LT((one.n_splits - 1) * one.split_len, 32768);  // no split wholly past the table
+  // Enough blocks for the GPU without splitting: batch 64 (512 blocks), or a prefill chunk.
+  EXPECT_EQ(cuda::plan_attention(64, 32, 8, 32768, 0, sms).n_splits, 1);
+  EXPECT_EQ(cuda::plan_attention(733, 32, 8, 32768, 0, sms).n_splits, 1);
+  // A window bounds the context: the splits cover the window, not the table.
+  const cuda::AttentionPlan win = cuda::plan_attention(1, 32, 8, 32768, 4096, sms);
+  EXPECT_GT(win.n_splits, 1);
+  EXPECT_GE(win.n_splits * win.split_len, 4096);
+  EXPECT_LT((win.n_splits - 1) * win.split_len, 4096);
+  // Short tables are not split; neither is anything on a one-multiprocessor device.
+  EXPECT_EQ(cuda::plan_attention(1, 32, 8, 256, 0, sms).n_splits, 1);
+  EXPECT_EQ(cuda::plan_attention(1, 32, 8, 32768, 0, 1).n_splits, 1);
+  // Groups above 8 query heads per KV head take several blocks each.
+  EXPECT_EQ(cuda::plan_attention(4, 12, 1, 512, 0, sms).sub_blocks, 2);
+  EXPECT_EQ(cuda::plan_attention(4, 64, 4, 512, 0, sms).sub_blocks, 2);
+  EXPECT_EQ(cuda::plan_attention(4, 4, 4, 512, 0, sms).sub_blocks, 1);
+  // Splits times blocks stay near the target: no flood of empty blocks at batch 1.
+  const cuda::AttentionPlan tp = cuda::plan_attention(2, 4, 1, 32768, 0, sms);  // a TP slice
+  EXPECT_LE(tp.n_splits * 2, 2 * 2 * sms);
+}
+
+// Long decode contexts through the split (flash-decoding) path: one decode token per sequence at
+// contexts 1 to 5000 (splits ending mid-tile and splits wholly past a short context), windows 0
+// and 700 (a window cutting across splits), caches BF16 and F32, out F32 and BF16, and query
+// heads per KV head 4, 1, 8 and 12 (two blocks per KV head, the second with 4 heads). The plan
+// for these shapes must split, or the test would not test it. Budgets as for the paged test.
+void CudaOps::check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                int64_t block_size) {
+  const std::vector<int64_t> contexts = {1, 200, 1000, 2777, 5000};
+  const int64_t n = static_cast<int64_t>(contexts.size());
+  const int64_t row = n_kv_heads * head_dim;
+  const int64_t max_blocks = 5000 / block_size + 2;
+  int64_t n_blocks = 3;  // spares nobody uses
+  for (int64_t c : contexts) n_blocks += (c + block_size - 1) / block_size;
+  std::vector<int32_t> perm(static_cast<size_t>(n_blocks));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937_64(static_cast<uint64_t>(n_heads)));
+  std::vector<int32_t> tables(static_cast<size_t>(n * max_blocks), -1), pos, seq;
+  size_t next = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = contexts[static_cast<size_t>(i)];
+    for (int64_t b = 0; b * block_size < c; ++b)
+      tables[static_cast<size_t>(i * max_blocks + b)] = perm[next++];
+    pos.push_back(static_cast<int32_t>(c - 1));
+    seq.push_back(static_cast<int32_t>(i));
+  }
+  // Every slot holds a value, read or not: a slot read by mistake changes the result.
+  const size_t cache_numel = static_cast<size_t>(n_blocks * block_size * row);
+  const std::vector<float> k_cache = bf16_rounded(random_vector(cache_numel, 3100, 2.f));
+  const std::vector<float> v_cache = bf16_rounded(random_vector(cache_numel, 3101));
+  double v_scale = 0;
+  for (float x : v_cache) v_scale = std::fmax(v_scale, std::fabs(x));
+  const std::vector<float> q = random_vector(n * n_heads * head_dim, 3102);
+  const std::string shape = cat(" heads=", n_heads, "/", n_kv_heads, " head_dim=", head_dim);
+
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  for (int64_t window : {0, 700}) {
+    const cuda::AttentionPlan plan = cuda::plan_attention(
+        n, n_heads, n_kv_heads, max_blocks * block_size, window, prop.multiProcessorCount);
+    ASSERT_GT(plan.n_splits, 1) << "window " << window << shape;
+    AttentionMeta meta;
+    meta.block_tables = host(tables, {n, max_blocks});
+    meta.block_size = block_size;
+    meta.positions = host(pos, {n});
+    meta.token_seq = host(seq, {n});
+    meta.sliding_window = window;
+    std::vector<float> want(q.size());
+    cpu_->attention(host(want, {n, n_heads, head_dim}), host(q, {n, n_heads, head_dim}),
+                    host(k_cache, {n_blocks, block_size, n_kv_heads, head_dim}),
+                    host(v_cache, {n_blocks, block_size, n_kv_heads, head_dim}), meta);
+
+    AttentionMeta gmeta = meta;
+    const DeviceTensor gtables = upload(*gpu_, tables, {n, max_blocks});
+    const DeviceTensor gpos = upload(*gpu_, pos, {n});
+    const DeviceTensor gseq = upload(*gpu_, seq, {n});
+    const DeviceTensor gq = upload(*gpu_, q, DType::kF32, {n, n_heads, head_dim});
+    gmeta.block_tables = gtables;
+    gmeta.positions = gpos;
+    gmeta.token_seq = gseq;
+    for (DType cache_dtype : {DType::kBF16, DType::kF32}) {
+      const DeviceTensor gk =
+          upload(*gpu_, k_cache, cache_dtype, {n_blocks, block_size, n_kv_heads, head_dim});
+      const DeviceTensor gv =
+          upload(*gpu_, v_cache, cache_dtype, {n_blocks, block_size, n_kv_heads, head_dim});
+      for (DType out_dtype : {DType::kF32, DType::kBF16}) {
+        const DeviceTensor out(*gpu_, out_dtype, {n, n_heads, head_dim});
+        gpu_->attention(out, gq, gk, gv, gmeta);
+        std::vector<double> allowed =
+            row_scaled(want, head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
+        for (double& a : allowed) a += kAttentionBudget * v_scale;
+        expect_each_within(cat("long decode window=", window, " cache ", dtype_name(cache_dtype),
+                               " out ", dtype_name(out_dtype), shape),
+                           download(*gpu_, out), want, allowed, head_dim);
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, LongDecodeSplitsTheContextAndMatchesCpu) {
+  check_long_decode(8, 2, 128, 16);  // Mixtral's 4 query heads per KV head
+  check_long_decode(4, 4, 128, 16);  // one query head per KV head
+  check_long_decode(8, 1, 128, 16);  // a full block of 8
+  check_long_decode(12, 1, 64, 5);   // two blocks per KV head, odd block size
 }
 
 // ---- the MoE ops -------------------------------------------------------------------------------
