@@ -16,6 +16,10 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // True when collectives on device tensors are only enqueued on the ops backend's stream, in
+  // order with its kernels, and return without waiting for the device or copying through the
+  // host: a step of kernels and such collectives can then be recorded as a CUDA graph.
+  virtual bool stream_ordered() const { return false; }
 
   // buf = sum over ranks of buf, in place. F32.
   virtual void all_reduce_sum(Tensor buf) = 0;

@@ -9,7 +9,6 @@
 #include <exception>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kernels/cuda/device.h"
@@ -56,9 +55,12 @@ char* at(const Tensor& t, int64_t row) {
 class NcclCommunicator;
 std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device, cudaStream_t stream);
 
-// The live communicators of this process, for abort_nccl_communicators().
+// The live communicators of this process, for abort_nccl_communicators() and the wait check.
 std::mutex g_live_mutex;
 std::vector<NcclCommunicator*> g_live;
+// The wait check of every wait for a stream (cuda::wait_for_stream): asynchronous errors of
+// every live communicator.
+void check_live_communicators();
 
 class NcclCommunicator final : public Communicator {
  public:
@@ -77,6 +79,7 @@ class NcclCommunicator final : public Communicator {
     }
     std::lock_guard<std::mutex> lock(g_live_mutex);
     g_live.push_back(this);
+    cuda::set_wait_check(&check_live_communicators);
   }
 
   ~NcclCommunicator() override {
@@ -84,9 +87,17 @@ class NcclCommunicator final : public Communicator {
       std::lock_guard<std::mutex> lock(g_live_mutex);
       g_live.erase(std::remove(g_live.begin(), g_live.end(), this), g_live.end());
     }
-    // Every operation was synchronised when it returned, so destroying frees local resources
-    // only. While an exception unwinds, a group may be half enqueued: abort instead.
+    // Collectives on the caller's stream may still be pending: finish them first, so that
+    // destroying frees local resources only. While an exception unwinds, a group may be half
+    // enqueued and peers may be gone: abort instead.
     if (std::uncaught_exceptions() > 0) abort();
+    if (!aborted_ && !owns_stream_) {
+      try {
+        wait();
+      } catch (...) {
+        abort();  // a peer failed: nothing pending can finish
+      }
+    }
     if (!aborted_) ncclCommDestroy(comm_);
     cudaFree(scratch_);
     if (owns_stream_) cudaStreamDestroy(stream_);
@@ -97,6 +108,7 @@ class NcclCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  bool stream_ordered() const override { return !owns_stream_; }
 
   // Cancels pending work and frees the communicator; peers in a collective with it get an
   // error or are ended by the launcher. Never throws.
@@ -113,7 +125,7 @@ class NcclCommunicator final : public Communicator {
     if (buf.numel() == 0) return;
     SY_NCCL_CHECK(ncclAllReduce(buf.data, buf.data, static_cast<size_t>(buf.numel()), ncclFloat32,
                                 ncclSum, comm_, stream_));
-    wait();
+    finish();
   }
 
   void reduce_scatter_sum(Tensor out, Tensor in, const std::vector<int64_t>& counts) override {
@@ -143,7 +155,7 @@ class NcclCommunicator final : public Communicator {
       }
       SY_NCCL_CHECK(ncclGroupEnd());
     }
-    wait();
+    finish();
   }
 
   void all_gather(Tensor out, Tensor in, const std::vector<int64_t>& counts) override {
@@ -173,7 +185,7 @@ class NcclCommunicator final : public Communicator {
       }
       SY_NCCL_CHECK(ncclGroupEnd());
     }
-    wait();
+    finish();
   }
 
   void all_to_all(Tensor out, const std::vector<int64_t>& recv_counts, Tensor in,
@@ -215,7 +227,7 @@ class NcclCommunicator final : public Communicator {
       recv_first += recv_counts[p];
     }
     SY_NCCL_CHECK(ncclGroupEnd());
-    wait();
+    finish();
   }
 
   void broadcast(void* data, size_t bytes, int root) override {
@@ -228,7 +240,7 @@ class NcclCommunicator final : public Communicator {
              "broadcast: ", bytes, " bytes at ", data,
              " are not in device memory: the NCCL communicator needs device buffers");
     SY_NCCL_CHECK(ncclBroadcast(data, data, bytes, ncclInt8, root, comm_, stream_));
-    wait();
+    finish();
   }
 
   // Step plans are host data: they travel over the MPI communicator, never through NCCL.
@@ -273,22 +285,26 @@ class NcclCommunicator final : public Communicator {
              " is in host memory; the NCCL communicator needs device buffers");
   }
 
+  // The end of a collective: on a stream of its own the communicator waits for it; on the
+  // caller's stream the collective stays enqueued, ordered before the work enqueued after it.
+  void finish() {
+    if (owns_stream_) wait();
+  }
+
+ public:
+  // The asynchronous error NCCL reports for this communicator (a peer failed), or ncclSuccess.
+  ncclResult_t async_error() const {
+    if (aborted_) return ncclSuccess;
+    ncclResult_t async = ncclSuccess;
+    const ncclResult_t rc = ncclCommGetAsyncError(comm_, &async);
+    return rc != ncclSuccess ? rc : async;
+  }
+
+ private:
   // Waits for the stream, watching for asynchronous NCCL errors (a peer that failed) so that
   // the wait ends with an error instead of never.
   void wait() {
-    for (;;) {
-      const cudaError_t e = cudaStreamQuery(stream_);
-      if (e == cudaSuccess) return;
-      if (e != cudaErrorNotReady) SY_FAIL("CUDA error while waiting: ", cudaGetErrorString(e));
-      ncclResult_t async = ncclSuccess;
-      SY_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async));
-      if (async != ncclSuccess) {
-        const std::string msg = nccl_error(async);
-        abort();
-        SY_FAIL("asynchronous ", msg);
-      }
-      std::this_thread::yield();
-    }
+    cuda::wait_for_stream(stream_, "an NCCL collective");
   }
 
   ncclComm_t comm_;
@@ -300,6 +316,19 @@ class NcclCommunicator final : public Communicator {
   bool owns_stream_ = true;
   void* scratch_ = nullptr;  // [1] f32: the barrier's all-reduce
 };
+
+// One failed communicator ends them all: the job is going down, and pending collectives on the
+// others may wait for the failed peer too.
+void check_live_communicators() {
+  std::lock_guard<std::mutex> lock(g_live_mutex);
+  for (NcclCommunicator* c : g_live) {
+    const ncclResult_t async = c->async_error();
+    if (async == ncclSuccess) continue;
+    const std::string msg = nccl_error(async);
+    for (NcclCommunicator* each : g_live) each->abort();
+    SY_FAIL("asynchronous ", msg);
+  }
+}
 
 // Wraps a new NCCL communicator; frees it when the wrapper cannot be built.
 std::unique_ptr<Communicator> adopt(ncclComm_t comm, int device, cudaStream_t stream) {

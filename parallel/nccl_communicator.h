@@ -1,9 +1,15 @@
 // The NCCL communicator: the collectives of communicator.h on CUDA device buffers, one GPU per
 // rank. Built only with the CUDA backend; code that uses it checks `#ifdef SY_HAVE_NCCL`.
 //
-// Every collective is enqueued on one CUDA stream (the communicator's own, or the one it is
-// given) and the stream is synchronised before the call returns, so callers see finished results in
-// device memory. Counts may differ between ranks and may be zero, as in the MPI communicator:
+// Every collective is enqueued on one CUDA stream. On the communicator's own stream it is waited
+// for before the call returns, so callers see finished results in device memory. On the stream
+// it is given (the compute stream of the ops backend) it is only enqueued (stream_ordered()): it
+// reads the results of the kernels enqueued before it, the kernels enqueued after it read its
+// results, nothing waits for the GPU, and a step of kernels and collectives can be recorded as a
+// CUDA graph. The host sees the results once the backend waits for its stream (a copy to the
+// host); that wait watches every NCCL communicator for asynchronous errors (cuda::wait_for_stream),
+// so a collective a failed peer never joins ends the wait with an error. barrier() always waits.
+// Counts may differ between ranks and may be zero, as in the MPI communicator:
 //   reduce_scatter_sum  equal counts: ncclReduceScatter; otherwise one ncclReduce per
 //                       destination rank (root = that rank) in one NCCL group, no padding
 //   all_gather          equal counts: ncclAllGather; otherwise one ncclBroadcast per source

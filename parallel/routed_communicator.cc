@@ -23,6 +23,8 @@ class RoutedCommunicator final : public Communicator {
 
   int rank() const override { return host_.rank(); }
   int size() const override { return host_.size(); }
+  // Host staging copies and waits; a device communicator may not.
+  bool stream_ordered() const override { return device_ != nullptr && device_->stream_ordered(); }
 
   void all_reduce_sum(Tensor buf) override {
     if (on_host({&buf})) return host_.all_reduce_sum(buf);

@@ -129,6 +129,10 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     par_->config.validate(config_);
     world_ = par_->config.world;
     rank_ = par_->config.rank;
+    // Host staging (and MPI on the CPU) copies and waits inside collectives: such steps run
+    // eagerly. Stream-ordered device communicators (NCCL on the compute stream) record.
+    graph_collectives_ = world_ == 1 || (par_->world->stream_ordered() &&
+                                         par_->tp->stream_ordered() && par_->ep->stream_ordered());
   }
   const int64_t N = limits_.max_tokens;
   const int64_t dim = config_.hidden_size;
@@ -298,7 +302,8 @@ void Model::run_step(const StepBatch& batch) {
                         static_cast<size_t>(n_logits) * 4);
 
   // Every op of the step from here to the logits: run at once, or recorded into a graph that
-  // later pure-decode steps of the same shape replay (one rank, device routing, no profile).
+  // later pure-decode steps of the same shape replay (device routing, so no all-to-all; one rank
+  // or stream-ordered collectives; no profile).
   auto step = [&] {
     Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
     ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
@@ -358,13 +363,14 @@ void Model::run_step(const StepBatch& batch) {
   };
 
   const int64_t k = config_.num_experts_per_tok;
-  const bool graph = ops_.supports_graphs() && world_ == 1 && profile_ == nullptr &&
+  const bool graph = ops_.supports_graphs() && graph_collectives_ && profile_ == nullptr &&
                      routing_trace_ == nullptr && n_tokens == batch.n_seqs &&
-                     routes_on_device(n_tokens * k, false);
+                     routes_on_device(n_tokens * k, all_to_all);
   const int64_t shape = n_tokens * (limits_.max_logit_rows + 1) + n_logits;
   const int64_t key = (serial_ << 40) | shape;  // graphs of the backend are shared by models
   if (graph && ops_.has_graph(key)) {
     ops_.launch_graph(key);
+    ++graph_steps_;
   } else if (graph && graph_seen_[static_cast<size_t>(shape)]) {
     // The second step of this shape: the first one ran eagerly, so every lazily sized buffer
     // of the backend already has its size, and nothing in the step allocates.
@@ -378,6 +384,7 @@ void Model::run_step(const StepBatch& batch) {
     ops_.end_graph(key);
     recorded_.push_back(key);
     ops_.launch_graph(key);
+    ++graph_steps_;
   } else {
     step();
     if (graph) graph_seen_[static_cast<size_t>(shape)] = 1;

@@ -123,6 +123,10 @@ class Model {
   // rank's tokens with the all-to-all exchange). For tests comparing two backends' routing; it
   // copies to the host at every layer, so traced steps run without graphs.
   void set_routing_trace(std::vector<int32_t>* trace) { routing_trace_ = trace; }
+  // Steps run so far as the launch of a recorded graph (pure-decode steps of a shape seen
+  // before, on a backend with graphs, with device routing, on one rank or over stream-ordered
+  // device communicators: Communicator::stream_ordered).
+  int64_t graph_steps() const { return graph_steps_; }
   // Bytes of the KV cache on this rank.
   uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
 
@@ -207,6 +211,9 @@ class Model {
   std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
   std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
   std::vector<int64_t> recorded_;    // graph ids recorded on the backend
+  bool graph_collectives_ = true;    // every collective of a step can be recorded (one rank, or
+                                     // stream-ordered device communicators)
+  int64_t graph_steps_ = 0;          // steps run as a graph launch
   int64_t serial_;                   // this model's graph namespace on a shared backend
   static std::atomic<int64_t> next_serial_;
 };

@@ -107,10 +107,7 @@ class CudaOps final : public Ops {
     if (t.numel() > 0) SY_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.bytes(), stream_));
   }
   // Waits for the stream; an asynchronous fault of an earlier kernel surfaces here.
-  void synchronize() override {
-    const cudaError_t e = cudaStreamSynchronize(stream_);
-    if (e != cudaSuccess) SY_FAIL("CUDA error while waiting for the GPU: ", cudaGetErrorString(e));
-  }
+  void synchronize() override { wait_for_stream(stream_, "the GPU"); }
 
   void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset) override {
     cuda::embedding(out, ids, table, row_offset, stream_);

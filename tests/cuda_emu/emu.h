@@ -47,6 +47,12 @@ T shfl_xor(T v, int lane_mask) {
 void submit(const char* name, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
             std::function<void()> body);
 
+// Enqueues host work on `stream` (an emulated library call: the NCCL collectives of nccl.cc):
+// run now, or recorded when the stream is being captured and run at each graph launch. Device
+// memory is accessible to `body` while it runs. Returns the enqueue's error, or `body`'s when it
+// ran at once.
+cudaError_t submit_host(const char* what, cudaStream_t stream, std::function<cudaError_t()> body);
+
 // `kernel<<<grid, block, shared, stream>>>(args...)` becomes
 // `launcher("kernel", kernel, grid, block, shared, stream)(args...)`: the arguments are converted
 // to the kernel's parameter types and copied, as a launch copies them.

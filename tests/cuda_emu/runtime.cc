@@ -61,6 +61,18 @@ cudaError_t g_sticky = cudaSuccess;
 thread_local cudaError_t t_last = cudaSuccess;
 int g_device = 0;
 
+// SY_CUDA_EMU_DEVICES=N (default 1) makes a node of N devices, one per rank when a launch gives
+// each rank its own (local rank r on device r), which is what the NCCL communicator needs. Each
+// process still emulates only the memory and streams it uses.
+int n_devices() {
+  static const int n = [] {
+    const char* v = std::getenv("SY_CUDA_EMU_DEVICES");
+    const int d = v != nullptr ? std::atoi(v) : 1;
+    return d >= 1 && d <= 64 ? d : 1;
+  }();
+  return n;
+}
+
 void note(const std::string& msg) {
   std::fprintf(stderr, "cuda emulator: %s\n", msg.c_str());
   std::fflush(stderr);
@@ -529,6 +541,16 @@ void submit(const char* name, dim3 grid, dim3 block_dim, size_t shared_bytes, cu
   enqueue(stream, Node{name, std::move(run)});
 }
 
+cudaError_t submit_host(const char* what, cudaStream_t stream, std::function<cudaError_t()> body) {
+  std::lock_guard<std::recursive_mutex> lock(g_mutex);
+  if (!known_stream(stream)) return fail(cudaErrorInvalidResourceHandle);
+  auto run = [body = std::move(body)]() -> cudaError_t {
+    DeviceAccess access;
+    return body();
+  };
+  return enqueue(stream, Node{what, std::move(run)});
+}
+
 }  // namespace sy::emu
 
 // ---- the CUDA runtime API ----------------------------------------------------------------------
@@ -536,12 +558,12 @@ void submit(const char* name, dim3 grid, dim3 block_dim, size_t shared_bytes, cu
 using namespace sy::emu;  // NOLINT: the entry points below are the C API's
 
 cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  *count = n_devices();
   return cudaSuccess;
 }
 
 cudaError_t cudaSetDevice(int device) {
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (device < 0 || device >= n_devices()) return fail(cudaErrorInvalidDevice);
   g_device = device;
   return cudaSuccess;
 }
@@ -552,10 +574,13 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (device < 0 || device >= n_devices()) return fail(cudaErrorInvalidDevice);
   *prop = cudaDeviceProp{};
   std::snprintf(prop->name, sizeof(prop->name), "CUDA emulator (CPU)");
-  std::memcpy(prop->uuid.bytes, "sy-cuda-emulator", 16);
+  // One UUID per device number: ranks on device d of the node look like ranks sharing a GPU.
+  char uuid[17] = "sy-cuda-emu-0000";
+  for (int i = 0, d = device; i < 4; ++i, d /= 10) uuid[15 - i] = static_cast<char>('0' + d % 10);
+  std::memcpy(prop->uuid.bytes, uuid, 16);
   prop->totalGlobalMem = size_t{16} << 30;
   prop->sharedMemPerBlock = kMaxSharedBytes;
   prop->warpSize = 32;
@@ -686,7 +711,7 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* pt
   *attr = cudaPointerAttributes{};
   if (is_device(ptr)) {
     attr->type = cudaMemoryTypeDevice;
-    attr->device = 0;
+    attr->device = g_device;
     attr->devicePointer = const_cast<void*>(ptr);
   } else {
     attr->type = cudaMemoryTypeUnregistered;

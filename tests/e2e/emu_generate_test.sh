@@ -2,8 +2,10 @@
 # `switchyard generate --device cuda` through the command line, on the CUDA emulator's build of
 # the program: with --dtype f32 the greedy ids equal the CPU backend's and the prompt logits are
 # within 1e-4 of its row maxima, on one rank, on 2 ranks sharing the device (--comm auto picks
-# MPI host staging) and with --tp 2; seeded sampling gives the CPU's ids (device sampling); the
-# default bf16 run names its device and precision; --comm nccl on a shared device is refused.
+# MPI host staging) and with --tp 2, and on 2 ranks with a device each (--comm auto picks the
+# emulated NCCL), with the all-gather exchange and with --tp 2; seeded sampling gives the CPU's
+# ids (device sampling); the default bf16 run names its device and precision; --comm nccl on a
+# shared device is refused.
 # Usage: emu_generate_test.sh SWITCHYARD_BINARY WORK_DIR SWITCHYARD_EMU_BINARY
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -36,6 +38,15 @@ check "f32 two ranks match cpu" same f32n2 cpu
 check "f32 tp 2" run f32tp2 mpirun -n 2 "$emu" -- --device cuda --dtype f32 --tp 2
 check "f32 tp 2 matches cpu" same f32tp2 cpu
 grep -q "mpi host staging" "$work/f32n2.err" && pass || fail "two ranks on one device did not stage"
+# A device per rank (SY_CUDA_EMU_DEVICES): --comm auto picks NCCL; the all-gather exchange's
+# decode steps record into graphs with the collectives in them.
+check "f32 nccl two ranks" run f32nccl mpirun -n 2 -x SY_CUDA_EMU_DEVICES=2 "$emu" -- \
+  --device cuda --dtype f32 --moe-exchange all-gather
+check "f32 nccl two ranks match cpu" same f32nccl cpu
+grep -q "(nccl)" "$work/f32nccl.err" && pass || fail "a device per rank did not pick nccl"
+check "f32 nccl tp 2" run f32nccltp2 mpirun -n 2 -x SY_CUDA_EMU_DEVICES=2 "$emu" -- \
+  --device cuda --dtype f32 --tp 2
+check "f32 nccl tp 2 matches cpu" same f32nccltp2 cpu
 
 sampling=(--temperature 0.8 --top-k 40 --top-p 0.9 --seed 11)
 check "sampled cpu" run scpu "$bin" -- "${sampling[@]}"

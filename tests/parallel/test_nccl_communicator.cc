@@ -1,14 +1,18 @@
-// The NCCL communicator under mpiexec -n 1..2, one GPU per rank: the cases of
-// test_communicator.cc on device buffers (seeded data, each rank checks locally, n_wrong == 0),
-// with unequal and zero counts, the equal-count fast paths, bf16 rows and sub-groups. Skips on
-// every rank when some rank of the job has no GPU of its own (NCCL refuses two ranks on one).
+// The NCCL communicator under mpiexec -n 1..2, one GPU per rank (and on the CUDA emulator's
+// NCCL under -n 1..4, as mpi.emu.*): the cases of test_communicator.cc on device buffers (seeded
+// data, each rank checks locally, n_wrong == 0), with unequal and zero counts, the equal-count
+// fast paths, bf16 rows and sub-groups; stream-ordered collectives chained without waits and
+// recorded into a CUDA graph; an asynchronous error ending a wait. Skips on every rank when some
+// rank of the job has no GPU of its own (NCCL refuses two ranks on one).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 
 #include "kernels/cuda/device.h"
 #include "parallel/communicator.h"
@@ -75,8 +79,10 @@ class NcclCommunicatorTest : public ::testing::Test {
       GTEST_SKIP() << "no CUDA device for each rank: this node has " << n_devices
                    << " CUDA device(s) for " << local_size
                    << " rank(s), and NCCL needs one device per rank";
+    device_ = local_rank;
     nccl_ = make_nccl_communicator(*mpi_, local_rank);
   }
+  int nccl_device() const { return device_; }
 
   // Total wrong elements over every rank (each rank counts its own), summed through MPI.
   int64_t sum_over_ranks(int64_t n_wrong) {
@@ -87,6 +93,7 @@ class NcclCommunicatorTest : public ::testing::Test {
 
   std::unique_ptr<Communicator> mpi_;
   std::unique_ptr<Communicator> nccl_;
+  int device_ = 0;
 };
 
 // Unequal counts, including zeros: rank s sends (s + d + shift) % 3 rows to rank d.
@@ -258,6 +265,103 @@ TEST_F(NcclCommunicatorTest, BroadcastAndSubGroups) {
   n_wrong += check_all_to_all(*reversed, 2, 1);
   nccl_->barrier();
   EXPECT_EQ(sum_over_ranks(n_wrong), 0);
+}
+
+// A communicator on a given stream only enqueues: collectives chained without a wait read each
+// other's results in stream order, and the host sees them after one wait for the stream.
+TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesChainWithoutWaiting) {
+  const int W = nccl_->size(), me = nccl_->rank();
+  cudaStream_t stream = nullptr;
+  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int64_t n_wrong = 0;
+  {
+    auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
+    EXPECT_TRUE(ordered->stream_ordered());
+    EXPECT_FALSE(nccl_->stream_ordered());
+    const int64_t n = 37;
+    std::vector<float> mine(n);
+    for (int64_t i = 0; i < n; ++i) mine[i] = value(me, 0, 0, i);
+    DeviceBuffer d_mine(n, DType::kF32), d_all(n * W, DType::kF32);
+    SY_CUDA_CHECK(cudaMemcpyAsync(d_mine.data(), mine.data(), n * sizeof(float),
+                                  cudaMemcpyHostToDevice, stream));
+    // sum = all-reduce(mine); all = all-gather(sum) on every rank: W copies of the sum.
+    ordered->all_reduce_sum(d_mine.view(DType::kF32, 1, n));
+    ordered->all_gather(d_all.view(DType::kF32, W, n), d_mine.view(DType::kF32, 1, n),
+                        std::vector<int64_t>(static_cast<size_t>(W), 1));
+    std::vector<float> all(n * W, -1.f);
+    SY_CUDA_CHECK(cudaMemcpyAsync(all.data(), d_all.data(), all.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost, stream));
+    cuda::wait_for_stream(stream, "the test's collectives");
+    for (int64_t j = 0; j < n * W; ++j) {
+      float want = 0;
+      for (int s = 0; s < W; ++s) want += value(s, 0, 0, j % n);
+      n_wrong += std::fabs(all[j] - want) > 1e-3f * std::fabs(want);
+    }
+  }
+  cudaStreamDestroy(stream);
+  EXPECT_EQ(sum_over_ranks(n_wrong), 0);
+}
+
+// Stream-ordered collectives record into a CUDA graph: each launch runs them again. An in-place
+// all-reduce launched twice leaves W times the sum.
+TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesRecordIntoGraphs) {
+  const int W = nccl_->size(), me = nccl_->rank();
+  cudaStream_t stream = nullptr;
+  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int64_t n_wrong = 0;
+  {
+    auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
+    const int64_t n = 5;
+    std::vector<float> buf(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(me + 1 + i);
+    DeviceBuffer d(n, DType::kF32);
+    d.upload(buf);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    SY_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    ordered->all_reduce_sum(d.view(DType::kF32, 1, n));
+    SY_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    SY_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    d.download(buf);  // recording runs nothing
+    for (int64_t i = 0; i < n; ++i) n_wrong += buf[i] != static_cast<float>(me + 1 + i);
+    SY_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    SY_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    cuda::wait_for_stream(stream, "the graph");
+    d.download(buf);
+    for (int64_t i = 0; i < n; ++i) {
+      float sum = 0;
+      for (int s = 0; s < W; ++s) sum += static_cast<float>(s + 1 + i);
+      n_wrong += buf[i] != static_cast<float>(W) * sum;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  cudaStreamDestroy(stream);
+  EXPECT_EQ(sum_over_ranks(n_wrong), 0);
+}
+
+// A peer that fails mid-collective: NCCL reports an asynchronous error, and the next wait for the
+// stream ends with it (instead of waiting forever), naming it; the communicator is then aborted.
+// Needs an NCCL that fails on request: the emulated one, with SY_CUDA_EMU_NCCL_FAIL_AFTER.
+TEST_F(NcclCommunicatorTest, AsyncErrorEndsTheWait) {
+  if (std::getenv("SY_CUDA_EMU_NCCL_FAIL_AFTER") == nullptr)
+    GTEST_SKIP() << "needs the emulated NCCL with SY_CUDA_EMU_NCCL_FAIL_AFTER";
+  cudaStream_t stream = nullptr;
+  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
+    DeviceBuffer d(4, DType::kF32);
+    ordered->all_reduce_sum(d.view(DType::kF32, 1, 4));  // enqueued: no wait, no error yet
+    try {
+      cuda::wait_for_stream(stream, "the test's collective");
+      ADD_FAILURE() << "the wait ended without an error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("asynchronous NCCL error"), std::string::npos)
+          << e.what();
+    }
+    EXPECT_THROW(ordered->all_reduce_sum(d.view(DType::kF32, 1, 4)), Error);  // aborted
+  }
+  cudaStreamDestroy(stream);
 }
 
 TEST_F(NcclCommunicatorTest, BadArgumentsAreErrors) {
