@@ -13,6 +13,9 @@
 //   4. each thread accumulates its output dimensions, for every head, over the tile's values.
 // Scores, softmax and accumulation are fp32 whatever the cache dtype.
 //
+// Prefill on tensor cores: when some sequence has several tokens in the step, the BF16 cache's
+// query tiles go to attention_mma.cu (plan.tile_tokens), and this kernel skips their tokens.
+//
 // Flash-decoding: when the step has too few (KV head, token) pairs to fill the GPU (decode at
 // small batch), the context is cut into n_splits ranges of split_len positions, each its own
 // block. Each writes its normalised partial output with its max and sum to a workspace, and a
@@ -43,6 +46,7 @@ struct Shape {
   int64_t group;       // query heads per KV head
   int64_t sub_blocks;  // blocks per (KV head, token): ceil(group / kMaxGroup)
   int64_t n_splits, split_len;
+  int64_t tile_tokens;  // > 0: skip the tokens attention_mma takes
   float scale;
 };
 
@@ -56,11 +60,12 @@ __global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const
   __shared__ float run_max[kMaxGroup];
   __shared__ float run_sum[kMaxGroup];
   __shared__ float correction[kMaxGroup];
+  const int64_t t = blockIdx.y;
+  if (s.tile_tokens > 0 && token_seq[t] == token_seq[t / s.tile_tokens * s.tile_tokens]) return;
   const int64_t g = blockIdx.x / s.sub_blocks;  // the KV head
   const int64_t h0 = g * s.group + (blockIdx.x % s.sub_blocks) * kMaxGroup;
   const int64_t nh_left = (g + 1) * s.group - h0;
   const int nh = static_cast<int>(nh_left < kMaxGroup ? nh_left : kMaxGroup);  // block-uniform
-  const int64_t t = blockIdx.y;
   const int64_t z = blockIdx.z;
   const int64_t head_dim = s.head_dim;
   const int64_t row = s.n_kv_heads * head_dim;
@@ -223,12 +228,19 @@ __global__ void attention_merge_kernel(TO* out, const float* part_out, const flo
 
 }  // namespace
 
-AttentionPlan plan_attention(int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
-                             int64_t capacity, int64_t window, int sm_count) {
+AttentionPlan plan_attention(int64_t n_tokens, int64_t n_seqs, int64_t n_heads, int64_t n_kv_heads,
+                             int64_t head_dim, int64_t capacity, int64_t window, bool bf16_cache,
+                             int sm_count, int sm_major) {
   AttentionPlan p;
   const int64_t group = n_kv_heads > 0 ? n_heads / n_kv_heads : 1;
   p.sub_blocks = (group + kMaxGroup - 1) / kMaxGroup;
   const int64_t max_ctx = window > 0 && window < capacity ? window : capacity;
+  // A sequence with several tokens in the step (a prefill chunk): query tiles on tensor cores.
+  if (n_tokens > n_seqs && attention_mma_supported(head_dim, bf16_cache, sm_major)) {
+    p.tile_tokens = attention_mma_tile_tokens(n_heads, n_kv_heads);
+    p.split_len = max_ctx > 0 ? max_ctx : 1;
+    return p;
+  }
   const int64_t blocks = n_tokens * n_kv_heads * p.sub_blocks;
   const int64_t target = 2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   p.split_len = max_ctx > 0 ? max_ctx : 1;
@@ -272,7 +284,8 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
   SY_CHECK(n_tokens <= 65535, "attention: ", n_tokens, " tokens in one launch (at most 65535)");
   const int64_t group = n_heads / n_kv_heads;
   SY_CHECK(plan.sub_blocks == (group + kMaxGroup - 1) / kMaxGroup && plan.n_splits >= 1 &&
-               plan.n_splits <= kMaxSplits && plan.split_len >= 1,
+               plan.n_splits <= kMaxSplits && plan.split_len >= 1 &&
+               !(plan.tile_tokens > 0 && plan.n_splits > 1),
            "attention: a launch plan (", plan.sub_blocks, " blocks per head group, ", plan.n_splits,
            " splits of ", plan.split_len, ") not made for ", n_heads, " heads over ", n_kv_heads,
            " KV heads");
@@ -293,7 +306,10 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
   s.sub_blocks = plan.sub_blocks;
   s.n_splits = plan.n_splits;
   s.split_len = plan.split_len;
+  s.tile_tokens = plan.tile_tokens;
   s.scale = 1.f / sqrtf(static_cast<float>(head_dim));
+  if (plan.tile_tokens > 0)
+    attention_mma(out, q, k_cache, v_cache, meta, plan.tile_tokens, plan.sub_blocks, stream);
   float* part_out = workspace;
   float* part_ml = need > 0 ? workspace + n_tokens * n_heads * plan.n_splits * head_dim : nullptr;
   const dim3 grid(static_cast<unsigned>(n_kv_heads * plan.sub_blocks),

@@ -49,6 +49,7 @@ class CudaOps final : public Ops {
     cudaDeviceProp prop{};
     SY_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     sm_count_ = prop.multiProcessorCount;
+    sm_major_ = prop.major;
     SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     SY_CUBLAS_CHECK(cublasCreate(&cublas_), "cublasCreate");
     SY_CUBLAS_CHECK(cublasSetStream(cublas_, stream_), "cublasSetStream");
@@ -211,8 +212,9 @@ class CudaOps final : public Ops {
                  const AttentionMeta& meta) override {
     const int64_t n_tokens = q.size(0), n_heads = q.size(1), head_dim = q.size(2);
     const AttentionPlan plan =
-        plan_attention(n_tokens, n_heads, k_cache.size(2),
-                       meta.block_tables.size(1) * meta.block_size, meta.sliding_window, sm_count_);
+        plan_attention(n_tokens, meta.block_tables.size(0), n_heads, k_cache.size(2), head_dim,
+                       meta.block_tables.size(1) * meta.block_size, meta.sliding_window,
+                       k_cache.dtype == DType::kBF16, sm_count_, sm_major_);
     const int64_t need = attention_workspace_floats(plan, n_tokens, n_heads, head_dim);
     if (need > attention_workspace_size_) {
       // As the scatter scratch: grows to the largest need, outgrown buffers kept for graphs.
@@ -354,6 +356,7 @@ class CudaOps final : public Ops {
   float* attention_workspace_ = nullptr;  // flash-decoding partials
   int64_t attention_workspace_size_ = 0;
   int sm_count_ = 1;
+  int sm_major_ = 0;
   std::vector<void*> retired_;  // outgrown scratch buffers, kept for recorded graphs
   static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
   void* cublas_workspace_ = nullptr;

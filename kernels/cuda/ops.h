@@ -18,22 +18,37 @@ void rope(Tensor q, Tensor k, Tensor positions, double theta, cudaStream_t strea
 void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const AttentionMeta& meta,
                cudaStream_t stream);
 // How attention covers a step (attention.cu): blocks per (KV head, token) for the query heads
-// sharing the KV head, and the context splits of flash-decoding (1: none). A function of shapes
-// only: `capacity` is the block table's positions (max_blocks * block_size), `window` the
-// sliding window (0: none), `sm_count` the GPU's multiprocessors.
+// sharing the KV head, the context splits of flash-decoding (1: none), and for prefill on tensor
+// cores (attention_mma.cu) the tokens per query tile (0: none). A function of shapes only:
+// `n_seqs` the block table's rows, `capacity` its positions (max_blocks * block_size), `window`
+// the sliding window (0: none), `bf16_cache` the cache dtype, `sm_count` and `sm_major` the
+// GPU's multiprocessors and compute capability.
 struct AttentionPlan {
   int64_t sub_blocks = 1;
   int64_t n_splits = 1;
-  int64_t split_len = 1;  // positions per split
+  int64_t split_len = 1;    // positions per split
+  int64_t tile_tokens = 0;  // > 0: a step token whose sequence is that of the first token of its
+                            // tile (token / tile_tokens) is attention_mma's, the rest the
+                            // per-token kernel's
 };
-AttentionPlan plan_attention(int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
-                             int64_t capacity, int64_t window, int sm_count);
+AttentionPlan plan_attention(int64_t n_tokens, int64_t n_seqs, int64_t n_heads, int64_t n_kv_heads,
+                             int64_t head_dim, int64_t capacity, int64_t window, bool bf16_cache,
+                             int sm_count, int sm_major);
 // fp32 device workspace the plan needs (0 without splits).
 int64_t attention_workspace_floats(const AttentionPlan& plan, int64_t n_tokens, int64_t n_heads,
                                    int64_t head_dim);
 void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta,
                const AttentionPlan& plan, float* workspace, int64_t workspace_floats,
                cudaStream_t stream);
+// The tensor-core prefill kernel (attention_mma.cu): whether it runs for these operands, its
+// tile, and its launch for the tokens the plan gives it.
+bool attention_mma_supported(int64_t head_dim, bool bf16_cache, int sm_major);
+int64_t attention_mma_tile_tokens(int64_t n_heads, int64_t n_kv_heads);
+void attention_mma(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta,
+                   int64_t tile_tokens, int64_t sub_blocks, cudaStream_t stream);
+// d = a * b on the tensor cores, a and b rounded to bf16 ([16, 16] and [16, 8] row-major F32):
+// a check of mma.cuh's fragment layouts (mma_check.cu).
+void mma_check(Tensor d, Tensor a, Tensor b, int sm_major, cudaStream_t stream);
 void moe_gate(Tensor topk_idx, Tensor topk_weights, Tensor logits, cudaStream_t stream);
 void gather_rows(Tensor out, Tensor x, Tensor rows, cudaStream_t stream);
 // Needs int32 device scratch of scatter_scratch_size(out rows, rows) elements.

@@ -2,6 +2,9 @@
 // C++: the device built-ins they use, mapped onto the emulator (emu.h).
 #pragma once
 
+// Kernel sources that need a different body on the emulator (inline PTX) test this.
+#define SY_CUDA_EMU 1
+
 // Before the toolkit headers, which define these only when they are not defined.
 #define __shared__ static  // one copy per kernel instantiation; blocks run one at a time
 #define __launch_bounds__(...)

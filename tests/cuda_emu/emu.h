@@ -30,6 +30,11 @@ const dim3& grid_dim();
 void sync_block();
 // __shfl_xor_sync for 8-byte payloads: every lane of the warp must arrive.
 uint64_t shfl_xor_bits(uint64_t bits, int lane_mask);
+// A warp-wide instruction (mma.sync): every lane of a full warp arrives with `n_in` words
+// (at most 6); once all have, `combine` runs once over all of them (in[lane * n_in + i]) and
+// writes every lane's `n_out` words (at most 4; out[lane * n_out + i]); each lane gets its own.
+void warp_combine(const uint64_t* in, int n_in, uint64_t* out, int n_out,
+                  void (*combine)(const uint64_t* in, uint64_t* out));
 
 template <typename T>
 T shfl_xor(T v, int lane_mask) {

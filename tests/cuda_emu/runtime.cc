@@ -254,7 +254,9 @@ struct Warp {
   int size = 0;
   int arrived = 0;
   uint64_t gen = 0;
-  uint64_t slots[2][32] = {};  // by generation parity: one barrier per shuffle suffices
+  uint64_t slots[2][32] = {};         // by generation parity: one barrier per shuffle suffices
+  uint64_t in_words[2][32 * 6] = {};  // the same for warp_combine
+  uint64_t out_words[2][32 * 4] = {};
 };
 
 struct Block {
@@ -517,6 +519,32 @@ uint64_t shfl_xor_bits(uint64_t bits, int lane_mask) {
   int src = lane ^ lane_mask;
   if (src < 0 || src >= w.size) src = lane;
   return w.slots[buf][src];
+}
+
+void warp_combine(const uint64_t* in, int n_in, uint64_t* out, int n_out,
+                  void (*combine)(const uint64_t* in, uint64_t* out)) {
+  Block& b = block();
+  Fiber& f = b.fibers[static_cast<size_t>(b.current)];
+  Warp& w = b.warps[static_cast<size_t>(f.linear / 32)];
+  const int lane = f.linear % 32;
+  if (n_in < 1 || n_in > 6 || n_out < 1 || n_out > 4 || w.size != 32) {
+    note("warp_combine: a warp-wide instruction needs a full warp, at most 6 words in, 4 out");
+    std::abort();
+  }
+  const uint64_t gen = w.gen;
+  const int buf = static_cast<int>(gen & 1);
+  std::memcpy(w.in_words[buf] + lane * n_in, in, static_cast<size_t>(n_in) * 8);
+  if (++w.arrived == w.size) {
+    combine(w.in_words[buf], w.out_words[buf]);
+    w.arrived = 0;
+    ++w.gen;
+  } else {
+    f.waiting = 2;
+    f.wait_gen = gen;
+    while (w.gen == gen) yield(f);
+    f.waiting = 0;
+  }
+  std::memcpy(out, w.out_words[buf] + lane * n_out, static_cast<size_t>(n_out) * 8);
 }
 
 void submit(const char* name, dim3 grid, dim3 block_dim, size_t shared_bytes, cudaStream_t stream,

@@ -15,7 +15,9 @@
 //   attention   the same caches, prefill chunks and decode tokens of several sequences in one
 //               step, GQA (4 query heads per KV head), sliding window 0 and 5, out F32 and BF16,
 //               head_dim 128 and 64; long decode contexts (to 5000) through the split
-//               (flash-decoding) path with 1, 4, 8 and 12 query heads per KV head
+//               (flash-decoding) path with 1, 4, 8 and 12 query heads per KV head; prefill
+//               chunks through the tensor-core kernel beside the per-token one (query tiles
+//               straddling sequences), windows 0, 5 and 100, 1, 4, 8 and 12 heads per KV head
 //   moe_gate    8 experts top-2, 4 experts top-1, exact logit ties, every token to one expert, no
 //               tokens
 //   gather_rows, scatter_add_weighted   F32 and BF16 rows, routed rows (each token 0..3 times in
@@ -265,6 +267,7 @@ class CudaOps : public ::testing::Test {
 
   void check_kv_append_and_attention(int64_t head_dim, int64_t block_size, bool attention);
   void check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
+  void check_prefill(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
   void check_moe_gate(int64_t n, int64_t n_experts, int64_t k, int64_t skew_expert, uint64_t seed);
 
   std::unique_ptr<Ops> cpu_;
@@ -581,9 +584,9 @@ struct PagedStep {
   std::vector<float> k, v;                  // ... and their keys and values
 };
 
-PagedStep make_step(int64_t n_tokens, int64_t row, int64_t block_size, uint64_t seed) {
+PagedStep make_step(const std::vector<SeqSpec>& seqs, int64_t row, int64_t block_size,
+                    uint64_t seed) {
   PagedStep s;
-  const std::vector<SeqSpec> seqs = step_sequences(n_tokens);
   s.n_seqs = static_cast<int64_t>(seqs.size());
   int64_t used_blocks = 0;
   for (const SeqSpec& q : seqs) {
@@ -612,6 +615,10 @@ PagedStep make_step(int64_t n_tokens, int64_t row, int64_t block_size, uint64_t 
   s.k = random_vector(s.pos.size() * static_cast<size_t>(row), seed + 3, 2.f);
   s.v = random_vector(s.pos.size() * static_cast<size_t>(row), seed + 4);
   return s;
+}
+
+PagedStep make_step(int64_t n_tokens, int64_t row, int64_t block_size, uint64_t seed) {
+  return make_step(step_sequences(n_tokens), row, block_size, seed);
 }
 
 // For each token count: the step's cached positions and then its tokens go through kv_append on
@@ -727,37 +734,65 @@ TEST_F(CudaOps, PagedAttentionHeadDim64OddBlocksMatchesCpu) {
   check_kv_append_and_attention(64, 5, true);
 }
 
+// Decode plans (one token per sequence; Mixtral's head_dim, a BF16 cache on an H100).
+cuda::AttentionPlan decode_plan(int64_t n, int64_t heads, int64_t kv_heads, int64_t capacity,
+                                int64_t window, int sms) {
+  return cuda::plan_attention(n, n, heads, kv_heads, 128, capacity, window, true, sms, 9);
+}
+
 // Flash-decoding plans: a function of shapes only, splitting the context only for steps with too
 // few (KV head, token) pairs to fill the GPU, in whole tiles that cover the longest context the
 // block table (or the window) allows. Host code: runs without a GPU.
 TEST(CudaAttentionPlan, SplitsOnlySmallStepsAndCoversTheContext) {
   const int sms = 132;
   // Mixtral, batch 1, a 32k table: many splits, whole 128-position tiles, covering 32768.
-  const cuda::AttentionPlan one = cuda::plan_attention(1, 32, 8, 32768, 0, sms);
+  const cuda::AttentionPlan one = decode_plan(1, 32, 8, 32768, 0, sms);
   EXPECT_EQ(one.sub_blocks, 1);
   EXPECT_GT(one.n_splits, 1);
   EXPECT_LE(one.n_splits, 64);
   EXPECT_EQ(one.split_len % 128, 0);
   EXPECT_GE(one.n_splits * one.split_len, 32768);
   EXPECT_LT((one.n_splits - 1) * one.split_len, 32768);  // no split wholly past the table
+  EXPECT_EQ(one.tile_tokens, 0);
   // Enough blocks for the GPU without splitting: batch 64 (512 blocks), or a prefill chunk.
-  EXPECT_EQ(cuda::plan_attention(64, 32, 8, 32768, 0, sms).n_splits, 1);
-  EXPECT_EQ(cuda::plan_attention(733, 32, 8, 32768, 0, sms).n_splits, 1);
+  EXPECT_EQ(decode_plan(64, 32, 8, 32768, 0, sms).n_splits, 1);
+  EXPECT_EQ(decode_plan(733, 32, 8, 32768, 0, sms).n_splits, 1);
   // A window bounds the context: the splits cover the window, not the table.
-  const cuda::AttentionPlan win = cuda::plan_attention(1, 32, 8, 32768, 4096, sms);
+  const cuda::AttentionPlan win = decode_plan(1, 32, 8, 32768, 4096, sms);
   EXPECT_GT(win.n_splits, 1);
   EXPECT_GE(win.n_splits * win.split_len, 4096);
   EXPECT_LT((win.n_splits - 1) * win.split_len, 4096);
   // Short tables are not split; neither is anything on a one-multiprocessor device.
-  EXPECT_EQ(cuda::plan_attention(1, 32, 8, 256, 0, sms).n_splits, 1);
-  EXPECT_EQ(cuda::plan_attention(1, 32, 8, 32768, 0, 1).n_splits, 1);
+  EXPECT_EQ(decode_plan(1, 32, 8, 256, 0, sms).n_splits, 1);
+  EXPECT_EQ(decode_plan(1, 32, 8, 32768, 0, 1).n_splits, 1);
   // Groups above 8 query heads per KV head take several blocks each.
-  EXPECT_EQ(cuda::plan_attention(4, 12, 1, 512, 0, sms).sub_blocks, 2);
-  EXPECT_EQ(cuda::plan_attention(4, 64, 4, 512, 0, sms).sub_blocks, 2);
-  EXPECT_EQ(cuda::plan_attention(4, 4, 4, 512, 0, sms).sub_blocks, 1);
+  EXPECT_EQ(decode_plan(4, 12, 1, 512, 0, sms).sub_blocks, 2);
+  EXPECT_EQ(decode_plan(4, 64, 4, 512, 0, sms).sub_blocks, 2);
+  EXPECT_EQ(decode_plan(4, 4, 4, 512, 0, sms).sub_blocks, 1);
   // Splits times blocks stay near the target: no flood of empty blocks at batch 1.
-  const cuda::AttentionPlan tp = cuda::plan_attention(2, 4, 1, 32768, 0, sms);  // a TP slice
+  const cuda::AttentionPlan tp = decode_plan(2, 4, 1, 32768, 0, sms);  // a TP slice
   EXPECT_LE(tp.n_splits * 2, 2 * 2 * sms);
+}
+
+// Prefill plans: a sequence with several tokens in the step sends query tiles of 64 rows to the
+// tensor cores (sm_80+, BF16 cache, head_dim 64 or 128), never with splits; otherwise none.
+TEST(CudaAttentionPlan, PrefillTilesOnTensorCores) {
+  auto plan = [](int64_t n, int64_t n_seqs, int64_t heads, int64_t kv, int64_t head_dim, bool bf16,
+                 int major) {
+    return cuda::plan_attention(n, n_seqs, heads, kv, head_dim, 4096, 0, bf16, 132, major);
+  };
+  const cuda::AttentionPlan chunk = plan(733, 34, 32, 8, 128, true, 9);
+  EXPECT_EQ(chunk.tile_tokens, 16);  // 16 tokens x 4 heads
+  EXPECT_EQ(chunk.n_splits, 1);
+  EXPECT_EQ(plan(2, 1, 32, 8, 128, true, 8).tile_tokens, 16);  // even 2 tokens, on sm_80
+  EXPECT_EQ(plan(5, 1, 8, 8, 64, true, 9).tile_tokens, 64);    // one head per KV head
+  EXPECT_EQ(plan(5, 1, 8, 1, 64, true, 9).tile_tokens, 8);     // 8 heads per KV head
+  EXPECT_EQ(plan(5, 1, 12, 1, 64, true, 9).tile_tokens, 8);    // 12: two blocks of up to 8
+  EXPECT_EQ(plan(5, 1, 12, 1, 64, true, 9).sub_blocks, 2);
+  EXPECT_EQ(plan(64, 64, 32, 8, 128, true, 9).tile_tokens, 0);    // pure decode
+  EXPECT_EQ(plan(733, 34, 32, 8, 128, false, 9).tile_tokens, 0);  // F32 cache
+  EXPECT_EQ(plan(733, 34, 32, 8, 128, true, 7).tile_tokens, 0);   // before sm_80
+  EXPECT_EQ(plan(733, 34, 32, 8, 96, true, 9).tile_tokens, 0);    // head_dim 96
 }
 
 // Long decode contexts through the split (flash-decoding) path: one decode token per sequence at
@@ -797,8 +832,9 @@ void CudaOps::check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t hea
   cudaDeviceProp prop{};
   ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
   for (int64_t window : {0, 700}) {
-    const cuda::AttentionPlan plan = cuda::plan_attention(
-        n, n_heads, n_kv_heads, max_blocks * block_size, window, prop.multiProcessorCount);
+    const cuda::AttentionPlan plan =
+        cuda::plan_attention(n, n, n_heads, n_kv_heads, head_dim, max_blocks * block_size, window,
+                             true, prop.multiProcessorCount, prop.major);
     ASSERT_GT(plan.n_splits, 1) << "window " << window << shape;
     AttentionMeta meta;
     meta.block_tables = host(tables, {n, max_blocks});
@@ -836,6 +872,112 @@ void CudaOps::check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t hea
       }
     }
   }
+}
+
+// The fragment layouts of kernels/cuda/mma.cuh (mma_check.cu): D = A B on the tensor cores, A
+// and B loaded and D stored by the documented layouts, equals the plain product for bf16-exact
+// inputs (16 exact products summed in fp32). On a GPU this checks the layouts the attention
+// kernel relies on against the hardware.
+TEST_F(CudaOps, MmaFragmentLayoutsGiveThePlainProduct) {
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  if (prop.major < 8) GTEST_SKIP() << "tensor-core bf16 needs sm_80";
+  const std::vector<float> a = bf16_rounded(random_vector(16 * 16, 5000));
+  const std::vector<float> b = bf16_rounded(random_vector(16 * 8, 5001));
+  std::vector<float> want(16 * 8);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      double acc = 0;
+      for (int k = 0; k < 16; ++k) acc += double(a[i * 16 + k]) * b[k * 8 + j];
+      want[i * 8 + j] = static_cast<float>(acc);
+    }
+  const DeviceTensor ga = upload(*gpu_, a, DType::kF32, {16, 16});
+  const DeviceTensor gb = upload(*gpu_, b, DType::kF32, {16, 8});
+  const DeviceTensor gd(*gpu_, DType::kF32, {16, 8});
+  cuda::mma_check(gd, ga, gb, prop.major, cuda::stream_of(*gpu_));
+  expect_within("mma m16n8k16", download(*gpu_, gd), want, 8, 1e-6);
+}
+
+// Prefill through the tensor-core kernel (attention_mma.cu) and the per-token kernel beside it: a
+// step of a 130-token chunk after 300 cached positions, a decode token, a whole 45-token prompt
+// and a 3-token chunk after 500, so that query tiles straddle sequences (each kernel takes its
+// part of such a tile); windows 0, 5 (rows whose keys all fall in one tile, or none in a tile)
+// and 100; a BF16 cache (the kernel's), out F32 and BF16. The plan must tile the step, or the
+// test would not test the kernel. Queries and softmax weights enter the MMAs as bf16 hi + lo
+// pairs, so the budget is the fp32 kernel's.
+void CudaOps::check_prefill(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                            int64_t block_size) {
+  const int64_t row = n_kv_heads * head_dim;
+  const PagedStep s = make_step({{430, 130}, {77, 1}, {45, 45}, {503, 3}}, row, block_size,
+                                static_cast<uint64_t>(4000 + n_heads * 10 + head_dim));
+  const int64_t n = static_cast<int64_t>(s.pos.size());
+  const int64_t n_past = static_cast<int64_t>(s.past_pos.size());
+  const std::string shape =
+      cat(" heads=", n_heads, "/", n_kv_heads, " head_dim=", head_dim, " block=", block_size);
+  // The cache holds bf16 values on both sides: the CPU's is F32 of the rounded values.
+  std::vector<int32_t> all_pos = s.past_pos, all_seq = s.past_seq;
+  all_pos.insert(all_pos.end(), s.pos.begin(), s.pos.end());
+  all_seq.insert(all_seq.end(), s.seq.begin(), s.seq.end());
+  std::vector<float> all_k = bf16_rounded(s.past_k), all_v = bf16_rounded(s.past_v);
+  const std::vector<float> k = bf16_rounded(s.k), v = bf16_rounded(s.v);
+  all_k.insert(all_k.end(), k.begin(), k.end());
+  all_v.insert(all_v.end(), v.begin(), v.end());
+  const int64_t n_all = n_past + n;
+  const size_t cache_numel = static_cast<size_t>(s.n_blocks * block_size * row);
+  std::vector<float> k_cache(cache_numel, 0.f), v_cache(cache_numel, 0.f);
+  AttentionMeta meta;
+  meta.block_tables = host(s.tables, {s.n_seqs, s.max_blocks});
+  meta.block_size = block_size;
+  meta.positions = host(all_pos, {n_all});
+  meta.token_seq = host(all_seq, {n_all});
+  const std::initializer_list<int64_t> cache_shape = {s.n_blocks, block_size, n_kv_heads, head_dim};
+  cpu_->kv_append(host(k_cache, cache_shape), host(v_cache, cache_shape),
+                  host(all_k, {n_all, n_kv_heads, head_dim}),
+                  host(all_v, {n_all, n_kv_heads, head_dim}), meta);
+  double v_scale = 0;
+  for (float x : v_cache) v_scale = std::fmax(v_scale, std::fabs(x));
+  const std::vector<float> q = random_vector(n * n_heads * head_dim, 4100 + n_heads);
+  meta.positions = host(s.pos, {n});
+  meta.token_seq = host(s.seq, {n});
+
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  const cuda::AttentionPlan plan =
+      cuda::plan_attention(n, s.n_seqs, n_heads, n_kv_heads, head_dim, s.max_blocks * block_size, 0,
+                           true, prop.multiProcessorCount, prop.major);
+  ASSERT_GT(plan.tile_tokens, 0) << shape;
+  const DeviceTensor gk = upload(*gpu_, k_cache, DType::kBF16, cache_shape);
+  const DeviceTensor gv = upload(*gpu_, v_cache, DType::kBF16, cache_shape);
+  const DeviceTensor gtables = upload(*gpu_, s.tables, {s.n_seqs, s.max_blocks});
+  const DeviceTensor gpos = upload(*gpu_, s.pos, {n});
+  const DeviceTensor gseq = upload(*gpu_, s.seq, {n});
+  const DeviceTensor gq = upload(*gpu_, q, DType::kF32, {n, n_heads, head_dim});
+  AttentionMeta gmeta = meta;
+  gmeta.block_tables = gtables;
+  gmeta.positions = gpos;
+  gmeta.token_seq = gseq;
+  for (int64_t window : {0, 5, 100}) {
+    meta.sliding_window = gmeta.sliding_window = window;
+    std::vector<float> want(q.size());
+    cpu_->attention(host(want, {n, n_heads, head_dim}), host(q, {n, n_heads, head_dim}),
+                    host(k_cache, cache_shape), host(v_cache, cache_shape), meta);
+    for (DType out_dtype : {DType::kF32, DType::kBF16}) {
+      const DeviceTensor out(*gpu_, out_dtype, {n, n_heads, head_dim});
+      gpu_->attention(out, gq, gk, gv, gmeta);
+      std::vector<double> allowed =
+          row_scaled(want, head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
+      for (double& a : allowed) a += kAttentionBudget * v_scale;
+      expect_each_within(cat("prefill window=", window, " out ", dtype_name(out_dtype), shape),
+                         download(*gpu_, out), want, allowed, head_dim);
+    }
+  }
+}
+
+TEST_F(CudaOps, PrefillOnTensorCoresMatchesCpu) {
+  check_prefill(8, 2, 128, 16);  // Mixtral's 4 query heads per KV head: 16-token tiles
+  check_prefill(4, 4, 64, 16);   // one query head per KV head: 64-token tiles
+  check_prefill(8, 1, 128, 7);   // 8 per KV head, an odd block size
+  check_prefill(12, 1, 64, 16);  // two blocks per KV head, the second with 4 heads
 }
 
 TEST_F(CudaOps, LongDecodeSplitsTheContextAndMatchesCpu) {
