@@ -39,7 +39,7 @@ struct GenerateArgs {
   int64_t prefill_chunk = 512;  // prompt tokens per forward step
   int tp = 1;                   // tensor-parallel ranks of attention
   int ep = 0;                   // expert-parallel ranks (0 = the world)
-  std::string moe_exchange = "all-to-all";
+  std::string moe_exchange = "auto";
   BackendOptions backend;  // --device, --comm
 };
 void add_generate(CLI::App& app, GenerateArgs& args);
@@ -49,7 +49,7 @@ struct ServeArgs {
   ServeConfig config;
   int tp = 1;  // tensor-parallel ranks of attention
   int ep = 0;  // expert-parallel ranks (0 = the world)
-  std::string moe_exchange = "all-to-all";
+  std::string moe_exchange = "auto";
   BackendOptions backend;  // --device, --comm
 };
 void add_serve(CLI::App& app, ServeArgs& args);
@@ -111,7 +111,7 @@ struct BenchEngineArgs {
   std::vector<int64_t> output_len = {16};   // decode steps
   int tp = 1;                               // tensor-parallel ranks of attention
   int ep = 0;                               // expert-parallel ranks; 0 = the world
-  std::string moe_exchange = "all-to-all";
+  std::string moe_exchange = "auto";
   BackendOptions backend;           // --device, --comm
   int64_t max_batch_tokens = 1024;  // prefill tokens per step
   uint64_t seed = 1;                // weights and tokens

@@ -9,13 +9,26 @@
 namespace sy {
 
 const char* moe_exchange_name(MoeExchange exchange) {
-  return exchange == MoeExchange::kAllToAll ? "all-to-all" : "all-gather";
+  switch (exchange) {
+    case MoeExchange::kAllToAll:
+      return "all-to-all";
+    case MoeExchange::kAllGather:
+      return "all-gather";
+    default:
+      return "auto";
+  }
+}
+
+MoeExchange ParallelConfig::step_exchange(int64_t n_routed_rows) const {
+  if (exchange != MoeExchange::kAuto) return exchange;
+  return n_routed_rows <= kAutoMaxRoutedRows ? MoeExchange::kAllGather : MoeExchange::kAllToAll;
 }
 
 MoeExchange parse_moe_exchange(const std::string& name) {
   if (name == "all-to-all") return MoeExchange::kAllToAll;
   if (name == "all-gather") return MoeExchange::kAllGather;
-  SY_FAIL("--moe-exchange \"", name, "\" is not all-to-all or all-gather");
+  if (name == "auto") return MoeExchange::kAuto;
+  SY_FAIL("--moe-exchange \"", name, "\" is not all-to-all, all-gather or auto");
 }
 
 void ParallelConfig::validate(const ModelConfig& c) const {

@@ -284,7 +284,10 @@ void Model::run_step(const StepBatch& batch) {
   meta.sliding_window = config_.sliding_window;
 
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  const bool all_to_all =
+      par_ != nullptr &&
+      par_->config.step_exchange(n_tokens * config_.num_experts_per_tok) == MoeExchange::kAllToAll;
+  step_all_to_all_ = all_to_all;
   // Tokens this rank owns in the MoE block (all of them on one rank or with the all-gather
   // exchange); the residual stream is replicated again by an all-gather after each layer.
   token_counts(n_tokens, all_to_all ? world_ : 1, token_counts_);
@@ -494,7 +497,7 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x) {
     routing_trace_->resize(at + static_cast<size_t>(n_tokens * k));
     ops_.copy_to_host(routing_trace_->data() + at, topk_idx.data, topk_idx.bytes());
   }
-  const bool all_to_all = par_ != nullptr && par_->config.exchange == MoeExchange::kAllToAll;
+  const bool all_to_all = step_all_to_all_;
   if (routes_on_device(n_rows, all_to_all)) return moe_block_on_device(layer, out, xn);
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
   ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());

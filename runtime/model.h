@@ -214,6 +214,7 @@ class Model {
   bool graph_collectives_ = true;    // every collective of a step can be recorded (one rank, or
                                      // stream-ordered device communicators)
   int64_t graph_steps_ = 0;          // steps run as a graph launch
+  bool step_all_to_all_ = false;     // this step's MoE exchange (ParallelConfig::step_exchange)
   int64_t serial_;                   // this model's graph namespace on a shared backend
   static std::atomic<int64_t> next_serial_;
 };

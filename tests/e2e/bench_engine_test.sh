@@ -33,11 +33,16 @@ check "phase split" grep -q "^  expert " <<<"$out"
 check "one rank json" json_ok "$work/one.json" 4 2
 
 out=$(mpirun -n 2 "$bin" bench engine --model "$work/m" --batch 1,4 --prompt-len 9 --output-len 3 \
-      --json "$work/two.json" 2>/dev/null)
+      --moe-exchange all-to-all --json "$work/two.json" 2>/dev/null)
 check "two ranks exit 0" test $? -eq 0
 check "dispatch bytes" grep -qE "^  dispatch +[1-9]" <<<"$out"
 check "two ranks json" json_ok "$work/two.json" 2 2
 check "one table" test "$(grep -c 'bench engine:' <<<"$out")" -eq 1
+# The default auto exchange: decode steps take the all-gather path (expert-group all-reduce).
+out=$(mpirun -n 2 "$bin" bench engine --model "$work/m" --batch 2 --prompt-len 9 --output-len 3 \
+      2>/dev/null)
+check "auto decodes by all-gather" grep -qE "^  ep_reduce +[1-9]" <<<"$out"
+check "auto does not dispatch decode rows" grep -qE "^  dispatch +0$" <<<"$out"
 
 out=$(mpirun -n 2 "$bin" bench engine --synthetic mixtral-8x7b --layers 1 --batch 1 --prompt-len 2 \
       --output-len 1 --moe-exchange all-gather 2>&1)

@@ -22,7 +22,7 @@ run() {  # run TAG N FLAGS...: generate under mpirun -n N, writing ids and logit
 }
 
 run single 1 || exit 1
-for layout in "2" "2 --tp 2" "2 --moe-exchange all-gather" "3" "3 --ep 1" "4 --tp 2" \
+for layout in "2" "2 --tp 2" "2 --moe-exchange all-gather" "2 --moe-exchange all-to-all" "3" "3 --ep 1" "4 --tp 2" \
               "4 --tp 4 --ep 2" "4 --moe-exchange all-gather --tp 2" "8 --tp 8" "8 --tp 2 --ep 4"; do
   set -- $layout
   tag="n$(tr ' ' '_' <<<"$layout" | tr -d '-')"

@@ -1,5 +1,6 @@
 // The expert- and tensor-parallel forward pass under mpiexec -n W, on the transformers fixtures:
-// for every (tp, ep) layout the world allows and both MoE exchanges, logits at every prompt
+// for every (tp, ep) layout the world allows and both MoE exchanges (and auto, which switches
+// between them by step size), logits at every prompt
 // position within 1e-4 relative of the single-rank run and of transformers, and identical greedy
 // tokens. Decode steps of one token leave most ranks with no tokens; a zeroed router sends every
 // token to experts 0 and 1, so one rank's experts receive everything and the others nothing.
@@ -63,11 +64,13 @@ class ParallelModel : public ::testing::Test {
   void SetUp() override { world_ = make_mpi_world_communicator(); }
 
   // Runs every prompt through the layout; returns wrong logits + wrong tokens on this rank.
-  int64_t check_layout(const fs::path& dir, const ParallelConfig& pc, bool skew) {
+  int64_t check_layout(const fs::path& dir, const ParallelConfig& pc, bool skew,
+                       ForwardProfile* profile = nullptr) {
     const ModelConfig config = ModelConfig::load(dir.string());
     auto par = ParallelContext::create(pc, *world_);
     auto ops = make_cpu_ops();
     auto model = build(dir, config, *ops, par.get(), skew);
+    model->set_profile(profile);
     auto single = skew ? build(dir, config, *ops, nullptr, true) : nullptr;
     const std::string what = dir.filename().string() + " tp " + std::to_string(pc.tp) + " ep " +
                              std::to_string(pc.ep_size()) + " " + moe_exchange_name(pc.exchange) +
@@ -117,6 +120,39 @@ TEST_F(ParallelModel, EveryLayoutMatchesSingleRankAndTransformers) {
   if (world_->rank() == 0)
     std::printf("checked %d layouts on %d ranks\n", n_layouts, world_->size());
   EXPECT_EQ(total(*world_, n_wrong), 0);
+}
+
+// The auto exchange: every (tp, ep) layout on every fixture matches transformers, and over the
+// prompts (up to 40 tokens, prefilled in one step: 80 routed rows) and their decode steps it took
+// both paths: dispatch bytes (all-to-all, the prefill steps) and expert-group all-reduce bytes
+// (all-gather, the decode steps) wherever experts are split.
+TEST_F(ParallelModel, AutoExchangeTakesAllToAllForPrefillAndAllGatherForDecode) {
+  int64_t n_wrong = 0, n_missing = 0, n_both = 0;
+  for (const auto& dir : fixture_dirs()) {
+    const ModelConfig config = ModelConfig::load(dir.string());
+    // A prompt whose prefill step routes more rows than the all-gather path takes.
+    size_t longest = 0;
+    for (const Prompt& p : load_prompts(dir, config.vocab_size))
+      longest = std::max(longest, p.ids.size());
+    const bool large_step =
+        static_cast<int64_t>(longest) * config.num_experts_per_tok > kAutoMaxRoutedRows;
+    for (ParallelConfig pc : test::parallel_layouts(world_->size(), world_->rank(), config)) {
+      if (pc.exchange != MoeExchange::kAllToAll) continue;  // one per (tp, ep)
+      pc.exchange = MoeExchange::kAuto;
+      ForwardProfile profile;
+      n_wrong += check_layout(dir, pc, false, &profile);
+      if (pc.ep_size() == 1) continue;
+      const int64_t dispatched = total(*world_, profile.bytes[ForwardProfile::kDispatchBytes] > 0);
+      const int64_t reduced = total(*world_, profile.bytes[ForwardProfile::kEpReduce] > 0);
+      n_missing += (dispatched > 0) != large_step || reduced == 0;
+      n_both += dispatched > 0 && reduced > 0;
+    }
+  }
+  if (world_->size() > 1) {
+    EXPECT_GT(n_both, 0);  // some layout took both paths
+  }
+  EXPECT_EQ(total(*world_, n_wrong), 0);
+  EXPECT_EQ(n_missing, 0);
 }
 
 TEST_F(ParallelModel, SkewedRoutingOneRankGetsEverything) {

@@ -161,7 +161,7 @@ TEST(Service, ModelInfoLayout) {
   EXPECT_EQ(m.tp(), 2u);
   EXPECT_EQ(m.ep(), 4u);
   EXPECT_EQ(m.context_limit_tokens(), 128u);
-  EXPECT_EQ(m.moe_exchange(), "all-to-all");
+  EXPECT_EQ(m.moe_exchange(), "auto");  // the default
   ASSERT_EQ(m.ranks_size(), 4);
   std::vector<uint32_t> experts;
   for (const v1::RankInfo& r : m.ranks()) {
