@@ -118,6 +118,14 @@ class NcclCommunicator final : public Communicator {
     ncclCommAbort(comm_);
   }
 
+  // The asynchronous error NCCL reports for this communicator (a peer failed), or ncclSuccess.
+  ncclResult_t async_error() const {
+    if (aborted_) return ncclSuccess;
+    ncclResult_t async = ncclSuccess;
+    const ncclResult_t rc = ncclCommGetAsyncError(comm_, &async);
+    return rc != ncclSuccess ? rc : async;
+  }
+
   void all_reduce_sum(Tensor buf) override {
     check_usable();
     check_device(buf, "all_reduce_sum", "buf");
@@ -291,16 +299,6 @@ class NcclCommunicator final : public Communicator {
     if (owns_stream_) wait();
   }
 
- public:
-  // The asynchronous error NCCL reports for this communicator (a peer failed), or ncclSuccess.
-  ncclResult_t async_error() const {
-    if (aborted_) return ncclSuccess;
-    ncclResult_t async = ncclSuccess;
-    const ncclResult_t rc = ncclCommGetAsyncError(comm_, &async);
-    return rc != ncclSuccess ? rc : async;
-  }
-
- private:
   // Waits for the stream, watching for asynchronous NCCL errors (a peer that failed) so that
   // the wait ends with an error instead of never.
   void wait() {

@@ -287,7 +287,6 @@ void Model::run_step(const StepBatch& batch) {
   const bool all_to_all =
       par_ != nullptr &&
       par_->config.step_exchange(n_tokens * config_.num_experts_per_tok) == MoeExchange::kAllToAll;
-  step_all_to_all_ = all_to_all;
   // Tokens this rank owns in the MoE block (all of them on one rank or with the all-gather
   // exchange); the residual stream is replicated again by an all-gather after each layer.
   token_counts(n_tokens, all_to_all ? world_ : 1, token_counts_);
@@ -332,7 +331,7 @@ void Model::run_step(const StepBatch& batch) {
         lap(ForwardProfile::kAttention);
         ops_.add(x, x, o);                      // residual
         ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
-        moe_block(l, o, xn, x);                 // o = moe(xn)
+        moe_block(l, o, xn, x, false);          // o = moe(xn)
         ops_.add(x, x, o);                      // residual
         continue;
       }
@@ -356,7 +355,7 @@ void Model::run_step(const StepBatch& batch) {
       }
       lap(ForwardProfile::kAttention);
       ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
-      moe_block(l, y_own, xn_own, x_own);                // y = moe(xn), all-to-all
+      moe_block(l, y_own, xn_own, x_own, true);          // y = moe(xn), all-to-all
       ops_.add(x_own, x_own, y_own);                     // residual
       par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
       if (profile_ != nullptr)
@@ -473,7 +472,7 @@ void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta
   ops_.matmul(o_.rows(0, n_tokens), attn.reshape({n_tokens, n_heads * head_dim}), L.wo);
 }
 
-void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x) {
+void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_to_all) {
   const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
   const int64_t n_tokens = xn.size(0);
   const int64_t k = config_.num_experts_per_tok;
@@ -497,7 +496,6 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x) {
     routing_trace_->resize(at + static_cast<size_t>(n_tokens * k));
     ops_.copy_to_host(routing_trace_->data() + at, topk_idx.data, topk_idx.bytes());
   }
-  const bool all_to_all = step_all_to_all_;
   if (routes_on_device(n_rows, all_to_all)) return moe_block_on_device(layer, out, xn);
   ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
   ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());

@@ -136,7 +136,9 @@ class Model {
   void run_step(const StepBatch& batch);  // every op of a step up to the logits on the device
   // `x` (F32) is the residual stream xn was normed from: with a storage dtype below fp32 the
   // router takes its own fp32 norm of it.
-  void moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x);
+  // `all_to_all`: this step's exchange (ParallelConfig::step_exchange), else all-gather or one
+  // rank.
+  void moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_to_all);
   void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
   void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
@@ -214,7 +216,6 @@ class Model {
   bool graph_collectives_ = true;    // every collective of a step can be recorded (one rank, or
                                      // stream-ordered device communicators)
   int64_t graph_steps_ = 0;          // steps run as a graph launch
-  bool step_all_to_all_ = false;     // this step's MoE exchange (ParallelConfig::step_exchange)
   int64_t serial_;                   // this model's graph namespace on a shared backend
   static std::atomic<int64_t> next_serial_;
 };

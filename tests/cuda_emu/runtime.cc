@@ -499,15 +499,23 @@ void sync_block() {
   f.waiting = 0;
 }
 
-uint64_t shfl_xor_bits(uint64_t bits, int lane_mask) {
+// The warp of the running fiber, and its lane.
+Warp& current_warp(Fiber*& f, int& lane) {
   Block& b = block();
-  Fiber& f = b.fibers[static_cast<size_t>(b.current)];
-  Warp& w = b.warps[static_cast<size_t>(f.linear / 32)];
-  const int lane = f.linear % 32;
+  f = &b.fibers[static_cast<size_t>(b.current)];
+  lane = f->linear % 32;
+  return b.warps[static_cast<size_t>(f->linear / 32)];
+}
+
+// Every lane of `w` arrives; the last one runs `last` before releasing the others. Data for the
+// rendezvous lives in buffers indexed by the generation's parity (returned), so one barrier per
+// rendezvous suffices: no lane can be two rendezvous ahead of another.
+template <typename Last>
+int warp_rendezvous(Warp& w, Fiber& f, Last last) {
   const uint64_t gen = w.gen;
   const int buf = static_cast<int>(gen & 1);
-  w.slots[buf][lane] = bits;
   if (++w.arrived == w.size) {
+    last(buf);
     w.arrived = 0;
     ++w.gen;
   } else {
@@ -516,6 +524,15 @@ uint64_t shfl_xor_bits(uint64_t bits, int lane_mask) {
     while (w.gen == gen) yield(f);
     f.waiting = 0;
   }
+  return buf;
+}
+
+uint64_t shfl_xor_bits(uint64_t bits, int lane_mask) {
+  Fiber* f = nullptr;
+  int lane = 0;
+  Warp& w = current_warp(f, lane);
+  w.slots[w.gen & 1][lane] = bits;
+  const int buf = warp_rendezvous(w, *f, [](int) {});
   int src = lane ^ lane_mask;
   if (src < 0 || src >= w.size) src = lane;
   return w.slots[buf][src];
@@ -523,27 +540,16 @@ uint64_t shfl_xor_bits(uint64_t bits, int lane_mask) {
 
 void warp_combine(const uint64_t* in, int n_in, uint64_t* out, int n_out,
                   void (*combine)(const uint64_t* in, uint64_t* out)) {
-  Block& b = block();
-  Fiber& f = b.fibers[static_cast<size_t>(b.current)];
-  Warp& w = b.warps[static_cast<size_t>(f.linear / 32)];
-  const int lane = f.linear % 32;
+  Fiber* f = nullptr;
+  int lane = 0;
+  Warp& w = current_warp(f, lane);
   if (n_in < 1 || n_in > 6 || n_out < 1 || n_out > 4 || w.size != 32) {
     note("warp_combine: a warp-wide instruction needs a full warp, at most 6 words in, 4 out");
     std::abort();
   }
-  const uint64_t gen = w.gen;
-  const int buf = static_cast<int>(gen & 1);
-  std::memcpy(w.in_words[buf] + lane * n_in, in, static_cast<size_t>(n_in) * 8);
-  if (++w.arrived == w.size) {
-    combine(w.in_words[buf], w.out_words[buf]);
-    w.arrived = 0;
-    ++w.gen;
-  } else {
-    f.waiting = 2;
-    f.wait_gen = gen;
-    while (w.gen == gen) yield(f);
-    f.waiting = 0;
-  }
+  std::memcpy(w.in_words[w.gen & 1] + lane * n_in, in, static_cast<size_t>(n_in) * 8);
+  const int buf = warp_rendezvous(
+      w, *f, [&](int last_buf) { combine(w.in_words[last_buf], w.out_words[last_buf]); });
   std::memcpy(out, w.out_words[buf] + lane * n_out, static_cast<size_t>(n_out) * 8);
 }
 

@@ -243,6 +243,17 @@ void expect_within(const std::string& what, const std::vector<float>& got,
   expect_each_within(what, got, want, row_scaled(want, row_len, budget), row_len);
 }
 
+// Attention's budget: kAttentionBudget of the largest |v| (its outputs' scale) everywhere, plus
+// kBf16Budget of the row's largest |value| for BF16 out.
+void expect_attention_within(const std::string& what, const std::vector<float>& got,
+                             const std::vector<float>& want, DType out_dtype, double v_scale,
+                             int64_t head_dim) {
+  std::vector<double> allowed =
+      row_scaled(want, head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
+  for (double& a : allowed) a += kAttentionBudget * v_scale;
+  expect_each_within(what, got, want, allowed, head_dim);
+}
+
 // Runs `call`, which must throw sy::Error whose message contains every one of `parts`.
 template <typename F>
 void expect_error(const std::string& what, F&& call, std::initializer_list<const char*> parts) {
@@ -709,12 +720,9 @@ void CudaOps::check_kv_append_and_attention(int64_t head_dim, int64_t block_size
         for (DType out_dtype : {DType::kF32, DType::kBF16}) {
           const DeviceTensor out(*gpu_, out_dtype, {n, n_heads, head_dim});
           gpu_->attention(out, gq, gk_cache, gv_cache, gmeta);
-          std::vector<double> allowed =
-              row_scaled(want[w], head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
-          for (double& a : allowed) a += kAttentionBudget * v_scale;
-          expect_each_within(
+          expect_attention_within(
               cat("attention window=", windows[w], " out ", dtype_name(out_dtype), cache, shape),
-              download(*gpu_, out), want[w], allowed, head_dim);
+              download(*gpu_, out), want[w], out_dtype, v_scale, head_dim);
         }
       }
     }
@@ -863,12 +871,9 @@ void CudaOps::check_long_decode(int64_t n_heads, int64_t n_kv_heads, int64_t hea
       for (DType out_dtype : {DType::kF32, DType::kBF16}) {
         const DeviceTensor out(*gpu_, out_dtype, {n, n_heads, head_dim});
         gpu_->attention(out, gq, gk, gv, gmeta);
-        std::vector<double> allowed =
-            row_scaled(want, head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
-        for (double& a : allowed) a += kAttentionBudget * v_scale;
-        expect_each_within(cat("long decode window=", window, " cache ", dtype_name(cache_dtype),
-                               " out ", dtype_name(out_dtype), shape),
-                           download(*gpu_, out), want, allowed, head_dim);
+        expect_attention_within(cat("long decode window=", window, " cache ",
+                                    dtype_name(cache_dtype), " out ", dtype_name(out_dtype), shape),
+                                download(*gpu_, out), want, out_dtype, v_scale, head_dim);
       }
     }
   }
@@ -964,11 +969,8 @@ void CudaOps::check_prefill(int64_t n_heads, int64_t n_kv_heads, int64_t head_di
     for (DType out_dtype : {DType::kF32, DType::kBF16}) {
       const DeviceTensor out(*gpu_, out_dtype, {n, n_heads, head_dim});
       gpu_->attention(out, gq, gk, gv, gmeta);
-      std::vector<double> allowed =
-          row_scaled(want, head_dim, out_dtype == DType::kBF16 ? kBf16Budget : 0.0);
-      for (double& a : allowed) a += kAttentionBudget * v_scale;
-      expect_each_within(cat("prefill window=", window, " out ", dtype_name(out_dtype), shape),
-                         download(*gpu_, out), want, allowed, head_dim);
+      expect_attention_within(cat("prefill window=", window, " out ", dtype_name(out_dtype), shape),
+                              download(*gpu_, out), want, out_dtype, v_scale, head_dim);
     }
   }
 }

@@ -56,6 +56,15 @@ class DeviceBuffer {
   void* data_ = nullptr;
 };
 
+// A stream of the test's own, for a stream-ordered communicator (destroyed after it).
+struct TestStream {
+  TestStream() { SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+  ~TestStream() { cudaStreamDestroy(stream); }
+  TestStream(const TestStream&) = delete;
+  TestStream& operator=(const TestStream&) = delete;
+  cudaStream_t stream = nullptr;
+};
+
 // Ranks of this job on this node, and this rank among them.
 void node_ranks(int* local_rank, int* local_size) {
   MPI_Comm node;
@@ -271,8 +280,8 @@ TEST_F(NcclCommunicatorTest, BroadcastAndSubGroups) {
 // other's results in stream order, and the host sees them after one wait for the stream.
 TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesChainWithoutWaiting) {
   const int W = nccl_->size(), me = nccl_->rank();
-  cudaStream_t stream = nullptr;
-  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const TestStream own;
+  cudaStream_t stream = own.stream;
   int64_t n_wrong = 0;
   {
     auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
@@ -298,7 +307,6 @@ TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesChainWithoutWaiting) {
       n_wrong += std::fabs(all[j] - want) > 1e-3f * std::fabs(want);
     }
   }
-  cudaStreamDestroy(stream);
   EXPECT_EQ(sum_over_ranks(n_wrong), 0);
 }
 
@@ -306,8 +314,8 @@ TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesChainWithoutWaiting) {
 // all-reduce launched twice leaves W times the sum.
 TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesRecordIntoGraphs) {
   const int W = nccl_->size(), me = nccl_->rank();
-  cudaStream_t stream = nullptr;
-  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const TestStream own;
+  cudaStream_t stream = own.stream;
   int64_t n_wrong = 0;
   {
     auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
@@ -336,7 +344,6 @@ TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesRecordIntoGraphs) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
   }
-  cudaStreamDestroy(stream);
   EXPECT_EQ(sum_over_ranks(n_wrong), 0);
 }
 
@@ -346,8 +353,8 @@ TEST_F(NcclCommunicatorTest, StreamOrderedCollectivesRecordIntoGraphs) {
 TEST_F(NcclCommunicatorTest, AsyncErrorEndsTheWait) {
   if (std::getenv("SY_CUDA_EMU_NCCL_FAIL_AFTER") == nullptr)
     GTEST_SKIP() << "needs the emulated NCCL with SY_CUDA_EMU_NCCL_FAIL_AFTER";
-  cudaStream_t stream = nullptr;
-  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const TestStream own;
+  cudaStream_t stream = own.stream;
   {
     auto ordered = make_nccl_communicator(*mpi_, nccl_device(), stream);
     DeviceBuffer d(4, DType::kF32);
@@ -361,7 +368,6 @@ TEST_F(NcclCommunicatorTest, AsyncErrorEndsTheWait) {
     }
     EXPECT_THROW(ordered->all_reduce_sum(d.view(DType::kF32, 1, 4)), Error);  // aborted
   }
-  cudaStreamDestroy(stream);
 }
 
 TEST_F(NcclCommunicatorTest, BadArgumentsAreErrors) {
