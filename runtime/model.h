@@ -117,7 +117,7 @@ class Model {
   // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
   // the CPU. The all-to-all exchange always takes the host layout (its counts travel by MPI).
   void set_device_routing(int64_t max_rows);
-  static constexpr int64_t kDeviceRouteMaxRows = 64;
+  static constexpr int64_t kDeviceRouteMaxRows = 256;
   // Appends the router's choice of every MoE block run from now on to `trace` (null detaches):
   // for each step, layer by layer, the top-k expert ids of each of the step's tokens (this
   // rank's tokens with the all-to-all exchange). For tests comparing two backends' routing; it

@@ -278,8 +278,8 @@ class CudaOps final : public Ops {
       copy_from_host(dev, key.data(), n_groups * sizeof(void*));  // ordered on the stream
       it = weight_arrays_.emplace(key, std::make_pair(dev, aligned)).first;
     }
-    cuda::grouped_rows_gemm(out, x, it->second.first, it->second.second, n_out, offsets, first,
-                            n_groups, stream_);
+    cuda::grouped_gemm_offsets(out, x, it->second.first, it->second.second, n_out, offsets, first,
+                               n_groups, sm_major_, stream_);
   }
 
   void sample(Tensor out_ids, Tensor logits, Tensor params) override {

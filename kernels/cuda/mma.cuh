@@ -68,6 +68,42 @@ __device__ __forceinline__ void store_u128(uint16_t* p, uint4 v) {
 #endif
 }
 
+// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80 and later): the
+// copy reads 16 bytes at `src` when `pred`, and writes zeros otherwise (`src` is not read).
+// Copies committed as one group complete together; cp_async_wait<N>() waits until at most N
+// groups are pending. Both pointers 16-byte aligned. On the emulator the copy happens at once,
+// so it cannot show a missing wait.
+#ifdef SY_CUDA_EMU
+inline void cp_async_16(void* dst, const void* src, bool pred) {
+  if (pred)
+    std::memcpy(dst, src, 16);
+  else
+    std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+#else
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(pred ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+#endif
+
 #ifdef SY_CUDA_EMU
 // The warp's product, once: in[lane * 6] holds a lane's a (2 words), b (1) and d (2 words, 4
 // floats); out[lane * 2] its new d.

@@ -1,5 +1,6 @@
 // The MoE layout on the GPU (Ops::moe_route), for steps that must not wait for the host, and the
-// grouped GEMM that reads each expert's row range from device memory (decode-sized steps).
+// grouped GEMM that reads each expert's row range from device memory for steps of a few rows
+// per expert (larger ones: grouped_mma.cu).
 // CPU twins: the defaults in kernels/ops.cc (a host counting sort; grouped_matmul with the
 // offsets copied to the host).
 #include <cstdint>
@@ -14,35 +15,48 @@ namespace {
 
 constexpr int64_t kMaxRouteExperts = 256;
 
-// One block. Counts per expert in shared memory, a serial scan (experts are few), then each
-// routed pair finds its row: its expert's first row plus the pairs before it with the same
-// expert (stable in token order, deterministic; quadratic in the pairs, which are few in the
-// steps that route on the device).
+// One block. Warp w takes experts w, w + 32, ...: it walks the routed pairs 32 at a time and
+// a ballot marks the lanes whose pair chose the expert. A first pass counts them, a serial scan
+// over the experts (they are few) makes the offsets, and a second pass gives each such pair its
+// row: the expert's first row, plus the pairs of the chunks before, plus the lower lanes of its
+// own chunk's ballot. Stable in token order, deterministic, linear in the pairs.
 __global__ void moe_route_kernel(int32_t* sorted_rows, float* sorted_weights, int32_t* offsets,
                                  const int32_t* topk_idx, const float* topk_weights, int64_t n_rows,
                                  int64_t k, int64_t n_experts, int64_t expert_begin,
                                  int64_t expert_end) {
   __shared__ int32_t first[kMaxRouteExperts + 1];
-  for (int64_t e = threadIdx.x; e <= n_experts; e += blockDim.x) first[e] = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < n_rows; i += blockDim.x) {
-    const int32_t e = topk_idx[i];
-    if (e >= 0 && e < n_experts) atomicAdd(&first[e + 1], 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n_warps = blockDim.x / 32;
+  for (int64_t e = warp; e < n_experts; e += n_warps) {
+    int32_t count = 0;
+    for (int64_t j0 = 0; j0 < n_rows; j0 += 32) {
+      const int64_t j = j0 + lane;
+      count += __popc(__ballot_sync(0xffffffffu, j < n_rows && topk_idx[j] == e));
+    }
+    if (lane == 0) first[e + 1] = count;
   }
   __syncthreads();
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
+    first[0] = 0;
     for (int64_t e = 0; e < n_experts; ++e) first[e + 1] += first[e];
+  }
   __syncthreads();
   for (int64_t e = threadIdx.x; e <= n_experts; e += blockDim.x) offsets[e] = first[e];
-  for (int64_t i = threadIdx.x; i < n_rows; i += blockDim.x) {
-    const int32_t e = topk_idx[i];
-    if (e < 0 || e >= n_experts) continue;
-    int32_t before = 0;
-    for (int64_t j = 0; j < i; ++j) before += topk_idx[j] == e ? 1 : 0;
-    const int32_t r = first[e] + before;
+  const unsigned lower = (1u << lane) - 1u;
+  for (int64_t e = warp; e < n_experts; e += n_warps) {
     const bool here = e >= expert_begin && e < expert_end;
-    sorted_rows[r] = here ? static_cast<int32_t>(i / k) : -1;
-    sorted_weights[r] = here ? topk_weights[i] : 0.f;
+    int32_t r = first[e];
+    for (int64_t j0 = 0; j0 < n_rows; j0 += 32) {
+      const int64_t j = j0 + lane;
+      const bool mine = j < n_rows && topk_idx[j] == e;
+      const unsigned hit = __ballot_sync(0xffffffffu, mine);
+      if (mine) {
+        const int32_t row = r + __popc(hit & lower);
+        sorted_rows[row] = here ? static_cast<int32_t>(j / k) : -1;
+        sorted_weights[row] = here ? topk_weights[j] : 0.f;
+      }
+      r += __popc(hit);
+    }
   }
 }
 
@@ -146,9 +160,9 @@ void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor
   check_launch("moe_route");
 }
 
-void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
-                       int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
-                       cudaStream_t stream) {
+void grouped_gemm_offsets(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
+                          int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
+                          int sm_major, cudaStream_t stream) {
   const int64_t K = x.size(1);
   check_float(x, "grouped_matmul_offsets.x", {-1, K});
   check_float(out, "grouped_matmul_offsets.out", {x.size(0), n_out});
@@ -159,6 +173,8 @@ void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w
            ") of ", offsets.size(0) - 1);
   if (n_groups == 0 || n_out == 0 || x.size(0) == 0) return;
   SY_CHECK(n_groups <= 65535, "grouped_matmul_offsets: ", n_groups, " groups");
+  if (x.size(0) > kRowsGemmMaxRows && grouped_mma_supported(x, w_aligned, sm_major))
+    return grouped_mma_gemm(out, x, w_device, n_out, offsets, first, n_groups, stream);
   const bool vec = x.dtype == DType::kBF16 && w_aligned && K % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
   const int warps = 8;

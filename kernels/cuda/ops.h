@@ -61,10 +61,18 @@ void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor
                Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream);
 // Ops::grouped_matmul_offsets for x and weights both BF16 or both F32: `w_device` is a device
 // array of the n_groups weight pointers ([n_out, K] each, x's dtype; `w_aligned`: all 16-byte
-// aligned).
-void grouped_rows_gemm(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
-                       int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
-                       cudaStream_t stream);
+// aligned). Steps of at most kRowsGemmMaxRows rows take the warp-per-column kernel
+// (moe_route.cu), larger ones the tensor-core kernel (grouped_mma.cu) where it runs.
+constexpr int64_t kRowsGemmMaxRows = 64;
+void grouped_gemm_offsets(Tensor out, Tensor x, const void* const* w_device, bool w_aligned,
+                          int64_t n_out, Tensor offsets, int64_t first, size_t n_groups,
+                          int sm_major, cudaStream_t stream);
+// The tensor-core kernel: whether it takes x (BF16, 16-byte aligned, K a multiple of 8) with
+// weights all 16-byte aligned on a device of compute capability `sm_major`, and its launch
+// (operands checked by the caller).
+bool grouped_mma_supported(const Tensor& x, bool w_aligned, int sm_major);
+void grouped_mma_gemm(Tensor out, Tensor x, const void* const* w_device, int64_t n_out,
+                      Tensor offsets, int64_t first, size_t n_groups, cudaStream_t stream);
 
 // The CUDA backend on device `device` (made current): cuBLAS GEMMs, the kernels above, one
 // non-blocking stream. `storage` (Ops::storage_dtype) is BF16 for serving, or F32 for a run

@@ -34,6 +34,23 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return ::sy::emu::shfl_xor(v, lane_mask);
 }
 
+// __ballot_sync over a full warp (every lane must arrive): bit l is lane l's predicate.
+inline void emu_ballot(const uint64_t* in, uint64_t* out) {
+  uint64_t bits = 0;
+  for (int lane = 0; lane < 32; ++lane) bits |= (in[lane] != 0 ? uint64_t{1} : 0) << lane;
+  for (int lane = 0; lane < 32; ++lane) out[lane] = bits;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  (void)mask;
+  const uint64_t in = pred != 0 ? 1 : 0;
+  uint64_t out = 0;
+  ::sy::emu::warp_combine(&in, 1, &out, 1, &emu_ballot);
+  return static_cast<unsigned>(out);
+}
+inline int __popc(unsigned x) {
+  return __builtin_popcount(x);
+}
+
 // Blocks run one at a time and their threads between barriers one after another, so a plain
 // read-modify-write is atomic here.
 inline int atomicAdd(int* p, int v) {

@@ -1263,7 +1263,7 @@ TEST_F(CudaOps, HostTensorsAreRefused) {
 // stable in token order, rows of experts outside the range marked -1 with weight 0.
 TEST_F(CudaOps, MoeRouteMatchesHostLayout) {
   const int64_t n_experts = 8, k = 2;
-  for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{7}, int64_t{19}, int64_t{128}}) {
+  for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{7}, int64_t{19}, int64_t{128}, int64_t{733}}) {
     for (int skew = 0; skew < 2; ++skew) {
       std::mt19937_64 rng(static_cast<uint64_t>(900 + n + skew));
       std::vector<int32_t> idx(static_cast<size_t>(n * k));
@@ -1297,11 +1297,13 @@ TEST_F(CudaOps, MoeRouteMatchesHostLayout) {
 }
 
 // grouped_matmul_offsets (row ranges read from device memory) against one CPU matmul per group;
-// groups start at an offset (first = 1), rows of no group keep their values. K = 64 takes the
-// 16-byte-load path, K = 67 the scalar one.
+// groups start at an offset (first = 1), rows of no group keep their values. Up to 64 rows the
+// warp-per-column kernel: K = 64 takes its 16-byte-load path, K = 67 the scalar one. Above, BF16
+// with K a multiple of 8 takes the tensor-core kernel: K = 72 ends in a partial stage, n = 45 in
+// a partial column tile, and one group's 300 rows span several row tiles, the last partial.
 TEST_F(CudaOps, GroupedMatmulWithDeviceOffsetsMatchesCpu) {
   const int64_t n_groups = 6, n = 45;
-  for (int64_t k : {int64_t{64}, int64_t{67}}) {
+  for (int64_t k : {int64_t{64}, int64_t{67}, int64_t{72}}) {
     std::vector<std::vector<float>> w;
     std::vector<DeviceTensor> gw;
     std::vector<Tensor> views;
@@ -1312,7 +1314,8 @@ TEST_F(CudaOps, GroupedMatmulWithDeviceOffsetsMatchesCpu) {
       views.push_back(gw.back());
     }
     for (DType out_dtype : {DType::kF32, DType::kBF16}) {
-      for (int64_t m : {int64_t{1}, int64_t{3}, int64_t{19}, int64_t{133}}) {
+      for (int64_t m :
+           {int64_t{1}, int64_t{3}, int64_t{19}, int64_t{64}, int64_t{133}, int64_t{300}}) {
         for (Routing routing : {Routing::kSpread, Routing::kOneGroup, Routing::kAllEmpty}) {
           const std::string what = cat("grouped_matmul_offsets k=", k, " ", dtype_name(out_dtype),
                                        " m=", m, " ", routing_name(routing));
