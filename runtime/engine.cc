@@ -315,7 +315,7 @@ void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, Toke
 
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
-  if (model_.parallel() != nullptr && model_.parallel()->config.world > 1) return false;
+  if (!model_.samples_on_device()) return false;
   for (const Sequence* seq : logit_seqs_)
     if (seq->params.logprobs > 0 || seq->params.sampling.repetition_penalty != 1.f) return false;
   return true;
@@ -512,7 +512,6 @@ void Engine::run_worker(Model& model, Communicator& world) {
   const ModelLimits& limits = model.limits();
   StepBatch batch;
   std::vector<int32_t> wire;
-  std::vector<float> logits(static_cast<size_t>(limits.max_logit_rows * model.config().vocab_size));
   for (;;) {
     int32_t header[4] = {0, 0, 0, 0};
     world.broadcast_idle(header, sizeof(header), 0, kIdleSleepMs);
@@ -534,7 +533,9 @@ void Engine::run_worker(Model& model, Communicator& world) {
     take(batch.token_seq, n_tokens);
     take(batch.block_tables, n_table);
     take(batch.logit_rows, n_logits);
-    model.forward(batch, logits.data());
+    // Rank 0 samples (on the host from its gathered logits, or on the device); this rank only
+    // takes part in the step's collectives, the logits' all-gather included.
+    model.forward(batch, nullptr);
   }
 }
 

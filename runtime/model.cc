@@ -183,6 +183,9 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
     sample_ids_ = c.take(DType::kI32, {R});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
+    const bool interleave = world_ > 1 && samples_on_device();
+    logits_full_ = c.take(DType::kF32, {interleave ? R : 0, config_.vocab_size});
+    logits_perm_ = c.take(DType::kI32, {interleave ? R * world_ : 0});
   };
   Carver sizing(nullptr, ops_.device());
   carve(sizing);
@@ -227,16 +230,37 @@ void Model::forward(const StepBatch& batch, float* logits) {
 }
 
 void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids) {
-  SY_CHECK(world_ == 1, "forward_sample: the logits of a parallel model are split over its ranks");
+  SY_CHECK(samples_on_device(), "forward_sample: a vocabulary of ", config_.vocab_size,
+           " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   run_step(batch);
   if (n_logits > 0) {
+    Tensor lg = logits_.rows(0, n_logits);  // [n_logits, vocab] on one rank
+    if (world_ > 1) {
+      // Block r of the gather holds rank r's columns of every row, [n_logits, width]: row i of
+      // the full logits is, as world_ rows of width columns, rows r * n_logits + i (r = 0 ..).
+      const Tensor all = logits_gather(n_logits);
+      const int64_t width = config_.vocab_size / world_;
+      host_perm_.resize(static_cast<size_t>(n_logits * world_));
+      for (int64_t i = 0; i < n_logits; ++i)
+        for (int64_t r = 0; r < world_; ++r)
+          host_perm_[static_cast<size_t>(i * world_ + r)] = static_cast<int32_t>(r * n_logits + i);
+      Tensor perm = logits_perm_.rows(0, n_logits * world_);
+      ops_.copy_from_host(perm.data, host_perm_.data(), perm.bytes());
+      lg = logits_full_.rows(0, n_logits);
+      ops_.gather_rows(lg.reshape({n_logits * world_, width}),
+                       all.reshape({world_ * n_logits, width}), perm);
+    }
     Tensor p = sample_params_.rows(0, n_logits);
     ops_.copy_from_host(p.data, params, p.bytes());
-    ops_.sample(sample_ids_.rows(0, n_logits), logits_.rows(0, n_logits), p);
+    ops_.sample(sample_ids_.rows(0, n_logits), lg, p);
     ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
   }
   lap(ForwardProfile::kOther);
+}
+
+bool Model::samples_on_device() const {
+  return world_ == 1 || config_.vocab_size % world_ == 0;
 }
 
 void Model::run_step(const StepBatch& batch) {
@@ -426,22 +450,32 @@ void Model::logits_compute(int64_t n_logits, int64_t n_tokens) {
   ops_.matmul(lg, lxn, weights_.lm_head);
 }
 
-void Model::logits_fetch(int64_t n_logits, float* logits) {
+Tensor Model::logits_gather(int64_t n_logits) {
   const int64_t n_vocab = weights_.shard.n_vocab;
   const int64_t vocab = config_.vocab_size;
-  if (n_logits == 0) return;
   Tensor lg = logits_.rows(0, n_logits);  // [n_logits, n_vocab]
-  if (world_ == 1) {
-    ops_.copy_to_host(logits, lg.data, static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
-    return;
-  }
-  // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
   vocab_counts_.resize(static_cast<size_t>(world_));
   for (int r = 0; r < world_; ++r) vocab_counts_[r] = n_logits * split_count(vocab, world_, r);
   if (profile_ != nullptr)
     profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
   Tensor all = logits_all_.rows(0, n_logits * vocab).reshape({n_logits * vocab, 1});
   par_->world->all_gather(all, lg.reshape({n_logits * n_vocab, 1}), vocab_counts_);
+  return all;
+}
+
+void Model::logits_fetch(int64_t n_logits, float* logits) {
+  const int64_t n_vocab = weights_.shard.n_vocab;
+  const int64_t vocab = config_.vocab_size;
+  if (n_logits == 0) return;
+  if (world_ == 1) {
+    if (logits != nullptr)
+      ops_.copy_to_host(logits, logits_.data,
+                        static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
+    return;
+  }
+  // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
+  const Tensor all = logits_gather(n_logits);
+  if (logits == nullptr) return;
   ops_.copy_to_host(host_logits_.data(), all.data, all.bytes());
   const float* block = host_logits_.data();
   for (int r = 0; r < world_; ++r) {

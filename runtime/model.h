@@ -97,12 +97,18 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
-  // rank. A collective when parallel.
+  // rank; null skips the copy (ranks that do not sample still take part in the collectives). A
+  // collective when parallel.
   void forward(const StepBatch& batch, float* logits);
-  // Runs one step and samples one token per logit row on the device (Ops::sample): `params`
-  // (host) [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens.
-  // Only the ids travel back to the host. One rank only (a parallel model's logits are split).
+  // Runs one step and samples one token per logit row with Ops::sample: `params` (host)
+  // [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens. Only the
+  // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
+  // (one all-gather over the world, then a row permutation) and every rank samples alike; every
+  // rank calls it or forward() for the step. Requires samples_on_device().
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids);
+  // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
+  // (vocab_size a multiple of the world size).
+  bool samples_on_device() const;
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
@@ -143,6 +149,7 @@ class Model {
   void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
   void logits_fetch(int64_t n_logits, float* logits);       // to the host, every rank's columns
+  Tensor logits_gather(int64_t n_logits);  // every rank's block into logits_all_ (parallel)
   bool routes_on_device(int64_t n_rows, bool all_to_all) const;
 
   ModelConfig config_;
@@ -192,7 +199,9 @@ class Model {
   Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
   Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
   Tensor sample_ids_;             // I32 [max_logit_rows]
-  Tensor logits_all_;  // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor logits_all_;   // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor logits_full_;  // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
+  Tensor logits_perm_;  // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
   DeviceBuffer kv_storage_;
@@ -209,6 +218,7 @@ class Model {
   std::vector<int64_t> tp_counts_;                 // [tp] the same for this attention group
   std::vector<int64_t> vocab_counts_;              // [world] logit elements of each rank's block
   std::vector<float> host_logits_;                 // [vocab * max_logit_rows] (parallel)
+  std::vector<int32_t> host_perm_;                 // logits_perm_ of the step (forward_sample)
   int64_t device_route_max_rows_ = 0;              // see set_device_routing
   std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
   std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once

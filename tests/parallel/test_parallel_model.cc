@@ -4,6 +4,7 @@
 // position within 1e-4 relative of the single-rank run and of transformers, and identical greedy
 // tokens. Decode steps of one token leave most ranks with no tokens; a zeroed router sends every
 // token to experts 0 and 1, so one rank's experts receive everything and the others nothing.
+// Sampling from the gathered vocabulary slices gives the tokens of sampling the host's logits.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -182,6 +183,50 @@ TEST_F(ParallelModel, EachRankHoldsItsShareOfTheExperts) {
   EXPECT_EQ(w.expert_bytes, per_expert * mine);
   // The shares add up to the whole model's experts exactly once.
   EXPECT_EQ(total(*world_, mine), config.num_local_experts);
+}
+
+// forward_sample on W ranks gathers the vocabulary slices and samples from the whole rows: the
+// same tokens, on every rank, as sampling forward()'s logits of the same step (the step run
+// twice writes the same KV entries). Rows mix greedy, temperature with top-k, top-p and min-p,
+// and draws across [0, 1), so a row assembled from the wrong columns picks other tokens.
+TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
+  const fs::path dir = fixture_dirs().front();
+  const ModelConfig config = ModelConfig::load(dir.string());
+  std::vector<Prompt> prompts = load_prompts(dir, config.vocab_size);
+  const Prompt p =
+      *std::max_element(prompts.begin(), prompts.end(),
+                        [](const auto& a, const auto& b) { return a.ids.size() < b.ids.size(); });
+  const int64_t n = static_cast<int64_t>(p.ids.size());
+  for (const ParallelConfig& pc : test::parallel_layouts(world_->size(), world_->rank(), config)) {
+    auto par = ParallelContext::create(pc, *world_);
+    auto ops = make_cpu_ops();
+    auto model = build(dir, config, *ops, par.get(), false);
+    ASSERT_TRUE(model->samples_on_device());  // 384 columns split evenly over 1..4 and 8 ranks
+    StepBatch batch;
+    batch.n_seqs = 1;
+    for (int64_t b = 0; b < model->limits().max_blocks_per_seq; ++b)
+      batch.block_tables.push_back(static_cast<int32_t>(b));
+    std::vector<float> params;
+    for (int64_t t = 0; t < n; ++t) {
+      batch.tokens.push_back(p.ids[static_cast<size_t>(t)]);
+      batch.positions.push_back(static_cast<int32_t>(t));
+      batch.token_seq.push_back(0);
+      batch.logit_rows.push_back(static_cast<int32_t>(t));
+      const float u = static_cast<float>(std::fmod(0.137 * static_cast<double>(t + 1), 1.0));
+      const int kind = static_cast<int>(t % 4);
+      params.insert(params.end(), {kind == 0 ? 0.f : 0.9f, kind == 1 ? 20.f : 0.f,
+                                   kind == 2 ? 0.9f : 1.f, kind == 3 ? 0.05f : 0.f, u, 0.f});
+    }
+    std::vector<float> logits(static_cast<size_t>(n * config.vocab_size));
+    model->forward(batch, logits.data());
+    std::vector<int32_t> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), -1);
+    ops->sample(Tensor(want.data(), DType::kI32, {n}),
+                Tensor(logits.data(), DType::kF32, {n, config.vocab_size}),
+                Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
+    model->forward_sample(batch, params.data(), got.data());
+    EXPECT_EQ(got, want) << "tp " << pc.tp << " ep " << pc.ep_size() << " "
+                         << moe_exchange_name(pc.exchange);
+  }
 }
 
 TEST_F(ParallelModel, ImpossibleLayoutIsAClearError) {
