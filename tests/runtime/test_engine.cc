@@ -163,15 +163,37 @@ TEST(Engine, FullQueueIsResourceExhausted) {
   s.loop = std::thread([&] { s.engine->run(); });  // now the accepted ones complete
 }
 
+// Cancels its request when its first token arrives (sinks are called without the engine's
+// lock), so the cancellation lands while the request runs however fast the steps are.
+class CancelOnFirstToken : public Collector,
+                           public std::enable_shared_from_this<CancelOnFirstToken> {
+ public:
+  void submit(Engine& engine, const RequestParams& p) {
+    std::lock_guard<std::mutex> lock(id_mu_);  // events wait until the id is known
+    engine_ = &engine;
+    id_ = engine.submit(p, shared_from_this());
+  }
+  void on_event(RequestEvent e) override {
+    const bool first = !e.token_ids.empty() && !cancelled_;
+    Collector::on_event(std::move(e));
+    if (first) {
+      std::lock_guard<std::mutex> lock(id_mu_);
+      engine_->cancel(id_);
+      cancelled_ = true;
+    }
+  }
+
+ private:
+  std::mutex id_mu_;
+  Engine* engine_ = nullptr;
+  uint64_t id_ = 0;
+  bool cancelled_ = false;  // touched by the engine's thread only
+};
+
 TEST(Engine, CancelAndDeadlineFreeBlocks) {
   Served s(64);
-  auto a = std::make_shared<Collector>();
-  const uint64_t id = s.engine->submit(request(prompt_of(20, 1), 100), a);
-  while (true) {
-    std::lock_guard<std::mutex> lock(a->mu);
-    if (!a->tokens.empty()) break;
-  }
-  s.engine->cancel(id);
+  auto a = std::make_shared<CancelOnFirstToken>();
+  a->submit(*s.engine, request(prompt_of(20, 1), 100));
   a->wait();
   EXPECT_EQ(a->finish, FinishReason::kCancelled);
   EXPECT_LT(a->tokens.size(), 100u);
