@@ -9,6 +9,12 @@
 //   draw    the largest key T whose prefix holds more than u x (the kept probability): its token
 // Probabilities are fp64 as in the twin; only the order of summation differs, which moves a cut
 // only when u or top_p falls within ~1e-15 of a boundary.
+//
+// A search only ever raises its lower bound, and keys below it never count again. Once at most
+// kCompact keys lie at or above the bound, the block copies them and their probabilities into
+// shared memory (in a fixed order, so sums stay deterministic) and every later pass whose keys
+// all lie above that floor walks the copy instead of the vocabulary: for the usual peaked rows
+// most of the ~190 passes touch a few hundred keys, not tens of thousands, and compute no exp.
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
@@ -18,6 +24,7 @@ namespace sy::cuda {
 namespace {
 
 constexpr int kThreads = 1024;
+constexpr int kCompact = 2048;  // keys the shared-memory copy holds
 using u64 = unsigned long long;
 
 __device__ __forceinline__ u64 key_of(float score, int64_t id) {
@@ -54,61 +61,139 @@ __global__ void __launch_bounds__(kThreads)
   const double max_s = score(id_of(top));
   auto p = [&](int64_t i) { return exp(static_cast<double>(score(i)) - max_s); };
 
-  // The largest T in [lo, hi] with pred(T) (pred(lo) holds, pred is monotone).
-  auto search = [&](u64 lo, u64 hi, auto pred) {
+  // The copy of the keys >= c_floor (when compacted): ck/cp hold n_c keys and probabilities.
+  __shared__ u64 ck[kCompact];
+  __shared__ double cp[kCompact];
+  __shared__ int32_t counts[kThreads];
+  __shared__ int32_t warp_counts[kThreads / 32];
+  bool compacted = false;  // block-uniform, as are the two below
+  u64 c_floor = 0;
+  int32_t n_c = 0;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Copies the keys >= floor (at most kCompact of them): thread t's in its order, after those of
+  // threads < t, so the copy's order is a function of the row alone.
+  auto compact = [&](u64 floor) {
+    int32_t mine = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) mine += key_of(score(i), i) >= floor;
+    counts[threadIdx.x] = mine;
+    __syncthreads();
+    int32_t before = 0, warp_total = 0;
+    for (int l = 0; l < 32; ++l) {
+      const int32_t c = counts[warp * 32 + l];
+      before += l < lane ? c : 0;
+      warp_total += c;
+    }
+    if (lane == 0) warp_counts[warp] = warp_total;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    int32_t total_n = 0;
+    for (int w = 0; w < kThreads / 32; ++w) total_n += warp_counts[w];
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const u64 k = key_of(score(i), i);
+      if (k >= floor) {
+        ck[before] = k;
+        cp[before] = p(i);
+        ++before;
+      }
+    }
+    __syncthreads();
+    compacted = true;
+    c_floor = floor;
+    n_c = total_n;
+  };
+  // Whether a pass over the keys >= t can walk the copy.
+  auto in_copy = [&](u64 t) { return compacted && t >= c_floor; };
+
+  // The largest T in [lo, hi] with pred(T) (pred(lo) holds, pred is monotone); pred counts the
+  // keys >= max(T, floor) it looked at into `seen`. A raised bound with few enough keys at or
+  // above it makes the copy.
+  u64 seen = 0;
+  auto search = [&](u64 lo, u64 hi, u64 floor, auto pred) {
     while (lo < hi) {
       const u64 mid = lo + (hi - lo) / 2 + ((hi - lo) & 1);  // rounds up, cannot overflow
-      if (pred(mid))
+      if (pred(mid)) {
         lo = mid;
-      else
+        const u64 bound = lo > floor ? lo : floor;
+        if (!in_copy(bound) && seen <= static_cast<u64>(kCompact)) compact(bound);
+      } else {
         hi = mid - 1;
+      }
     }
     return lo;
   };
   auto count_at_least = [&](u64 t) {
     u64 c = 0;
-    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) c += key_of(score(i), i) >= t ? 1 : 0;
-    return block_reduce(c, ksh, SumOp{}, u64{0});
+    if (in_copy(t)) {
+      for (int32_t j = threadIdx.x; j < n_c; j += kThreads) c += ck[j] >= t ? 1 : 0;
+    } else {
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) c += key_of(score(i), i) >= t;
+    }
+    seen = block_reduce(c, ksh, SumOp{}, u64{0});
+    return seen;
   };
   // Sum of p over the keys >= max(t, floor_key) whose probability p / norm is at least
   // `threshold` (the top always counts); norm = 1 and threshold < 0 count every key.
   auto mass_at_least = [&](u64 t, u64 floor_key, double threshold, double norm) {
+    const u64 bound = t > floor_key ? t : floor_key;
     double s = 0;
-    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const u64 k = key_of(score(i), i);
-      if (k >= t && k >= floor_key) {
-        const double pi = p(i);
-        if (k == top || pi / norm >= threshold) s += pi;
+    u64 c = 0;
+    if (in_copy(bound)) {
+      for (int32_t j = threadIdx.x; j < n_c; j += kThreads) {
+        const u64 k = ck[j];
+        if (k >= bound) {
+          ++c;
+          if (k == top || cp[j] / norm >= threshold) s += cp[j];
+        }
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+        const u64 k = key_of(score(i), i);
+        if (k >= bound) {
+          ++c;
+          const double pi = p(i);
+          if (k == top || pi / norm >= threshold) s += pi;
+        }
       }
     }
+    seen = block_reduce(c, ksh, SumOp{}, u64{0});
     return block_reduce(s, dsh, SumOp{}, 0.0);
   };
 
   // top-k
   u64 cut = 0;
   if (top_k > 0 && top_k < vocab)
-    cut = search(0, top, [&](u64 t) { return count_at_least(t) >= static_cast<u64>(top_k); });
+    cut = search(0, top, 0, [&](u64 t) { return count_at_least(t) >= static_cast<u64>(top_k); });
   const double total = mass_at_least(0, cut, -1.0, 1.0);
   // top-p: the shortest prefix with probability >= top_p
   if (top_p < 1.f)
-    cut =
-        search(cut, top, [&](u64 t) { return mass_at_least(t, cut, -1.0, 1.0) / total >= top_p; });
+    cut = search(cut, top, cut,
+                 [&](u64 t) { return mass_at_least(t, cut, -1.0, 1.0) / total >= top_p; });
   // min-p: probability >= min_p x the top's (the top's p is exp(0) = 1), as the twin compares
   const double threshold = min_p > 0.f ? min_p * (1.0 / total) : -1.0;
   const double kept = mass_at_least(0, cut, threshold, total);
   const double target = u * kept;
   // The draw: the last key whose prefix still holds more than `target`.
-  const u64 chosen =
-      search(cut, top, [&](u64 t) { return mass_at_least(t, cut, threshold, total) > target; });
+  const u64 chosen = search(
+      cut, top, cut, [&](u64 t) { return mass_at_least(t, cut, threshold, total) > target; });
   // `chosen` is a key of the kept set unless rounding left no prefix above target; then the
   // twin takes the last kept token: the smallest kept key.
   u64 smallest = ~0ull;
   bool found = false;
-  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-    const u64 k = key_of(score(i), i);
-    if (k >= cut && (k == top || p(i) / total >= threshold)) {
-      smallest = min(smallest, k);
-      found = found || k == chosen;
+  if (in_copy(cut)) {
+    for (int32_t j = threadIdx.x; j < n_c; j += kThreads) {
+      const u64 k = ck[j];
+      if (k >= cut && (k == top || cp[j] / total >= threshold)) {
+        smallest = min(smallest, k);
+        found = found || k == chosen;
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const u64 k = key_of(score(i), i);
+      if (k >= cut && (k == top || p(i) / total >= threshold)) {
+        smallest = min(smallest, k);
+        found = found || k == chosen;
+      }
     }
   }
   smallest = ~block_reduce(~smallest, ksh, MaxOp{}, u64{0});
