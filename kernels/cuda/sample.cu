@@ -78,9 +78,9 @@ __global__ void __launch_bounds__(kThreads)
     counts[threadIdx.x] = mine;
     __syncthreads();
     int32_t before = 0, warp_total = 0;
-    for (int l = 0; l < 32; ++l) {
-      const int32_t c = counts[warp * 32 + l];
-      before += l < lane ? c : 0;
+    for (int other = 0; other < 32; ++other) {
+      const int32_t c = counts[warp * 32 + other];
+      before += other < lane ? c : 0;
       warp_total += c;
     }
     if (lane == 0) warp_counts[warp] = warp_total;
@@ -103,6 +103,19 @@ __global__ void __launch_bounds__(kThreads)
   };
   // Whether a pass over the keys >= t can walk the copy.
   auto in_copy = [&](u64 t) { return compacted && t >= c_floor; };
+  // Calls f(key, prob) for this thread's keys >= bound, from the copy when it holds them all;
+  // prob() is the key's probability (an exp on the vocabulary path, so called only if needed).
+  auto visit = [&](u64 bound, auto f) {
+    if (in_copy(bound)) {
+      for (int32_t j = threadIdx.x; j < n_c; j += kThreads)
+        if (ck[j] >= bound) f(ck[j], [&] { return cp[j]; });
+    } else {
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+        const u64 k = key_of(score(i), i);
+        if (k >= bound) f(k, [&] { return p(i); });
+      }
+    }
+  };
 
   // The largest T in [lo, hi] with pred(T) (pred(lo) holds, pred is monotone); pred counts the
   // keys >= max(T, floor) it looked at into `seen`. A raised bound with few enough keys at or
@@ -123,38 +136,20 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto count_at_least = [&](u64 t) {
     u64 c = 0;
-    if (in_copy(t)) {
-      for (int32_t j = threadIdx.x; j < n_c; j += kThreads) c += ck[j] >= t ? 1 : 0;
-    } else {
-      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) c += key_of(score(i), i) >= t;
-    }
+    visit(t, [&](u64, auto) { ++c; });
     seen = block_reduce(c, ksh, SumOp{}, u64{0});
     return seen;
   };
   // Sum of p over the keys >= max(t, floor_key) whose probability p / norm is at least
   // `threshold` (the top always counts); norm = 1 and threshold < 0 count every key.
   auto mass_at_least = [&](u64 t, u64 floor_key, double threshold, double norm) {
-    const u64 bound = t > floor_key ? t : floor_key;
     double s = 0;
     u64 c = 0;
-    if (in_copy(bound)) {
-      for (int32_t j = threadIdx.x; j < n_c; j += kThreads) {
-        const u64 k = ck[j];
-        if (k >= bound) {
-          ++c;
-          if (k == top || cp[j] / norm >= threshold) s += cp[j];
-        }
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-        const u64 k = key_of(score(i), i);
-        if (k >= bound) {
-          ++c;
-          const double pi = p(i);
-          if (k == top || pi / norm >= threshold) s += pi;
-        }
-      }
-    }
+    visit(t > floor_key ? t : floor_key, [&](u64 k, auto prob) {
+      ++c;
+      const double pi = prob();
+      if (k == top || pi / norm >= threshold) s += pi;
+    });
     seen = block_reduce(c, ksh, SumOp{}, u64{0});
     return block_reduce(s, dsh, SumOp{}, 0.0);
   };
@@ -179,23 +174,12 @@ __global__ void __launch_bounds__(kThreads)
   // twin takes the last kept token: the smallest kept key.
   u64 smallest = ~0ull;
   bool found = false;
-  if (in_copy(cut)) {
-    for (int32_t j = threadIdx.x; j < n_c; j += kThreads) {
-      const u64 k = ck[j];
-      if (k >= cut && (k == top || cp[j] / total >= threshold)) {
-        smallest = min(smallest, k);
-        found = found || k == chosen;
-      }
+  visit(cut, [&](u64 k, auto prob) {
+    if (k == top || prob() / total >= threshold) {
+      smallest = min(smallest, k);
+      found = found || k == chosen;
     }
-  } else {
-    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const u64 k = key_of(score(i), i);
-      if (k >= cut && (k == top || p(i) / total >= threshold)) {
-        smallest = min(smallest, k);
-        found = found || k == chosen;
-      }
-    }
-  }
+  });
   smallest = ~block_reduce(~smallest, ksh, MaxOp{}, u64{0});
   const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), ksh, SumOp{}, u64{0});
   if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
