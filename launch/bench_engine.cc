@@ -279,6 +279,18 @@ int run_bench_engine(const BenchEngineArgs& a) {
 
   std::mt19937_64 rng(a.seed);
   std::vector<float> logits(static_cast<size_t>(max_b * config.vocab_size));
+  // Each step ends as the engine's does: on GPUs (Engine::sample_on_device) rank 0 samples on
+  // the device, greedily here, and only the ids come back; elsewhere it takes the logits to the
+  // host. The other ranks only join the collectives.
+  const bool device_sampling = !on_cpu && model.samples_on_device();
+  const std::vector<float> greedy(static_cast<size_t>(max_b * Ops::kSampleParams), 0.f);
+  std::vector<int32_t> sampled(static_cast<size_t>(max_b));
+  auto forward = [&](const StepBatch& b) {
+    if (device_sampling && root)
+      model.forward_sample(b, greedy.data(), sampled.data());
+    else
+      model.forward(b, root ? logits.data() : nullptr);
+  };
   StepBatch batch;
   ForwardProfile prefill_profile, decode_profile;
   for (const Case& c : cases) {
@@ -305,7 +317,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
           budget -= take;
         }
         build_step(batch, tokens, ranges, limits, blocks_per_seq, true, len);
-        model.forward(batch, logits.data());
+        forward(batch);
         while (s < done.size() && done[s] == len) ++s;
       }
     };
@@ -313,7 +325,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
       for (int64_t i = 0; i < steps; ++i) {
         std::vector<std::pair<int64_t, int64_t>> ranges(tokens.size(), {from + i, from + i + 1});
         build_step(batch, tokens, ranges, limits, blocks_per_seq, true, from + i + 1);
-        model.forward(batch, logits.data());
+        forward(batch);
       }
     };
     // Warm-up (untimed): a short prefill, then two decode steps of the timed steps' shape, so
