@@ -22,6 +22,15 @@ float dot(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// y += a * x, 8 elements at a time: a fixed inner count over pointers that do not alias, which
+// the compiler vectorises at -O2 (each element is computed as before).
+void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int i = 0; i < 8; ++i) y[d + i] += a * x[d + i];
+  for (; d < n; ++d) y[d] += a * x[d];
+}
+
 }  // namespace
 
 void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta) {
@@ -80,7 +89,7 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
       for (int64_t j = 0; j < n_ctx; ++j) {
         const float p = scores[j] / sum;
         const float* vh = v_cache.f32() + slots[j] * row + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vh[d];
+        axpy(oh, vh, p, head_dim);
       }
     }
   }
