@@ -282,7 +282,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
   // Each step ends as the engine's does: on GPUs (Engine::sample_on_device) rank 0 samples on
   // the device, greedily here, and only the ids come back; elsewhere it takes the logits to the
   // host. The other ranks only join the collectives.
-  const bool device_sampling = !on_cpu && model.samples_on_device();
+  const bool device_sampling = !on_cpu && model.forward_sample_supported();
   const std::vector<float> greedy(static_cast<size_t>(max_b * Ops::kSampleParams), 0.f);
   std::vector<int32_t> sampled(static_cast<size_t>(max_b));
   auto forward = [&](const StepBatch& b) {

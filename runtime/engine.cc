@@ -315,7 +315,7 @@ void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, Toke
 
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
-  if (!model_.samples_on_device()) return false;
+  if (!model_.forward_sample_supported()) return false;
   for (const Sequence* seq : logit_seqs_)
     if (seq->params.logprobs > 0 || seq->params.sampling.repetition_penalty != 1.f) return false;
   return true;

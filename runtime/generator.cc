@@ -103,7 +103,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   // On GPUs the model samples on the device and only the token comes back (every rank samples
   // alike; rank 0's token is broadcast); the repetition penalty needs the context and stays on
   // the host.
-  const bool on_device = model.ops().device() != Device::kCpu && model.samples_on_device() &&
+  const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported() &&
                          options.sampling.repetition_penalty == 1.f;
   float params[Ops::kSampleParams] = {};
   int32_t device_next = -1;  // sampled by the last decode step on the device

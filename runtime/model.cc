@@ -183,7 +183,7 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
     sample_ids_ = c.take(DType::kI32, {R});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
-    const bool interleave = world_ > 1 && samples_on_device();
+    const bool interleave = world_ > 1 && forward_sample_supported();
     logits_full_ = c.take(DType::kF32, {interleave ? R : 0, config_.vocab_size});
     logits_perm_ = c.take(DType::kI32, {interleave ? R * world_ : 0});
   };
@@ -230,7 +230,7 @@ void Model::forward(const StepBatch& batch, float* logits) {
 }
 
 void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids) {
-  SY_CHECK(samples_on_device(), "forward_sample: a vocabulary of ", config_.vocab_size,
+  SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
            " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   run_step(batch);
@@ -241,12 +241,18 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
       // the full logits is, as world_ rows of width columns, rows r * n_logits + i (r = 0 ..).
       const Tensor all = logits_gather(n_logits);
       const int64_t width = config_.vocab_size / world_;
-      host_perm_.resize(static_cast<size_t>(n_logits * world_));
-      for (int64_t i = 0; i < n_logits; ++i)
-        for (int64_t r = 0; r < world_; ++r)
-          host_perm_[static_cast<size_t>(i * world_ + r)] = static_cast<int32_t>(r * n_logits + i);
+      // The permutation depends on n_logits alone: uploaded when it changes (decode steps of
+      // one batch size reuse it).
       Tensor perm = logits_perm_.rows(0, n_logits * world_);
-      ops_.copy_from_host(perm.data, host_perm_.data(), perm.bytes());
+      if (perm_rows_ != n_logits) {
+        host_perm_.resize(static_cast<size_t>(n_logits * world_));
+        for (int64_t i = 0; i < n_logits; ++i)
+          for (int64_t r = 0; r < world_; ++r)
+            host_perm_[static_cast<size_t>(i * world_ + r)] =
+                static_cast<int32_t>(r * n_logits + i);
+        ops_.copy_from_host(perm.data, host_perm_.data(), perm.bytes());
+        perm_rows_ = n_logits;
+      }
       lg = logits_full_.rows(0, n_logits);
       ops_.gather_rows(lg.reshape({n_logits * world_, width}),
                        all.reshape({world_ * n_logits, width}), perm);
@@ -259,7 +265,7 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
   lap(ForwardProfile::kOther);
 }
 
-bool Model::samples_on_device() const {
+bool Model::forward_sample_supported() const {
   return world_ == 1 || config_.vocab_size % world_ == 0;
 }
 

@@ -104,11 +104,11 @@ class Model {
   // [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens. Only the
   // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
   // (one all-gather over the world, then a row permutation) and every rank samples alike; every
-  // rank calls it or forward() for the step. Requires samples_on_device().
+  // rank calls it or forward() for the step. Requires forward_sample_supported().
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids);
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
-  bool samples_on_device() const;
+  bool forward_sample_supported() const;
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
@@ -218,7 +218,8 @@ class Model {
   std::vector<int64_t> tp_counts_;                 // [tp] the same for this attention group
   std::vector<int64_t> vocab_counts_;              // [world] logit elements of each rank's block
   std::vector<float> host_logits_;                 // [vocab * max_logit_rows] (parallel)
-  std::vector<int32_t> host_perm_;                 // logits_perm_ of the step (forward_sample)
+  std::vector<int32_t> host_perm_;                 // logits_perm_ on the host (forward_sample)
+  int64_t perm_rows_ = -1;                         // the logit rows logits_perm_ is made for
   int64_t device_route_max_rows_ = 0;              // see set_device_routing
   std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
   std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once

@@ -201,7 +201,8 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     auto par = ParallelContext::create(pc, *world_);
     auto ops = make_cpu_ops();
     auto model = build(dir, config, *ops, par.get(), false);
-    ASSERT_TRUE(model->samples_on_device());  // 384 columns split evenly over 1..4 and 8 ranks
+    ASSERT_TRUE(
+        model->forward_sample_supported());  // 384 columns split evenly over 1..4 and 8 ranks
     StepBatch batch;
     batch.n_seqs = 1;
     for (int64_t b = 0; b < model->limits().max_blocks_per_seq; ++b)
@@ -223,9 +224,19 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     ops->sample(Tensor(want.data(), DType::kI32, {n}),
                 Tensor(logits.data(), DType::kF32, {n, config.vocab_size}),
                 Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
+    const std::string what =
+        detail::concat("tp ", pc.tp, " ep ", pc.ep_size(), " ", moe_exchange_name(pc.exchange));
     model->forward_sample(batch, params.data(), got.data());
-    EXPECT_EQ(got, want) << "tp " << pc.tp << " ep " << pc.ep_size() << " "
-                         << moe_exchange_name(pc.exchange);
+    EXPECT_EQ(got, want) << what;
+    // Fewer logit rows (the first half: another row permutation), then all of them again.
+    batch.logit_rows.resize(static_cast<size_t>(n / 2));
+    std::vector<int32_t> half(static_cast<size_t>(n / 2), -1);
+    model->forward_sample(batch, params.data(), half.data());
+    EXPECT_EQ(half, std::vector<int32_t>(want.begin(), want.begin() + n / 2)) << what << " half";
+    for (int64_t t = n / 2; t < n; ++t) batch.logit_rows.push_back(static_cast<int32_t>(t));
+    std::fill(got.begin(), got.end(), -1);
+    model->forward_sample(batch, params.data(), got.data());
+    EXPECT_EQ(got, want) << what << " again";
   }
 }
 
