@@ -58,7 +58,7 @@ void add_layout_flags(CLI::App* cmd, int& tp, int& ep, std::string& moe_exchange
   cmd->add_option("--ep", ep, "Expert-parallel ranks (divides the world; 0 = the world)")
       ->capture_default_str();
   cmd->add_option("--moe-exchange", moe_exchange,
-                  "all-to-all, all-gather, or auto (all-gather for steps of at most 64 routed "
+                  "all-to-all, all-gather, or auto (all-gather for steps of at most 256 routed "
                   "rows, all-to-all above)")
       ->capture_default_str();
 }

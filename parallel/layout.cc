@@ -21,7 +21,7 @@ const char* moe_exchange_name(MoeExchange exchange) {
 
 MoeExchange ParallelConfig::step_exchange(int64_t n_routed_rows) const {
   if (exchange != MoeExchange::kAuto) return exchange;
-  return n_routed_rows <= kAutoMaxRoutedRows ? MoeExchange::kAllGather : MoeExchange::kAllToAll;
+  return n_routed_rows <= auto_max_routed_rows ? MoeExchange::kAllGather : MoeExchange::kAllToAll;
 }
 
 MoeExchange parse_moe_exchange(const std::string& name) {
@@ -33,6 +33,8 @@ MoeExchange parse_moe_exchange(const std::string& name) {
 
 void ParallelConfig::validate(const ModelConfig& c) const {
   SY_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " of a world of ", world);
+  SY_CHECK(auto_max_routed_rows >= 0, "auto exchange limit of ", auto_max_routed_rows,
+           " routed rows is negative");
   SY_CHECK(tp >= 1 && world % tp == 0, "--tp ", tp, " must divide the world size ", world);
   SY_CHECK(c.num_key_value_heads % tp == 0, "--tp ", tp,
            " must divide num_key_value_heads = ", c.num_key_value_heads);

@@ -20,11 +20,12 @@ struct ModelConfig;
 // How the MoE block reaches the experts of other ranks (docs/architecture.md):
 //   kAllToAll  sequence-parallel tokens, dispatched to their experts' ranks and combined back
 //   kAllGather every rank routes every token to its own experts; the expert group all-reduces
-//   kAuto      per step: all-gather for steps of at most kAutoMaxRoutedRows routed rows (decode:
-//              no host layout, so on GPUs the step routes on the device and records as a graph),
-//              all-to-all for larger ones (prefill: each token's row travels to two ranks only)
+//   kAuto      per step: all-gather for steps of at most kAutoMaxRoutedRows routed rows (decode
+//              batches up to 128 at top-2: no host layout, so on GPUs the step routes on the
+//              device and records as a graph, Model::kDeviceRouteMaxRows), all-to-all for larger
+//              ones (prefill: each token's row travels to its experts' ranks only)
 enum class MoeExchange { kAllToAll, kAllGather, kAuto };
-constexpr int64_t kAutoMaxRoutedRows = 64;  // tokens x top-k
+constexpr int64_t kAutoMaxRoutedRows = 256;  // tokens x top-k
 const char* moe_exchange_name(MoeExchange exchange);
 MoeExchange parse_moe_exchange(const std::string& name);
 
@@ -34,6 +35,7 @@ struct ParallelConfig {
   int tp = 1;     // T: ranks sharing one attention layer's heads (divides W and the KV heads)
   int ep = 0;     // E: ranks sharing one set of experts (divides W); 0 = W
   MoeExchange exchange = MoeExchange::kAuto;
+  int64_t auto_max_routed_rows = kAutoMaxRoutedRows;  // kAuto's all-gather limit (tests lower it)
   // The exchange a step of `n_routed_rows` (tokens x top-k) uses: kAllToAll or kAllGather.
   MoeExchange step_exchange(int64_t n_routed_rows) const;
 

@@ -8,6 +8,9 @@ namespace sy {
 
 std::atomic<int64_t> Model::next_serial_{1};
 
+// The auto exchange's decode steps route on the device, so they record as graphs on GPUs.
+static_assert(kAutoMaxRoutedRows <= Model::kDeviceRouteMaxRows);
+
 void ModelLimits::validate() const {
   SY_CHECK(max_tokens > 0, "limits: max_tokens must be positive, got ", max_tokens);
   SY_CHECK(max_seqs > 0 && max_seqs <= max_tokens, "limits: max_seqs ", max_seqs,

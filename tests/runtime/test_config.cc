@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "parallel/layout.h"
 #include "runtime/config.h"
 
 namespace sy {
@@ -128,6 +129,48 @@ TEST(ModelConfig, MalformedJsonNamesTheFile) {
               std::string::npos);
   }
   EXPECT_THROW(ModelConfig::load("/nonexistent/model"), Error);
+}
+
+// The rank layout's exchange choice per step, and its bad values named.
+TEST(ParallelConfig, AutoExchangeByRoutedRowsAndBadLayouts) {
+  const ModelConfig c = ModelConfig::from_json(kMixtral8x7b, "m/config.json");
+  ParallelConfig pc;
+  pc.world = 8;
+  pc.validate(c);
+  EXPECT_EQ(pc.step_exchange(2), MoeExchange::kAllGather);    // decode, batch 1
+  EXPECT_EQ(pc.step_exchange(256), MoeExchange::kAllGather);  // decode, batch 128
+  EXPECT_EQ(pc.step_exchange(258), MoeExchange::kAllToAll);
+  pc.auto_max_routed_rows = 0;
+  EXPECT_EQ(pc.step_exchange(2), MoeExchange::kAllToAll);
+  pc.exchange = MoeExchange::kAllGather;
+  EXPECT_EQ(pc.step_exchange(100000), MoeExchange::kAllGather);
+  EXPECT_EQ(parse_moe_exchange("all-to-all"), MoeExchange::kAllToAll);
+  EXPECT_STREQ(moe_exchange_name(MoeExchange::kAuto), "auto");
+
+  const auto expect_error = [&](ParallelConfig bad, const std::string& message) {
+    try {
+      bad.validate(c);
+      ADD_FAILURE() << "accepted a layout that should fail with " << message;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+    }
+  };
+  ParallelConfig bad = pc;
+  bad.auto_max_routed_rows = -1;
+  expect_error(bad, "auto exchange limit of -1 routed rows is negative");
+  bad = pc;
+  bad.tp = 3;
+  expect_error(bad, "--tp 3 must divide the world size 8");
+  bad = pc;
+  bad.world = 16;
+  bad.ep = 16;
+  expect_error(bad, "--ep 16 exceeds the 8 experts");
+  try {
+    parse_moe_exchange("ring");
+    ADD_FAILURE() << "accepted --moe-exchange ring";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("\"ring\" is not all-to-all"), std::string::npos);
+  }
 }
 
 }  // namespace
