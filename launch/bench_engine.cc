@@ -165,6 +165,9 @@ void add_bench_engine(CLI::App& bench, BenchEngineArgs& a) {
   cmd->add_option("--mem-bandwidth-gbs", a.mem_bandwidth_gbs,
                   "Memory bandwidth of the whole job in GB/s for the roofline (0 = measure)")
       ->capture_default_str();
+  cmd->add_option("--peak-gflops", a.peak_gflops,
+                  "GEMM rate of the whole job in GFLOP/s for %flops (0 = measure)")
+      ->capture_default_str();
   cmd->add_option("--json", a.json, "Write every sample as JSON to this file");
 }
 
@@ -175,6 +178,9 @@ int run_bench_engine(const BenchEngineArgs& a) {
   for (int64_t v : a.batch) SY_CHECK(v >= 1, "--batch ", v, " must be >= 1");
   for (int64_t v : a.prompt_len) SY_CHECK(v >= 1, "--prompt-len ", v, " must be >= 1");
   for (int64_t v : a.output_len) SY_CHECK(v >= 1, "--output-len ", v, " must be >= 1");
+  SY_CHECK(a.mem_bandwidth_gbs >= 0, "--mem-bandwidth-gbs ", a.mem_bandwidth_gbs,
+           " must be >= 0 (0 = measure)");
+  SY_CHECK(a.peak_gflops >= 0, "--peak-gflops ", a.peak_gflops, " must be >= 0 (0 = measure)");
   a.backend.validate();
 
   std::unique_ptr<MpiEnv> env;
@@ -235,12 +241,16 @@ int run_bench_engine(const BenchEngineArgs& a) {
   // Machine figures, measured once: every rank at the same time, summed (the job's aggregate).
   if (world) world->barrier();
   const bool on_cpu = ops->device() == Device::kCpu;
-  const double bw_rank = on_cpu ? measure_bandwidth() : measure_device_bandwidth(*ops);
-  const double flops_rank = on_cpu ? measure_flops() : measure_device_flops(*ops);
-  double bw = 0, peak_flops = 0;
-  for (double v : gather_all(world.get(), {bw_rank})) bw += v;
-  for (double v : gather_all(world.get(), {flops_rank})) peak_flops += v;
-  if (a.mem_bandwidth_gbs > 0) bw = a.mem_bandwidth_gbs * 1e9;
+  // A figure given on the command line is not measured (every rank sees the same flags).
+  double bw = a.mem_bandwidth_gbs * 1e9, peak_flops = a.peak_gflops * 1e9;
+  if (bw <= 0) {
+    const double bw_rank = on_cpu ? measure_bandwidth() : measure_device_bandwidth(*ops);
+    for (double v : gather_all(world.get(), {bw_rank})) bw += v;
+  }
+  if (peak_flops <= 0) {
+    const double flops_rank = on_cpu ? measure_flops() : measure_device_flops(*ops);
+    for (double v : gather_all(world.get(), {flops_rank})) peak_flops += v;
+  }
 
   const int64_t E = config.num_local_experts, L = config.num_hidden_layers;
   const int64_t dim = config.hidden_size;
@@ -251,10 +261,11 @@ int run_bench_engine(const BenchEngineArgs& a) {
                 pc.tp, pc.ep_size(), moe_exchange_name(pc.exchange), backend.description.c_str(),
                 dtype_name(ops->storage_dtype()));
     std::printf(
-        "# weights %.2f GiB on rank 0, made in %.1f s; measured: memory %.1f GB/s, %s GEMM %.1f "
-        "GFLOP/s (all ranks)\n",
-        weight_bytes / double(1 << 30), load_s, bw / 1e9, dtype_name(ops->storage_dtype()),
-        peak_flops / 1e9);
+        "# weights %.2f GiB on rank 0, made in %.1f s; memory %.1f GB/s (%s), %s GEMM %.1f "
+        "GFLOP/s (%s; all ranks)\n",
+        weight_bytes / double(1 << 30), load_s, bw / 1e9,
+        a.mem_bandwidth_gbs > 0 ? "given" : "measured", dtype_name(ops->storage_dtype()),
+        peak_flops / 1e9, a.peak_gflops > 0 ? "given" : "measured");
   }
 
   json out;

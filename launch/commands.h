@@ -116,6 +116,7 @@ struct BenchEngineArgs {
   int64_t max_batch_tokens = 1024;  // prefill tokens per step
   uint64_t seed = 1;                // weights and tokens
   double mem_bandwidth_gbs = 0;     // the job's memory bandwidth; 0 = measure
+  double peak_gflops = 0;           // the job's GEMM rate; 0 = measure
   std::string json;                 // every sample as JSON (rank 0); empty: no file
 };
 struct BenchServeArgs {
