@@ -65,6 +65,8 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
   const ModelConfig& c = options.config;
   c.validate();
   std::filesystem::create_directories(dir);
+  // The tokenizer first: a vocabulary too small for it fails before any weight is written.
+  train_tokenizer(corpus, static_cast<int>(c.vocab_size), dir + "/tokenizer.model");
   Normal normal(options.seed);
   const DType dtype = c.torch_dtype;
   std::vector<Owned> tensors;
@@ -136,7 +138,6 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
              "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"bos_token\": \"<s>\",\n"
              "  \"eos_token\": \"</s>\",\n  \"unk_token\": \"<unk>\",\n  \"add_bos_token\": true,\n"
              "  \"add_eos_token\": false,\n  \"legacy\": true\n}\n");
-  train_tokenizer(corpus, static_cast<int>(c.vocab_size), dir + "/tokenizer.model");
 }
 
 }  // namespace sy

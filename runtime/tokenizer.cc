@@ -19,6 +19,7 @@
 #include <sentencepiece_trainer.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <unordered_map>
@@ -320,8 +321,17 @@ void train_tokenizer(const std::string& corpus, int vocab_size, const std::strin
   LineIterator lines(corpus);
   std::string model;
   const auto status = sentencepiece::SentencePieceTrainer::Train(options, &lines, &model);
-  SY_CHECK(status.ok(), "train_tokenizer: training for ", model_path,
-           " failed: ", status.ToString());
+  if (!status.ok()) {
+    // The usual cause, a vocabulary smaller than the fixed pieces (3 specials, 256 bytes) and
+    // the corpus's characters: sentencepiece ends its message with "<size> vs <needed>.".
+    const std::string message(status.message());
+    const size_t vs = message.rfind(" vs ");
+    if (message.find("smaller than required_chars") != std::string::npos && vs != std::string::npos)
+      SY_FAIL("train_tokenizer: a vocabulary of ", vocab_size,
+              " is too small for this corpus: its characters and the fixed pieces need at least ",
+              std::atoi(message.c_str() + vs + 4));
+    SY_FAIL("train_tokenizer: training for ", model_path, " failed: ", status.ToString());
+  }
   std::ofstream out(model_path, std::ios::binary | std::ios::trunc);
   SY_CHECK(out.good(), "train_tokenizer: cannot write ", model_path);
   out.write(model.data(), static_cast<std::streamsize>(model.size()));

@@ -324,7 +324,15 @@ TEST_F(TrainTokenizer, RejectsImpossibleRequests) {
   const std::string path = (dir_ / "a" / "tokenizer.model").string();
   EXPECT_THROW(train_tokenizer("", 384, path), Error);
   EXPECT_THROW(train_tokenizer(corpus_, 0, path), Error);
-  EXPECT_THROW(train_tokenizer(corpus_, 100, path), Error);  // fewer than the 259 fixed pieces
+  try {  // fewer than the 259 fixed pieces and the corpus's characters
+    train_tokenizer(corpus_, 100, path);
+    ADD_FAILURE() << "trained a vocabulary of 100";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("a vocabulary of 100 is too small for this corpus: its "
+                                         "characters and the fixed pieces need at least 3"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(train_tokenizer(corpus_, 384, (dir_ / "missing" / "t.model").string()), Error);
 }
 
