@@ -248,8 +248,9 @@ class Progress {
 
 class Driver {
  public:
-  Driver(const BenchServeArgs& a, v1::Switchyard::Stub& stub, int64_t vocab_size)
-      : a_(a), stub_(stub), vocab_size_(vocab_size), lengths_(a) {}
+  Driver(const BenchServeArgs& a, std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs,
+         int64_t vocab_size)
+      : a_(a), stubs_(stubs), vocab_size_(vocab_size), lengths_(a) {}
 
   Run run(const std::string& mode, double value, uint64_t seed) {
     std::mt19937_64 rng(seed);
@@ -343,7 +344,8 @@ class Driver {
     Sample sample;
     sample.prompt_tokens = prompt_len;
     sample.max_tokens = output_len;
-    auto stream = std::make_unique<Stream>(stub_, sink_, std::move(request), std::move(sample));
+    v1::Switchyard::Stub& stub = *stubs_[next_stub_++ % stubs_.size()];
+    auto stream = std::make_unique<Stream>(stub, sink_, std::move(request), std::move(sample));
     Stream* key = stream.get();
     live_.emplace(key, std::move(stream));
   }
@@ -399,7 +401,8 @@ class Driver {
   }
 
   const BenchServeArgs& a_;
-  v1::Switchyard::Stub& stub_;
+  std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs_;  // one per channel
+  size_t next_stub_ = 0;
   int64_t vocab_size_;
   Lengths lengths_;
   Sink sink_;
@@ -496,6 +499,9 @@ void add_bench_serve(CLI::App& bench, BenchServeArgs& a) {
                   "Goodput: time per output token at most (0 = any)")
       ->capture_default_str();
   cmd->add_option("--seed", a.seed, "Arrivals, lengths and prompt tokens")->capture_default_str();
+  cmd->add_option("--channels", a.channels,
+                  "gRPC connections to the server; requests go round-robin over them")
+      ->capture_default_str();
   cmd->add_option("--json", a.json, "Write every sample as JSON to this file");
 }
 
@@ -505,10 +511,18 @@ int run_bench_serve(const BenchServeArgs& a) {
   for (int64_t c : a.concurrency) SY_CHECK(c >= 1, "--concurrency ", c, " must be >= 1");
   SY_CHECK(a.duration_s > 0, "--duration-s ", a.duration_s, " must be > 0");
   SY_CHECK(a.warmup_s >= 0, "--warmup-s ", a.warmup_s, " must be >= 0");
+  SY_CHECK(a.channels >= 1 && a.channels <= 256, "--channels ", a.channels, " must be in [1, 256]");
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(a.target, grpc::InsecureChannelCredentials());
-  std::unique_ptr<v1::Switchyard::Stub> stub = v1::Switchyard::NewStub(channel);
+  // Channels with the same arguments share one connection (gRPC's global subchannel pool): a
+  // local pool per channel gives each its own.
+  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs;
+  for (int64_t i = 0; i < a.channels; ++i) {
+    grpc::ChannelArguments args;
+    if (a.channels > 1) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    stubs.push_back(v1::Switchyard::NewStub(
+        grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), args)));
+  }
+  v1::Switchyard::Stub* stub = stubs.front().get();
   v1::ModelInfo info;
   {
     grpc::ClientContext context;
@@ -518,7 +532,7 @@ int run_bench_serve(const BenchServeArgs& a) {
     SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", a.target, ": ",
              status_code_name(status.error_code()), ": ", status.error_message());
   }
-  Driver driver(a, *stub, info.vocab_size());
+  Driver driver(a, stubs, info.vocab_size());
   const int64_t max_total = Lengths(a).max_total();
   SY_CHECK(max_total <= info.context_limit_tokens(), "bench serve: prompt + output of ", max_total,
            " tokens exceeds the server's context limit of ", info.context_limit_tokens());
@@ -535,9 +549,10 @@ int run_bench_serve(const BenchServeArgs& a) {
                 ", output " +
                 (a.output_len_range.empty() ? std::to_string(a.output_len) : a.output_len_range);
   std::printf(
-      "# %s, lengths %s tokens, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu\n",
+      "# %s, lengths %s tokens, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu, "
+      "%lld channel%s\n",
       open_loop ? "open loop (Poisson arrivals)" : "closed loop", lengths.c_str(), a.warmup_s,
-      a.duration_s, (unsigned long long)a.seed);
+      a.duration_s, (unsigned long long)a.seed, (long long)a.channels, a.channels > 1 ? "s" : "");
   std::fflush(stdout);  // the header before the progress lines on stderr
 
   std::vector<Run> runs;
@@ -562,6 +577,7 @@ int run_bench_serve(const BenchServeArgs& a) {
                 {"slo_ttft_ms", a.slo_ttft_ms},
                 {"slo_tpot_ms", a.slo_tpot_ms},
                 {"seed", a.seed},
+                {"channels", a.channels},
                 {"runs", json::array()}};
     for (const Run& r : runs) {
       json errors = json::object();

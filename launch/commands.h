@@ -133,6 +133,7 @@ struct BenchServeArgs {
   double slo_ttft_ms = 0;                  // goodput: time to first token at most; 0 = any
   double slo_tpot_ms = 0;                  // goodput: time per output token at most; 0 = any
   uint64_t seed = 1;                       // arrivals, lengths and prompt tokens
+  int64_t channels = 1;                    // gRPC connections, requests round-robin over them
   std::string json;                        // every sample as JSON; empty: no file
 };
 struct BenchArgs {

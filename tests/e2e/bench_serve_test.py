@@ -4,11 +4,12 @@
 Starts the server on a tiny model on a free port (always killed at the end), then runs
 
   bench serve --concurrency 1,4 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --json F
-  bench serve --rate 20 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8
+  bench serve --rate 20 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --channels 3
 
 and checks: both tables carry their columns, every sweep value has completed > 0 and 0 errors,
 each request in the JSON received exactly output-len tokens, percentiles are ordered
-(p50 <= p90 <= p99). If matplotlib imports, launch/plot_bench.py must write PNG files for the
+(p50 <= p90 <= p99); with --channels 3 the bench process holds 3 TCP connections to the server
+while it measures (1 without); --channels 0 is refused. If matplotlib imports, launch/plot_bench.py must write PNG files for the
 serve JSON and for a `bench engine --json` file.
 
 Usage: bench_serve_test.py --bin SWITCHYARD --work DIR [--ranks N]
@@ -110,15 +111,53 @@ def check_json(path, values):
             check(f"{tag}: {key} p50 <= p90 <= p99", st["p50"] <= st["p90"] <= st["p99"], str(st))
 
 
+def connections(pid, port):
+    """Established TCP connections of process `pid` to `port` (its sockets in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    n = 0
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"]:
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                remote_port = int(cols[2].split(":")[1], 16)
+                if cols[3] == "01" and remote_port == port and cols[9] in inodes:
+                    n += 1
+    return n
+
+
 def run_bench(args, target, extra, name):
+    """Runs bench serve; returns its stdout and the most connections it held to the server."""
     cmd = [args.bin, "bench", "serve", "--target", target, "--prompt-len", "8", "--output-len",
            str(OUTPUT_LEN), "--warmup-s", "1", "--duration-s", "3"] + extra
     print(f"# {name}: {' '.join(cmd[1:])}", flush=True)
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
-    print(r.stdout, end="", flush=True)
-    check(f"{name}: exit 0", r.returncode == 0, r.stderr[-500:])
-    check(f"{name}: progress on stderr", "measuring" in r.stderr, r.stderr[-300:])
-    return r.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = int(target.rsplit(":", 1)[1])
+    most = 0
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            most = max(most, connections(proc.pid, port))
+        except OSError:  # the process ended meanwhile
+            pass
+        time.sleep(0.2)
+    try:
+        out, err = proc.communicate(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    print(out, end="", flush=True)
+    check(f"{name}: exit 0", proc.returncode == 0, err[-500:])
+    check(f"{name}: progress on stderr", "measuring" in err, err[-300:])
+    return out, most
 
 
 def main():
@@ -149,12 +188,20 @@ def main():
     try:
         wait_serving(args.bin, target, server)
         serve_json = os.path.join(args.work, "serve.json")
-        out = run_bench(args, target, ["--concurrency", "1,4", "--json", serve_json],
-                        "concurrency")
+        out, most = run_bench(args, target, ["--concurrency", "1,4", "--json", serve_json],
+                              "concurrency")
         check_output("concurrency", out, 2)
         check_json(serve_json, [1, 4])
-        out = run_bench(args, target, ["--rate", "20", "--seed", "3"], "rate")
+        check("one channel: one connection", most == 1, f"{most} connections")
+        out, most = run_bench(args, target, ["--rate", "20", "--seed", "3", "--channels", "3"],
+                              "rate")
         check_output("rate", out, 1)
+        check("three channels: three connections", most == 3, f"{most} connections")
+        check("three channels: in the header", "seed 3, 3 channels" in out)
+        r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
+                            "--channels", "0"], capture_output=True, text=True, timeout=30)
+        check("--channels 0 refused", r.returncode != 0 and "--channels 0 must be in" in r.stderr,
+              r.stderr[-300:])
 
         try:
             import matplotlib  # noqa: F401
