@@ -316,8 +316,10 @@ void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, Toke
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
   if (!model_.forward_sample_supported()) return false;
+  // The repetition penalty needs the context on the host; logprobs come from the few rows that
+  // ask for them (forward_sample's copy_rows).
   for (const Sequence* seq : logit_seqs_)
-    if (seq->params.logprobs > 0 || seq->params.sampling.repetition_penalty != 1.f) return false;
+    if (seq->params.sampling.repetition_penalty != 1.f) return false;
   return true;
 }
 
@@ -469,9 +471,13 @@ void Engine::run() {
         // and draw, in the same stream as on the host.
         sample_params_.resize(logit_seqs_.size() * Ops::kSampleParams);
         sampled_.resize(logit_seqs_.size());
-        for (size_t i = 0; i < logit_seqs_.size(); ++i)
+        logprob_rows_.clear();
+        for (size_t i = 0; i < logit_seqs_.size(); ++i) {
           logit_seqs_[i]->sampler->device_params(sample_params_.data() + i * Ops::kSampleParams);
-        model_.forward_sample(batch_, sample_params_.data(), sampled_.data());
+          if (logit_seqs_[i]->params.logprobs > 0) logprob_rows_.push_back(static_cast<int32_t>(i));
+        }
+        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), logprob_rows_,
+                              logits_.data());
         process_logits(sampled_.data());
       } else {
         model_.forward(batch_, logits_.data());

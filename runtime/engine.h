@@ -173,6 +173,7 @@ class Engine {
   std::vector<float> logits_;          // [max_running, vocab]
   std::vector<float> sample_params_;   // [max_running, Ops::kSampleParams] (device sampling)
   std::vector<int32_t> sampled_;       // [max_running]
+  std::vector<int32_t> logprob_rows_;  // logit rows whose sequence asks for logprobs
   std::chrono::steady_clock::time_point start_;
 };
 

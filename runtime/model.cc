@@ -232,10 +232,14 @@ void Model::forward(const StepBatch& batch, float* logits) {
   lap(ForwardProfile::kOther);
 }
 
-void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids) {
+void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
+                           const std::vector<int32_t>& copy_rows, float* logits) {
   SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
            " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
+  SY_CHECK(copy_rows.empty() || logits != nullptr, "forward_sample: rows to copy and no buffer");
+  for (int32_t r : copy_rows)
+    SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logit row ", r, " to copy of ", n_logits);
   run_step(batch);
   if (n_logits > 0) {
     Tensor lg = logits_.rows(0, n_logits);  // [n_logits, vocab] on one rank
@@ -264,6 +268,9 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     ops_.copy_from_host(p.data, params, p.bytes());
     ops_.sample(sample_ids_.rows(0, n_logits), lg, p);
     ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
+    const int64_t vocab = config_.vocab_size;
+    for (int32_t r : copy_rows)
+      ops_.copy_to_host(logits + r * vocab, lg.rows(r, 1).data, static_cast<size_t>(vocab) * 4);
   }
   lap(ForwardProfile::kOther);
 }

@@ -105,7 +105,10 @@ class Model {
   // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
   // (one all-gather over the world, then a row permutation) and every rank samples alike; every
   // rank calls it or forward() for the step. Requires forward_sample_supported().
-  void forward_sample(const StepBatch& batch, const float* params, int32_t* ids);
+  // `copy_rows` (ascending logit-row indices; may be empty) also come back to the host: row i
+  // into `logits` + i * vocab, as forward() would put it (for logprobs of those rows only).
+  void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
+                      const std::vector<int32_t>& copy_rows = {}, float* logits = nullptr);
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;

@@ -17,7 +17,8 @@ namespace sy::test {
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a small paged cache): prompts of 1 to 30
 // tokens, greedy and seeded sampling mixed, one request with logprobs. Each must get the tokens
-// generate() gives it alone on the CPU.
+// generate() gives it alone on the CPU, and the logprobs request the top-3 log-probabilities a
+// CPU engine gives it alone.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
   const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
   const ModelConfig config = ModelConfig::load(dir);
@@ -52,7 +53,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.top_p = 0.95f;
       p.sampling.seed = static_cast<uint64_t>(100 + i);
     }
-    if (i == 5) p.logprobs = 2;  // its steps sample on the host
+    if (i == 5) p.logprobs = 3;  // sampled, and its logit rows come back for the logprobs
     reqs.push_back(p);
     sinks.push_back(std::make_shared<Collector>());
     engine.submit(p, sinks.back());
@@ -68,6 +69,32 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   }
   engine.drain();
   loop.join();
+
+  // The logprobs request alone through an engine on the CPU: the same tokens and, per token,
+  // the same top ids and log-probabilities within 1e-4 (backends of fp32 storage).
+  LoadedModel ref_model = load_model(dir, config, limits, false);
+  Engine ref(*ref_model.model, *tokenizer, options, nullptr);
+  std::thread ref_loop([&] { ref.run(); });
+  auto alone = std::make_shared<Collector>();
+  ref.submit(reqs[5], alone);
+  alone->wait();
+  ref.drain();
+  ref_loop.join();
+  const Collector& got = *sinks[5];
+  ASSERT_EQ(got.logprobs.size(), got.tokens.size());
+  ASSERT_EQ(alone->logprobs.size(), got.logprobs.size());
+  for (size_t t = 0; t < got.logprobs.size(); ++t) {
+    const TokenLogprobs &a = got.logprobs[t], &b = alone->logprobs[t];
+    EXPECT_EQ(a.token_id, got.tokens[t]);
+    EXPECT_EQ(a.token_id, b.token_id);
+    EXPECT_NEAR(a.logprob, b.logprob, 1e-4) << "token " << t;
+    ASSERT_EQ(a.top.size(), 3u);
+    ASSERT_EQ(b.top.size(), 3u);
+    for (size_t j = 0; j < 3; ++j) {
+      EXPECT_EQ(a.top[j].token_id, b.top[j].token_id) << "token " << t << " top " << j;
+      EXPECT_NEAR(a.top[j].logprob, b.top[j].logprob, 1e-4) << "token " << t << " top " << j;
+    }
+  }
 }
 
 }  // namespace sy::test
