@@ -238,8 +238,25 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     EXPECT_EQ(half, std::vector<int32_t>(want.begin(), want.begin() + n / 2)) << what << " half";
     for (int64_t t = n / 2; t < n; ++t) batch.logit_rows.push_back(static_cast<int32_t>(t));
     std::fill(got.begin(), got.end(), -1);
-    model->forward_sample(batch, params.data(), got.data());
+    // With two rows' logits back on the host (for logprobs): exactly forward()'s, the other
+    // rows untouched.
+    const int64_t V = config.vocab_size;
+    std::vector<float> copied(logits.size(), -7.f);
+    const std::vector<int32_t> rows = {1, static_cast<int32_t>(n - 1)};
+    model->forward_sample(batch, params.data(), got.data(), rows, copied.data());
     EXPECT_EQ(got, want) << what << " again";
+    for (int64_t t = 0; t < n; ++t) {
+      const bool asked = t == 1 || t == n - 1;
+      const std::vector<float> row(copied.begin() + t * V, copied.begin() + (t + 1) * V);
+      if (asked)
+        EXPECT_EQ(row, std::vector<float>(logits.begin() + t * V, logits.begin() + (t + 1) * V))
+            << what << " copied row " << t;
+      else
+        EXPECT_EQ(row, std::vector<float>(static_cast<size_t>(V), -7.f)) << what << " row " << t;
+    }
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {static_cast<int32_t>(n)},
+                                       copied.data()),
+                 Error);
   }
 }
 
