@@ -315,12 +315,7 @@ void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, Toke
 
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
-  if (!model_.forward_sample_supported()) return false;
-  // The repetition penalty needs the context on the host; logprobs come from the few rows that
-  // ask for them (forward_sample's copy_rows).
-  for (const Sequence* seq : logit_seqs_)
-    if (seq->params.sampling.repetition_penalty != 1.f) return false;
-  return true;
+  return model_.forward_sample_supported();
 }
 
 void Engine::process_logits(const int32_t* sampled) {
@@ -331,7 +326,8 @@ void Engine::process_logits(const int32_t* sampled) {
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
     Sequence& seq = *logit_seqs_[i];
     const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
-    const int32_t next = sampled != nullptr ? sampled[i] : seq.sampler->sample(row, seq.tokens);
+    const bool here = sampled == nullptr || seq.params.sampling.repetition_penalty != 1.f;
+    const int32_t next = here ? seq.sampler->sample(row, seq.tokens) : sampled[i];
     seq.tokens.push_back(next);
     if (seq.n_generated() == 1) seq.first_token = now;
     RequestEvent event;
@@ -468,15 +464,18 @@ void Engine::run() {
       const int64_t generated = static_cast<int64_t>(logit_seqs_.size());
       if (sample_on_device()) {
         // Only the tokens come back from the GPU: each sequence's sampler gives its parameters
-        // and draw, in the same stream as on the host.
-        sample_params_.resize(logit_seqs_.size() * Ops::kSampleParams);
+        // and draw, in the same stream as on the host. A row with a repetition penalty is
+        // sampled greedily there (its token unused) and again here from its copied logits.
+        sample_params_.assign(logit_seqs_.size() * Ops::kSampleParams, 0.f);
         sampled_.resize(logit_seqs_.size());
-        logprob_rows_.clear();
+        host_rows_.clear();
         for (size_t i = 0; i < logit_seqs_.size(); ++i) {
-          logit_seqs_[i]->sampler->device_params(sample_params_.data() + i * Ops::kSampleParams);
-          if (logit_seqs_[i]->params.logprobs > 0) logprob_rows_.push_back(static_cast<int32_t>(i));
+          const Sequence& seq = *logit_seqs_[i];
+          const bool penalty = seq.params.sampling.repetition_penalty != 1.f;
+          if (!penalty) seq.sampler->device_params(sample_params_.data() + i * Ops::kSampleParams);
+          if (penalty || seq.params.logprobs > 0) host_rows_.push_back(static_cast<int32_t>(i));
         }
-        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), logprob_rows_,
+        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), host_rows_,
                               logits_.data());
         process_logits(sampled_.data());
       } else {

@@ -142,9 +142,11 @@ class Engine {
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
+  // Rows of sequences with a repetition penalty are always sampled here, from logits_.
   void process_logits(const int32_t* sampled);
-  // True when this step's tokens can be sampled on the device: a GPU model on one rank, and no
-  // sequence of the step wants logprobs or a repetition penalty (both need the logits here).
+  // True when this step samples on the device: a GPU model whose ranks' vocabulary slices are
+  // equal. The rows that need their logits here (logprobs, a repetition penalty, which needs
+  // the context) come back alone (Model::forward_sample's copy_rows).
   bool sample_on_device() const;
   void validate(const RequestParams& params) const;
 
@@ -173,7 +175,7 @@ class Engine {
   std::vector<float> logits_;          // [max_running, vocab]
   std::vector<float> sample_params_;   // [max_running, Ops::kSampleParams] (device sampling)
   std::vector<int32_t> sampled_;       // [max_running]
-  std::vector<int32_t> logprob_rows_;  // logit rows whose sequence asks for logprobs
+  std::vector<int32_t> host_rows_;     // logit rows copied back (logprobs, repetition penalty)
   std::chrono::steady_clock::time_point start_;
 };
 

@@ -16,7 +16,8 @@ namespace sy::test {
 
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a small paged cache): prompts of 1 to 30
-// tokens, greedy and seeded sampling mixed, one request with logprobs. Each must get the tokens
+// tokens, greedy and seeded sampling mixed, one request with logprobs, two with a repetition
+// penalty. Each must get the tokens
 // generate() gives it alone on the CPU, and the logprobs request the top-3 log-probabilities a
 // CPU engine gives it alone.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
@@ -54,6 +55,9 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.seed = static_cast<uint64_t>(100 + i);
     }
     if (i == 5) p.logprobs = 3;  // sampled, and its logit rows come back for the logprobs
+    // A repetition penalty, sampled and greedy: on GPUs these rows are sampled on the host.
+    if (i == 7) p.sampling.repetition_penalty = 1.3f;
+    if (i == 8) p.sampling.repetition_penalty = 1.2f;
     reqs.push_back(p);
     sinks.push_back(std::make_shared<Collector>());
     engine.submit(p, sinks.back());
