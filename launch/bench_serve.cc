@@ -248,7 +248,8 @@ class Progress {
 
 class Driver {
  public:
-  Driver(const BenchServeArgs& a, std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs,
+  // `stubs`: one per channel (at least one), requests round-robin over them.
+  Driver(const BenchServeArgs& a, const std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs,
          int64_t vocab_size)
       : a_(a), stubs_(stubs), vocab_size_(vocab_size), lengths_(a) {}
 
@@ -401,7 +402,7 @@ class Driver {
   }
 
   const BenchServeArgs& a_;
-  std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs_;  // one per channel
+  const std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs_;
   size_t next_stub_ = 0;
   int64_t vocab_size_;
   Lengths lengths_;
@@ -522,13 +523,13 @@ int run_bench_serve(const BenchServeArgs& a) {
     stubs.push_back(v1::Switchyard::NewStub(
         grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), args)));
   }
-  v1::Switchyard::Stub* stub = stubs.front().get();
   v1::ModelInfo info;
   {
     grpc::ClientContext context;
     set_timeout(context, 30);
     context.set_wait_for_ready(true);
-    const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+    const grpc::Status status =
+        stubs.front()->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
     SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", a.target, ": ",
              status_code_name(status.error_code()), ": ", status.error_message());
   }

@@ -326,7 +326,7 @@ void Engine::process_logits(const int32_t* sampled) {
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
     Sequence& seq = *logit_seqs_[i];
     const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
-    const bool here = sampled == nullptr || seq.params.sampling.repetition_penalty != 1.f;
+    const bool here = sampled == nullptr || !seq.sampler->samples_on_device();
     const int32_t next = here ? seq.sampler->sample(row, seq.tokens) : sampled[i];
     seq.tokens.push_back(next);
     if (seq.n_generated() == 1) seq.first_token = now;
@@ -470,10 +470,11 @@ void Engine::run() {
         sampled_.resize(logit_seqs_.size());
         host_rows_.clear();
         for (size_t i = 0; i < logit_seqs_.size(); ++i) {
-          const Sequence& seq = *logit_seqs_[i];
-          const bool penalty = seq.params.sampling.repetition_penalty != 1.f;
-          if (!penalty) seq.sampler->device_params(sample_params_.data() + i * Ops::kSampleParams);
-          if (penalty || seq.params.logprobs > 0) host_rows_.push_back(static_cast<int32_t>(i));
+          Sampler& sampler = *logit_seqs_[i]->sampler;
+          const bool device = sampler.samples_on_device();
+          if (device) sampler.device_params(sample_params_.data() + i * Ops::kSampleParams);
+          if (!device || logit_seqs_[i]->params.logprobs > 0)
+            host_rows_.push_back(static_cast<int32_t>(i));
         }
         model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), host_rows_,
                               logits_.data());

@@ -104,7 +104,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   // alike; rank 0's token is broadcast); the repetition penalty needs the context and stays on
   // the host.
   const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported() &&
-                         options.sampling.repetition_penalty == 1.f;
+                         sampler.samples_on_device();
   float params[Ops::kSampleParams] = {};
   int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;

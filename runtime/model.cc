@@ -270,7 +270,8 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
     const int64_t vocab = config_.vocab_size;
     for (int32_t r : copy_rows)
-      ops_.copy_to_host(logits + r * vocab, lg.rows(r, 1).data, static_cast<size_t>(vocab) * 4);
+      ops_.copy_to_host(logits + r * vocab, lg.rows(r, 1).data,
+                        static_cast<size_t>(vocab) * sizeof(float));
   }
   lap(ForwardProfile::kOther);
 }

@@ -61,8 +61,7 @@ double Sampler::draw() {
 }
 
 void Sampler::device_params(float* out) {
-  SY_CHECK(params_.repetition_penalty == 1.f,
-           "device sampling: the repetition penalty is applied on the host");
+  SY_CHECK(samples_on_device(), "device sampling: the repetition penalty is applied on the host");
   const double u = params_.temperature == 0.f ? 0.0 : draw();
   const float hi = static_cast<float>(u);
   out[0] = params_.temperature;

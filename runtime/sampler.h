@@ -33,6 +33,8 @@ class Sampler {
   // temperature is not 0): out[Ops::kSampleParams]. Only without a repetition penalty (which
   // needs the context, so it samples on the host).
   void device_params(float* out);
+  // Whether Ops::sample can take this sampler's tokens (device_params): no repetition penalty.
+  bool samples_on_device() const { return params_.repetition_penalty == 1.f; }
   const SamplingParams& params() const { return params_; }
 
  private:

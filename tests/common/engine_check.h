@@ -17,9 +17,8 @@ namespace sy::test {
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a small paged cache): prompts of 1 to 30
 // tokens, greedy and seeded sampling mixed, one request with logprobs, two with a repetition
-// penalty. Each must get the tokens
-// generate() gives it alone on the CPU, and the logprobs request the top-3 log-probabilities a
-// CPU engine gives it alone.
+// penalty. Each must get the tokens generate() gives it alone on the CPU, and the logprobs
+// request the top-3 log-probabilities a CPU engine gives it alone.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
   const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
   const ModelConfig config = ModelConfig::load(dir);
