@@ -187,6 +187,10 @@ int info(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   std::printf("  %-26s %.1f\n", "uptime_s", s.uptime_s());
   std::printf("  %-26s %llu\n", "requests_completed",
               static_cast<unsigned long long>(s.requests_completed()));
+  std::printf("  %-26s %llu\n", "requests_cancelled",
+              static_cast<unsigned long long>(s.requests_cancelled()));
+  std::printf("  %-26s %llu\n", "requests_deadline_exceeded",
+              static_cast<unsigned long long>(s.requests_deadline_exceeded()));
   std::printf("  %-26s %llu\n", "steps", static_cast<unsigned long long>(s.steps()));
   std::printf("  %-26s %s\n", "draining", s.draining() ? "yes" : "no");
   return 0;

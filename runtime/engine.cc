@@ -156,9 +156,11 @@ uint64_t Engine::submit(RequestParams params, std::shared_ptr<RequestSink> sink)
   return id;
 }
 
-void Engine::cancel(uint64_t id) {
+void Engine::cancel(uint64_t id, FinishReason reason) {
+  SY_CHECK(reason == FinishReason::kCancelled || reason == FinishReason::kDeadline,
+           "cancel: a request ends CANCELLED or at its deadline");
   std::lock_guard<std::mutex> lock(mu_);
-  cancelled_.push_back(id);
+  cancelled_.emplace_back(id, reason);
   wake_.notify_one();
 }
 
@@ -197,6 +199,12 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
     // Before the last event goes out, so a client that sees it also sees the blocks freed.
     std::lock_guard<std::mutex> lock(mu_);
     stats_.kv_blocks_used = blocks_.n_total() - blocks_.n_free();
+    if (reason == FinishReason::kStop || reason == FinishReason::kLength)
+      ++stats_.requests_completed;
+    else if (reason == FinishReason::kCancelled)
+      ++stats_.requests_cancelled;
+    else if (reason == FinishReason::kDeadline)
+      ++stats_.requests_deadline_exceeded;
   }
   seq.sink->on_event(std::move(event));
 }
@@ -377,10 +385,6 @@ void Engine::process_logits(const int32_t* sampled) {
       done.push_back(&seq);
     }
   }
-  if (!done.empty()) {
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.requests_completed += static_cast<int64_t>(done.size());
-  }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [&](const std::unique_ptr<Sequence>& s) {
                                   return std::find(done.begin(), done.end(), s.get()) != done.end();
@@ -393,7 +397,7 @@ void Engine::run() {
   int64_t recent_tokens = 0;
   std::vector<int32_t> wire;
   for (;;) {
-    std::vector<uint64_t> cancelled;
+    std::vector<std::pair<uint64_t, FinishReason>> cancelled;
     bool stopping = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -413,9 +417,10 @@ void Engine::run() {
     const Clock::time_point now = Clock::now();
     auto ends = [&](Sequence& s) -> FinishReason {
       if (stopping) return FinishReason::kUnavailable;
-      if (std::find(cancelled.begin(), cancelled.end(), s.id) != cancelled.end())
-        return FinishReason::kCancelled;
+      // A deadline that has passed is the reason even when the transport's cancel came first.
       if (s.params.deadline && *s.params.deadline <= now) return FinishReason::kDeadline;
+      for (const auto& [id, reason] : cancelled)
+        if (id == s.id) return reason;
       return FinishReason::kNone;
     };
     int64_t ended_waiting = 0, ended_tokens = 0;

@@ -104,7 +104,9 @@ struct EngineStats {
   int64_t block_size = 0;
   double recent_tokens_per_second = 0;
   double uptime_s = 0;
-  int64_t requests_completed = 0;
+  int64_t requests_completed = 0;          // ended by a stop or their length
+  int64_t requests_cancelled = 0;          // cancelled, or their client went away
+  int64_t requests_deadline_exceeded = 0;  // past their deadline
   int64_t steps = 0;
   bool draining = false;
 };
@@ -118,8 +120,9 @@ class Engine {
 
   // Validates and queues a request; throws RequestError. Returns the request's id.
   uint64_t submit(RequestParams params, std::shared_ptr<RequestSink> sink);
-  // The request ends CANCELLED at the next step and its KV blocks are freed.
-  void cancel(uint64_t id);
+  // The request ends at the next step, CANCELLED (or with `reason`, kDeadline for a call that
+  // the transport ended at its deadline), and its KV blocks are freed.
+  void cancel(uint64_t id, FinishReason reason = FinishReason::kCancelled);
   EngineStats stats() const;
   // Prompt plus generated tokens of one request at most.
   int64_t context_limit() const;
@@ -160,7 +163,7 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable wake_;
   std::deque<std::unique_ptr<Sequence>> incoming_;  // submitted, not yet seen by the loop
-  std::vector<uint64_t> cancelled_;
+  std::vector<std::pair<uint64_t, FinishReason>> cancelled_;
   bool draining_ = false;
   bool stopping_ = false;
   uint64_t next_id_ = 1;

@@ -221,14 +221,16 @@ class GenerateSink final : public RequestSink {
     pump(lock);
   }
 
-  // The engine's id of the request; cancels it at once when the client already went away.
-  void set_request(Engine* engine, uint64_t id) {
+  // The engine's id of the request and its deadline; cancels it at once when the client
+  // already went away.
+  void set_request(Engine* engine, uint64_t id, std::optional<Clock::time_point> deadline) {
     std::unique_lock<std::mutex> lock(mu_);
     engine_ = engine;
     id_ = id;
+    deadline_ = deadline;
     const bool cancel = cancelled_;
     lock.unlock();
-    if (cancel) engine->cancel(id);
+    if (cancel) cancel_request();
   }
 
   void on_write_done(bool ok) {
@@ -265,12 +267,16 @@ class GenerateSink final : public RequestSink {
   }
 
  private:
+  // gRPC cancels a call at its deadline too: a cancel from then on (or within a millisecond of
+  // it, for the clocks' conversion) ends the request as past its deadline.
   void cancel_request() {
     std::unique_lock<std::mutex> lock(mu_);
     Engine* engine = engine_;
     const uint64_t id = id_;
+    const bool late = deadline_ && Clock::now() + std::chrono::milliseconds(1) >= *deadline_;
     lock.unlock();
-    if (engine != nullptr) engine->cancel(id);
+    if (engine != nullptr)
+      engine->cancel(id, late ? FinishReason::kDeadline : FinishReason::kCancelled);
   }
 
   // Starts the next write, or the finish once everything is written. Called with mu_ held;
@@ -287,6 +293,7 @@ class GenerateSink final : public RequestSink {
   bool cancelled_ = false;                    // OnCancel ran
   Engine* engine_ = nullptr;                  // set once the engine accepted the request
   uint64_t id_ = 0;
+  std::optional<Clock::time_point> deadline_;  // the call's, on the steady clock
 };
 
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
@@ -392,8 +399,9 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* Service::Generate(
     RequestParams params =
         request_params(*request, tokenizer_, static_cast<int64_t>(info_.vocab_size()),
                        random_seed(), steady_deadline(context->deadline()));
+    const std::optional<Clock::time_point> deadline = params.deadline;
     const uint64_t id = engine->submit(std::move(params), sink);
-    sink->set_request(engine, id);
+    sink->set_request(engine, id, deadline);
   } catch (const RequestError& e) {
     sink->end(grpc::Status(status_code(e.code()), client_message(e)));
   } catch (const std::exception& e) {
@@ -470,6 +478,8 @@ grpc::ServerUnaryReactor* Service::GetServerInfo(grpc::CallbackServerContext* co
   response->set_recent_tokens_per_second(s.recent_tokens_per_second);
   response->set_uptime_s(s.uptime_s);
   response->set_requests_completed(static_cast<uint64_t>(s.requests_completed));
+  response->set_requests_cancelled(static_cast<uint64_t>(s.requests_cancelled));
+  response->set_requests_deadline_exceeded(static_cast<uint64_t>(s.requests_deadline_exceeded));
   response->set_steps(static_cast<uint64_t>(s.steps));
   response->set_draining(s.draining);
   reactor->Finish(grpc::Status::OK);

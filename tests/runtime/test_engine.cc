@@ -90,6 +90,8 @@ void check_batched_equals_alone(int64_t n_blocks, int n_requests) {
     EXPECT_EQ(sinks[i]->tokens, alone(reqs[i].first, reqs[i].second)) << "request " << i;
     preemptions += sinks[i]->usage.preemptions;
   }
+  EXPECT_EQ(s.engine->stats().requests_completed, n_requests);  // preemption ends none
+  EXPECT_EQ(s.engine->stats().requests_cancelled, 0);
   std::printf("%d requests, %lld KV blocks: %lld preemptions\n", n_requests, (long long)n_blocks,
               (long long)preemptions);
   if (n_blocks < 64) {
@@ -203,6 +205,11 @@ TEST(Engine, CancelAndDeadlineFreeBlocks) {
   s.engine->submit(p, b);
   b->wait();
   EXPECT_EQ(b->finish, FinishReason::kDeadline);
+  // Each ending is counted once, under its own reason.
+  EngineStats st = s.engine->stats();
+  EXPECT_EQ(st.requests_cancelled, 1);
+  EXPECT_EQ(st.requests_deadline_exceeded, 1);
+  EXPECT_EQ(st.requests_completed, 0);
   // Blocks return to idle, and serving goes on.
   for (int i = 0; i < 100 && s.engine->stats().kv_blocks_used != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -211,6 +218,18 @@ TEST(Engine, CancelAndDeadlineFreeBlocks) {
   s.engine->submit(request({1, 7}, 5), c);
   c->wait();
   EXPECT_EQ(c->tokens, alone({1, 7}, 5));
+  st = s.engine->stats();
+  EXPECT_EQ(st.requests_completed, 1);
+  EXPECT_EQ(st.requests_cancelled, 1);
+  EXPECT_EQ(st.requests_deadline_exceeded, 1);
+  // A cancel the transport made at the call's deadline ends the request as past it.
+  auto d = std::make_shared<Collector>();
+  const uint64_t id = s.engine->submit(request(prompt_of(20, 3), 100), d);
+  s.engine->cancel(id, FinishReason::kDeadline);
+  d->wait();
+  EXPECT_EQ(d->finish, FinishReason::kDeadline);
+  EXPECT_EQ(s.engine->stats().requests_deadline_exceeded, 2);
+  EXPECT_THROW(s.engine->cancel(id, FinishReason::kStop), Error);
 }
 
 TEST(Engine, StopStringsStopIdsAndLogprobs) {
