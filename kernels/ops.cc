@@ -46,6 +46,16 @@ void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& par
   SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "sample: vocabulary of ", vocab);
 }
 
+void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                              const Tensor& penalties) {
+  const int64_t n = logits.size(0);
+  check_tensor(logits, "repetition_penalty.logits", DType::kF32, {n, -1});
+  check_tensor(offsets, "repetition_penalty.offsets", DType::kI32, {n + 1});
+  check_tensor(ids, "repetition_penalty.ids", DType::kI32, {-1});
+  check_tensor(penalties, "repetition_penalty.penalties", DType::kF32, {n});
+  SY_CHECK(ids.size(0) < (int64_t{1} << 31), "repetition_penalty: ", ids.size(0), " ids");
+}
+
 void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                     Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
   check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
@@ -104,6 +114,29 @@ void Ops::sample(Tensor out_ids, Tensor logits, Tensor params) {
                              q[3], static_cast<double>(q[4]) + static_cast<double>(q[5]), order);
   }
   copy_from_host(out_ids.data, ids.data(), out_ids.bytes());
+  synchronize();
+}
+
+void Ops::repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties) {
+  check_repetition_penalty(logits, offsets, ids, penalties);
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t m = ids.size(0);
+  std::vector<float> rows(static_cast<size_t>(n * vocab)), p(static_cast<size_t>(n));
+  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m));
+  copy_to_host(off.data(), offsets.data, offsets.bytes());
+  SY_CHECK(off[0] == 0 && off[n] <= m, "repetition_penalty: offsets run from ", off[0], " to ",
+           off[n], " over ", m, " ids");
+  for (int64_t i = 0; i < n; ++i)
+    SY_CHECK(off[i] <= off[i + 1], "repetition_penalty: offsets decrease at row ", i);
+  if (m == 0) return;
+  copy_to_host(rows.data(), logits.data, logits.bytes());
+  copy_to_host(id.data(), ids.data, ids.bytes());
+  copy_to_host(p.data(), penalties.data, penalties.bytes());
+  for (int64_t i = 0; i < n; ++i)
+    cpu::repetition_penalty_row(rows.data() + i * vocab, vocab, id.data() + off[i],
+                                off[i + 1] - off[i], p[i]);
+  copy_from_host(logits.data, rows.data(), logits.bytes());
   synchronize();
 }
 

@@ -111,6 +111,13 @@ class Ops {
   // The default copies the rows to the host and samples there.
   static constexpr int64_t kSampleParams = 6;
   virtual void sample(Tensor out_ids, Tensor logits, Tensor params);
+  // Hugging Face's repetition penalty, in place, before sample: in row i of logits F32
+  // [n, vocab], each token ids[offsets[i]], ..., ids[offsets[i + 1] - 1] has its logit divided by
+  // penalties[i] when positive and multiplied by it otherwise. offsets: I32 [n + 1],
+  // non-decreasing from 0 to at most m; ids: I32 [m], distinct within a row (ids outside
+  // [0, vocab) are skipped); penalties: F32 [n] (1 leaves a row as it is). The default copies
+  // to the host and back.
+  virtual void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties);
 
   // ---- graphs ------------------------------------------------------------------------------
   // A backend with graphs records the ops issued between begin_graph() and end_graph(id) (none
@@ -145,6 +152,8 @@ void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, co
                      const Tensor& topk_idx, const Tensor& topk_weights, int64_t expert_begin,
                      int64_t expert_end);
 void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params);
+void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                              const Tensor& penalties);
 
 // The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.
 std::unique_ptr<Ops> make_cpu_ops();

@@ -334,8 +334,7 @@ void Engine::process_logits(const int32_t* sampled) {
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
     Sequence& seq = *logit_seqs_[i];
     const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
-    const bool here = sampled == nullptr || !seq.sampler->samples_on_device();
-    const int32_t next = here ? seq.sampler->sample(row, seq.tokens) : sampled[i];
+    const int32_t next = sampled == nullptr ? seq.sampler->sample(row, seq.tokens) : sampled[i];
     seq.tokens.push_back(next);
     if (seq.n_generated() == 1) seq.first_token = now;
     RequestEvent event;
@@ -469,20 +468,32 @@ void Engine::run() {
       const int64_t generated = static_cast<int64_t>(logit_seqs_.size());
       if (sample_on_device()) {
         // Only the tokens come back from the GPU: each sequence's sampler gives its parameters
-        // and draw, in the same stream as on the host. A row with a repetition penalty is
-        // sampled greedily there (its token unused) and again here from its copied logits.
+        // and draw, in the same stream as on the host, and a penalised one its context's
+        // distinct tokens. Rows with logprobs also bring back their logits.
         sample_params_.assign(logit_seqs_.size() * Ops::kSampleParams, 0.f);
         sampled_.resize(logit_seqs_.size());
         host_rows_.clear();
+        penalty_offsets_.assign(1, 0);
+        penalty_ids_.clear();
+        penalty_values_.clear();
+        bool penalised = false;
         for (size_t i = 0; i < logit_seqs_.size(); ++i) {
-          Sampler& sampler = *logit_seqs_[i]->sampler;
-          const bool device = sampler.samples_on_device();
-          if (device) sampler.device_params(sample_params_.data() + i * Ops::kSampleParams);
-          if (!device || logit_seqs_[i]->params.logprobs > 0)
-            host_rows_.push_back(static_cast<int32_t>(i));
+          Sequence& seq = *logit_seqs_[i];
+          Sampler& sampler = *seq.sampler;
+          sampler.device_params(sample_params_.data() + i * Ops::kSampleParams);
+          if (sampler.penalised()) {
+            const std::vector<int32_t>& ids = sampler.penalty_ids(seq.tokens);
+            penalty_ids_.insert(penalty_ids_.end(), ids.begin(), ids.end());
+            penalised = true;
+          }
+          penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
+          penalty_values_.push_back(sampler.params().repetition_penalty);
+          if (seq.params.logprobs > 0) host_rows_.push_back(static_cast<int32_t>(i));
         }
+        const SamplePenalties penalties{penalty_offsets_.data(), penalty_ids_.data(),
+                                        penalty_values_.data()};
         model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), host_rows_,
-                              logits_.data());
+                              logits_.data(), penalised ? &penalties : nullptr);
         process_logits(sampled_.data());
       } else {
         model_.forward(batch_, logits_.data());

@@ -174,11 +174,14 @@ class Engine {
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order (newest last)
   StepBatch batch_;
-  std::vector<Sequence*> logit_seqs_;  // sequence of each logit row
-  std::vector<float> logits_;          // [max_running, vocab]
-  std::vector<float> sample_params_;   // [max_running, Ops::kSampleParams] (device sampling)
-  std::vector<int32_t> sampled_;       // [max_running]
-  std::vector<int32_t> host_rows_;     // logit rows copied back (logprobs, repetition penalty)
+  std::vector<Sequence*> logit_seqs_;     // sequence of each logit row
+  std::vector<float> logits_;             // [max_running, vocab]
+  std::vector<float> sample_params_;      // [max_running, Ops::kSampleParams] (device sampling)
+  std::vector<int32_t> sampled_;          // [max_running]
+  std::vector<int32_t> penalty_offsets_;  // the step's SamplePenalties
+  std::vector<int32_t> penalty_ids_;
+  std::vector<float> penalty_values_;
+  std::vector<int32_t> host_rows_;  // logit rows copied back (logprobs)
   std::chrono::steady_clock::time_point start_;
 };
 

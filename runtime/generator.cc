@@ -101,11 +101,11 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   // Decode.
   Sampler sampler(options.sampling, vocab);
   // On GPUs the model samples on the device and only the token comes back (every rank samples
-  // alike; rank 0's token is broadcast); the repetition penalty needs the context and stays on
-  // the host.
-  const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported() &&
-                         sampler.samples_on_device();
+  // alike; rank 0's token is broadcast), the repetition penalty applied there too.
+  const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported();
   float params[Ops::kSampleParams] = {};
+  const float penalty = sampler.params().repetition_penalty;
+  int32_t penalty_offsets[2] = {0, 0};
   int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;
   context_ids.reserve(static_cast<size_t>(context));
@@ -132,7 +132,14 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     batch.logit_rows.push_back(0);
     if (on_device) {
       sampler.device_params(params);
-      model.forward_sample(batch, params, &device_next);
+      if (sampler.penalised()) {
+        const std::vector<int32_t>& ids = sampler.penalty_ids(context_ids);
+        penalty_offsets[1] = static_cast<int32_t>(ids.size());
+        const SamplePenalties penalties{penalty_offsets, ids.data(), &penalty};
+        model.forward_sample(batch, params, &device_next, {}, nullptr, &penalties);
+      } else {
+        model.forward_sample(batch, params, &device_next);
+      }
     } else {
       model.forward(batch, last_logits.data());
     }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace sy {
 
@@ -185,6 +186,9 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     logits_ = c.take(DType::kF32, {R, n_vocab});
     sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
     sample_ids_ = c.take(DType::kI32, {R});
+    penalty_offsets_ = c.take(DType::kI32, {R + 1});
+    penalty_values_ = c.take(DType::kF32, {R});
+    penalty_ids_ = c.take(DType::kI32, {penalty_capacity()});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
     const bool interleave = world_ > 1 && forward_sample_supported();
     logits_full_ = c.take(DType::kF32, {interleave ? R : 0, config_.vocab_size});
@@ -233,13 +237,30 @@ void Model::forward(const StepBatch& batch, float* logits) {
 }
 
 void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                           const std::vector<int32_t>& copy_rows, float* logits) {
+                           const std::vector<int32_t>& copy_rows, float* logits,
+                           const SamplePenalties* penalties) {
   SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
            " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   SY_CHECK(copy_rows.empty() || logits != nullptr, "forward_sample: rows to copy and no buffer");
   for (int32_t r : copy_rows)
     SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logit row ", r, " to copy of ", n_logits);
+  int64_t n_penalty_ids = 0;
+  if (penalties != nullptr) {
+    const int32_t* off = penalties->offsets;
+    SY_CHECK(off != nullptr && penalties->values != nullptr && off[0] == 0,
+             "forward_sample: penalty offsets must start at 0");
+    for (int64_t i = 0; i < n_logits; ++i) {
+      SY_CHECK(off[i] <= off[i + 1], "forward_sample: penalty offsets decrease at row ", i);
+      const float p = penalties->values[i];
+      SY_CHECK(std::isfinite(p) && p > 0.f, "forward_sample: repetition penalty ", p, " of row ", i,
+               " must be positive");
+    }
+    n_penalty_ids = off[n_logits];
+    SY_CHECK(n_penalty_ids <= penalty_capacity(), "forward_sample: ", n_penalty_ids,
+             " penalty ids; the limit is ", penalty_capacity());
+    SY_CHECK(n_penalty_ids == 0 || penalties->ids != nullptr, "forward_sample: no penalty ids");
+  }
   run_step(batch);
   if (n_logits > 0) {
     Tensor lg = logits_.rows(0, n_logits);  // [n_logits, vocab] on one rank
@@ -264,16 +285,31 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
       ops_.gather_rows(lg.reshape({n_logits * world_, width}),
                        all.reshape({world_ * n_logits, width}), perm);
     }
-    Tensor p = sample_params_.rows(0, n_logits);
-    ops_.copy_from_host(p.data, params, p.bytes());
-    ops_.sample(sample_ids_.rows(0, n_logits), lg, p);
-    ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
+    // The copied rows are the model's own (logprobs), taken before any penalty.
     const int64_t vocab = config_.vocab_size;
     for (int32_t r : copy_rows)
       ops_.copy_to_host(logits + r * vocab, lg.rows(r, 1).data,
                         static_cast<size_t>(vocab) * sizeof(float));
+    if (n_penalty_ids > 0) {
+      Tensor off = penalty_offsets_.rows(0, n_logits + 1);
+      Tensor val = penalty_values_.rows(0, n_logits);
+      Tensor pid = penalty_ids_.rows(0, n_penalty_ids);
+      ops_.copy_from_host(off.data, penalties->offsets, off.bytes());
+      ops_.copy_from_host(val.data, penalties->values, val.bytes());
+      ops_.copy_from_host(pid.data, penalties->ids, pid.bytes());
+      ops_.repetition_penalty(lg, off, pid, val);
+    }
+    Tensor p = sample_params_.rows(0, n_logits);
+    ops_.copy_from_host(p.data, params, p.bytes());
+    ops_.sample(sample_ids_.rows(0, n_logits), lg, p);
+    ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
   }
   lap(ForwardProfile::kOther);
+}
+
+int64_t Model::penalty_capacity() const {
+  const int64_t rows = std::min(limits_.max_logit_rows, limits_.max_seqs);
+  return rows * std::min(config_.vocab_size, limits_.max_blocks_per_seq * limits_.block_size);
 }
 
 bool Model::forward_sample_supported() const {

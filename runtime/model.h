@@ -83,6 +83,15 @@ struct ForwardProfile {
   void reset();
 };
 
+// Repetition penalties of a step's logit rows for Model::forward_sample: row i's distinct
+// context tokens are ids[offsets[i]], ..., ids[offsets[i + 1] - 1] and its penalty values[i]
+// (Ops::repetition_penalty; 1 for rows without one).
+struct SamplePenalties {
+  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
+  const int32_t* ids = nullptr;      // [offsets[n_logits]]
+  const float* values = nullptr;     // [n_logits]
+};
+
 // This rank's part of the weights for `parallel` (the whole model when it is null).
 WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
 
@@ -107,11 +116,17 @@ class Model {
   // rank calls it or forward() for the step. Requires forward_sample_supported().
   // `copy_rows` (ascending logit-row indices; may be empty) also come back to the host: row i
   // into `logits` + i * vocab, as forward() would put it (for logprobs of those rows only).
+  // `penalties` (host; null for none) are the rows' repetition penalties, applied on the device
+  // after the copies and before sampling.
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                      const std::vector<int32_t>& copy_rows = {}, float* logits = nullptr);
+                      const std::vector<int32_t>& copy_rows = {}, float* logits = nullptr,
+                      const SamplePenalties* penalties = nullptr);
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;
+  // The most repetition-penalty ids one forward_sample takes: each of a step's sequences holds
+  // at most one logit row, with at most min(vocabulary, context) distinct tokens.
+  int64_t penalty_capacity() const;
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
@@ -202,6 +217,9 @@ class Model {
   Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
   Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
   Tensor sample_ids_;             // I32 [max_logit_rows]
+  Tensor penalty_offsets_;        // I32 [max_logit_rows + 1]  (forward_sample's penalties)
+  Tensor penalty_values_;         // F32 [max_logit_rows]
+  Tensor penalty_ids_;            // I32 [penalty_capacity()]
   Tensor logits_all_;   // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
   Tensor logits_full_;  // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
   Tensor logits_perm_;  // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_

@@ -30,21 +30,23 @@ Sampler::Sampler(const SamplingParams& params, int64_t vocab_size)
       order_(static_cast<size_t>(vocab_size)),
       seen_(static_cast<size_t>(vocab_size)) {
   params_.validate();
+  if (penalised()) distinct_.reserve(static_cast<size_t>(vocab_size));
 }
 
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context) {
   const size_t V = static_cast<size_t>(vocab_size_);
   std::copy(logits, logits + V, scores_.begin());
-  if (params_.repetition_penalty != 1.f) {
-    // As Hugging Face: each distinct context token once; divide positive logits, multiply
-    // negative ones.
+  if (penalised()) {
+    // As Hugging Face: each distinct context token once.
     std::fill(seen_.begin(), seen_.end(), 0);
+    distinct_.clear();
     for (int32_t id : context) {
       if (id < 0 || static_cast<size_t>(id) >= V || seen_[id]) continue;
       seen_[id] = 1;
-      float& s = scores_[id];
-      s = s > 0 ? s / params_.repetition_penalty : s * params_.repetition_penalty;
+      distinct_.push_back(id);
     }
+    cpu::repetition_penalty_row(scores_.data(), vocab_size_, distinct_.data(),
+                                static_cast<int64_t>(distinct_.size()), params_.repetition_penalty);
   }
   const double u = params_.temperature == 0.f ? 0.0 : draw();
   return cpu::sample_row(scores_.data(), vocab_size_, params_.temperature, params_.top_k,
@@ -60,8 +62,20 @@ double Sampler::draw() {
   return static_cast<double>(hi) + static_cast<double>(lo);
 }
 
+const std::vector<int32_t>& Sampler::penalty_ids(const std::vector<int32_t>& context) {
+  SY_CHECK(context.size() >= noted_, "penalty_ids: a context of ", context.size(),
+           " tokens after one of ", noted_);
+  if (in_context_.empty()) in_context_.assign(static_cast<size_t>(vocab_size_), 0);
+  for (; noted_ < context.size(); ++noted_) {
+    const int32_t id = context[noted_];
+    if (id < 0 || id >= vocab_size_ || in_context_[static_cast<size_t>(id)]) continue;
+    in_context_[static_cast<size_t>(id)] = 1;
+    context_ids_.push_back(id);
+  }
+  return context_ids_;
+}
+
 void Sampler::device_params(float* out) {
-  SY_CHECK(samples_on_device(), "device sampling: the repetition penalty is applied on the host");
   const double u = params_.temperature == 0.f ? 0.0 : draw();
   const float hi = static_cast<float>(u);
   out[0] = params_.temperature;

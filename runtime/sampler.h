@@ -30,20 +30,29 @@ class Sampler {
   // temperature is not 0), for sampling on the device (Ops::sample) with the same stream.
   double draw();
   // The Ops::sample parameters of this sampler's next token, draw included (when the
-  // temperature is not 0): out[Ops::kSampleParams]. Only without a repetition penalty (which
-  // needs the context, so it samples on the host).
+  // temperature is not 0): out[Ops::kSampleParams]. A penalised sampler's logits take
+  // Ops::repetition_penalty with penalty_ids first.
   void device_params(float* out);
-  // Whether Ops::sample can take this sampler's tokens (device_params): no repetition penalty.
-  bool samples_on_device() const { return params_.repetition_penalty == 1.f; }
+  bool penalised() const { return params_.repetition_penalty != 1.f; }
+  // The distinct tokens of `context` in [0, vocab_size), in order of first appearance: the ids
+  // of Ops::repetition_penalty for this sampler's row. Incremental: `context` must extend the
+  // one of the previous call (one sequence's tokens, which only grow).
+  const std::vector<int32_t>& penalty_ids(const std::vector<int32_t>& context);
   const SamplingParams& params() const { return params_; }
 
  private:
   SamplingParams params_;
   int64_t vocab_size_;
   std::mt19937_64 rng_;
-  std::vector<float> scores_;   // [vocab_size]
-  std::vector<int32_t> order_;  // [vocab_size]
-  std::vector<uint8_t> seen_;   // [vocab_size]
+  std::vector<float> scores_;      // [vocab_size]
+  std::vector<int32_t> order_;     // [vocab_size]
+  std::vector<uint8_t> seen_;      // [vocab_size]
+  std::vector<int32_t> distinct_;  // sample()'s context tokens, each once
+  // penalty_ids: the context seen so far, its distinct tokens, and which those are (sized on
+  // the first call).
+  size_t noted_ = 0;
+  std::vector<int32_t> context_ids_;
+  std::vector<uint8_t> in_context_;
 };
 
 }  // namespace sy

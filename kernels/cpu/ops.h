@@ -25,6 +25,12 @@ void swiglu(Tensor out, Tensor gate, Tensor up);
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order);
 
+// Hugging Face's repetition penalty on one row of scores [vocab]: each of the n distinct `ids`
+// (those outside [0, vocab) skipped) divided by `penalty` when positive, multiplied otherwise.
+// The reference of Ops::repetition_penalty and what runtime/sampler.cc's Sampler applies.
+void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, int64_t n,
+                            float penalty);
+
 // Physical cache slot of `position` in sequence `seq` (checked against the table's extent).
 int64_t kv_slot(const AttentionMeta& meta, int64_t seq, int64_t position);
 

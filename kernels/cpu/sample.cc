@@ -9,6 +9,16 @@
 
 namespace sy::cpu {
 
+void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, int64_t n,
+                            float penalty) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t id = ids[j];
+    if (id < 0 || id >= vocab) continue;
+    float& s = scores[id];
+    s = s > 0 ? s / penalty : s * penalty;
+  }
+}
+
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order) {
   const size_t V = static_cast<size_t>(vocab);

@@ -285,6 +285,9 @@ class CudaOps final : public Ops {
   void sample(Tensor out_ids, Tensor logits, Tensor params) override {
     cuda::sample(out_ids, logits, params, stream_);
   }
+  void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties) override {
+    cuda::repetition_penalty(logits, offsets, ids, penalties, stream_);
+  }
 
   bool supports_graphs() const override { return true; }
   bool has_graph(int64_t id) const override { return graphs_.count(id) > 0; }

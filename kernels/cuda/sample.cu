@@ -185,7 +185,39 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
 }
 
+// Ops::repetition_penalty: one block per row, a thread per id (distinct within the row, so no
+// two threads touch one logit). Offsets past the ids are clamped, never followed.
+__global__ void repetition_penalty_kernel(float* __restrict__ logits, int64_t vocab,
+                                          const int32_t* __restrict__ offsets,
+                                          const int32_t* __restrict__ ids, int32_t n_ids,
+                                          const float* __restrict__ penalties) {
+  const int64_t row = blockIdx.x;
+  const int32_t begin = min(max(offsets[row], 0), n_ids);
+  const int32_t end = min(max(offsets[row + 1], begin), n_ids);
+  const float penalty = penalties[row];
+  float* lg = logits + row * vocab;
+  for (int32_t j = begin + static_cast<int32_t>(threadIdx.x); j < end;
+       j += static_cast<int32_t>(blockDim.x)) {
+    const int32_t id = ids[j];
+    if (id < 0 || id >= vocab) continue;
+    const float s = lg[id];
+    lg[id] = s > 0.f ? s / penalty : s * penalty;  // IEEE division, as the CPU twin
+  }
+}
+
 }  // namespace
+
+void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties,
+                        cudaStream_t stream) {
+  check_repetition_penalty(logits, offsets, ids, penalties);
+  check_on_device("repetition_penalty", {&logits, &offsets, &ids, &penalties});
+  const int64_t n = logits.size(0);
+  if (n == 0 || ids.size(0) == 0) return;
+  repetition_penalty_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+      logits.f32(), logits.size(1), offsets.i32(), ids.i32(), static_cast<int32_t>(ids.size(0)),
+      penalties.f32());
+  check_launch("repetition_penalty");
+}
 
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream) {
   const int64_t n = logits.size(0);

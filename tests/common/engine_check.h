@@ -54,7 +54,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.seed = static_cast<uint64_t>(100 + i);
     }
     if (i == 5) p.logprobs = 3;  // sampled, and its logit rows come back for the logprobs
-    // A repetition penalty, sampled and greedy: on GPUs these rows are sampled on the host.
+    // A repetition penalty, sampled and greedy: on GPUs Ops::repetition_penalty on the device.
     if (i == 7) p.sampling.repetition_penalty = 1.3f;
     if (i == 8) p.sampling.repetition_penalty = 1.2f;
     reqs.push_back(p);

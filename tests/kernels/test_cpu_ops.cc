@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "kernels/cpu/ops.h"
+#include "kernels/ops.h"
 #include "tests/common/compare.h"
 
 namespace sy {
@@ -293,6 +294,61 @@ TEST(CpuOps, EmbeddingWithVocabularyRange) {
   for (int64_t t = 0; t < 3; ++t)
     for (int64_t i = 0; i < dim; ++i) want[t * dim + i] = table[(ids[t] - 100) * dim + i];
   expect_close("embedding", out, want, 0, 0);
+}
+
+// Ops::repetition_penalty (the default, host implementation the CPU backend takes): positive
+// logits divided, negative ones multiplied, zero kept; rows with no ids or a penalty of 1 keep
+// their logits; ids outside the vocabulary skipped; malformed offsets refused by name.
+TEST(CpuOps, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
+  auto ops = make_cpu_ops();
+  const int64_t n = 4, vocab = 7;
+  std::vector<float> logits = random_vector(n * vocab, 5, 3.f);
+  logits[0 * vocab + 6] = 0.f;
+  logits[0 * vocab + 0] = 2.5f;
+  logits[0 * vocab + 2] = -1.5f;
+  std::vector<int32_t> offsets = {0, 3, 3, 6, 8};
+  std::vector<int32_t> ids = {0, 2, 6, 1, -1, 9, 4, 5};
+  std::vector<float> penalties = {2.f, 3.f, 0.5f, 1.f};
+  const std::vector<float> before = logits;
+  ops->repetition_penalty(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {8}),
+                          view(penalties, {n}));
+  std::vector<float> want = before;
+  want[0 * vocab + 0] = 2.5f / 2.f;
+  want[0 * vocab + 2] = -1.5f * 2.f;
+  for (int64_t r = 1; r < n; ++r) {
+    const int64_t first = offsets[r], last = offsets[r + 1];
+    for (int64_t j = first; j < last; ++j) {
+      if (ids[j] < 0 || ids[j] >= vocab) continue;
+      float& v = want[r * vocab + ids[j]];
+      v = v > 0 ? v / penalties[r] : v * penalties[r];
+    }
+  }
+  EXPECT_EQ(logits, want);
+  EXPECT_NE(logits[2 * vocab + 1], before[2 * vocab + 1]);  // the penalty of 0.5 took effect
+
+  auto message = [&](std::vector<int32_t> off, int64_t n_ids) -> std::string {
+    try {
+      ops->repetition_penalty(view(logits, {n, vocab}), view(off, {n + 1}), view(ids, {n_ids}),
+                              view(penalties, {n}));
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message({0, 3, 2, 6, 8}, 8).find("offsets decrease at row 1"), std::string::npos);
+  EXPECT_NE(message({0, 3, 3, 6, 8}, 7).find("to 8 over 7 ids"), std::string::npos);
+  EXPECT_NE(message({1, 3, 3, 6, 8}, 8).find("offsets run from 1"), std::string::npos);
+  std::vector<float> bad_offsets(5);
+  try {
+    ops->repetition_penalty(view(logits, {n, vocab}), view(bad_offsets, {n + 1}), view(ids, {8}),
+                            view(penalties, {n}));
+    FAIL() << "F32 offsets taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("repetition_penalty.offsets: expected I32[5]"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(logits, want);  // refused calls change nothing
 }
 
 TEST(CpuOps, ShapeErrorsNameTheOperand) {

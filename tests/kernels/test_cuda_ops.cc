@@ -1428,5 +1428,41 @@ TEST_F(CudaOps, SampleMatchesCpuTwin) {
   }
 }
 
+// Ops::repetition_penalty: exact against the CPU twin (the same IEEE operations on the same
+// floats), over the awkward row counts and rows of no ids, of ids outside the vocabulary, of a
+// penalty of 1, and of the whole vocabulary (more ids than a block has threads).
+TEST_F(CudaOps, RepetitionPenaltyMatchesCpu) {
+  for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32000}}) {
+    for (int64_t n : kTokenCounts) {
+      if (vocab == 32000 && n > 3) continue;  // the emulator's time
+      std::vector<float> logits = random_vector(n * vocab, 77 + n + vocab, 4.f);
+      std::vector<int32_t> offsets = {0}, ids;
+      std::vector<float> penalties;
+      std::mt19937_64 rng(static_cast<uint64_t>(n * vocab));
+      std::vector<int32_t> order(static_cast<size_t>(vocab));
+      for (int64_t r = 0; r < n; ++r) {
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        // Row 0 takes the whole vocabulary; others up to a tenth of it (some none).
+        const int64_t take = r == 0 ? vocab : static_cast<int64_t>(rng() % (vocab / 10 + 2));
+        ids.insert(ids.end(), order.begin(), order.begin() + std::min(take, vocab));
+        if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));  // skipped
+        if (r % 7 == 4) ids.push_back(-1);                               // skipped
+        offsets.push_back(static_cast<int32_t>(ids.size()));
+        penalties.push_back(r % 4 == 2 ? 1.f : 0.5f + static_cast<float>(rng() % 100) / 25.f);
+      }
+      const int64_t m = static_cast<int64_t>(ids.size());
+      std::vector<float> want = logits;
+      cpu_->repetition_penalty(host(want, {n, vocab}), host(offsets, {n + 1}), host(ids, {m}),
+                               host(penalties, {n}));
+      const DeviceTensor glogits = upload(*gpu_, logits, DType::kF32, {n, vocab});
+      gpu_->repetition_penalty(glogits, upload(*gpu_, offsets, {n + 1}), upload(*gpu_, ids, {m}),
+                               upload(*gpu_, penalties, DType::kF32, {n}));
+      EXPECT_EQ(download(*gpu_, glogits), want) << n << " rows of " << vocab;
+      EXPECT_NE(want, logits);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sy

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "kernels/cpu/ops.h"
 #include "parallel/context.h"
 #include "runtime/generator.h"
 #include "tests/common/fixtures.h"
@@ -256,6 +257,50 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     }
     EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {static_cast<int32_t>(n)},
                                        copied.data()),
+                 Error);
+
+    // Repetition penalties on the odd rows below 16 (the distinct tokens of each one's last 8
+    // prompt tokens: within the 64 ids of one sequence's context here): the tokens of sampling
+    // the penalised host logits, and the copied row still the model's own.
+    std::vector<int32_t> offsets = {0}, ids;
+    std::vector<float> values;
+    std::vector<float> penalised = logits;
+    for (int64_t t = 0; t < n; ++t) {
+      const size_t first = ids.size();
+      if (t % 2 == 1 && t < 16)
+        for (int64_t j = std::max<int64_t>(0, t - 7); j <= t; ++j) {
+          const int32_t id = p.ids[static_cast<size_t>(j)];
+          if (std::find(ids.begin() + static_cast<std::ptrdiff_t>(first), ids.end(), id) ==
+              ids.end())
+            ids.push_back(id);
+        }
+      offsets.push_back(static_cast<int32_t>(ids.size()));
+      values.push_back(t % 2 == 1 ? 1.3f + 0.4f * static_cast<float>(t % 3) : 1.f);
+      cpu::repetition_penalty_row(penalised.data() + t * V, V, ids.data() + first,
+                                  static_cast<int64_t>(ids.size() - first), values.back());
+    }
+    std::vector<int32_t> want_penalised(static_cast<size_t>(n));
+    ops->sample(Tensor(want_penalised.data(), DType::kI32, {n}),
+                Tensor(penalised.data(), DType::kF32, {n, V}),
+                Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
+    EXPECT_NE(want_penalised, want) << what << ": the penalties change no token";
+    std::fill(copied.begin(), copied.end(), -7.f);
+    const SamplePenalties penalties{offsets.data(), ids.data(), values.data()};
+    model->forward_sample(batch, params.data(), got.data(), {1}, copied.data(), &penalties);
+    EXPECT_EQ(got, want_penalised) << what << " penalised";
+    EXPECT_EQ(std::vector<float>(copied.begin() + V, copied.begin() + 2 * V),
+              std::vector<float>(logits.begin() + V, logits.begin() + 2 * V))
+        << what << " copied row 1 after penalties";
+    // Malformed penalties are refused before the step runs.
+    std::vector<int32_t> bad = offsets;
+    bad[2] = bad[1] - 1;
+    const SamplePenalties decreasing{bad.data(), ids.data(), values.data()};
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {}, nullptr, &decreasing),
+                 Error);
+    std::vector<float> zero = values;
+    zero[1] = 0.f;
+    const SamplePenalties no_penalty{offsets.data(), ids.data(), zero.data()};
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {}, nullptr, &no_penalty),
                  Error);
   }
 }

@@ -241,6 +241,25 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
       EXPECT_EQ(generate(*cuda.model, p.ids, o).tokens, generate(*cpu.model, p.ids, o).tokens)
           << p.name;
     }
+    // A repetition penalty (applied on the device), greedy and sampled; it must change some
+    // prompt's tokens, or it went unapplied on both sides.
+    bool changed = false;
+    for (const test::FixturePrompt& p : test::load_prompts(dir, config.vocab_size)) {
+      for (float temperature : {0.f, 0.9f}) {
+        GenerateOptions o;
+        o.max_tokens = 12;
+        o.ignore_eos = true;
+        o.sampling.temperature = temperature;
+        o.sampling.seed = 11;
+        const std::vector<int32_t> plain = generate(*cpu.model, p.ids, o).tokens;
+        o.sampling.repetition_penalty = 1.5f;
+        const std::vector<int32_t> want = generate(*cpu.model, p.ids, o).tokens;
+        EXPECT_EQ(generate(*cuda.model, p.ids, o).tokens, want)
+            << p.name << " penalised, temperature " << temperature;
+        changed = changed || want != plain;
+      }
+    }
+    EXPECT_TRUE(changed) << "the penalty changed no tokens";
   }
 
   test::expect_engine_matches_each_request_alone(*gpu.ops);

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "kernels/error.h"
+#include "kernels/ops.h"
 #include "runtime/sampler.h"
 
 namespace sy {
@@ -73,6 +74,48 @@ TEST(Sampler, RepetitionPenaltyAsHuggingFace) {
   // Negative logits are multiplied: -0.5 * 2 = -1 < -0.8.
   std::vector<float> m = {-0.5f, -0.8f, -3.f};
   EXPECT_EQ(s.sample(m.data(), {0}), 1);
+}
+
+// The device path of a penalised sampler (penalty_ids, Ops::repetition_penalty, then Ops::sample
+// with device_params) gives sample()'s tokens, step by step of a growing context: here on the
+// CPU backend's ops, on the GPU in the engine checks.
+TEST(Sampler, PenaltyIdsAndOpsMatchTheHostSampler) {
+  auto ops = make_cpu_ops();
+  const int64_t vocab = 50;
+  for (float temperature : {0.f, 0.8f}) {
+    SamplingParams p;
+    p.repetition_penalty = 1.7f;
+    p.temperature = temperature;
+    p.top_k = 20;
+    p.seed = 9;
+    Sampler host_side(p, vocab), device_side(p, vocab);
+    std::vector<int32_t> context = {1, 7, 7, 3, 1, 49};
+    std::vector<float> logits(vocab), scratch(vocab), params(Ops::kSampleParams);
+    for (int step = 0; step < 40; ++step) {
+      for (int64_t v = 0; v < vocab; ++v)
+        logits[v] = std::sin(static_cast<float>(v * 13 + step)) * 3.f;
+      const int32_t want = host_side.sample(logits.data(), context);
+      const std::vector<int32_t>& ids = device_side.penalty_ids(context);
+      std::set<int32_t> distinct(context.begin(), context.end());
+      ASSERT_EQ(ids.size(), distinct.size()) << "step " << step;
+      ASSERT_EQ(std::set<int32_t>(ids.begin(), ids.end()), distinct) << "step " << step;
+      scratch = logits;
+      std::vector<int32_t> offsets = {0, static_cast<int32_t>(ids.size())};
+      std::vector<int32_t> id_copy = ids;
+      float penalty = p.repetition_penalty;
+      int32_t got = -1;
+      device_side.device_params(params.data());
+      ops->repetition_penalty(
+          Tensor(scratch.data(), DType::kF32, {1, vocab}), Tensor(offsets.data(), DType::kI32, {2}),
+          Tensor(id_copy.data(), DType::kI32, {offsets[1]}), Tensor(&penalty, DType::kF32, {1}));
+      ops->sample(Tensor(&got, DType::kI32, {1}), Tensor(scratch.data(), DType::kF32, {1, vocab}),
+                  Tensor(params.data(), DType::kF32, {1, Ops::kSampleParams}));
+      ASSERT_EQ(got, want) << "step " << step << ", temperature " << temperature;
+      context.push_back(want);
+    }
+    // The context only grows: a shorter one is refused.
+    EXPECT_THROW(device_side.penalty_ids({1, 2}), Error);
+  }
 }
 
 TEST(Sampler, SameSeedSameTokens) {
