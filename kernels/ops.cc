@@ -56,6 +56,20 @@ void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const
   SY_CHECK(ids.size(0) < (int64_t{1} << 31), "repetition_penalty: ", ids.size(0), " ids");
 }
 
+void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
+                    const Tensor& rows, const Tensor& chosen) {
+  const int64_t m = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t top = out_ids.size(1);
+  check_tensor(logits, "logprobs.logits", DType::kF32, {m, vocab});
+  check_tensor(out_ids, "logprobs.out_ids", DType::kI32, {m, top});
+  check_tensor(out_logprobs, "logprobs.out_logprobs", DType::kF32, {m, top + 1});
+  check_tensor(rows, "logprobs.rows", DType::kI32, {m});
+  check_tensor(chosen, "logprobs.chosen", DType::kI32, {-1});
+  SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31) && top >= 1 && top <= vocab, "logprobs: top ",
+           top, " of a vocabulary of ", vocab);
+}
+
 void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                     Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
   check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,
@@ -113,6 +127,30 @@ void Ops::sample(Tensor out_ids, Tensor logits, Tensor params) {
     ids[r] = cpu::sample_row(rows.data() + r * vocab, vocab, q[0], static_cast<int64_t>(q[1]), q[2],
                              q[3], static_cast<double>(q[4]) + static_cast<double>(q[5]), order);
   }
+  copy_from_host(out_ids.data, ids.data(), out_ids.bytes());
+  synchronize();
+}
+
+void Ops::logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, Tensor chosen) {
+  check_logprobs(out_logprobs, out_ids, logits, rows, chosen);
+  const int64_t m = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t top = out_ids.size(1);
+  const int64_t n = chosen.size(0);
+  std::vector<float> l(static_cast<size_t>(m * vocab)), lp(static_cast<size_t>(m * (top + 1)));
+  std::vector<int32_t> r(static_cast<size_t>(m)), c(static_cast<size_t>(n)),
+      ids(static_cast<size_t>(m * top)), order;
+  copy_to_host(l.data(), logits.data, logits.bytes());
+  copy_to_host(r.data(), rows.data, rows.bytes());
+  copy_to_host(c.data(), chosen.data, chosen.bytes());
+  for (int64_t j = 0; j < m; ++j) {
+    SY_CHECK(r[j] >= 0 && r[j] < n, "logprobs: row ", r[j], " of ", n, " sampled tokens");
+    const int32_t token = c[r[j]];
+    SY_CHECK(token >= 0 && token < vocab, "logprobs: token ", token, " of a vocabulary of ", vocab);
+    cpu::logprobs_row(l.data() + j * vocab, vocab, token, top, lp.data() + j * (top + 1),
+                      ids.data() + j * top, order);
+  }
+  copy_from_host(out_logprobs.data, lp.data(), out_logprobs.bytes());
   copy_from_host(out_ids.data, ids.data(), out_ids.bytes());
   synchronize();
 }

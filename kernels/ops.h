@@ -118,6 +118,14 @@ class Ops {
   // [0, vocab) are skipped); penalties: F32 [n] (1 leaves a row as it is). The default copies
   // to the host and back.
   virtual void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties);
+  // Log-probabilities (log-softmax, fp64 sums) of the token sampled from each of m logit rows
+  // and of the row's `top` most likely tokens: logits F32 [m, vocab] holds the rows, row j's
+  // token is chosen[rows[j]] (rows: I32 [m]; chosen: I32 [n], as sample wrote it);
+  // out_logprobs F32 [m, 1 + top] gets the chosen token's, then the top tokens' best first
+  // (ties: the lower id), whose ids go to out_ids I32 [m, top], 1 <= top <= vocab. The default
+  // copies to the host.
+  virtual void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows,
+                        Tensor chosen);
 
   // ---- graphs ------------------------------------------------------------------------------
   // A backend with graphs records the ops issued between begin_graph() and end_graph(id) (none
@@ -154,6 +162,8 @@ void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, co
 void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params);
 void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
                               const Tensor& penalties);
+void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
+                    const Tensor& rows, const Tensor& chosen);
 
 // The CPU backend: plain C++ loops and BLAS GEMMs, fp32 throughout.
 std::unique_ptr<Ops> make_cpu_ops();

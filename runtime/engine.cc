@@ -10,6 +10,8 @@
 #include <cmath>
 #include <random>
 
+#include "kernels/cpu/ops.h"
+
 namespace sy {
 
 using Clock = std::chrono::steady_clock;
@@ -69,7 +71,13 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& op
   context_limit_ =
       std::min({limits.max_blocks_per_seq * limits.block_size, limits.n_blocks * limits.block_size,
                 model.config().max_position_embeddings});
+  SY_CHECK(options_.max_logprobs >= 0 && options_.max_logprobs <= Model::kMaxTopLogprobs,
+           "max_logprobs ", options_.max_logprobs, " outside [0, ", Model::kMaxTopLogprobs, "]");
   logits_.resize(static_cast<size_t>(options_.max_running * model.config().vocab_size));
+  host_lp_.resize(static_cast<size_t>(1 + Model::kMaxTopLogprobs));
+  host_lp_ids_.resize(static_cast<size_t>(Model::kMaxTopLogprobs));
+  device_lp_.resize(static_cast<size_t>(options_.max_running * (1 + Model::kMaxTopLogprobs)));
+  device_lp_ids_.resize(static_cast<size_t>(options_.max_running * Model::kMaxTopLogprobs));
   batch_.tokens.reserve(static_cast<size_t>(limits.max_tokens));
   stats_.kv_blocks_total = limits.n_blocks;
   stats_.block_size = limits.block_size;
@@ -296,30 +304,7 @@ bool Engine::schedule() {
   return batch_.n_tokens() > 0;
 }
 
-namespace {
-
-// Log-softmax of `logits` at `id`, and the top-n (id, logprob) pairs, best first.
-void logprobs_of(const float* logits, int64_t vocab, int32_t id, int64_t n, TokenLogprobs& out,
-                 std::vector<int32_t>& order) {
-  float max_l = logits[0];
-  for (int64_t v = 1; v < vocab; ++v) max_l = std::max(max_l, logits[v]);
-  double sum = 0;
-  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - max_l));
-  const double lse = max_l + std::log(sum);
-  out.token_id = id;
-  out.logprob = static_cast<float>(logits[id] - lse);
-  order.resize(static_cast<size_t>(vocab));
-  for (int64_t v = 0; v < vocab; ++v) order[v] = static_cast<int32_t>(v);
-  n = std::min(n, vocab);
-  std::partial_sort(order.begin(), order.begin() + n, order.end(), [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
-  out.top.clear();
-  for (int64_t i = 0; i < n; ++i)
-    out.top.push_back({order[i], static_cast<float>(logits[order[i]] - lse)});
-}
-
-}  // namespace
+namespace {}  // namespace
 
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
@@ -327,6 +312,8 @@ bool Engine::sample_on_device() const {
 }
 
 void Engine::process_logits(const int32_t* sampled) {
+  // Log-probabilities: from the device (logprobs_, in logprob_slot_'s rows) when it sampled,
+  // otherwise computed here into host_lp_.
   const int64_t vocab = model_.config().vocab_size;
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> done;
@@ -340,8 +327,20 @@ void Engine::process_logits(const int32_t* sampled) {
     RequestEvent event;
     event.token_ids.push_back(next);
     if (seq.params.logprobs > 0) {
-      event.logprobs.emplace_back();
-      logprobs_of(row, vocab, next, seq.params.logprobs, event.logprobs.back(), order);
+      const int64_t n = std::min(seq.params.logprobs, vocab);
+      const float* lp = host_lp_.data();
+      const int32_t* top_ids = host_lp_ids_.data();
+      if (sampled == nullptr) {
+        cpu::logprobs_row(row, vocab, next, n, host_lp_.data(), host_lp_ids_.data(), order);
+      } else {
+        const int64_t slot = logprob_slot_[i];
+        lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
+        top_ids = logprobs_.ids + slot * logprobs_.top;
+      }
+      TokenLogprobs& t = event.logprobs.emplace_back();
+      t.token_id = next;
+      t.logprob = lp[0];
+      for (int64_t k = 0; k < n; ++k) t.top.push_back({top_ids[k], lp[1 + k]});
     }
     FinishReason reason = FinishReason::kNone;
     const bool eos = !seq.params.ignore_eos && tokenizer_.is_eos(next);
@@ -472,7 +471,10 @@ void Engine::run() {
         // distinct tokens. Rows with logprobs also bring back their logits.
         sample_params_.assign(logit_seqs_.size() * Ops::kSampleParams, 0.f);
         sampled_.resize(logit_seqs_.size());
-        host_rows_.clear();
+        const int64_t vocab = model_.config().vocab_size;
+        logprobs_.rows.clear();
+        logprobs_.top = 1;
+        logprob_slot_.assign(logit_seqs_.size(), -1);
         penalty_offsets_.assign(1, 0);
         penalty_ids_.clear();
         penalty_values_.clear();
@@ -488,12 +490,19 @@ void Engine::run() {
           }
           penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
           penalty_values_.push_back(sampler.params().repetition_penalty);
-          if (seq.params.logprobs > 0) host_rows_.push_back(static_cast<int32_t>(i));
+          if (seq.params.logprobs > 0) {
+            logprob_slot_[i] = static_cast<int64_t>(logprobs_.rows.size());
+            logprobs_.rows.push_back(static_cast<int32_t>(i));
+            logprobs_.top = std::max(logprobs_.top, std::min(seq.params.logprobs, vocab));
+          }
         }
         const SamplePenalties penalties{penalty_offsets_.data(), penalty_ids_.data(),
                                         penalty_values_.data()};
-        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(), host_rows_,
-                              logits_.data(), penalised ? &penalties : nullptr);
+        logprobs_.logprobs = device_lp_.data();
+        logprobs_.ids = device_lp_ids_.data();
+        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(),
+                              penalised ? &penalties : nullptr,
+                              logprobs_.rows.empty() ? nullptr : &logprobs_);
         process_logits(sampled_.data());
       } else {
         model_.forward(batch_, logits_.data());

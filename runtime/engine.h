@@ -181,7 +181,12 @@ class Engine {
   std::vector<int32_t> penalty_offsets_;  // the step's SamplePenalties
   std::vector<int32_t> penalty_ids_;
   std::vector<float> penalty_values_;
-  std::vector<int32_t> host_rows_;  // logit rows copied back (logprobs)
+  SampleLogprobs logprobs_;             // the step's logprobs asked of forward_sample
+  std::vector<int64_t> logprob_slot_;   // per logit row: its row in logprobs_, or -1
+  std::vector<float> device_lp_;        // forward_sample's logprobs out [max_running, 1 + top]
+  std::vector<int32_t> device_lp_ids_;  // [max_running, top]
+  std::vector<float> host_lp_;          // one row's, sampled on the host [1 + top]
+  std::vector<int32_t> host_lp_ids_;    // [top]
   std::chrono::steady_clock::time_point start_;
 };
 

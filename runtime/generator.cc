@@ -136,7 +136,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
         const std::vector<int32_t>& ids = sampler.penalty_ids(context_ids);
         penalty_offsets[1] = static_cast<int32_t>(ids.size());
         const SamplePenalties penalties{penalty_offsets, ids.data(), &penalty};
-        model.forward_sample(batch, params, &device_next, {}, nullptr, &penalties);
+        model.forward_sample(batch, params, &device_next, &penalties);
       } else {
         model.forward_sample(batch, params, &device_next);
       }

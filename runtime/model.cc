@@ -189,6 +189,11 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     penalty_offsets_ = c.take(DType::kI32, {R + 1});
     penalty_values_ = c.take(DType::kF32, {R});
     penalty_ids_ = c.take(DType::kI32, {penalty_capacity()});
+    const int64_t LP = logprob_capacity();
+    logprob_rows_ = c.take(DType::kI32, {LP});
+    logprob_raw_ = c.take(DType::kF32, {LP, config_.vocab_size});
+    logprob_out_ = c.take(DType::kF32, {LP * (1 + kMaxTopLogprobs)});
+    logprob_ids_ = c.take(DType::kI32, {LP * kMaxTopLogprobs});
     logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
     const bool interleave = world_ > 1 && forward_sample_supported();
     logits_full_ = c.take(DType::kF32, {interleave ? R : 0, config_.vocab_size});
@@ -237,14 +242,24 @@ void Model::forward(const StepBatch& batch, float* logits) {
 }
 
 void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                           const std::vector<int32_t>& copy_rows, float* logits,
-                           const SamplePenalties* penalties) {
+                           const SamplePenalties* penalties, SampleLogprobs* logprobs) {
   SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
            " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
-  SY_CHECK(copy_rows.empty() || logits != nullptr, "forward_sample: rows to copy and no buffer");
-  for (int32_t r : copy_rows)
-    SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logit row ", r, " to copy of ", n_logits);
+  const int64_t n_lp = logprobs != nullptr ? static_cast<int64_t>(logprobs->rows.size()) : 0;
+  if (logprobs != nullptr) {
+    SY_CHECK(n_lp <= logprob_capacity(), "forward_sample: logprobs of ", n_lp,
+             " rows; the limit is ", logprob_capacity());
+    SY_CHECK(logprobs->top >= 1 &&
+                 logprobs->top <= std::min<int64_t>(kMaxTopLogprobs, config_.vocab_size),
+             "forward_sample: top ", logprobs->top, " logprobs outside [1, ",
+             std::min<int64_t>(kMaxTopLogprobs, config_.vocab_size), "]");
+    SY_CHECK(n_lp == 0 || (logprobs->logprobs != nullptr && logprobs->ids != nullptr),
+             "forward_sample: logprobs asked with no buffers");
+    for (int32_t r : logprobs->rows)
+      SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logprobs of logit row ", r, " of ",
+               n_logits);
+  }
   int64_t n_penalty_ids = 0;
   if (penalties != nullptr) {
     const int32_t* off = penalties->offsets;
@@ -285,11 +300,13 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
       ops_.gather_rows(lg.reshape({n_logits * world_, width}),
                        all.reshape({world_ * n_logits, width}), perm);
     }
-    // The copied rows are the model's own (logprobs), taken before any penalty.
-    const int64_t vocab = config_.vocab_size;
-    for (int32_t r : copy_rows)
-      ops_.copy_to_host(logits + r * vocab, lg.rows(r, 1).data,
-                        static_cast<size_t>(vocab) * sizeof(float));
+    // The rows asked for logprobs, kept before any penalty: the model's own distribution.
+    Tensor lp_rows = logprob_rows_.rows(0, n_lp);
+    Tensor lp_raw = logprob_raw_.rows(0, n_lp);
+    if (n_lp > 0) {
+      ops_.copy_from_host(lp_rows.data, logprobs->rows.data(), lp_rows.bytes());
+      ops_.gather_rows(lp_raw, lg, lp_rows);
+    }
     if (n_penalty_ids > 0) {
       Tensor off = penalty_offsets_.rows(0, n_logits + 1);
       Tensor val = penalty_values_.rows(0, n_logits);
@@ -301,8 +318,17 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     }
     Tensor p = sample_params_.rows(0, n_logits);
     ops_.copy_from_host(p.data, params, p.bytes());
-    ops_.sample(sample_ids_.rows(0, n_logits), lg, p);
-    ops_.copy_to_host(ids, sample_ids_.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
+    Tensor sampled = sample_ids_.rows(0, n_logits);
+    ops_.sample(sampled, lg, p);
+    if (n_lp > 0) {
+      const int64_t top = logprobs->top;
+      const Tensor out(logprob_out_.data, DType::kF32, {n_lp, top + 1}, ops_.device());
+      const Tensor out_ids(logprob_ids_.data, DType::kI32, {n_lp, top}, ops_.device());
+      ops_.logprobs(out, out_ids, lp_raw, lp_rows, sampled);
+      ops_.copy_to_host(logprobs->logprobs, out.data, out.bytes());
+      ops_.copy_to_host(logprobs->ids, out_ids.data, out_ids.bytes());
+    }
+    ops_.copy_to_host(ids, sampled.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
   }
   lap(ForwardProfile::kOther);
 }

@@ -92,6 +92,17 @@ struct SamplePenalties {
   const float* values = nullptr;     // [n_logits]
 };
 
+// Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct, at
+// most one per sequence of the step), the sampled token's and the `top` most likely tokens'
+// (1 <= top <= min(vocabulary, Model::kMaxTopLogprobs)), of the model's own distribution (before
+// any penalty), as Ops::logprobs writes them.
+struct SampleLogprobs {
+  std::vector<int32_t> rows;
+  int64_t top = 1;
+  float* logprobs = nullptr;  // out (host): [rows.size(), 1 + top]
+  int32_t* ids = nullptr;     // out (host): [rows.size(), top]
+};
+
 // This rank's part of the weights for `parallel` (the whole model when it is null).
 WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
 
@@ -114,19 +125,21 @@ class Model {
   // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
   // (one all-gather over the world, then a row permutation) and every rank samples alike; every
   // rank calls it or forward() for the step. Requires forward_sample_supported().
-  // `copy_rows` (ascending logit-row indices; may be empty) also come back to the host: row i
-  // into `logits` + i * vocab, as forward() would put it (for logprobs of those rows only).
   // `penalties` (host; null for none) are the rows' repetition penalties, applied on the device
-  // after the copies and before sampling.
+  // before sampling; `logprobs` (null for none) asks some rows' log-probabilities, which come
+  // back with the ids (no logits travel).
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                      const std::vector<int32_t>& copy_rows = {}, float* logits = nullptr,
-                      const SamplePenalties* penalties = nullptr);
+                      const SamplePenalties* penalties = nullptr,
+                      SampleLogprobs* logprobs = nullptr);
+  static constexpr int64_t kMaxTopLogprobs = 20;
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;
   // The most repetition-penalty ids one forward_sample takes: each of a step's sequences holds
   // at most one logit row, with at most min(vocabulary, context) distinct tokens.
   int64_t penalty_capacity() const;
+  // The most logit rows one forward_sample takes log-probabilities of: one per sequence.
+  int64_t logprob_capacity() const { return std::min(limits_.max_logit_rows, limits_.max_seqs); }
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
@@ -220,9 +233,13 @@ class Model {
   Tensor penalty_offsets_;        // I32 [max_logit_rows + 1]  (forward_sample's penalties)
   Tensor penalty_values_;         // F32 [max_logit_rows]
   Tensor penalty_ids_;            // I32 [penalty_capacity()]
-  Tensor logits_all_;   // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
-  Tensor logits_full_;  // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
-  Tensor logits_perm_;  // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
+  Tensor logprob_rows_;  // I32 [logprob_capacity()]              (forward_sample's logprobs)
+  Tensor logprob_raw_;   // F32 [logprob_capacity(), vocab]       their rows, unpenalised
+  Tensor logprob_out_;   // F32 [logprob_capacity() * (1 + kMaxTopLogprobs)]
+  Tensor logprob_ids_;   // I32 [logprob_capacity() * kMaxTopLogprobs]
+  Tensor logits_all_;    // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor logits_full_;   // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
+  Tensor logits_perm_;   // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
   DeviceBuffer kv_storage_;

@@ -31,6 +31,12 @@ int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_
 void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, int64_t n,
                             float penalty);
 
+// Log-probabilities of one row of logits [vocab] (log-softmax, fp64 sums): out_logprobs[0] for
+// `chosen`, then out_logprobs[1 + i] for the i-th most likely token (ties: the lower id), whose
+// id goes to out_ids[i], i < top <= vocab. `order` is scratch. The reference of Ops::logprobs.
+void logprobs_row(const float* logits, int64_t vocab, int32_t chosen, int64_t top,
+                  float* out_logprobs, int32_t* out_ids, std::vector<int32_t>& order);
+
 // Physical cache slot of `position` in sequence `seq` (checked against the table's extent).
 int64_t kv_slot(const AttentionMeta& meta, int64_t seq, int64_t position);
 

@@ -19,6 +19,25 @@ void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, in
   }
 }
 
+void logprobs_row(const float* logits, int64_t vocab, int32_t chosen, int64_t top,
+                  float* out_logprobs, int32_t* out_ids, std::vector<int32_t>& order) {
+  float max_l = logits[0];
+  for (int64_t v = 1; v < vocab; ++v) max_l = std::max(max_l, logits[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - max_l));
+  const double lse = static_cast<double>(max_l) + std::log(sum);
+  out_logprobs[0] = static_cast<float>(static_cast<double>(logits[chosen]) - lse);
+  order.resize(static_cast<size_t>(vocab));
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int64_t i = 0; i < top; ++i) {
+    out_ids[i] = order[static_cast<size_t>(i)];
+    out_logprobs[1 + i] = static_cast<float>(static_cast<double>(logits[out_ids[i]]) - lse);
+  }
+}
+
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order) {
   const size_t V = static_cast<size_t>(vocab);

@@ -288,6 +288,10 @@ class CudaOps final : public Ops {
   void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties) override {
     cuda::repetition_penalty(logits, offsets, ids, penalties, stream_);
   }
+  void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows,
+                Tensor chosen) override {
+    cuda::logprobs(out_logprobs, out_ids, logits, rows, chosen, stream_);
+  }
 
   bool supports_graphs() const override { return true; }
   bool has_graph(int64_t id) const override { return graphs_.count(id) > 0; }

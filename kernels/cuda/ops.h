@@ -59,6 +59,8 @@ void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream);
 void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties,
                         cudaStream_t stream);
+void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, Tensor chosen,
+              cudaStream_t stream);
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream);
 // Ops::grouped_matmul_offsets for x and weights both BF16 or both F32: `w_device` is a device

@@ -205,7 +205,65 @@ __global__ void repetition_penalty_kernel(float* __restrict__ logits, int64_t vo
   }
 }
 
+// Ops::logprobs: one block per row. The log-sum-exp as the CPU twin (float max, fp64 sum of
+// exp(l - max) in a fixed order of its own); the top tokens one block-wide key maximum at a time,
+// each below the last (keys order by logit, then lower id, as the twin's sort).
+constexpr int kLogprobThreads = 256;
+__global__ void __launch_bounds__(kLogprobThreads)
+    logprobs_kernel(float* __restrict__ out_logprobs, int32_t* __restrict__ out_ids,
+                    const float* __restrict__ logits, const int32_t* __restrict__ rows,
+                    const int32_t* __restrict__ chosen, int64_t n_chosen, int64_t vocab,
+                    int32_t top) {
+  __shared__ float fsh[32];
+  __shared__ double dsh[32];
+  __shared__ u64 ksh[32];
+  const int64_t j = blockIdx.x;
+  const float* l = logits + j * vocab;
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < vocab; i += kLogprobThreads) m = fmaxf(m, l[i]);
+  m = block_reduce(m, fsh, MaxOp{}, -INFINITY);
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += kLogprobThreads)
+    s += exp(static_cast<double>(l[i] - m));
+  s = block_reduce(s, dsh, SumOp{}, 0.0);
+  const double lse = static_cast<double>(m) + log(s);
+  float* out = out_logprobs + j * (top + 1);
+  if (threadIdx.x == 0) {
+    const int64_t r = rows[j];
+    const int64_t token = r >= 0 && r < n_chosen ? chosen[r] : -1;
+    out[0] =
+        token >= 0 && token < vocab ? static_cast<float>(static_cast<double>(l[token]) - lse) : NAN;
+  }
+  u64 last = 0;
+  for (int32_t t = 0; t < top; ++t) {
+    u64 best = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kLogprobThreads) {
+      const u64 k = key_of(l[i], i);
+      if (t == 0 || k < last) best = max(best, k);
+    }
+    best = block_reduce(best, ksh, MaxOp{}, u64{0});
+    if (threadIdx.x == 0) {
+      const int64_t id = id_of(best);
+      out_ids[j * top + t] = static_cast<int32_t>(id);
+      out[1 + t] = static_cast<float>(static_cast<double>(l[id]) - lse);
+    }
+    last = best;
+  }
+}
+
 }  // namespace
+
+void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, Tensor chosen,
+              cudaStream_t stream) {
+  check_logprobs(out_logprobs, out_ids, logits, rows, chosen);
+  check_on_device("logprobs", {&out_logprobs, &out_ids, &logits, &rows, &chosen});
+  const int64_t m = logits.size(0);
+  if (m == 0) return;
+  logprobs_kernel<<<static_cast<unsigned>(m), kLogprobThreads, 0, stream>>>(
+      out_logprobs.f32(), out_ids.i32(), logits.f32(), rows.i32(), chosen.i32(), chosen.size(0),
+      logits.size(1), static_cast<int32_t>(out_ids.size(1)));
+  check_launch("logprobs");
+}
 
 void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties,
                         cudaStream_t stream) {

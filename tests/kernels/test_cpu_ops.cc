@@ -351,6 +351,53 @@ TEST(CpuOps, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
   EXPECT_EQ(logits, want);  // refused calls change nothing
 }
 
+// Ops::logprobs (the default: cpu::logprobs_row per row): the log-softmax against a long-double
+// reference, the top tokens best first with ties to the lower id, each row's token taken
+// through `rows` from the sampled ids; a row or token out of range refused by name.
+TEST(CpuOps, LogprobsAreTheLogSoftmaxAndItsTopTokens) {
+  auto ops = make_cpu_ops();
+  const int64_t m = 3, vocab = 1000, top = 20;
+  std::vector<float> logits = random_vector(m * vocab, 21, 6.f);
+  for (int64_t i = vocab; i < 2 * vocab; ++i) logits[i] = std::round(logits[i]);  // ties
+  std::vector<int32_t> rows = {2, 0, 1};      // logit row j is the step's row rows[j]
+  std::vector<int32_t> chosen = {5, 999, 0};  // sampled per step row
+  std::vector<float> out(m * (top + 1));
+  std::vector<int32_t> ids(m * top);
+  ops->logprobs(view(out, {m, top + 1}), view(ids, {m, top}), view(logits, {m, vocab}),
+                view(rows, {m}), view(chosen, {3}));
+  for (int64_t j = 0; j < m; ++j) {
+    const float* l = logits.data() + j * vocab;
+    long double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<long double>(l[v]));
+    const long double lse = std::log(sum);
+    auto ref = [&](int64_t v) { return static_cast<double>(static_cast<long double>(l[v]) - lse); };
+    EXPECT_NEAR(out[j * (top + 1)], ref(chosen[rows[j]]), 1e-5) << "row " << j;
+    std::vector<int32_t> order(vocab);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+    for (int64_t k = 0; k < top; ++k) {
+      EXPECT_EQ(ids[j * top + k], order[k]) << "row " << j << " rank " << k;
+      EXPECT_NEAR(out[j * (top + 1) + 1 + k], ref(order[k]), 1e-5) << "row " << j << " rank " << k;
+    }
+  }
+  std::vector<int32_t> past = {2, 0, 3};
+  try {
+    ops->logprobs(view(out, {m, top + 1}), view(ids, {m, top}), view(logits, {m, vocab}),
+                  view(past, {m}), view(chosen, {3}));
+    FAIL() << "row 3 of 3 taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("logprobs: row 3 of 3 sampled tokens"), std::string::npos)
+        << e.what();
+  }
+  std::vector<int32_t> bad_token = {5, vocab, 0};
+  EXPECT_THROW(ops->logprobs(view(out, {m, top + 1}), view(ids, {m, top}), view(logits, {m, vocab}),
+                             view(rows, {m}), view(bad_token, {3})),
+               Error);
+  EXPECT_THROW(ops->logprobs(view(out, {m, top}), view(ids, {m, top}), view(logits, {m, vocab}),
+                             view(rows, {m}), view(chosen, {3})),
+               Error);  // out_logprobs without the chosen token's column
+}
+
 TEST(CpuOps, ShapeErrorsNameTheOperand) {
   std::vector<float> a(12), b(12), w(4);
   try {

@@ -1464,5 +1464,37 @@ TEST_F(CudaOps, RepetitionPenaltyMatchesCpu) {
   }
 }
 
+// Ops::logprobs: the top ids exact and the log-probabilities within 1e-6 of the CPU twin (the
+// fp64 sums differ only in order), over awkward row counts, tops of 1 to 20, rows with many
+// tied logits, and rows taken out of order.
+TEST_F(CudaOps, LogprobsMatchCpu) {
+  for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32000}}) {
+    for (int64_t m : kTokenCounts) {
+      if (m > (vocab == 32000 ? 3 : 19)) continue;  // the emulator's time
+      for (int64_t top : {int64_t{1}, int64_t{5}, int64_t{20}}) {
+        top = std::min(top, vocab);
+        std::vector<float> logits = random_vector(m * vocab, 300 + m + vocab + top, 5.f);
+        for (int64_t i = 0; i < m * vocab; i += 2) logits[i] = std::round(logits[i]);  // ties
+        const int64_t n = m + 2;  // the step's rows; logit row j is its row rows[j]
+        std::vector<int32_t> rows(static_cast<size_t>(m)), chosen(static_cast<size_t>(n));
+        for (int64_t j = 0; j < m; ++j) rows[j] = static_cast<int32_t>((j * 5 + 1) % n);
+        for (int64_t r = 0; r < n; ++r) chosen[r] = static_cast<int32_t>((r * 131) % vocab);
+        std::vector<float> want(static_cast<size_t>(m * (top + 1)));
+        std::vector<int32_t> want_ids(static_cast<size_t>(m * top));
+        cpu_->logprobs(host(want, {m, top + 1}), host(want_ids, {m, top}), host(logits, {m, vocab}),
+                       host(rows, {m}), host(chosen, {n}));
+        DeviceTensor out(*gpu_, DType::kF32, {m, top + 1});
+        DeviceTensor out_ids(*gpu_, DType::kI32, {m, top});
+        gpu_->logprobs(out, out_ids, upload(*gpu_, logits, DType::kF32, {m, vocab}),
+                       upload(*gpu_, rows, {m}), upload(*gpu_, chosen, {n}));
+        const std::string what = detail::concat(m, " rows of ", vocab, ", top ", top);
+        EXPECT_EQ(download_i32(*gpu_, out_ids), want_ids) << what;
+        expect_each_within(what, download(*gpu_, out), want, std::vector<double>(want.size(), 1e-6),
+                           top + 1);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sy

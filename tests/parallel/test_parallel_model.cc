@@ -239,29 +239,34 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     EXPECT_EQ(half, std::vector<int32_t>(want.begin(), want.begin() + n / 2)) << what << " half";
     for (int64_t t = n / 2; t < n; ++t) batch.logit_rows.push_back(static_cast<int32_t>(t));
     std::fill(got.begin(), got.end(), -1);
-    // With two rows' logits back on the host (for logprobs): exactly forward()'s, the other
-    // rows untouched.
+    // The logprobs of row 1 (top 5, for the token sampled there): those of forward()'s logits.
     const int64_t V = config.vocab_size;
-    std::vector<float> copied(logits.size(), -7.f);
-    const std::vector<int32_t> rows = {1, static_cast<int32_t>(n - 1)};
-    model->forward_sample(batch, params.data(), got.data(), rows, copied.data());
+    std::vector<float> lp_out(6, -7.f), want_lp(6);
+    std::vector<int32_t> lp_ids(5, -1), want_ids(5), order;
+    SampleLogprobs lp;
+    lp.rows = {1};
+    lp.top = 5;
+    lp.logprobs = lp_out.data();
+    lp.ids = lp_ids.data();
+    model->forward_sample(batch, params.data(), got.data(), nullptr, &lp);
     EXPECT_EQ(got, want) << what << " again";
-    for (int64_t t = 0; t < n; ++t) {
-      const bool asked = t == 1 || t == n - 1;
-      const std::vector<float> row(copied.begin() + t * V, copied.begin() + (t + 1) * V);
-      if (asked)
-        EXPECT_EQ(row, std::vector<float>(logits.begin() + t * V, logits.begin() + (t + 1) * V))
-            << what << " copied row " << t;
-      else
-        EXPECT_EQ(row, std::vector<float>(static_cast<size_t>(V), -7.f)) << what << " row " << t;
+    cpu::logprobs_row(logits.data() + V, V, want[1], 5, want_lp.data(), want_ids.data(), order);
+    EXPECT_EQ(lp_out, want_lp) << what << " logprobs";
+    EXPECT_EQ(lp_ids, want_ids) << what << " top ids";
+    // Refused: more rows than the step's sequences, a row past the step, a top past the limit.
+    for (const auto& [rows, top] : {std::pair<std::vector<int32_t>, int64_t>{{1, 2}, 5},
+                                    {{static_cast<int32_t>(n)}, 5},
+                                    {{1}, Model::kMaxTopLogprobs + 1}}) {
+      SampleLogprobs bad = lp;
+      bad.rows = rows;
+      bad.top = top;
+      EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), nullptr, &bad), Error)
+          << what << " top " << top;
     }
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {static_cast<int32_t>(n)},
-                                       copied.data()),
-                 Error);
 
     // Repetition penalties on the odd rows below 16 (the distinct tokens of each one's last 8
     // prompt tokens: within the 64 ids of one sequence's context here): the tokens of sampling
-    // the penalised host logits, and the copied row still the model's own.
+    // the penalised host logits, and row 1's logprobs still the model's own.
     std::vector<int32_t> offsets = {0}, ids;
     std::vector<float> values;
     std::vector<float> penalised = logits;
@@ -284,24 +289,22 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
                 Tensor(penalised.data(), DType::kF32, {n, V}),
                 Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
     EXPECT_NE(want_penalised, want) << what << ": the penalties change no token";
-    std::fill(copied.begin(), copied.end(), -7.f);
     const SamplePenalties penalties{offsets.data(), ids.data(), values.data()};
-    model->forward_sample(batch, params.data(), got.data(), {1}, copied.data(), &penalties);
+    model->forward_sample(batch, params.data(), got.data(), &penalties, &lp);
     EXPECT_EQ(got, want_penalised) << what << " penalised";
-    EXPECT_EQ(std::vector<float>(copied.begin() + V, copied.begin() + 2 * V),
-              std::vector<float>(logits.begin() + V, logits.begin() + 2 * V))
-        << what << " copied row 1 after penalties";
+    cpu::logprobs_row(logits.data() + V, V, want_penalised[1], 5, want_lp.data(), want_ids.data(),
+                      order);
+    EXPECT_EQ(lp_out, want_lp) << what << " logprobs after penalties";
+    EXPECT_EQ(lp_ids, want_ids) << what << " top ids after penalties";
     // Malformed penalties are refused before the step runs.
     std::vector<int32_t> bad = offsets;
     bad[2] = bad[1] - 1;
     const SamplePenalties decreasing{bad.data(), ids.data(), values.data()};
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {}, nullptr, &decreasing),
-                 Error);
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &decreasing), Error);
     std::vector<float> zero = values;
     zero[1] = 0.f;
     const SamplePenalties no_penalty{offsets.data(), ids.data(), zero.data()};
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), {}, nullptr, &no_penalty),
-                 Error);
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &no_penalty), Error);
   }
 }
 
