@@ -96,7 +96,8 @@ def info(stub, pb, args):
     s = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
     print(f"server: {s.running_requests} running, {s.queue_depth} queued, KV blocks "
           f"{s.kv_blocks_used}/{s.kv_blocks_total}, {s.recent_tokens_per_second:.1f} tok/s, "
-          f"{s.requests_completed} completed, {s.steps} steps, "
+          f"{s.requests_completed} completed, {s.requests_cancelled} cancelled, "
+          f"{s.requests_deadline_exceeded} past their deadline, {s.steps} steps, "
           f"{'draining' if s.draining else 'admitting'}")
 
 
