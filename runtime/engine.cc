@@ -332,7 +332,7 @@ void Engine::process_logits(const int32_t* sampled) {
       const int32_t* top_ids = host_lp_ids_.data();
       if (sampled == nullptr) {
         cpu::logprobs_row(row, vocab, next, n, host_lp_.data(), host_lp_ids_.data(), order);
-      } else {
+      } else {  // from the device, in this row's slot
         const int64_t slot = logprob_slot_[i];
         lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
         top_ids = logprobs_.ids + slot * logprobs_.top;
@@ -468,7 +468,7 @@ void Engine::run() {
       if (sample_on_device()) {
         // Only the tokens come back from the GPU: each sequence's sampler gives its parameters
         // and draw, in the same stream as on the host, and a penalised one its context's
-        // distinct tokens. Rows with logprobs also bring back their logits.
+        // distinct tokens. Rows with logprobs bring back their log-probabilities.
         sample_params_.assign(logit_seqs_.size() * Ops::kSampleParams, 0.f);
         sampled_.resize(logit_seqs_.size());
         const int64_t vocab = model_.config().vocab_size;

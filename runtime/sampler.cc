@@ -27,26 +27,17 @@ Sampler::Sampler(const SamplingParams& params, int64_t vocab_size)
       vocab_size_(vocab_size),
       rng_(params.seed),
       scores_(static_cast<size_t>(vocab_size)),
-      order_(static_cast<size_t>(vocab_size)),
-      seen_(static_cast<size_t>(vocab_size)) {
+      order_(static_cast<size_t>(vocab_size)) {
   params_.validate();
-  if (penalised()) distinct_.reserve(static_cast<size_t>(vocab_size));
 }
 
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context) {
   const size_t V = static_cast<size_t>(vocab_size_);
   std::copy(logits, logits + V, scores_.begin());
-  if (penalised()) {
-    // As Hugging Face: each distinct context token once.
-    std::fill(seen_.begin(), seen_.end(), 0);
-    distinct_.clear();
-    for (int32_t id : context) {
-      if (id < 0 || static_cast<size_t>(id) >= V || seen_[id]) continue;
-      seen_[id] = 1;
-      distinct_.push_back(id);
-    }
-    cpu::repetition_penalty_row(scores_.data(), vocab_size_, distinct_.data(),
-                                static_cast<int64_t>(distinct_.size()), params_.repetition_penalty);
+  if (penalised()) {  // as Hugging Face: each distinct context token once
+    const std::vector<int32_t>& ids = penalty_ids(context);
+    cpu::repetition_penalty_row(scores_.data(), vocab_size_, ids.data(),
+                                static_cast<int64_t>(ids.size()), params_.repetition_penalty);
   }
   const double u = params_.temperature == 0.f ? 0.0 : draw();
   return cpu::sample_row(scores_.data(), vocab_size_, params_.temperature, params_.top_k,

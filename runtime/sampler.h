@@ -24,7 +24,8 @@ class Sampler {
  public:
   Sampler(const SamplingParams& params, int64_t vocab_size);
   // Picks the next token from `logits` [vocab_size]; `context` holds the prompt and the tokens
-  // generated so far (for the repetition penalty). Allocates nothing.
+  // generated so far (for the repetition penalty: it must extend the previous call's, as
+  // penalty_ids). Allocates nothing once the context's distinct tokens are known.
   int32_t sample(const float* logits, const std::vector<int32_t>& context);
   // The next uniform number in [0, 1) of this sampler's stream (what sample() draws when the
   // temperature is not 0), for sampling on the device (Ops::sample) with the same stream.
@@ -44,10 +45,8 @@ class Sampler {
   SamplingParams params_;
   int64_t vocab_size_;
   std::mt19937_64 rng_;
-  std::vector<float> scores_;      // [vocab_size]
-  std::vector<int32_t> order_;     // [vocab_size]
-  std::vector<uint8_t> seen_;      // [vocab_size]
-  std::vector<int32_t> distinct_;  // sample()'s context tokens, each once
+  std::vector<float> scores_;   // [vocab_size]
+  std::vector<int32_t> order_;  // [vocab_size]
   // penalty_ids: the context seen so far, its distinct tokens, and which those are (sized on
   // the first call).
   size_t noted_ = 0;

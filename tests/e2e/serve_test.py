@@ -229,7 +229,9 @@ def still_works(server, name):
 
 
 LONG = 2000  # tokens of a generation that outlasts whatever a test does meanwhile
-KILLED = 32000  # tokens asked by the client that is killed mid-stream (context 32768)
+# Tokens of a request that a cancel or a killed client ends (context 32768): the transport brings
+# either to the engine, which on a loaded machine has taken thousands of steps.
+ENDED_EARLY = 32000
 
 
 def start_long_streams(s, n, first_id, timeout):
@@ -384,7 +386,9 @@ def scenario_faults(args):
         s.wait_serving()
         info = s.info()
         check("idle: no KV blocks used", info.kv_blocks_used == 0)
-        long_req = ids_request([1, 7, 8, 9], LONG, ignore_eos=True)
+        prompt = [1, 7, 8, 9]
+        long_req = ids_request(prompt, LONG, ignore_eos=True)
+        early_req = ids_request(prompt, ENDED_EARLY, ignore_eos=True)
 
         # Cancel mid-stream.
         ended0 = info
@@ -396,20 +400,19 @@ def scenario_faults(args):
                 steps0[0] = s.info().steps
 
         # The cancel, like a killed client's closed connection below, reaches the engine
-        # through the transport: a request far longer than it may take, bounded at half.
-        r = generate(s.stub, ids_request([1, 7, 8, 9], KILLED, ignore_eos=True), timeout=120,
-                     on_message=cancel_after_5)
+        # through the transport: bounded at half a request far longer than that may take.
+        r = generate(s.stub, early_req, timeout=120, on_message=cancel_after_5)
         check("cancel: CANCELLED mid-stream", r.code == grpc.StatusCode.CANCELLED and
-              5 <= r.n_messages < KILLED, f"{r.code} after {r.n_messages} messages")
+              5 <= r.n_messages < ENDED_EARLY, f"{r.code} after {r.n_messages} messages")
         if steps0[0] is not None:
-            wait_kv_idle(s, steps0[0], "cancel", max_steps=KILLED // 2, timeout=60)
+            wait_kv_idle(s, steps0[0], "cancel", max_steps=ENDED_EARLY // 2, timeout=60)
         ended0 = counted(s, ended0, "cancel", cancelled=1)
         still_works(s, "cancel")
 
         # A deadline that expires mid-stream: about a third of the way through a long request
         # at the speed this machine has now.
         t0 = time.time()
-        generate(s.stub, ids_request([1, 7, 8, 9], 200, ignore_eos=True), timeout=60)
+        generate(s.stub, ids_request(prompt, 200, ignore_eos=True), timeout=60)
         deadline = max(0.05, (time.time() - t0) * LONG / 200 / 3)
         r = generate(s.stub, long_req, timeout=deadline)
         steps = s.info().steps
@@ -425,8 +428,8 @@ def scenario_faults(args):
             "import sys; sys.path.insert(0, sys.argv[1]); import grpc\n"
             "from switchyard.v1 import switchyard_pb2 as pb, switchyard_pb2_grpc as pb_grpc\n"
             "stub = pb_grpc.SwitchyardStub(grpc.insecure_channel(sys.argv[2]))\n"
-            f"req = pb.GenerateRequest(max_tokens={KILLED}, ignore_eos=True)\n"
-            "req.token_ids.ids.extend([1, 7, 8, 9])\n"
+            f"req = pb.GenerateRequest(max_tokens={ENDED_EARLY}, ignore_eos=True)\n"
+            f"req.token_ids.ids.extend({prompt})\n"
             "for m in stub.Generate(req): print(len(m.token_ids), flush=True)\n")
         child = subprocess.Popen([sys.executable, "-c", code, args.stubs, s.target],
                                  stdout=subprocess.PIPE, text=True)
@@ -440,7 +443,7 @@ def scenario_faults(args):
         # this tiny model's sub-millisecond steps. The request must end then, cancelled, long
         # before its own end (the bound is five times the slowest seen). The deadline above
         # needs no transport: the engine checks it before every step.
-        wait_kv_idle(s, steps, "killed client", max_steps=KILLED // 2, timeout=60)
+        wait_kv_idle(s, steps, "killed client", max_steps=ENDED_EARLY // 2, timeout=60)
         counted(s, ended0, "killed client", completed=1, cancelled=1)
         still_works(s, "killed client")
 
@@ -465,12 +468,14 @@ def scenario_faults(args):
             r = generate(s.stub, req, timeout=10)
             check(f"validation: {name}", r.code == grpc.StatusCode.INVALID_ARGUMENT and
                   field in r.details and r.n_messages == 0, f"{r.code} {r.details!r}")
-        # A prompt of all but 10 tokens of the context: chunked prefill up to position 32k.
-        long_prompt = [1] + [3 + (i * 37) % (VOCAB - 3) for i in range(limit - 11)]
-        r = generate(s.stub, ids_request(long_prompt, 10, ignore_eos=True), timeout=120)
+        # A prompt of all the context but `tail` tokens, and `tail` more: chunked prefill to
+        # the last positions.
+        tail = 10
+        long_prompt = [1] + [3 + (i * 37) % (VOCAB - 3) for i in range(limit - tail - 1)]
+        r = generate(s.stub, ids_request(long_prompt, tail, ignore_eos=True), timeout=120)
         check("exactly the context limit is accepted", r.code == grpc.StatusCode.OK and
-              len(r.ids) == 10 and r.usage is not None and r.usage.prompt_tokens == limit - 10,
-              f"{r.code} {r.details} {len(r.ids)}")
+              len(r.ids) == tail and r.usage is not None and
+              r.usage.prompt_tokens == len(long_prompt), f"{r.code} {r.details} {len(r.ids)}")
         try:
             s.stub.Detokenize(pb.DetokenizeRequest(ids=[1, VOCAB]), timeout=10)
             check("detokenize unknown id", False, "accepted")

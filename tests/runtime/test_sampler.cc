@@ -67,13 +67,15 @@ TEST(Sampler, TopKTopPMinPRestrictTheSupport) {
 TEST(Sampler, RepetitionPenaltyAsHuggingFace) {
   SamplingParams p;
   p.repetition_penalty = 2.f;
-  Sampler s(p, 3);
+  Sampler s(p, 3), t(p, 3);
   // 3.0 / 2 = 1.5 < 2.0: token 0 (in context) loses to token 1.
   std::vector<float> l = {3.f, 2.f, -1.f};
   EXPECT_EQ(s.sample(l.data(), {0, 0}), 1);
   // Negative logits are multiplied: -0.5 * 2 = -1 < -0.8.
   std::vector<float> m = {-0.5f, -0.8f, -3.f};
-  EXPECT_EQ(s.sample(m.data(), {0}), 1);
+  EXPECT_EQ(t.sample(m.data(), {0}), 1);
+  // The context grows between calls; a shorter one is refused.
+  EXPECT_THROW(s.sample(l.data(), {0}), Error);
 }
 
 // The device path of a penalised sampler (penalty_ids, Ops::repetition_penalty, then Ops::sample
