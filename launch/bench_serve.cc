@@ -9,6 +9,10 @@
 // inside the window and ended before the window closed. Requests still in flight when the window
 // closes are cancelled and not counted.
 //
+// Prompts are random tokens; with `--shared-prefix-len N` every prompt begins with the same N
+// tokens (a system prompt, say), so the server's prefix cache can serve them: the tables give the
+// share of prompt tokens the server reports as cached.
+//
 // Requests use gRPC's callback API: every Generate stream is a reactor driven by gRPC's own
 // threads, so hundreds of streams need no thread each. The driver (the calling thread) only sends
 // requests at their arrival times, collects the ended ones and prints progress.
@@ -55,7 +59,8 @@ struct Sample {
   std::vector<Clock::time_point> message_times;
   int64_t prompt_tokens = 0;
   int64_t max_tokens = 0;
-  int64_t n_tokens = 0;  // tokens received
+  int64_t n_tokens = 0;       // tokens received
+  int64_t cached_tokens = 0;  // prompt tokens the server found in its prefix cache
   grpc::StatusCode code = grpc::StatusCode::OK;
   std::string message;  // the status message of a failed request
 };
@@ -90,6 +95,7 @@ class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
   void OnReadDone(bool ok) override {
     if (!ok) return;  // the stream ended; OnDone follows
     sample_.last_message = Clock::now();
+    if (response_.has_usage()) sample_.cached_tokens = response_.usage().cached_prompt_tokens();
     if (response_.token_ids_size() > 0) {
       sample_.message_times.push_back(sample_.last_message);
       sample_.n_tokens += response_.token_ids_size();
@@ -211,6 +217,7 @@ struct Run {
   std::string mode;  // "rate" or "concurrency"
   double value = 0;  // requests/s or requests in flight
   int64_t n_completed = 0, n_tokens = 0, n_good = 0, n_cancelled_at_end = 0;
+  int64_t n_prompt_tokens = 0, n_cached_tokens = 0;  // of the completed requests
   double duration_s = 0;
   Stats ttft, tpot, e2e, itl;
   std::map<std::string, int64_t> errors;  // status code name -> requests
@@ -251,7 +258,13 @@ class Driver {
   // `stubs`: one per channel (at least one), requests round-robin over them.
   Driver(const BenchServeArgs& a, const std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs,
          int64_t vocab_size)
-      : a_(a), stubs_(stubs), vocab_size_(vocab_size), lengths_(a) {}
+      : a_(a), stubs_(stubs), vocab_size_(vocab_size), lengths_(a) {
+    // The shared prefix: drawn once, from a stream of its own (the same for every sweep value).
+    std::mt19937_64 rng(a.seed ^ 0x5eedf00dull);
+    std::uniform_int_distribution<int64_t> token(0, vocab_size_ - 1);
+    for (int64_t i = 0; i < a.shared_prefix_len; ++i)
+      prefix_.push_back(static_cast<uint32_t>(token(rng)));
+  }
 
   Run run(const std::string& mode, double value, uint64_t seed) {
     std::mt19937_64 rng(seed);
@@ -338,7 +351,9 @@ class Driver {
     v1::GenerateRequest request;
     std::uniform_int_distribution<int64_t> token(0, vocab_size_ - 1);
     for (int64_t i = 0; i < prompt_len; ++i)
-      request.mutable_token_ids()->add_ids(static_cast<uint32_t>(token(rng)));
+      request.mutable_token_ids()->add_ids(i < static_cast<int64_t>(prefix_.size())
+                                               ? prefix_[static_cast<size_t>(i)]
+                                               : static_cast<uint32_t>(token(rng)));
     request.set_max_tokens(static_cast<uint32_t>(output_len));
     request.set_temperature(0);  // greedy
     request.set_ignore_eos(true);
@@ -368,6 +383,9 @@ class Driver {
       }
       ++run.n_completed;
       run.n_tokens += s.n_tokens;
+      run.n_prompt_tokens += s.prompt_tokens;
+      run.n_cached_tokens += s.cached_tokens;
+      j["cached_tokens"] = s.cached_tokens;
       const double e2e_ms = ms_between(s.sent, s.last_message);
       j["e2e_ms"] = e2e_ms;
       const double ttft_ms =
@@ -406,6 +424,7 @@ class Driver {
   size_t next_stub_ = 0;
   int64_t vocab_size_;
   Lengths lengths_;
+  std::vector<uint32_t> prefix_;  // --shared-prefix-len tokens
   Sink sink_;
   std::map<Stream*, std::unique_ptr<Stream>> live_;  // sent and not yet reaped
   Progress progress_;
@@ -421,6 +440,13 @@ int64_t n_errors(const Run& r) {
   int64_t n = 0;
   for (const auto& [name, count] : r.errors) n += count;
   return n;
+}
+
+// The share of the completed requests' prompt tokens that came from the server's prefix cache.
+double cached_percent(const Run& r) {
+  return r.n_prompt_tokens > 0 ? 100.0 * static_cast<double>(r.n_cached_tokens) /
+                                     static_cast<double>(r.n_prompt_tokens)
+                               : 0.0;
 }
 
 void print_tables(const std::vector<Run>& runs, const BenchServeArgs& a) {
@@ -440,18 +466,19 @@ void print_tables(const std::vector<Run>& runs, const BenchServeArgs& a) {
                 r.n_tokens / r.duration_s, r.ttft.mean, r.ttft.p50, r.ttft.p90, r.ttft.p99,
                 r.tpot.mean, r.tpot.p50, r.tpot.p90, r.tpot.p99, (long long)r.n_cancelled_at_end);
   std::printf("#\n# inter-token latency, end-to-end latency, errors and goodput\n");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s  %s\n", load, "itl_p50", "itl_p99",
-              "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99", "goodput", "errors", "good%",
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s %7s  %s\n", load, "itl_p50", "itl_p99",
+              "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99", "goodput", "errors", "good%", "cached",
               "errors_by_code");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s\n", load_unit, "(ms)", "(ms)", "(ms)",
-              "(ms)", "(ms)", "(ms)", "(req/s)", "(req)", "(%)");
+  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s %7s\n", load_unit, "(ms)", "(ms)", "(ms)",
+              "(ms)", "(ms)", "(ms)", "(req/s)", "(req)", "(%)", "(%)");
   for (const Run& r : runs) {
     const int64_t n_err = n_errors(r);
     const int64_t n_all = r.n_completed + n_err;
-    std::printf("  %9g %9.2f %9.2f %9.1f %9.1f %9.1f %9.1f %9.2f %9lld %7.1f  %s\n", r.value,
+    std::printf("  %9g %9.2f %9.2f %9.1f %9.1f %9.1f %9.1f %9.2f %9lld %7.1f %7.1f  %s\n", r.value,
                 r.itl.p50, r.itl.p99, r.e2e.mean, r.e2e.p50, r.e2e.p90, r.e2e.p99,
                 r.n_good / r.duration_s, (long long)n_err,
-                n_all > 0 ? 100.0 * r.n_good / n_all : 0.0, errors_text(r).c_str());
+                n_all > 0 ? 100.0 * r.n_good / n_all : 0.0, cached_percent(r),
+                errors_text(r).c_str());
   }
   int64_t total_errors = 0;
   for (const Run& r : runs) total_errors += n_errors(r);
@@ -503,6 +530,9 @@ void add_bench_serve(CLI::App& bench, BenchServeArgs& a) {
   cmd->add_option("--channels", a.channels,
                   "gRPC connections to the server; requests go round-robin over them")
       ->capture_default_str();
+  cmd->add_option("--shared-prefix-len", a.shared_prefix_len,
+                  "Leading prompt tokens every request has in common (a system prompt)")
+      ->capture_default_str();
   cmd->add_option("--json", a.json, "Write every sample as JSON to this file");
 }
 
@@ -513,6 +543,7 @@ int run_bench_serve(const BenchServeArgs& a) {
   SY_CHECK(a.duration_s > 0, "--duration-s ", a.duration_s, " must be > 0");
   SY_CHECK(a.warmup_s >= 0, "--warmup-s ", a.warmup_s, " must be >= 0");
   SY_CHECK(a.channels >= 1 && a.channels <= 256, "--channels ", a.channels, " must be in [1, 256]");
+  SY_CHECK(a.shared_prefix_len >= 0, "--shared-prefix-len ", a.shared_prefix_len, " must be >= 0");
 
   // Channels with the same arguments share one connection (gRPC's global subchannel pool): a
   // local pool per channel gives each its own.
@@ -549,8 +580,12 @@ int run_bench_serve(const BenchServeArgs& a) {
                 (a.prompt_len_range.empty() ? std::to_string(a.prompt_len) : a.prompt_len_range) +
                 ", output " +
                 (a.output_len_range.empty() ? std::to_string(a.output_len) : a.output_len_range);
+  if (a.shared_prefix_len > 0)
+    lengths += " tokens, every prompt's first " + std::to_string(a.shared_prefix_len) + " shared";
+  else
+    lengths += " tokens";
   std::printf(
-      "# %s, lengths %s tokens, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu, "
+      "# %s, lengths %s, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu, "
       "%lld channel%s\n",
       open_loop ? "open loop (Poisson arrivals)" : "closed loop", lengths.c_str(), a.warmup_s,
       a.duration_s, (unsigned long long)a.seed, (long long)a.channels, a.channels > 1 ? "s" : "");
@@ -579,6 +614,7 @@ int run_bench_serve(const BenchServeArgs& a) {
                 {"slo_tpot_ms", a.slo_tpot_ms},
                 {"seed", a.seed},
                 {"channels", a.channels},
+                {"shared_prefix_len", a.shared_prefix_len},
                 {"runs", json::array()}};
     for (const Run& r : runs) {
       json errors = json::object();
@@ -590,6 +626,8 @@ int run_bench_serve(const BenchServeArgs& a) {
                              {"request_throughput", r.n_completed / r.duration_s},
                              {"output_token_throughput", r.n_tokens / r.duration_s},
                              {"goodput", r.n_good / r.duration_s},
+                             {"prompt_tokens", r.n_prompt_tokens},
+                             {"cached_prompt_tokens", r.n_cached_tokens},
                              {"ttft_ms", stats_json(r.ttft)},
                              {"tpot_ms", stats_json(r.tpot)},
                              {"itl_ms", stats_json(r.itl)},

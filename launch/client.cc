@@ -101,9 +101,10 @@ int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   const v1::Usage& u = last.usage();
   std::printf(
       "finish: %s, prompt tokens: %u, completion tokens: %u, queue: %.1f ms, "
-      "first token: %.1f ms, total: %.1f ms, preemptions: %u\n",
+      "first token: %.1f ms, total: %.1f ms, preemptions: %u, cached prompt tokens: %u\n",
       finish_name(last.finish_reason()), u.prompt_tokens(), u.completion_tokens(),
-      u.queue_time_ms(), u.time_to_first_token_ms(), u.total_time_ms(), u.preemptions());
+      u.queue_time_ms(), u.time_to_first_token_ms(), u.total_time_ms(), u.preemptions(),
+      u.cached_prompt_tokens());
   return 0;
 }
 
@@ -182,6 +183,7 @@ int info(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   std::printf("  %-26s %u\n", "running_requests", s.running_requests());
   std::printf("  %-26s %u / %u\n", "kv_blocks_used / total", s.kv_blocks_used(),
               s.kv_blocks_total());
+  std::printf("  %-26s %u\n", "kv_blocks_cached", s.kv_blocks_cached());
   std::printf("  %-26s %u\n", "kv_block_size_tokens", s.kv_block_size_tokens());
   std::printf("  %-26s %.1f\n", "recent_tokens_per_second", s.recent_tokens_per_second());
   std::printf("  %-26s %.1f\n", "uptime_s", s.uptime_s());
@@ -192,6 +194,9 @@ int info(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   std::printf("  %-26s %llu\n", "requests_deadline_exceeded",
               static_cast<unsigned long long>(s.requests_deadline_exceeded()));
   std::printf("  %-26s %llu\n", "steps", static_cast<unsigned long long>(s.steps()));
+  std::printf("  %-26s %llu / %llu\n", "prefix_cache_hit / queried",
+              static_cast<unsigned long long>(s.prefix_cache_hit_tokens()),
+              static_cast<unsigned long long>(s.prefix_cache_queried_tokens()));
   std::printf("  %-26s %s\n", "draining", s.draining() ? "yes" : "no");
   return 0;
 }

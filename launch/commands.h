@@ -134,6 +134,7 @@ struct BenchServeArgs {
   double slo_tpot_ms = 0;                  // goodput: time per output token at most; 0 = any
   uint64_t seed = 1;                       // arrivals, lengths and prompt tokens
   int64_t channels = 1;                    // gRPC connections, requests round-robin over them
+  int64_t shared_prefix_len = 0;           // leading prompt tokens every request has in common
   std::string json;                        // every sample as JSON; empty: no file
 };
 struct BenchArgs {

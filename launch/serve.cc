@@ -238,6 +238,8 @@ void add_serve(CLI::App& app, ServeArgs& a) {
   cmd->add_option("--max-context", c.max_context,
                   "Prompt + generated tokens of one request (0 = max_position_embeddings)")
       ->capture_default_str();
+  cmd->add_flag("!--no-prefix-cache", c.prefix_caching,
+                "Do not keep or reuse the KV blocks of prompts' shared prefixes");
   cmd->add_option("--grace-period-s", c.grace_period_s,
                   "After SIGTERM/SIGINT/SIGUSR1: seconds for running requests to finish")
       ->capture_default_str();

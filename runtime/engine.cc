@@ -42,6 +42,8 @@ struct Engine::Sequence {
   int64_t n_prompt = 0;
   int64_t n_computed = 0;       // leading tokens whose keys and values are cached
   std::vector<int32_t> blocks;  // KV block table
+  int64_t n_recorded = 0;       // leading blocks recorded in the prefix cache
+  int64_t cached_prompt = 0;    // prompt tokens found in the prefix cache at admission
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<StreamDecoder> decoder;
   std::string held;  // text held back: it may begin a stop string
@@ -60,7 +62,7 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& op
       tokenizer_(tokenizer),
       options_(options),
       world_(world),
-      blocks_(model.limits().n_blocks),
+      blocks_(model.limits().n_blocks, options.prefix_caching ? model.limits().block_size : 0),
       start_(Clock::now()) {
   const ModelLimits& limits = model.limits();
   SY_CHECK(options_.max_batch_tokens > 0 && options_.max_batch_tokens <= limits.max_tokens,
@@ -202,11 +204,13 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
   u.time_to_first_token_ms = seq.n_generated() > 0 ? ms_between(seq.arrival, seq.first_token) : 0;
   u.total_time_ms = ms_between(seq.arrival, now);
   u.preemptions = seq.preemptions;
+  u.cached_prompt_tokens = seq.cached_prompt;
   blocks_.release(seq.blocks);
   {
     // Before the last event goes out, so a client that sees it also sees the blocks freed.
     std::lock_guard<std::mutex> lock(mu_);
     stats_.kv_blocks_used = blocks_.n_total() - blocks_.n_free();
+    stats_.kv_blocks_cached = blocks_.n_cached();
     if (reason == FinishReason::kStop || reason == FinishReason::kLength)
       ++stats_.requests_completed;
     else if (reason == FinishReason::kCancelled)
@@ -222,6 +226,7 @@ void Engine::preempt_newest() {
   running_.pop_back();
   blocks_.release(victim->blocks);
   victim->n_computed = 0;
+  victim->n_recorded = 0;
   victim->scheduled = 0;
   ++victim->preemptions;
   waiting_.push_front(std::move(victim));
@@ -261,20 +266,37 @@ bool Engine::schedule() {
       budget -= take;
     }
   }
-  // Then new (or preempted) requests, first come first served.
+  // Then new (or preempted) requests, first come first served, each starting past the longest
+  // run of whole blocks of its tokens in the prefix cache, short of its last token (whose
+  // logits are wanted).
   while (!waiting_.empty() && budget > 0 &&
          static_cast<int64_t>(running_.size()) < options_.max_running) {
     Sequence& seq = *waiting_.front();
-    const int64_t take = std::min(static_cast<int64_t>(seq.tokens.size()), budget);
-    if (!reserve(seq, take)) break;
+    const int64_t n_tokens = static_cast<int64_t>(seq.tokens.size());
+    const int64_t hit = blocks_.match(seq.tokens.data(), (n_tokens - 1) / B, seq.blocks) * B;
+    seq.n_computed = hit;
+    seq.n_recorded = hit / B;
+    const int64_t take = std::min(n_tokens - hit, budget);
+    if (!reserve(seq, take)) {
+      blocks_.release(seq.blocks);
+      seq.n_computed = seq.n_recorded = 0;
+      break;
+    }
     seq.scheduled = take;
     budget -= take;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prefix_cache_queried_tokens += n_tokens;
+      stats_.prefix_cache_hit_tokens += hit;
+      if (!seq.started) {
+        --stats_.queue_depth;
+        stats_.queued_tokens -= seq.n_prompt;
+      }
+    }
     if (!seq.started) {
       seq.started = true;
       seq.first_step = Clock::now();
-      std::lock_guard<std::mutex> lock(mu_);
-      --stats_.queue_depth;
-      stats_.queued_tokens -= seq.n_prompt;
+      seq.cached_prompt = hit;
     }
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -304,7 +326,16 @@ bool Engine::schedule() {
   return batch_.n_tokens() > 0;
 }
 
-namespace {}  // namespace
+void Engine::record_blocks() {
+  if (!blocks_.prefix_caching()) return;
+  const int64_t B = model_.limits().block_size;
+  for (auto& sp : running_) {
+    Sequence& seq = *sp;
+    const int64_t full = seq.n_computed / B;
+    if (seq.scheduled > 0 && full > seq.n_recorded)
+      seq.n_recorded = blocks_.commit(seq.blocks, seq.tokens.data(), seq.n_recorded, full);
+  }
+}
 
 bool Engine::sample_on_device() const {
   if (model_.ops().device() == Device::kCpu) return false;
@@ -503,9 +534,11 @@ void Engine::run() {
         model_.forward_sample(batch_, sample_params_.data(), sampled_.data(),
                               penalised ? &penalties : nullptr,
                               logprobs_.rows.empty() ? nullptr : &logprobs_);
+        record_blocks();
         process_logits(sampled_.data());
       } else {
         model_.forward(batch_, logits_.data());
+        record_blocks();
         process_logits(nullptr);
       }
       const Clock::time_point t = Clock::now();
@@ -530,6 +563,7 @@ void Engine::run() {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.running = static_cast<int64_t>(running_.size());
     stats_.kv_blocks_used = blocks_.n_total() - blocks_.n_free();
+    stats_.kv_blocks_cached = blocks_.n_cached();
     if (recent.empty() || Clock::now() - recent.back().first > std::chrono::seconds(5))
       stats_.recent_tokens_per_second = 0;
   }

@@ -66,6 +66,8 @@ struct Usage {
   double time_to_first_token_ms = 0;
   double total_time_ms = 0;
   int64_t preemptions = 0;
+  int64_t cached_prompt_tokens =
+      0;  // prompt tokens whose keys and values came from the prefix cache
 };
 
 // One message of a request's stream. The last one has finish != kNone and carries usage.
@@ -93,6 +95,9 @@ struct EngineOptions {
   int64_t max_stop_strings = 16;
   int64_t max_stop_string_bytes = 256;
   int64_t max_logprobs = 20;
+  // Keep the keys and values of finished requests' full KV blocks and reuse them for requests
+  // that begin with the same tokens (kv_blocks.h).
+  bool prefix_caching = true;
 };
 
 struct EngineStats {
@@ -101,6 +106,7 @@ struct EngineStats {
   int64_t running = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_cached = 0;  // of the free ones: holding a prefix for reuse
   int64_t block_size = 0;
   double recent_tokens_per_second = 0;
   double uptime_s = 0;
@@ -108,6 +114,10 @@ struct EngineStats {
   int64_t requests_cancelled = 0;          // cancelled, or their client went away
   int64_t requests_deadline_exceeded = 0;  // past their deadline
   int64_t steps = 0;
+  // Tokens of sequences admitted (new, or again after a preemption), and of those the ones
+  // found in the prefix cache.
+  int64_t prefix_cache_queried_tokens = 0;
+  int64_t prefix_cache_hit_tokens = 0;
   bool draining = false;
 };
 
@@ -144,12 +154,12 @@ class Engine {
   // Sends `event` as the request's last (with finish reason and usage) and frees its blocks.
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
+  // After a step: records the blocks its sequences filled in the prefix cache.
+  void record_blocks();
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
-  // Rows of sequences with a repetition penalty are always sampled here, from logits_.
   void process_logits(const int32_t* sampled);
   // True when this step samples on the device: a GPU model whose ranks' vocabulary slices are
-  // equal. The rows that need their logits here (logprobs, a repetition penalty, which needs
-  // the context) come back alone (Model::forward_sample's copy_rows).
+  // equal. Only the sampled tokens (and any logprobs) come back.
   bool sample_on_device() const;
   void validate(const RequestParams& params) const;
 

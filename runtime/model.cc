@@ -32,25 +32,6 @@ void StepBatch::clear() {
   n_seqs = 0;
 }
 
-BlockAllocator::BlockAllocator(int64_t n_blocks) : n_total_(n_blocks) {
-  free_.reserve(static_cast<size_t>(n_blocks));
-  for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
-}
-
-bool BlockAllocator::allocate(int64_t n, std::vector<int32_t>& table) {
-  if (n > n_free()) return false;
-  for (int64_t i = 0; i < n; ++i) {
-    table.push_back(free_.back());
-    free_.pop_back();
-  }
-  return true;
-}
-
-void BlockAllocator::release(std::vector<int32_t>& table) {
-  for (int32_t b : table) free_.push_back(b);
-  table.clear();
-}
-
 namespace {
 
 // Carves 64-byte-aligned tensors out of one allocation.

@@ -14,6 +14,7 @@
 #include "kernels/ops.h"
 #include "parallel/context.h"
 #include "runtime/config.h"
+#include "runtime/kv_blocks.h"
 #include "runtime/moe.h"
 #include "runtime/weights.h"
 
@@ -42,21 +43,6 @@ struct StepBatch {
 
   int64_t n_tokens() const { return static_cast<int64_t>(tokens.size()); }
   void clear();
-};
-
-// Hands out KV blocks. Owned by the scheduler; every rank sees the same block ids.
-class BlockAllocator {
- public:
-  explicit BlockAllocator(int64_t n_blocks);
-  // Appends `n` free blocks to `table`; false (and nothing taken) when too few are free.
-  bool allocate(int64_t n, std::vector<int32_t>& table);
-  void release(std::vector<int32_t>& table);  // returns every block of `table` and clears it
-  int64_t n_free() const { return static_cast<int64_t>(free_.size()); }
-  int64_t n_total() const { return n_total_; }
-
- private:
-  int64_t n_total_;
-  std::vector<int32_t> free_;
 };
 
 // Time and traffic of forward steps on this rank, accumulated while attached (set_profile).

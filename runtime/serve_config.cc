@@ -65,6 +65,7 @@ EngineOptions ServeConfig::engine_options() const {
   o.max_running = max_running;
   o.max_queue_requests = max_queue_requests;
   o.max_queue_tokens = max_queue_tokens;
+  o.prefix_caching = prefix_caching;
   return o;
 }
 
@@ -93,6 +94,7 @@ std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelC
       {"block_size", std::to_string(block_size)},
       {"kv_blocks", std::to_string(n_kv_blocks(config))},
       {"kv_cache_per_rank", mib(kv_cache_bytes(config, tp, bytes_per_value))},
+      {"prefix_caching", prefix_caching ? "on" : "off"},
       {"grace_period_s", grace.str()},
   };
 }

@@ -25,6 +25,7 @@ struct ServeConfig {
   int64_t block_size = 16;                 // tokens per KV block
   int64_t max_context = 0;                 // prompt + generated tokens of a request; 0 = model's
   double grace_period_s = 30;              // after a drain signal, seconds until requests stop
+  bool prefix_caching = true;              // reuse the KV blocks of prompts' shared prefixes
 
   // Throws naming the offending flag and its value. Needs no model.
   void validate() const;

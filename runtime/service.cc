@@ -119,6 +119,7 @@ v1::GenerateResponse to_response(const RequestEvent& e) {
     u->set_time_to_first_token_ms(e.usage.time_to_first_token_ms);
     u->set_total_time_ms(e.usage.total_time_ms);
     u->set_preemptions(static_cast<uint32_t>(e.usage.preemptions));
+    u->set_cached_prompt_tokens(static_cast<uint32_t>(e.usage.cached_prompt_tokens));
   }
   return m;
 }
@@ -481,6 +482,9 @@ grpc::ServerUnaryReactor* Service::GetServerInfo(grpc::CallbackServerContext* co
   response->set_requests_cancelled(static_cast<uint64_t>(s.requests_cancelled));
   response->set_requests_deadline_exceeded(static_cast<uint64_t>(s.requests_deadline_exceeded));
   response->set_steps(static_cast<uint64_t>(s.steps));
+  response->set_kv_blocks_cached(static_cast<uint32_t>(s.kv_blocks_cached));
+  response->set_prefix_cache_queried_tokens(static_cast<uint64_t>(s.prefix_cache_queried_tokens));
+  response->set_prefix_cache_hit_tokens(static_cast<uint64_t>(s.prefix_cache_hit_tokens));
   response->set_draining(s.draining);
   reactor->Finish(grpc::Status::OK);
   return reactor;

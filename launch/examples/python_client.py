@@ -74,7 +74,8 @@ def generate(stub, pb, args):
     u = last.usage
     reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
     print(f"finish: {reason}, prompt tokens: {u.prompt_tokens}, "
-          f"completion tokens: {u.completion_tokens}, first token: "
+          f"completion tokens: {u.completion_tokens} (cached prompt tokens: "
+          f"{u.cached_prompt_tokens}), first token: "
           f"{u.time_to_first_token_ms:.1f} ms, total: {u.total_time_ms:.1f} ms")
 
 
@@ -95,9 +96,11 @@ def info(stub, pb, args):
               f"experts {list(r.experts)}")
     s = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
     print(f"server: {s.running_requests} running, {s.queue_depth} queued, KV blocks "
-          f"{s.kv_blocks_used}/{s.kv_blocks_total}, {s.recent_tokens_per_second:.1f} tok/s, "
+          f"{s.kv_blocks_used}/{s.kv_blocks_total} ({s.kv_blocks_cached} cached), "
+          f"{s.recent_tokens_per_second:.1f} tok/s, "
           f"{s.requests_completed} completed, {s.requests_cancelled} cancelled, "
           f"{s.requests_deadline_exceeded} past their deadline, {s.steps} steps, "
+          f"prefix cache {s.prefix_cache_hit_tokens}/{s.prefix_cache_queried_tokens} tokens, "
           f"{'draining' if s.draining else 'admitting'}")
 
 

@@ -17,8 +17,9 @@ namespace sy::test {
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a small paged cache): prompts of 1 to 30
 // tokens, greedy and seeded sampling mixed, one request with logprobs, two with a repetition
-// penalty. Each must get the tokens generate() gives it alone on the CPU, and the logprobs
-// request the top-3 log-probabilities a CPU engine gives it alone.
+// penalty, then a next turn of one of them, which starts from the prefix cache. Each must get the
+// tokens generate() gives it alone on the CPU, and the logprobs request the top-3
+// log-probabilities a CPU engine gives it alone.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
   const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
   const ModelConfig config = ModelConfig::load(dir);
@@ -70,6 +71,20 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
     EXPECT_EQ(sinks[i]->tokens, generate(*plain.model, reqs[i].prompt, o).tokens)
         << "request " << i;
   }
+  // A next turn of request 4 (greedy): its prompt, its answer and more. Its leading whole
+  // blocks come from the prefix cache, and the tokens are those of computing everything.
+  RequestParams turn = reqs[4];
+  turn.prompt.insert(turn.prompt.end(), sinks[4]->tokens.begin(), sinks[4]->tokens.end());
+  turn.prompt.insert(turn.prompt.end(), {5, 6, 7});
+  auto turn_sink = std::make_shared<Collector>();
+  engine.submit(turn, turn_sink);
+  turn_sink->wait();
+  EXPECT_GE(turn_sink->usage.cached_prompt_tokens, 20);
+  GenerateOptions turn_options;
+  turn_options.max_tokens = turn.max_tokens;
+  turn_options.ignore_eos = true;
+  turn_options.sampling = turn.sampling;
+  EXPECT_EQ(turn_sink->tokens, generate(*plain.model, turn.prompt, turn_options).tokens);
   engine.drain();
   loop.join();
 

@@ -5,11 +5,15 @@ Starts the server on a tiny model on a free port (always killed at the end), the
 
   bench serve --concurrency 1,4 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --json F
   bench serve --rate 20 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --channels 3
+  bench serve --concurrency 2 --duration-s 3 --warmup-s 1 --prompt-len 40 --output-len 8
+              --shared-prefix-len 32
 
 and checks: both tables carry their columns, every sweep value has completed > 0 and 0 errors,
 each request in the JSON received exactly output-len tokens, percentiles are ordered
 (p50 <= p90 <= p99); with --channels 3 the bench process holds 3 TCP connections to the server
-while it measures (1 without); --channels 0 is refused. If matplotlib imports, launch/plot_bench.py must write PNG files for the
+while it measures (1 without); --channels 0 is refused; with a shared prefix of two whole KV
+blocks, the server reports most prompt tokens as cached (the `cached` column and the JSON) and
+without one none. If matplotlib imports, launch/plot_bench.py must write PNG files for the
 serve JSON and for a `bench engine --json` file.
 
 Usage: bench_serve_test.py --bin SWITCHYARD --work DIR [--ranks N]
@@ -72,7 +76,8 @@ def rows_of(table_text):
 
 def check_output(name, out, n_values):
     for column in ["completed", "req/s", "tok/s", "ttft_p50", "ttft_p99", "tpot_mean", "tpot_p99",
-                   "itl_p50", "itl_p99", "e2e_p90", "goodput", "errors", "errors_by_code"]:
+                   "itl_p50", "itl_p99", "e2e_p90", "goodput", "errors", "cached",
+                   "errors_by_code"]:
         check(f"{name}: column {column}", f" {column}" in out)
     tables = rows_of(out)
     if not check(f"{name}: two tables of {n_values} rows", len(tables) == 2 and
@@ -85,7 +90,8 @@ def check_output(name, out, n_values):
         check(f"{name}: load {row[0]}: table TTFT and TPOT p50 <= p90 <= p99",
               ttft == sorted(ttft) and tpot == sorted(tpot), str(row))
     for row in tables[1]:
-        check(f"{name}: load {row[0]}: errors == 0", int(row[8]) == 0 and row[10] == "-", str(row))
+        check(f"{name}: load {row[0]}: errors == 0", int(row[8]) == 0 and row[11] == "-", str(row))
+    return tables
 
 
 def check_json(path, values):
@@ -134,9 +140,10 @@ def connections(pid, port):
     return n
 
 
-def run_bench(args, target, extra, name):
+def run_bench(args, target, extra, name, prompt_len=8):
     """Runs bench serve; returns its stdout and the most connections it held to the server."""
-    cmd = [args.bin, "bench", "serve", "--target", target, "--prompt-len", "8", "--output-len",
+    cmd = [args.bin, "bench", "serve", "--target", target, "--prompt-len", str(prompt_len),
+           "--output-len",
            str(OUTPUT_LEN), "--warmup-s", "1", "--duration-s", "3"] + extra
     print(f"# {name}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -190,7 +197,9 @@ def main():
         serve_json = os.path.join(args.work, "serve.json")
         out, most = run_bench(args, target, ["--concurrency", "1,4", "--json", serve_json],
                               "concurrency")
-        check_output("concurrency", out, 2)
+        tables = check_output("concurrency", out, 2)
+        check("random prompts: nothing cached",
+              tables is not None and all(float(row[10]) == 0 for row in tables[1]), out)
         check_json(serve_json, [1, 4])
         check("one channel: one connection", most == 1, f"{most} connections")
         out, most = run_bench(args, target, ["--rate", "20", "--seed", "3", "--channels", "3"],
@@ -198,6 +207,21 @@ def main():
         check_output("rate", out, 1)
         check("three channels: three connections", most == 3, f"{most} connections")
         check("three channels: in the header", "seed 3, 3 channels" in out)
+        # Prompts of 40 tokens whose first 32 (two KV blocks of 16) are shared: all but the first
+        # request find them in the prefix cache.
+        prefix_json = os.path.join(args.work, "prefix.json")
+        out, _ = run_bench(args, target, ["--concurrency", "2", "--shared-prefix-len", "32",
+                                          "--json", prefix_json], "shared prefix", prompt_len=40)
+        tables = check_output("shared prefix", out, 1)
+        check("shared prefix: in the header", "every prompt's first 32 shared" in out)
+        check("shared prefix: most prompt tokens cached",
+              tables is not None and float(tables[1][0][10]) > 60, out)
+        with open(prefix_json) as f:
+            run = json.load(f)["runs"][0]
+        check("shared prefix json: 32 cached tokens per request, the first excepted",
+              sum(s["cached_tokens"] == 32 for s in run["samples"]) >= len(run["samples"]) - 1 and
+              run["cached_prompt_tokens"] == sum(s["cached_tokens"] for s in run["samples"]),
+              str([s["cached_tokens"] for s in run["samples"]][:20]))
         r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
                             "--channels", "0"], capture_output=True, text=True, timeout=30)
         check("--channels 0 refused", r.returncode != 0 and "--channels 0 must be in" in r.stderr,

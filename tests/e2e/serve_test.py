@@ -335,6 +335,23 @@ def scenario_basic(args):
         log(f"  64 requests: {t_alone:.1f} s one by one, {t_together:.1f} s together "
             f"(at most {busiest[0]} running, {preempted} preemptions)")
 
+        # The prefix cache: the same 40-token prompt twice. The second request computes only
+        # what follows its two whole blocks of 16 tokens, and gets the same tokens.
+        before = s.info()
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(39)]
+        first, second = [generate(s.stub, ids_request(prompt, 8, ignore_eos=True), timeout=30)
+                         for _ in range(2)]
+        after = s.info()
+        check("prefix cache: the same tokens", first.code == second.code == grpc.StatusCode.OK and
+              first.ids == second.ids and len(first.ids) == 8, f"{first.ids} vs {second.ids}")
+        check("prefix cache: 32 prompt tokens cached the second time",
+              (first.usage.cached_prompt_tokens, second.usage.cached_prompt_tokens) == (0, 32),
+              f"{first.usage.cached_prompt_tokens}, {second.usage.cached_prompt_tokens}")
+        check("prefix cache: counted in the server info",
+              (after.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens,
+               after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens) == (80, 32) and
+              after.kv_blocks_cached > 0 and after.kv_blocks_used == 0, str(after))
+
         # The Python example client prints the tokens the server generates.
         req = ids_request([1, 17, 42], 8, ignore_eos=True)
         ref = generate(s.stub, req, timeout=30)
@@ -505,7 +522,8 @@ def scenario_faults(args):
 def scenario_queue(args):
     Q, X = 3, 4
     s = Server(args, "queue", ["--max-context", "2304", "--max-running", "1",
-                               "--max-queue-requests", str(Q), "--kv-blocks", "256"])
+                               "--max-queue-requests", str(Q), "--kv-blocks", "256",
+                               "--no-prefix-cache"])
     try:
         s.wait_serving()
         first = threading.Event()
@@ -538,6 +556,15 @@ def scenario_queue(args):
         tb.join()
         check("blocker completes", blocker_result and blocker_result[0].code ==
               grpc.StatusCode.OK and len(blocker_result[0].ids) == LONG)
+        # --no-prefix-cache: the same prompt twice computes everything twice.
+        prompt = [1] + list(range(3, 42))
+        twice = [generate(s.stub, ids_request(prompt, 4, ignore_eos=True), timeout=30)
+                 for _ in range(2)]
+        info = s.info()
+        check("no prefix cache: nothing cached", twice[0].ids == twice[1].ids and
+              all(r.code == grpc.StatusCode.OK and r.usage.cached_prompt_tokens == 0
+                  for r in twice) and info.prefix_cache_hit_tokens == 0 and
+              info.kv_blocks_cached == 0 and info.prefix_cache_queried_tokens > 0, str(info))
     finally:
         s.kill()
 

@@ -1,6 +1,6 @@
 // The engine across ranks: rank 0 schedules and samples, the others execute broadcast step
-// plans. Concurrent requests give the tokens each gets alone on one rank, for several layouts;
-// idle ranks sleep instead of spinning.
+// plans. Concurrent requests give the tokens each gets alone on one rank, for several layouts,
+// also when they start from blocks in the prefix cache; idle ranks sleep instead of spinning.
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
@@ -85,6 +85,9 @@ int64_t serve_and_check(Communicator& world, const ParallelConfig& pc, int n, bo
     }
   }
   EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+  // The second round's prompts extend the first's by one token: their whole blocks, where
+  // still cached, come from the prefix cache on every rank.
+  EXPECT_GT(engine.stats().prefix_cache_hit_tokens, 0);
   engine.drain();
   loop.join();
   return n_wrong;

@@ -72,9 +72,10 @@ std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_token
   return generate(*m.model, prompt, o).tokens;
 }
 
-void check_batched_equals_alone(int64_t n_blocks, int n_requests) {
+void check_batched_equals_alone(int64_t n_blocks, int n_requests, bool prefix_caching = true) {
   EngineOptions options;
   options.max_batch_tokens = 24;  // forces chunked prefill
+  options.prefix_caching = prefix_caching;
   Served s(n_blocks, options);
   std::vector<std::shared_ptr<Collector>> sinks;
   std::vector<std::pair<std::vector<int32_t>, int64_t>> reqs;
@@ -104,8 +105,71 @@ TEST(Engine, ConcurrentRequestsMatchEachAlone) {
   check_batched_equals_alone(512, 32);
 }
 
+// With the prefix cache, a preempted request finds its own blocks again where they were not
+// reused meanwhile; without it, it recomputes everything.
 TEST(Engine, PreemptionWhenBlocksRunOutKeepsTokensRight) {
-  check_batched_equals_alone(24, 24);
+  check_batched_equals_alone(24, 24, true);
+  check_batched_equals_alone(24, 24, false);
+}
+
+// A request whose tokens begin with whole blocks that an earlier request computed starts past
+// them: it gets the tokens (and the logprobs) of computing everything, and its usage and the
+// engine's counters say how many tokens came from the cache. With prefix caching off, none do.
+TEST(Engine, PrefixCacheReusesWholeBlocksOfEarlierRequests) {
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "no prefix caching");
+    EngineOptions options;
+    options.max_batch_tokens = 24;
+    options.prefix_caching = caching;
+    Served s(64, options);
+    auto run = [&](const std::vector<int32_t>& prompt, int64_t n) {
+      auto c = std::make_shared<Collector>();
+      RequestParams p = request(prompt, n);
+      p.logprobs = 2;
+      s.engine->submit(p, c);
+      c->wait();
+      EXPECT_EQ(c->tokens, alone(prompt, n)) << prompt.size() << " prompt tokens";
+      return c;
+    };
+    const std::vector<int32_t> prompt = prompt_of(30, 5);
+    auto first = run(prompt, 8);
+    EXPECT_EQ(first->usage.cached_prompt_tokens, 0);
+    // The same prompt: its 7 whole blocks of 4 tokens short of the last token.
+    auto same = run(prompt, 8);
+    EXPECT_EQ(same->usage.cached_prompt_tokens, caching ? 28 : 0);
+    ASSERT_EQ(same->logprobs.size(), first->logprobs.size());
+    for (size_t t = 0; t < same->logprobs.size(); ++t)
+      EXPECT_NEAR(same->logprobs[t].logprob, first->logprobs[t].logprob, 1e-4) << "token " << t;
+    // 21 tokens in common: 5 whole blocks.
+    std::vector<int32_t> fork(prompt.begin(), prompt.begin() + 21);
+    fork.insert(fork.end(), {7, 8, 9});
+    EXPECT_EQ(run(fork, 6)->usage.cached_prompt_tokens, caching ? 20 : 0);
+    // One token changed in the second block: only the first block is the same.
+    std::vector<int32_t> changed = prompt;
+    changed[6] = 99;
+    EXPECT_EQ(run(changed, 4)->usage.cached_prompt_tokens, caching ? 4 : 0);
+    // A next turn: the first prompt, its answer and more. The answer's blocks were recorded too:
+    // 37 tokens have keys and values (the last generated one was never fed back), 9 blocks.
+    std::vector<int32_t> turn = prompt;
+    turn.insert(turn.end(), first->tokens.begin(), first->tokens.end());
+    turn.insert(turn.end(), {10, 11, 12});
+    EXPECT_EQ(run(turn, 4)->usage.cached_prompt_tokens, caching ? 36 : 0);
+    // A prompt of one block and a token, and one of exactly one block: the last token is always
+    // computed, for its logits.
+    const std::vector<int32_t> head(prompt.begin(), prompt.begin() + 5);
+    EXPECT_EQ(run(head, 3)->usage.cached_prompt_tokens, caching ? 4 : 0);
+    const std::vector<int32_t> block(prompt.begin(), prompt.begin() + 4);
+    EXPECT_EQ(run(block, 3)->usage.cached_prompt_tokens, 0);
+
+    const EngineStats st = s.engine->stats();
+    EXPECT_EQ(st.prefix_cache_queried_tokens, 30 + 30 + 24 + 30 + 41 + 5 + 4);
+    EXPECT_EQ(st.prefix_cache_hit_tokens, caching ? 28 + 20 + 4 + 36 + 4 : 0);
+    EXPECT_EQ(st.kv_blocks_used, 0);
+    if (caching)
+      EXPECT_GT(st.kv_blocks_cached, 0);
+    else
+      EXPECT_EQ(st.kv_blocks_cached, 0);
+  }
 }
 
 TEST(Engine, ValidationNamesTheField) {
