@@ -154,6 +154,13 @@ class Lengths {
     return m;
   }
 
+  // The fewest prompt tokens of any request.
+  int64_t min_prompt() const {
+    int64_t m = pairs_.empty() ? prompt_.first : INT64_MAX;
+    for (const auto& [p, o] : pairs_) m = std::min(m, p);
+    return m;
+  }
+
   std::pair<int64_t, int64_t> draw(std::mt19937_64& rng) const {
     if (!pairs_.empty())
       return pairs_[std::uniform_int_distribution<size_t>(0, pairs_.size() - 1)(rng)];
@@ -544,6 +551,11 @@ int run_bench_serve(const BenchServeArgs& a) {
   SY_CHECK(a.warmup_s >= 0, "--warmup-s ", a.warmup_s, " must be >= 0");
   SY_CHECK(a.channels >= 1 && a.channels <= 256, "--channels ", a.channels, " must be in [1, 256]");
   SY_CHECK(a.shared_prefix_len >= 0, "--shared-prefix-len ", a.shared_prefix_len, " must be >= 0");
+  if (a.shared_prefix_len > 0) {
+    const int64_t shortest = Lengths(a).min_prompt();
+    SY_CHECK(a.shared_prefix_len <= shortest, "--shared-prefix-len ", a.shared_prefix_len,
+             " is longer than the shortest prompt (", shortest, " tokens)");
+  }
 
   // Channels with the same arguments share one connection (gRPC's global subchannel pool): a
   // local pool per channel gives each its own.

@@ -95,13 +95,16 @@ bool BlockAllocator::allocate(int64_t n, std::vector<int32_t>& table) {
 }
 
 void BlockAllocator::release(std::vector<int32_t>& table) {
+  // Checked first, so that a bad table changes nothing.
+  for (const int32_t block : table)
+    SY_CHECK(block >= 0 && block < n_total_ && refs_[static_cast<size_t>(block)] > 0,
+             "BlockAllocator: block ", block, " released but not held");
   // Last block first: of one table, the blocks furthest into the sequence are reused first,
   // so a cached prefix shortens from its end.
   for (auto it = table.rbegin(); it != table.rend(); ++it) {
     const int32_t block = *it;
     const size_t b = static_cast<size_t>(block);
-    SY_CHECK(block >= 0 && block < n_total_ && refs_[b] > 0, "BlockAllocator: block ", block,
-             " released but not held");
+    SY_CHECK(refs_[b] > 0, "BlockAllocator: block ", block, " twice in one table");
     if (--refs_[b] > 0) continue;
     if (prefix_caching() && recorded_[b]) {
       prev_[b] = tail_;

@@ -11,9 +11,9 @@ Starts the server on a tiny model on a free port (always killed at the end), the
 and checks: both tables carry their columns, every sweep value has completed > 0 and 0 errors,
 each request in the JSON received exactly output-len tokens, percentiles are ordered
 (p50 <= p90 <= p99); with --channels 3 the bench process holds 3 TCP connections to the server
-while it measures (1 without); --channels 0 is refused; with a shared prefix of two whole KV
-blocks, the server reports most prompt tokens as cached (the `cached` column and the JSON) and
-without one none. If matplotlib imports, launch/plot_bench.py must write PNG files for the
+while it measures (1 without); --channels 0 and a shared prefix longer than the shortest
+prompt are refused; with a shared prefix of two whole KV blocks, the server reports most prompt
+tokens as cached (the `cached` column and the JSON) and without one none. If matplotlib imports, launch/plot_bench.py must write PNG files for the
 serve JSON and for a `bench engine --json` file.
 
 Usage: bench_serve_test.py --bin SWITCHYARD --work DIR [--ranks N]
@@ -225,6 +225,13 @@ def main():
         r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
                             "--channels", "0"], capture_output=True, text=True, timeout=30)
         check("--channels 0 refused", r.returncode != 0 and "--channels 0 must be in" in r.stderr,
+              r.stderr[-300:])
+        r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
+                            "--prompt-len-range", "20:60", "--shared-prefix-len", "32"],
+                           capture_output=True, text=True, timeout=30)
+        check("a shared prefix longer than the shortest prompt refused",
+              r.returncode != 0 and
+              "--shared-prefix-len 32 is longer than the shortest prompt (20 tokens)" in r.stderr,
               r.stderr[-300:])
 
         try:

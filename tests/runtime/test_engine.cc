@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <thread>
 
 #include "runtime/engine.h"
@@ -72,7 +73,9 @@ std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_token
   return generate(*m.model, prompt, o).tokens;
 }
 
-void check_batched_equals_alone(int64_t n_blocks, int n_requests, bool prefix_caching = true) {
+// Returns the engine's counters at the end.
+EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests,
+                                       bool prefix_caching = true) {
   EngineOptions options;
   options.max_batch_tokens = 24;  // forces chunked prefill
   options.prefix_caching = prefix_caching;
@@ -93,12 +96,15 @@ void check_batched_equals_alone(int64_t n_blocks, int n_requests, bool prefix_ca
   }
   EXPECT_EQ(s.engine->stats().requests_completed, n_requests);  // preemption ends none
   EXPECT_EQ(s.engine->stats().requests_cancelled, 0);
-  std::printf("%d requests, %lld KV blocks: %lld preemptions\n", n_requests, (long long)n_blocks,
-              (long long)preemptions);
+  const EngineStats st = s.engine->stats();
+  std::printf("%d requests, %lld KV blocks: %lld preemptions, %lld prompt tokens from the cache\n",
+              n_requests, (long long)n_blocks, (long long)preemptions,
+              (long long)st.prefix_cache_hit_tokens);
   if (n_blocks < 64) {
     EXPECT_GT(preemptions, 0);
   }
-  EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+  EXPECT_EQ(st.kv_blocks_used, 0);
+  return st;
 }
 
 TEST(Engine, ConcurrentRequestsMatchEachAlone) {
@@ -106,10 +112,11 @@ TEST(Engine, ConcurrentRequestsMatchEachAlone) {
 }
 
 // With the prefix cache, a preempted request finds its own blocks again where they were not
-// reused meanwhile; without it, it recomputes everything.
+// reused meanwhile (no two of these prompts begin alike: every hit is such a return); without
+// it, it recomputes everything.
 TEST(Engine, PreemptionWhenBlocksRunOutKeepsTokensRight) {
-  check_batched_equals_alone(24, 24, true);
-  check_batched_equals_alone(24, 24, false);
+  EXPECT_GT(check_batched_equals_alone(24, 24, true).prefix_cache_hit_tokens, 0);
+  EXPECT_EQ(check_batched_equals_alone(24, 24, false).prefix_cache_hit_tokens, 0);
 }
 
 // A request whose tokens begin with whole blocks that an earlier request computed starts past
@@ -170,6 +177,69 @@ TEST(Engine, PrefixCacheReusesWholeBlocksOfEarlierRequests) {
     else
       EXPECT_EQ(st.kv_blocks_cached, 0);
   }
+}
+
+// Requests that arrive while another with the same first tokens still runs share its blocks,
+// the ones its prompt filled and the ones its answer filled since, and every request gets the
+// tokens it gets alone.
+TEST(Engine, RequestsShareTheBlocksOfARequestStillRunning) {
+  EngineOptions options;
+  options.max_batch_tokens = 24;
+  Served s(64, options);
+  const std::vector<int32_t> prompt = prompt_of(30, 5);
+  // The long request's sink submits the others from the engine's thread when its third token
+  // arrives: 32 tokens have keys and values then (8 whole blocks), and 37 tokens are to come.
+  struct Submitter : Collector {
+    std::function<void()> at_third_token;
+    void on_event(RequestEvent e) override {
+      Collector::on_event(std::move(e));
+      if (at_third_token && tokens.size() >= 3) std::exchange(at_third_token, nullptr)();
+    }
+  };
+  auto longest = std::make_shared<Submitter>();
+  std::vector<int32_t> follow;  // the prompt, the first two tokens of the answer, and more
+  auto follower = std::make_shared<Collector>(), same = std::make_shared<Collector>();
+  longest->at_third_token = [&] {
+    follow = prompt;
+    follow.insert(follow.end(), longest->tokens.begin(), longest->tokens.begin() + 2);
+    follow.insert(follow.end(), {7, 8, 9});
+    s.engine->submit(request(follow, 8), follower);
+    s.engine->submit(request(prompt, 8), same);
+  };
+  s.engine->submit(request(prompt, 40), longest);
+  longest->wait();
+  follower->wait();
+  same->wait();
+  EXPECT_EQ(longest->tokens, alone(prompt, 40));
+  EXPECT_EQ(follower->tokens, alone(follow, 8));
+  EXPECT_EQ(same->tokens, alone(prompt, 8));
+  EXPECT_EQ(longest->usage.cached_prompt_tokens, 0);
+  EXPECT_EQ(follower->usage.cached_prompt_tokens, 32);
+  EXPECT_EQ(same->usage.cached_prompt_tokens, 28);
+  EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+}
+
+// When other requests need the blocks, a cached prefix is reused from its end: a request that
+// comes back finds the first blocks still there, computes the rest, and gets the same tokens.
+TEST(Engine, ACachedPrefixShortensFromItsEnd) {
+  EngineOptions options;
+  options.max_batch_tokens = 24;
+  Served s(16, options);  // 64 tokens
+  auto run = [&](const std::vector<int32_t>& prompt, int64_t n) {
+    auto c = std::make_shared<Collector>();
+    s.engine->submit(request(prompt, n), c);
+    c->wait();
+    EXPECT_EQ(c->tokens, alone(prompt, n)) << prompt.size() << " prompt tokens";
+    return c->usage.cached_prompt_tokens;
+  };
+  const std::vector<int32_t> prompt = prompt_of(30, 5);
+  // 37 tokens with keys and values in 10 blocks: 9 whole ones recorded and cached; the tenth
+  // and the 6 never used are free.
+  EXPECT_EQ(run(prompt, 8), 0);
+  EXPECT_EQ(s.engine->stats().kv_blocks_cached, 9);
+  // 47 tokens in 12 blocks: the 7 free ones and the last 5 cached ones.
+  EXPECT_EQ(run(prompt_of(40, 9), 8), 0);
+  EXPECT_EQ(run(prompt, 8), 16);
 }
 
 TEST(Engine, ValidationNamesTheField) {

@@ -162,13 +162,60 @@ TEST(BlockAllocator, TheSameContentIsRecordedOnce) {
   EXPECT_EQ(a.n_cached(), 0);  // its blocks are plain free blocks
   a.release(first);
   EXPECT_EQ(a.n_cached(), 2);
-  // A matched chain extends with commit from where the match ended.
+  // A matched chain extends with commit from where the match ended; committing from the start
+  // again checks the matched blocks and changes nothing.
   std::vector<int32_t> t;
   EXPECT_EQ(a.match(tokens.data(), 2, t), 2);
   ASSERT_TRUE(a.allocate(1, t));
   const std::vector<int32_t> longer = tokens_of({10, 20, 30});
-  EXPECT_EQ(a.commit(t, longer.data(), 0, 3), 3);  // matched blocks are recorded already
-  EXPECT_THROW(a.commit(t, longer.data(), 0, 4), Error);
+  EXPECT_EQ(a.commit(t, longer.data(), 2, 3), 3);
+  EXPECT_EQ(a.commit(t, longer.data(), 0, 3), 3);
+  const std::vector<int32_t> other = tokens_of({10, 21, 30});
+  try {
+    a.commit(t, other.data(), 0, 3);
+    ADD_FAILURE() << "a recorded block committed with other tokens";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is recorded with other content"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(a.commit(t, longer.data(), 0, 4), Error);  // past the table
+  EXPECT_THROW(a.commit(t, longer.data(), 3, 2), Error);
+  a.release(t);
+  EXPECT_EQ(a.n_cached(), 3);
+  EXPECT_EQ(a.match(longer.data(), 3, t), 3);
+  a.release(t);
+}
+
+// A released table whose last block is reused for other content keeps its first blocks: a
+// chain that went through the reused block no longer matches past it. (Children are released
+// before their parent, so a parent is reused only after every cached block recorded after it;
+// the parent's generation in each record backs that up.)
+TEST(BlockAllocator, AReusedBlockEndsTheChainsThroughIt) {
+  BlockAllocator a(3, B);
+  const std::vector<int32_t> tokens = tokens_of({10, 20, 30});
+  std::vector<int32_t> x = computed(a, tokens);
+  const std::vector<int32_t> x_blocks = x;
+  a.release(x);
+  std::vector<int32_t> y;
+  ASSERT_TRUE(a.allocate(1, y));  // the least recently released: x's last block
+  EXPECT_EQ(y[0], x_blocks[2]);
+  const std::vector<int32_t> other = tokens_of({70});
+  EXPECT_EQ(a.commit(y, other.data(), 0, 1), 1);
+  std::vector<int32_t> t;
+  EXPECT_EQ(a.match(tokens.data(), 3, t), 2);
+  EXPECT_EQ(t, std::vector<int32_t>(x_blocks.begin(), x_blocks.begin() + 2));
+  a.release(y);
+  EXPECT_EQ(a.n_cached(), 1);  // y's block, recorded as a first block
+  std::vector<int32_t> u;
+  EXPECT_EQ(a.match(other.data(), 1, u), 1);
+  a.release(u);
+  // The chain grows back: the third block, computed again in the one block left (y's, which is
+  // forgotten), is recorded after the second.
+  ASSERT_TRUE(a.allocate(1, t));
+  EXPECT_EQ(a.commit(t, tokens.data(), 2, 3), 3);
+  a.release(t);
+  EXPECT_EQ(a.match(other.data(), 1, t), 0);
+  EXPECT_EQ(a.match(tokens.data(), 3, t), 3);
   a.release(t);
   EXPECT_EQ(a.n_cached(), 3);
 }
