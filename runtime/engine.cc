@@ -268,14 +268,23 @@ bool Engine::schedule() {
   }
   // Then new (or preempted) requests, first come first served, each starting past the longest
   // run of whole blocks of its tokens in the prefix cache, short of its last token (whose
-  // logits are wanted).
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int64_t>(running_.size()) < options_.max_running) {
-    Sequence& seq = *waiting_.front();
+  // logits are wanted). A request whose next block a sequence of this step is computing waits
+  // and takes it from the cache once recorded, instead of computing it too (a burst of requests
+  // with the same new system prompt computes it once).
+  for (size_t w = 0; w < waiting_.size() && budget > 0 &&
+                     static_cast<int64_t>(running_.size()) < options_.max_running;) {
+    Sequence& seq = *waiting_[w];
     const int64_t n_tokens = static_cast<int64_t>(seq.tokens.size());
-    const int64_t hit = blocks_.match(seq.tokens.data(), (n_tokens - 1) / B, seq.blocks) * B;
+    const int64_t max_blocks = (n_tokens - 1) / B;
+    const int64_t matched = blocks_.match(seq.tokens.data(), max_blocks, seq.blocks);
+    const int64_t hit = matched * B;
+    if (matched < max_blocks && being_computed(seq, matched)) {
+      blocks_.release(seq.blocks);
+      ++w;
+      continue;
+    }
     seq.n_computed = hit;
-    seq.n_recorded = hit / B;
+    seq.n_recorded = matched;
     const int64_t take = std::min(n_tokens - hit, budget);
     if (!reserve(seq, take)) {
       blocks_.release(seq.blocks);
@@ -298,8 +307,8 @@ bool Engine::schedule() {
       seq.first_step = Clock::now();
       seq.cached_prompt = hit;
     }
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
+    running_.push_back(std::move(waiting_[w]));
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
   }
   // The batch: each scheduled sequence's next tokens, and a logit row where a sequence reaches
   // its last known token.
@@ -324,6 +333,25 @@ bool Engine::schedule() {
     }
   }
   return batch_.n_tokens() > 0;
+}
+
+bool Engine::being_computed(const Sequence& seq, int64_t block) const {
+  if (!blocks_.prefix_caching()) return false;
+  const int64_t B = model_.limits().block_size;
+  const int64_t end = (block + 1) * B;  // the block is tokens [end - B, end)
+  for (const auto& sp : running_) {
+    const Sequence& r = *sp;
+    // Scheduled this step, and not past the block yet (n_computed moves past this step's tokens
+    // once the batch is built): each step of waiting brings it closer to recording the block.
+    if (r.scheduled == 0 || r.n_recorded > block || r.n_computed >= end ||
+        static_cast<int64_t>(r.tokens.size()) < end)
+      continue;
+    if (std::equal(seq.tokens.begin() + (end - B), seq.tokens.begin() + end,
+                   r.tokens.begin() + (end - B)) &&
+        std::equal(seq.tokens.begin(), seq.tokens.begin() + (end - B), r.tokens.begin()))
+      return true;
+  }
+  return false;
 }
 
 void Engine::record_blocks() {

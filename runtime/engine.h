@@ -155,6 +155,9 @@ class Engine {
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
   // After a step: records the blocks its sequences filled in the prefix cache.
+  // True when a sequence scheduled this step has the same tokens [0, (block + 1) * block_size)
+  // as `seq` and has not computed and recorded that block yet.
+  bool being_computed(const Sequence& seq, int64_t block) const;
   void record_blocks();
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
   void process_logits(const int32_t* sampled);

@@ -219,6 +219,36 @@ TEST(Engine, RequestsShareTheBlocksOfARequestStillRunning) {
   EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
 }
 
+// Requests that arrive together with the same new prefix compute it once: the first computes
+// it, the others wait for its blocks and take them from the cache. With a budget of 64 tokens a
+// step all three fit in the first step; without the wait none would find anything cached.
+TEST(Engine, RequestsThatArriveTogetherComputeASharedPrefixOnce) {
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "no prefix caching");
+    EngineOptions options;
+    options.max_batch_tokens = 64;
+    options.prefix_caching = caching;
+    Served s(64, options, false);
+    const std::vector<int32_t> prompt = prompt_of(30, 5);
+    std::vector<int32_t> other = prompt;  // the first 5 blocks in common
+    other[21] = 99;
+    const std::vector<std::vector<int32_t>> prompts = {prompt, prompt, other, prompt_of(20, 6)};
+    std::vector<std::shared_ptr<Collector>> sinks;
+    for (const auto& p : prompts) {
+      sinks.push_back(std::make_shared<Collector>());
+      s.engine->submit(request(p, 6), sinks.back());
+    }
+    s.loop = std::thread([&] { s.engine->run(); });
+    const std::vector<int64_t> cached = {0, 28, 20, 0};
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      sinks[i]->wait();
+      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 6)) << "request " << i;
+      EXPECT_EQ(sinks[i]->usage.cached_prompt_tokens, caching ? cached[i] : 0) << "request " << i;
+    }
+    EXPECT_EQ(s.engine->stats().prefix_cache_hit_tokens, caching ? 48 : 0);
+  }
+}
+
 // When other requests need the blocks, a cached prefix is reused from its end: a request that
 // comes back finds the first blocks still there, computes the rest, and gets the same tokens.
 TEST(Engine, ACachedPrefixShortensFromItsEnd) {
