@@ -42,6 +42,7 @@ struct Engine::Sequence {
   int64_t n_prompt = 0;
   int64_t n_computed = 0;       // leading tokens whose keys and values are cached
   std::vector<int32_t> blocks;  // KV block table
+  int64_t n_dropped = 0;        // leading blocks given back: out of the attention window (0s)
   int64_t n_recorded = 0;       // leading blocks recorded in the prefix cache
   int64_t cached_prompt = 0;    // prompt tokens found in the prefix cache at admission
   std::unique_ptr<Sampler> sampler;
@@ -205,7 +206,7 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
   u.total_time_ms = ms_between(seq.arrival, now);
   u.preemptions = seq.preemptions;
   u.cached_prompt_tokens = seq.cached_prompt;
-  blocks_.release(seq.blocks);
+  release_blocks(seq);
   {
     // Before the last event goes out, so a client that sees it also sees the blocks freed.
     std::lock_guard<std::mutex> lock(mu_);
@@ -224,7 +225,7 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
 void Engine::preempt_newest() {
   std::unique_ptr<Sequence> victim = std::move(running_.back());
   running_.pop_back();
-  blocks_.release(victim->blocks);
+  release_blocks(*victim);
   victim->n_computed = 0;
   victim->n_recorded = 0;
   victim->scheduled = 0;
@@ -354,14 +355,31 @@ bool Engine::being_computed(const Sequence& seq, int64_t block) const {
   return false;
 }
 
+void Engine::release_blocks(Sequence& seq) {
+  blocks_.release(seq.blocks, seq.n_dropped, static_cast<int64_t>(seq.blocks.size()));
+  seq.blocks.clear();
+  seq.n_dropped = 0;
+}
+
 void Engine::record_blocks() {
-  if (!blocks_.prefix_caching()) return;
   const int64_t B = model_.limits().block_size;
+  const int64_t window = model_.config().sliding_window;
   for (auto& sp : running_) {
     Sequence& seq = *sp;
+    if (seq.scheduled == 0) continue;
     const int64_t full = seq.n_computed / B;
-    if (seq.scheduled > 0 && full > seq.n_recorded)
+    if (blocks_.prefix_caching() && full > seq.n_recorded)
       seq.n_recorded = blocks_.commit(seq.blocks, seq.tokens.data(), seq.n_recorded, full);
+    if (window <= 0) continue;
+    // Every later token attends to positions from n_computed - window + 1 on: the blocks
+    // wholly before that are read no more, and go back (to the cache, where recorded). With
+    // the prefix cache the last recorded block stays: the next block to record names it.
+    int64_t drop = std::max<int64_t>(0, seq.n_computed - window + 1) / B;
+    if (blocks_.prefix_caching()) drop = std::min(drop, std::max<int64_t>(0, seq.n_recorded - 1));
+    if (drop <= seq.n_dropped) continue;
+    blocks_.release(seq.blocks, seq.n_dropped, drop);
+    std::fill(seq.blocks.begin() + seq.n_dropped, seq.blocks.begin() + drop, 0);
+    seq.n_dropped = drop;
   }
 }
 

@@ -158,7 +158,10 @@ class Engine {
   // True when a sequence scheduled this step has the same tokens [0, (block + 1) * block_size)
   // as `seq` and has not computed and recorded that block yet.
   bool being_computed(const Sequence& seq, int64_t block) const;
+  // After a step: records the blocks that became full in the prefix cache, and gives back those
+  // that slid out of the attention window.
   void record_blocks();
+  void release_blocks(Sequence& seq);  // all of its blocks that it still holds
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
   void process_logits(const int32_t* sampled);
   // True when this step samples on the device: a GPU model whose ranks' vocabulary slices are

@@ -95,14 +95,23 @@ bool BlockAllocator::allocate(int64_t n, std::vector<int32_t>& table) {
 }
 
 void BlockAllocator::release(std::vector<int32_t>& table) {
+  release(table, 0, static_cast<int64_t>(table.size()));
+  table.clear();
+}
+
+void BlockAllocator::release(const std::vector<int32_t>& table, int64_t from, int64_t to) {
+  SY_CHECK(from >= 0 && from <= to && to <= static_cast<int64_t>(table.size()),
+           "BlockAllocator::release: blocks [", from, ", ", to, ") of a table of ", table.size());
   // Checked first, so that a bad table changes nothing.
-  for (const int32_t block : table)
+  for (int64_t i = from; i < to; ++i) {
+    const int32_t block = table[static_cast<size_t>(i)];
     SY_CHECK(block >= 0 && block < n_total_ && refs_[static_cast<size_t>(block)] > 0,
              "BlockAllocator: block ", block, " released but not held");
+  }
   // Last block first: of one table, the blocks furthest into the sequence are reused first,
   // so a cached prefix shortens from its end.
-  for (auto it = table.rbegin(); it != table.rend(); ++it) {
-    const int32_t block = *it;
+  for (int64_t i = to - 1; i >= from; --i) {
+    const int32_t block = table[static_cast<size_t>(i)];
     const size_t b = static_cast<size_t>(block);
     SY_CHECK(refs_[b] > 0, "BlockAllocator: block ", block, " twice in one table");
     if (--refs_[b] > 0) continue;
@@ -119,7 +128,6 @@ void BlockAllocator::release(std::vector<int32_t>& table) {
       free_.push_back(block);
     }
   }
-  table.clear();
 }
 
 int64_t BlockAllocator::match(const int32_t* tokens, int64_t max_blocks,

@@ -33,6 +33,9 @@ class BlockAllocator {
   // Gives back every block of `table` and clears it. A recorded block no longer held becomes
   // cached; any other becomes free.
   void release(std::vector<int32_t>& table);
+  // Gives back table[from, to), last first, and leaves the table as it is: its caller no longer
+  // counts those entries as held (blocks that slid out of a sequence's attention window).
+  void release(const std::vector<int32_t>& table, int64_t from, int64_t to);
 
   // Appends to the empty `table` the cached or in-use blocks that hold tokens[0, n * block_size)
   // for the largest n <= max_blocks whose blocks are all recorded, and holds them. Returns n

@@ -15,11 +15,12 @@
 namespace sy::test {
 
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
-// own, all submitted at once (continuous batching over a small paged cache): prompts of 1 to 30
+// own, all submitted at once (continuous batching over a paged cache): prompts of 1 to 30
 // tokens, greedy and seeded sampling mixed, one request with logprobs, two with a repetition
 // penalty, then a next turn of one of them, which starts from the prefix cache. Each must get the
 // tokens generate() gives it alone on the CPU, and the logprobs request the top-3
-// log-probabilities a CPU engine gives it alone.
+// log-probabilities a CPU engine gives it alone. Then long requests in a small cache, whose
+// blocks are reused as they leave the attention window.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
   const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
   const ModelConfig config = ModelConfig::load(dir);
@@ -113,6 +114,38 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       EXPECT_NEAR(a.top[j].logprob, b.top[j].logprob, 1e-4) << "token " << t << " top " << j;
     }
   }
+
+  // A cache of 24 blocks and three greedy requests of 80 tokens (20 blocks each): the blocks
+  // that leave the 16-token window go back and are reused by the others at once, so a kernel
+  // that still read them would change the tokens; none is preempted.
+  limits.n_blocks = 24;
+  Model small(config, Weights::load(ckpt, config, WeightShard::full(config), ops, false), ops,
+              limits);
+  Engine tight(small, *tokenizer, options, nullptr);
+  std::thread tight_loop([&] { tight.run(); });
+  std::vector<std::shared_ptr<Collector>> long_sinks;
+  std::vector<RequestParams> long_reqs;
+  for (int i = 0; i < 3; ++i) {
+    RequestParams p;
+    p.prompt = {1};
+    for (int j = 1; j < 30; ++j) p.prompt.push_back(3 + (i * 71 + j * 29) % 380);
+    p.max_tokens = 50;
+    p.ignore_eos = true;
+    long_reqs.push_back(p);
+    long_sinks.push_back(std::make_shared<Collector>());
+    tight.submit(p, long_sinks.back());
+  }
+  for (size_t i = 0; i < long_reqs.size(); ++i) {
+    long_sinks[i]->wait();
+    GenerateOptions o;
+    o.max_tokens = long_reqs[i].max_tokens;
+    o.ignore_eos = true;
+    EXPECT_EQ(long_sinks[i]->tokens, generate(*plain.model, long_reqs[i].prompt, o).tokens)
+        << "long request " << i;
+    EXPECT_EQ(long_sinks[i]->usage.preemptions, 0) << "long request " << i;
+  }
+  tight.drain();
+  tight_loop.join();
 }
 
 }  // namespace sy::test

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include "runtime/engine.h"
@@ -14,7 +15,8 @@
 namespace sy {
 namespace {
 
-const std::string kModel = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
+const std::string kModel = std::string(SY_FIXTURES_DIR) + "/window_gqa4";  // a 16-token window
+const std::string kNoWindow = std::string(SY_FIXTURES_DIR) + "/sharded_bf16_tied";
 
 using test::Collector;
 
@@ -25,10 +27,11 @@ struct Served {
   std::unique_ptr<Engine> engine;
   std::thread loop;
 
-  Served(int64_t n_blocks, EngineOptions options = {}, bool start = true) {
-    ModelConfig config = ModelConfig::load(kModel);
+  Served(int64_t n_blocks, EngineOptions options = {}, bool start = true,
+         const std::string& path = kModel) {
+    ModelConfig config = ModelConfig::load(path);
     ops = make_cpu_ops();
-    Checkpoint ckpt = Checkpoint::open(kModel);
+    Checkpoint ckpt = Checkpoint::open(path);
     Weights w = Weights::load(ckpt, config, WeightShard::full(config), *ops, false);
     ModelLimits limits;
     limits.block_size = 4;
@@ -38,7 +41,7 @@ struct Served {
     limits.max_seqs = 16;
     limits.max_logit_rows = 16;
     model = std::make_unique<Model>(config, std::move(w), *ops, limits);
-    tokenizer = Tokenizer::load(kModel, config.bos_token_id, config.eos_token_ids);
+    tokenizer = Tokenizer::load(path, config.bos_token_id, config.eos_token_ids);
     options.max_batch_tokens = std::min<int64_t>(options.max_batch_tokens, 64);
     options.max_running = std::min<int64_t>(options.max_running, 16);
     engine = std::make_unique<Engine>(*model, *tokenizer, options, nullptr);
@@ -65,8 +68,12 @@ std::vector<int32_t> prompt_of(int n, int seed) {
 }
 
 // What a request produces alone (the single-sequence generate path).
-std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_tokens) {
-  static LoadedModel m = load_model(kModel, 128, 64, false);
+std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_tokens,
+                           const std::string& path = kModel) {
+  static std::map<std::string, LoadedModel> models;
+  auto it = models.find(path);
+  if (it == models.end()) it = models.emplace(path, load_model(path, 128, 64, false)).first;
+  LoadedModel& m = it->second;
   GenerateOptions o;
   o.max_tokens = max_tokens;
   o.ignore_eos = true;
@@ -251,15 +258,17 @@ TEST(Engine, RequestsThatArriveTogetherComputeASharedPrefixOnce) {
 
 // When other requests need the blocks, a cached prefix is reused from its end: a request that
 // comes back finds the first blocks still there, computes the rest, and gets the same tokens.
+// (A model without a sliding window: with one, a request gives back its first blocks as they
+// leave the window, and those go first.)
 TEST(Engine, ACachedPrefixShortensFromItsEnd) {
   EngineOptions options;
   options.max_batch_tokens = 24;
-  Served s(16, options);  // 64 tokens
+  Served s(16, options, true, kNoWindow);  // 64 tokens
   auto run = [&](const std::vector<int32_t>& prompt, int64_t n) {
     auto c = std::make_shared<Collector>();
     s.engine->submit(request(prompt, n), c);
     c->wait();
-    EXPECT_EQ(c->tokens, alone(prompt, n)) << prompt.size() << " prompt tokens";
+    EXPECT_EQ(c->tokens, alone(prompt, n, kNoWindow)) << prompt.size() << " prompt tokens";
     return c->usage.cached_prompt_tokens;
   };
   const std::vector<int32_t> prompt = prompt_of(30, 5);
@@ -270,6 +279,36 @@ TEST(Engine, ACachedPrefixShortensFromItsEnd) {
   // 47 tokens in 12 blocks: the 7 free ones and the last 5 cached ones.
   EXPECT_EQ(run(prompt_of(40, 9), 8), 0);
   EXPECT_EQ(run(prompt, 8), 16);
+}
+
+// With a sliding window of 16 tokens a sequence reads only its last 4 or 5 blocks, and gives
+// back the ones before: three requests of 80 tokens, 20 blocks each without it, run together in
+// 24 blocks without a preemption, and get the tokens they get alone (whose blocks, reused by
+// the others meanwhile, would change them if a kernel still read them).
+TEST(Engine, BlocksThatLeaveTheWindowGoBack) {
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "no prefix caching");
+    EngineOptions options;
+    options.max_batch_tokens = 24;
+    options.prefix_caching = caching;
+    Served s(24, options, false);
+    std::vector<std::vector<int32_t>> prompts = {prompt_of(30, 1), prompt_of(30, 2),
+                                                 prompt_of(30, 1)};
+    prompts[2][29] = 5;  // shares 7 blocks with the first, which it gives back too
+    std::vector<std::shared_ptr<Collector>> sinks;
+    for (const auto& p : prompts) {
+      sinks.push_back(std::make_shared<Collector>());
+      s.engine->submit(request(p, 50), sinks.back());
+    }
+    s.loop = std::thread([&] { s.engine->run(); });
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      sinks[i]->wait();
+      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 50)) << "request " << i;
+      EXPECT_EQ(sinks[i]->usage.preemptions, 0) << "request " << i;
+    }
+    EXPECT_EQ(sinks[2]->usage.cached_prompt_tokens, caching ? 28 : 0);
+    EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+  }
 }
 
 TEST(Engine, ValidationNamesTheField) {
