@@ -61,6 +61,7 @@ struct Sample {
   int64_t max_tokens = 0;
   int64_t n_tokens = 0;       // tokens received
   int64_t cached_tokens = 0;  // prompt tokens the server found in its prefix cache
+  int64_t preemptions = 0;    // times the server preempted (and later recomputed) it
   grpc::StatusCode code = grpc::StatusCode::OK;
   std::string message;  // the status message of a failed request
 };
@@ -95,7 +96,10 @@ class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
   void OnReadDone(bool ok) override {
     if (!ok) return;  // the stream ended; OnDone follows
     sample_.last_message = Clock::now();
-    if (response_.has_usage()) sample_.cached_tokens = response_.usage().cached_prompt_tokens();
+    if (response_.has_usage()) {
+      sample_.cached_tokens = response_.usage().cached_prompt_tokens();
+      sample_.preemptions = response_.usage().preemptions();
+    }
     if (response_.token_ids_size() > 0) {
       sample_.message_times.push_back(sample_.last_message);
       sample_.n_tokens += response_.token_ids_size();
@@ -224,7 +228,7 @@ struct Run {
   std::string mode;  // "rate" or "concurrency"
   double value = 0;  // requests/s or requests in flight
   int64_t n_completed = 0, n_tokens = 0, n_good = 0, n_cancelled_at_end = 0;
-  int64_t n_prompt_tokens = 0, n_cached_tokens = 0;  // of the completed requests
+  int64_t n_prompt_tokens = 0, n_cached_tokens = 0, n_preemptions = 0;  // of completed requests
   double duration_s = 0;
   Stats ttft, tpot, e2e, itl;
   std::map<std::string, int64_t> errors;  // status code name -> requests
@@ -392,7 +396,9 @@ class Driver {
       run.n_tokens += s.n_tokens;
       run.n_prompt_tokens += s.prompt_tokens;
       run.n_cached_tokens += s.cached_tokens;
+      run.n_preemptions += s.preemptions;
       j["cached_tokens"] = s.cached_tokens;
+      j["preemptions"] = s.preemptions;
       const double e2e_ms = ms_between(s.sent, s.last_message);
       j["e2e_ms"] = e2e_ms;
       const double ttft_ms =
@@ -640,6 +646,7 @@ int run_bench_serve(const BenchServeArgs& a) {
                              {"goodput", r.n_good / r.duration_s},
                              {"prompt_tokens", r.n_prompt_tokens},
                              {"cached_prompt_tokens", r.n_cached_tokens},
+                             {"preemptions", r.n_preemptions},
                              {"ttft_ms", stats_json(r.ttft)},
                              {"tpot_ms", stats_json(r.tpot)},
                              {"itl_ms", stats_json(r.itl)},

@@ -222,6 +222,8 @@ def main():
               sum(s["cached_tokens"] == 32 for s in run["samples"]) >= len(run["samples"]) - 1 and
               run["cached_prompt_tokens"] == sum(s["cached_tokens"] for s in run["samples"]),
               str([s["cached_tokens"] for s in run["samples"]][:20]))
+        check("shared prefix json: the run's preemptions are its requests'",
+              run["preemptions"] == sum(s["preemptions"] for s in run["samples"]), str(run)[:300])
         r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
                             "--channels", "0"], capture_output=True, text=True, timeout=30)
         check("--channels 0 refused", r.returncode != 0 and "--channels 0 must be in" in r.stderr,
