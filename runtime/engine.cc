@@ -44,6 +44,7 @@ struct Engine::Sequence {
   std::vector<int32_t> blocks;  // KV block table
   int64_t n_dropped = 0;        // leading blocks given back: out of the attention window (0s)
   int64_t n_recorded = 0;       // leading blocks recorded in the prefix cache
+  bool recording = true;        // false once a block's content was found recorded elsewhere
   int64_t cached_prompt = 0;    // prompt tokens found in the prefix cache at admission
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<StreamDecoder> decoder;
@@ -71,9 +72,7 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& op
   SY_CHECK(options_.max_running > 0 && options_.max_running <= limits.max_seqs &&
                options_.max_running <= limits.max_logit_rows,
            "max_running ", options_.max_running, " exceeds the model's limits");
-  context_limit_ =
-      std::min({limits.max_blocks_per_seq * limits.block_size, limits.n_blocks * limits.block_size,
-                model.config().max_position_embeddings});
+  context_limit_ = context_limit_for(model.config(), limits, options_.max_batch_tokens);
   SY_CHECK(options_.max_logprobs >= 0 && options_.max_logprobs <= Model::kMaxTopLogprobs,
            "max_logprobs ", options_.max_logprobs, " outside [0, ", Model::kMaxTopLogprobs, "]");
   logits_.resize(static_cast<size_t>(options_.max_running * model.config().vocab_size));
@@ -286,9 +285,11 @@ bool Engine::schedule() {
     }
     seq.n_computed = hit;
     seq.n_recorded = matched;
+    seq.recording = true;
+    drop_out_of_window(seq);  // matched blocks the next tokens do not see
     const int64_t take = std::min(n_tokens - hit, budget);
     if (!reserve(seq, take)) {
-      blocks_.release(seq.blocks);
+      release_blocks(seq);
       seq.n_computed = seq.n_recorded = 0;
       break;
     }
@@ -363,24 +364,46 @@ void Engine::release_blocks(Sequence& seq) {
 
 void Engine::record_blocks() {
   const int64_t B = model_.limits().block_size;
-  const int64_t window = model_.config().sliding_window;
   for (auto& sp : running_) {
     Sequence& seq = *sp;
     if (seq.scheduled == 0) continue;
     const int64_t full = seq.n_computed / B;
-    if (blocks_.prefix_caching() && full > seq.n_recorded)
+    if (blocks_.prefix_caching() && seq.recording && full > seq.n_recorded) {
       seq.n_recorded = blocks_.commit(seq.blocks, seq.tokens.data(), seq.n_recorded, full);
-    if (window <= 0) continue;
-    // Every later token attends to positions from n_computed - window + 1 on: the blocks
-    // wholly before that are read no more, and go back (to the cache, where recorded). With
-    // the prefix cache the last recorded block stays: the next block to record names it.
-    int64_t drop = std::max<int64_t>(0, seq.n_computed - window + 1) / B;
-    if (blocks_.prefix_caching()) drop = std::min(drop, std::max<int64_t>(0, seq.n_recorded - 1));
-    if (drop <= seq.n_dropped) continue;
-    blocks_.release(seq.blocks, seq.n_dropped, drop);
-    std::fill(seq.blocks.begin() + seq.n_dropped, seq.blocks.begin() + drop, 0);
-    seq.n_dropped = drop;
+      // Another block holds the same content (two sequences computed it at once): this one
+      // records no more, so nothing keeps it from giving back blocks.
+      seq.recording = seq.n_recorded == full;
+    }
+    drop_out_of_window(seq);
   }
+}
+
+void Engine::drop_out_of_window(Sequence& seq) {
+  const int64_t window = model_.config().sliding_window;
+  if (window <= 0) return;
+  const int64_t B = model_.limits().block_size;
+  // Every later token attends to positions from n_computed - window + 1 on: the blocks wholly
+  // before that are read no more, and go back (to the cache, where recorded). While the
+  // sequence records, its last recorded block stays: the next block to record names it.
+  int64_t drop = std::max<int64_t>(0, seq.n_computed - window + 1) / B;
+  if (blocks_.prefix_caching() && seq.recording)
+    drop = std::min(drop, std::max<int64_t>(0, seq.n_recorded - 1));
+  if (drop <= seq.n_dropped) return;
+  blocks_.release(seq.blocks, seq.n_dropped, drop);
+  std::fill(seq.blocks.begin() + seq.n_dropped, seq.blocks.begin() + drop, 0);
+  seq.n_dropped = drop;
+}
+
+int64_t Engine::context_limit_for(const ModelConfig& config, const ModelLimits& limits,
+                                  int64_t max_batch_tokens) {
+  const int64_t B = limits.block_size;
+  const int64_t limit = std::min(limits.max_blocks_per_seq * B, config.max_position_embeddings);
+  // With a sliding window a sequence holds at most the blocks of its window and of one step's
+  // tokens, one partial block at each end, and its last recorded block: when the cache holds
+  // that many, a request of any length runs, alone if need be.
+  const int64_t window = config.sliding_window;
+  if (window > 0 && limits.n_blocks >= (window + max_batch_tokens + B - 1) / B + 3) return limit;
+  return std::min(limit, limits.n_blocks * B);
 }
 
 bool Engine::sample_on_device() const {

@@ -136,6 +136,11 @@ class Engine {
   EngineStats stats() const;
   // Prompt plus generated tokens of one request at most.
   int64_t context_limit() const;
+  // The context limit of an engine over a model of these limits: the block table's and the
+  // model's, and the whole cache's, except with a sliding window in a cache that holds a
+  // window and a step of blocks (a sequence gives back what leaves its window).
+  static int64_t context_limit_for(const ModelConfig& config, const ModelLimits& limits,
+                                   int64_t max_batch_tokens);
   // Stops admitting (submit throws kUnavailable); run() returns once every request has finished.
   void drain();
   // Ends run() at the next step: every open request ends kUnavailable.
@@ -161,7 +166,8 @@ class Engine {
   // After a step: records the blocks that became full in the prefix cache, and gives back those
   // that slid out of the attention window.
   void record_blocks();
-  void release_blocks(Sequence& seq);  // all of its blocks that it still holds
+  void release_blocks(Sequence& seq);      // all of its blocks that it still holds
+  void drop_out_of_window(Sequence& seq);  // gives back the blocks no later token attends to
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
   void process_logits(const int32_t* sampled);
   // True when this step samples on the device: a GPU model whose ranks' vocabulary slices are

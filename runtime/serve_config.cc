@@ -36,9 +36,7 @@ int64_t ServeConfig::context(const ModelConfig& config) const {
 }
 
 int64_t ServeConfig::context_limit(const ModelConfig& config) const {
-  const int64_t per_seq = (context(config) + block_size - 1) / block_size;
-  return std::min(
-      {per_seq * block_size, n_kv_blocks(config) * block_size, config.max_position_embeddings});
+  return Engine::context_limit_for(config, model_limits(config), max_batch_tokens);
 }
 
 int64_t ServeConfig::n_kv_blocks(const ModelConfig& config) const {

@@ -31,8 +31,10 @@ struct ServeConfig {
   void validate() const;
   // The context limit of one request for `config`: max_context, or max_position_embeddings.
   int64_t context(const ModelConfig& config) const;
-  // Prompt plus generated tokens of one request at most, by the engine's rule: context()
-  // rounded up to whole KV blocks, at most the whole KV cache and max_position_embeddings.
+  // Prompt plus generated tokens of one request at most, by the engine's rule
+  // (Engine::context_limit_for): context() rounded up to whole KV blocks, at most
+  // max_position_embeddings and, unless a sliding window lets a request hold fewer blocks than
+  // its length, the whole KV cache.
   int64_t context_limit(const ModelConfig& config) const;
   // KV blocks per rank: kv_blocks, or enough for max_running sequences of the whole context.
   int64_t n_kv_blocks(const ModelConfig& config) const;

@@ -311,6 +311,47 @@ TEST(Engine, BlocksThatLeaveTheWindowGoBack) {
   }
 }
 
+// With the sliding window, a request longer than the whole cache runs: 16 blocks hold the
+// window (4 blocks), a step of 24 tokens and the ends, so the context limit is the block
+// table's (128 tokens), not the cache's (64). Two such requests at once, and a next turn of
+// one, get the tokens they get alone. Below that many blocks the cache bounds the context.
+TEST(Engine, WithAWindowARequestLongerThanTheCacheRuns) {
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "no prefix caching");
+    EngineOptions options;
+    options.max_batch_tokens = 24;
+    options.prefix_caching = caching;
+    Served s(16, options);
+    EXPECT_EQ(s.engine->context_limit(), 128);
+    const std::vector<std::vector<int32_t>> prompts = {prompt_of(30, 3), prompt_of(45, 4)};
+    const std::vector<int64_t> lengths = {90, 70};
+    std::vector<std::shared_ptr<Collector>> sinks;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      sinks.push_back(std::make_shared<Collector>());
+      s.engine->submit(request(prompts[i], lengths[i]), sinks.back());
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      sinks[i]->wait();
+      EXPECT_EQ(sinks[i]->finish, FinishReason::kLength) << "request " << i;
+      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], lengths[i])) << "request " << i;
+    }
+    std::vector<int32_t> turn = prompts[0];
+    turn.insert(turn.end(), sinks[0]->tokens.begin(), sinks[0]->tokens.end());
+    turn.insert(turn.end(), {5, 6});
+    auto next = std::make_shared<Collector>();
+    s.engine->submit(request(turn, 6), next);
+    next->wait();
+    EXPECT_EQ(next->tokens, alone(turn, 6));
+    EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+  }
+  EngineOptions options;
+  options.max_batch_tokens = 24;
+  Served small(12, options, false);
+  EXPECT_EQ(small.engine->context_limit(), 48);
+  Served no_window(16, options, false, kNoWindow);
+  EXPECT_EQ(no_window.engine->context_limit(), 64);
+}
+
 TEST(Engine, ValidationNamesTheField) {
   Served s(64, {}, false);
   auto expect = [&](RequestParams p, const char* field) {
