@@ -271,8 +271,12 @@ bool Engine::schedule() {
   // logits are wanted). A request whose next block a sequence of this step is computing waits
   // and takes it from the cache once recorded, instead of computing it too (a burst of requests
   // with the same new system prompt computes it once).
-  for (size_t w = 0; w < waiting_.size() && budget > 0 &&
-                     static_cast<int64_t>(running_.size()) < options_.max_running;) {
+  // A waiting request keeps its place among the running ones: later requests do not take the
+  // slots it waits for, and the scan ends with the slots.
+  int64_t n_waiting_for_blocks = 0;
+  for (size_t w = 0;
+       w < waiting_.size() && budget > 0 &&
+       static_cast<int64_t>(running_.size()) + n_waiting_for_blocks < options_.max_running;) {
     Sequence& seq = *waiting_[w];
     const int64_t n_tokens = static_cast<int64_t>(seq.tokens.size());
     const int64_t max_blocks = (n_tokens - 1) / B;
@@ -280,6 +284,7 @@ bool Engine::schedule() {
     const int64_t hit = matched * B;
     if (matched < max_blocks && being_computed(seq, matched)) {
       blocks_.release(seq.blocks);
+      ++n_waiting_for_blocks;
       ++w;
       continue;
     }
@@ -343,14 +348,18 @@ bool Engine::being_computed(const Sequence& seq, int64_t block) const {
   const int64_t end = (block + 1) * B;  // the block is tokens [end - B, end)
   for (const auto& sp : running_) {
     const Sequence& r = *sp;
-    // Scheduled this step, and not past the block yet (n_computed moves past this step's tokens
-    // once the batch is built): each step of waiting brings it closer to recording the block.
-    if (r.scheduled == 0 || r.n_recorded > block || r.n_computed >= end ||
+    // Scheduled this step, recording, and with the block next to record (n_computed moves past
+    // this step's tokens once the batch is built): each step of waiting brings it closer to
+    // recording the block. Its block before that one is `seq`'s matched one (so the same
+    // tokens up to there); it still holds it, as the parent of its next record.
+    if (r.scheduled == 0 || !r.recording || r.n_recorded != block || r.n_computed >= end ||
         static_cast<int64_t>(r.tokens.size()) < end)
       continue;
+    if (block > 0 &&
+        r.blocks[static_cast<size_t>(block - 1)] != seq.blocks[static_cast<size_t>(block - 1)])
+      continue;
     if (std::equal(seq.tokens.begin() + (end - B), seq.tokens.begin() + end,
-                   r.tokens.begin() + (end - B)) &&
-        std::equal(seq.tokens.begin(), seq.tokens.begin() + (end - B), r.tokens.begin()))
+                   r.tokens.begin() + (end - B)))
       return true;
   }
   return false;

@@ -159,9 +159,9 @@ class Engine {
   // Sends `event` as the request's last (with finish reason and usage) and frees its blocks.
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
   void preempt_newest();
-  // After a step: records the blocks its sequences filled in the prefix cache.
   // True when a sequence scheduled this step has the same tokens [0, (block + 1) * block_size)
-  // as `seq` and has not computed and recorded that block yet.
+  // as `seq` (whose table holds the matched blocks before `block`) and will record that block
+  // next.
   bool being_computed(const Sequence& seq, int64_t block) const;
   // After a step: records the blocks that became full in the prefix cache, and gives back those
   // that slid out of the attention window.

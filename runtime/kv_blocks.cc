@@ -102,7 +102,8 @@ void BlockAllocator::release(std::vector<int32_t>& table) {
 void BlockAllocator::release(const std::vector<int32_t>& table, int64_t from, int64_t to) {
   SY_CHECK(from >= 0 && from <= to && to <= static_cast<int64_t>(table.size()),
            "BlockAllocator::release: blocks [", from, ", ", to, ") of a table of ", table.size());
-  // Checked first, so that a bad table changes nothing.
+  // Checked first, so that a block not held changes nothing (a block twice in the range, which
+  // no table holds, is caught below).
   for (int64_t i = from; i < to; ++i) {
     const int32_t block = table[static_cast<size_t>(i)];
     SY_CHECK(block >= 0 && block < n_total_ && refs_[static_cast<size_t>(block)] > 0,

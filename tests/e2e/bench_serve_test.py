@@ -13,8 +13,9 @@ each request in the JSON received exactly output-len tokens, percentiles are ord
 (p50 <= p90 <= p99); with --channels 3 the bench process holds 3 TCP connections to the server
 while it measures (1 without); --channels 0 and a shared prefix longer than the shortest
 prompt are refused; with a shared prefix of two whole KV blocks, the server reports most prompt
-tokens as cached (the `cached` column and the JSON) and without one none. If matplotlib imports, launch/plot_bench.py must write PNG files for the
-serve JSON and for a `bench engine --json` file.
+tokens as cached (the `cached` column and the JSON) and without one none. If matplotlib
+imports, launch/plot_bench.py must write PNG files for the serve JSON and for a
+`bench engine --json` file.
 
 Usage: bench_serve_test.py --bin SWITCHYARD --work DIR [--ranks N]
 """

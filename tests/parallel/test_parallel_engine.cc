@@ -96,7 +96,6 @@ int64_t serve_and_check(Communicator& world, const ParallelConfig& pc, int n, bo
   // found at its first admission, not what a preempted request finds of its own blocks again.)
   std::printf("second round: %lld prompt tokens from the cache\n", (long long)second_round_cached);
   EXPECT_GT(second_round_cached, 0);
-  EXPECT_GE(engine.stats().prefix_cache_hit_tokens, second_round_cached);
   engine.drain();
   loop.join();
   return n_wrong;

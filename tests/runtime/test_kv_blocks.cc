@@ -187,9 +187,7 @@ TEST(BlockAllocator, TheSameContentIsRecordedOnce) {
 }
 
 // A released table whose last block is reused for other content keeps its first blocks: a
-// chain that went through the reused block no longer matches past it. (Children are released
-// before their parent, so a parent is reused only after every cached block recorded after it;
-// the parent's generation in each record backs that up.)
+// chain that went through the reused block no longer matches past it.
 TEST(BlockAllocator, AReusedBlockEndsTheChainsThroughIt) {
   BlockAllocator a(3, B);
   const std::vector<int32_t> tokens = tokens_of({10, 20, 30});
@@ -218,6 +216,37 @@ TEST(BlockAllocator, AReusedBlockEndsTheChainsThroughIt) {
   EXPECT_EQ(a.match(tokens.data(), 3, t), 3);
   a.release(t);
   EXPECT_EQ(a.n_cached(), 3);
+}
+
+// Part of a table goes back while the rest is held (blocks that left a sliding window): the
+// range is checked before anything changes, and a parent reused while its children are still
+// recorded ends their chain even when it is recorded again with the same tokens (its
+// generation moved on).
+TEST(BlockAllocator, ARangeGoesBackAndAReusedParentEndsItsChildren) {
+  BlockAllocator a(3, B);
+  const std::vector<int32_t> tokens = tokens_of({10, 20, 30});
+  std::vector<int32_t> x = computed(a, tokens);
+  const std::vector<int32_t> x_blocks = x;
+  EXPECT_THROW(a.release(x, 1, 4), Error);
+  EXPECT_THROW(a.release(x, 2, 1), Error);
+  a.release(x, 0, 1);
+  EXPECT_EQ(x, x_blocks);  // the table is left as it is
+  EXPECT_EQ(a.n_cached(), 1);
+  EXPECT_THROW(a.release(x, 0, 2), Error);  // x[0] is no longer held: nothing changes
+  EXPECT_EQ(a.n_cached(), 1);
+  EXPECT_EQ(a.n_free(), 1);
+  // The first block is reused and records the same first tokens again.
+  std::vector<int32_t> y;
+  ASSERT_TRUE(a.allocate(1, y));
+  EXPECT_EQ(y[0], x_blocks[0]);
+  EXPECT_EQ(a.commit(y, tokens.data(), 0, 1), 1);
+  a.release(x, 1, 3);
+  a.release(y);
+  EXPECT_EQ(a.n_cached(), 3);
+  std::vector<int32_t> t;
+  EXPECT_EQ(a.match(tokens.data(), 3, t), 1);  // the old second block named the old first
+  EXPECT_EQ(t[0], x_blocks[0]);
+  a.release(t);
 }
 
 }  // namespace
