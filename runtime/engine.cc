@@ -268,11 +268,10 @@ bool Engine::schedule() {
   }
   // Then new (or preempted) requests, first come first served, each starting past the longest
   // run of whole blocks of its tokens in the prefix cache, short of its last token (whose
-  // logits are wanted). A request whose next block a sequence of this step is computing waits
-  // and takes it from the cache once recorded, instead of computing it too (a burst of requests
-  // with the same new system prompt computes it once).
-  // A waiting request keeps its place among the running ones: later requests do not take the
-  // slots it waits for, and the scan ends with the slots.
+  // logits are wanted). A request whose next block a sequence of this step is about to record
+  // waits and takes it from the cache then, instead of computing it too (a burst of requests
+  // with the same new system prompt computes it once); it keeps its running slot meanwhile, so
+  // later requests do not take it, and the scan ends with the slots.
   int64_t n_waiting_for_blocks = 0;
   for (size_t w = 0;
        w < waiting_.size() && budget > 0 &&

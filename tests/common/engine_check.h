@@ -41,6 +41,13 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   Engine engine(model, *tokenizer, options, nullptr);
   std::thread loop([&] { engine.run(); });
   LoadedModel plain = load_model(dir, 128, 64, false);
+  auto alone_on_cpu = [&](const RequestParams& p) {
+    GenerateOptions o;
+    o.max_tokens = p.max_tokens;
+    o.ignore_eos = p.ignore_eos;
+    o.sampling = p.sampling;
+    return generate(*plain.model, p.prompt, o).tokens;
+  };
   std::vector<std::shared_ptr<Collector>> sinks;
   std::vector<RequestParams> reqs;
   for (int i = 0; i < 12; ++i) {
@@ -65,12 +72,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   }
   for (size_t i = 0; i < reqs.size(); ++i) {
     sinks[i]->wait();
-    GenerateOptions o;
-    o.max_tokens = reqs[i].max_tokens;
-    o.ignore_eos = true;
-    o.sampling = reqs[i].sampling;
-    EXPECT_EQ(sinks[i]->tokens, generate(*plain.model, reqs[i].prompt, o).tokens)
-        << "request " << i;
+    EXPECT_EQ(sinks[i]->tokens, alone_on_cpu(reqs[i])) << "request " << i;
   }
   // A next turn of request 4 (greedy): its prompt, its answer and more. Its leading whole
   // blocks come from the prefix cache, and the tokens are those of computing everything.
@@ -81,11 +83,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   engine.submit(turn, turn_sink);
   turn_sink->wait();
   EXPECT_GE(turn_sink->usage.cached_prompt_tokens, 20);
-  GenerateOptions turn_options;
-  turn_options.max_tokens = turn.max_tokens;
-  turn_options.ignore_eos = true;
-  turn_options.sampling = turn.sampling;
-  EXPECT_EQ(turn_sink->tokens, generate(*plain.model, turn.prompt, turn_options).tokens);
+  EXPECT_EQ(turn_sink->tokens, alone_on_cpu(turn));
   engine.drain();
   loop.join();
 
@@ -137,11 +135,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   }
   for (size_t i = 0; i < long_reqs.size(); ++i) {
     long_sinks[i]->wait();
-    GenerateOptions o;
-    o.max_tokens = long_reqs[i].max_tokens;
-    o.ignore_eos = true;
-    EXPECT_EQ(long_sinks[i]->tokens, generate(*plain.model, long_reqs[i].prompt, o).tokens)
-        << "long request " << i;
+    EXPECT_EQ(long_sinks[i]->tokens, alone_on_cpu(long_reqs[i])) << "long request " << i;
     EXPECT_EQ(long_sinks[i]->usage.preemptions, 0) << "long request " << i;
   }
   tight.drain();

@@ -45,7 +45,10 @@ struct Served {
     options.max_batch_tokens = std::min<int64_t>(options.max_batch_tokens, 64);
     options.max_running = std::min<int64_t>(options.max_running, 16);
     engine = std::make_unique<Engine>(*model, *tokenizer, options, nullptr);
-    if (start) loop = std::thread([this] { engine->run(); });
+    if (start) this->start();
+  }
+  void start() {
+    loop = std::thread([this] { engine->run(); });
   }
   ~Served() {
     engine->drain();
@@ -78,6 +81,29 @@ std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_token
   o.max_tokens = max_tokens;
   o.ignore_eos = true;
   return generate(*m.model, prompt, o).tokens;
+}
+
+// Submits prompts[i] for lengths[i] tokens each; one sink each.
+std::vector<std::shared_ptr<Collector>> submit_all(Served& s,
+                                                   const std::vector<std::vector<int32_t>>& prompts,
+                                                   const std::vector<int64_t>& lengths) {
+  std::vector<std::shared_ptr<Collector>> sinks;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    sinks.push_back(std::make_shared<Collector>());
+    s.engine->submit(request(prompts[i], lengths[i]), sinks.back());
+  }
+  return sinks;
+}
+
+// Waits for every request, which must end at its length with the tokens it gets alone.
+void expect_each_alone(const std::vector<std::shared_ptr<Collector>>& sinks,
+                       const std::vector<std::vector<int32_t>>& prompts,
+                       const std::vector<int64_t>& lengths) {
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    sinks[i]->wait();
+    EXPECT_EQ(sinks[i]->finish, FinishReason::kLength) << "request " << i;
+    EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], lengths[i])) << "request " << i;
+  }
 }
 
 // Returns the engine's counters at the end.
@@ -240,18 +266,13 @@ TEST(Engine, RequestsThatArriveTogetherComputeASharedPrefixOnce) {
     std::vector<int32_t> other = prompt;  // the first 5 blocks in common
     other[21] = 99;
     const std::vector<std::vector<int32_t>> prompts = {prompt, prompt, other, prompt_of(20, 6)};
-    std::vector<std::shared_ptr<Collector>> sinks;
-    for (const auto& p : prompts) {
-      sinks.push_back(std::make_shared<Collector>());
-      s.engine->submit(request(p, 6), sinks.back());
-    }
-    s.loop = std::thread([&] { s.engine->run(); });
+    const std::vector<int64_t> lengths(prompts.size(), 6);
+    auto sinks = submit_all(s, prompts, lengths);
+    s.start();  // all four arrive in the first step
+    expect_each_alone(sinks, prompts, lengths);
     const std::vector<int64_t> cached = {0, 28, 20, 0};
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      sinks[i]->wait();
-      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 6)) << "request " << i;
+    for (size_t i = 0; i < prompts.size(); ++i)
       EXPECT_EQ(sinks[i]->usage.cached_prompt_tokens, caching ? cached[i] : 0) << "request " << i;
-    }
     EXPECT_EQ(s.engine->stats().prefix_cache_hit_tokens, caching ? 48 : 0);
   }
 }
@@ -295,17 +316,12 @@ TEST(Engine, BlocksThatLeaveTheWindowGoBack) {
     std::vector<std::vector<int32_t>> prompts = {prompt_of(30, 1), prompt_of(30, 2),
                                                  prompt_of(30, 1)};
     prompts[2][29] = 5;  // shares 7 blocks with the first, which it gives back too
-    std::vector<std::shared_ptr<Collector>> sinks;
-    for (const auto& p : prompts) {
-      sinks.push_back(std::make_shared<Collector>());
-      s.engine->submit(request(p, 50), sinks.back());
-    }
-    s.loop = std::thread([&] { s.engine->run(); });
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      sinks[i]->wait();
-      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 50)) << "request " << i;
+    const std::vector<int64_t> lengths(prompts.size(), 50);
+    auto sinks = submit_all(s, prompts, lengths);
+    s.start();
+    expect_each_alone(sinks, prompts, lengths);
+    for (size_t i = 0; i < prompts.size(); ++i)
       EXPECT_EQ(sinks[i]->usage.preemptions, 0) << "request " << i;
-    }
     EXPECT_EQ(sinks[2]->usage.cached_prompt_tokens, caching ? 28 : 0);
     EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
   }
@@ -325,16 +341,8 @@ TEST(Engine, WithAWindowARequestLongerThanTheCacheRuns) {
     EXPECT_EQ(s.engine->context_limit(), 128);
     const std::vector<std::vector<int32_t>> prompts = {prompt_of(30, 3), prompt_of(45, 4)};
     const std::vector<int64_t> lengths = {90, 70};
-    std::vector<std::shared_ptr<Collector>> sinks;
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      sinks.push_back(std::make_shared<Collector>());
-      s.engine->submit(request(prompts[i], lengths[i]), sinks.back());
-    }
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      sinks[i]->wait();
-      EXPECT_EQ(sinks[i]->finish, FinishReason::kLength) << "request " << i;
-      EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], lengths[i])) << "request " << i;
-    }
+    auto sinks = submit_all(s, prompts, lengths);
+    expect_each_alone(sinks, prompts, lengths);
     std::vector<int32_t> turn = prompts[0];
     turn.insert(turn.end(), sinks[0]->tokens.begin(), sinks[0]->tokens.end());
     turn.insert(turn.end(), {5, 6});
@@ -406,7 +414,7 @@ TEST(Engine, FullQueueIsResourceExhausted) {
     EXPECT_EQ(e.code(), RequestError::Code::kResourceExhausted);
   }
   EXPECT_EQ(s.engine->stats().queue_depth, 3);
-  s.loop = std::thread([&] { s.engine->run(); });  // now the accepted ones complete
+  s.start();  // now the accepted ones complete
 }
 
 // Cancels its request when its first token arrives (sinks are called without the engine's
