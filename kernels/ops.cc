@@ -46,14 +46,15 @@ void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& par
   SY_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "sample: vocabulary of ", vocab);
 }
 
-void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
-                              const Tensor& penalties) {
+void check_penalize(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                    const Tensor& counts, const Tensor& params) {
   const int64_t n = logits.size(0);
-  check_tensor(logits, "repetition_penalty.logits", DType::kF32, {n, -1});
-  check_tensor(offsets, "repetition_penalty.offsets", DType::kI32, {n + 1});
-  check_tensor(ids, "repetition_penalty.ids", DType::kI32, {-1});
-  check_tensor(penalties, "repetition_penalty.penalties", DType::kF32, {n});
-  SY_CHECK(ids.size(0) < (int64_t{1} << 31), "repetition_penalty: ", ids.size(0), " ids");
+  check_tensor(logits, "penalize.logits", DType::kF32, {n, -1});
+  check_tensor(offsets, "penalize.offsets", DType::kI32, {n + 1});
+  check_tensor(ids, "penalize.ids", DType::kI32, {-1});
+  check_tensor(counts, "penalize.counts", DType::kI32, {ids.size(0)});
+  check_tensor(params, "penalize.params", DType::kF32, {n, Ops::kPenaltyParams});
+  SY_CHECK(ids.size(0) < (int64_t{1} << 31), "penalize: ", ids.size(0), " ids");
 }
 
 void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
@@ -155,25 +156,28 @@ void Ops::logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor ro
   synchronize();
 }
 
-void Ops::repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties) {
-  check_repetition_penalty(logits, offsets, ids, penalties);
+void Ops::penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params) {
+  check_penalize(logits, offsets, ids, counts, params);
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
   const int64_t m = ids.size(0);
-  std::vector<float> rows(static_cast<size_t>(n * vocab)), p(static_cast<size_t>(n));
-  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m));
+  const int64_t P = kPenaltyParams;
+  std::vector<float> rows(static_cast<size_t>(n * vocab)), p(static_cast<size_t>(n * P));
+  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m)),
+      count(static_cast<size_t>(m));
   copy_to_host(off.data(), offsets.data, offsets.bytes());
-  SY_CHECK(off[0] == 0 && off[n] <= m, "repetition_penalty: offsets run from ", off[0], " to ",
-           off[n], " over ", m, " ids");
+  SY_CHECK(off[0] == 0 && off[n] <= m, "penalize: offsets run from ", off[0], " to ", off[n],
+           " over ", m, " ids");
   for (int64_t i = 0; i < n; ++i)
-    SY_CHECK(off[i] <= off[i + 1], "repetition_penalty: offsets decrease at row ", i);
+    SY_CHECK(off[i] <= off[i + 1], "penalize: offsets decrease at row ", i);
   if (m == 0) return;
   copy_to_host(rows.data(), logits.data, logits.bytes());
   copy_to_host(id.data(), ids.data, ids.bytes());
-  copy_to_host(p.data(), penalties.data, penalties.bytes());
+  copy_to_host(count.data(), counts.data, counts.bytes());
+  copy_to_host(p.data(), params.data, params.bytes());
   for (int64_t i = 0; i < n; ++i)
-    cpu::repetition_penalty_row(rows.data() + i * vocab, vocab, id.data() + off[i],
-                                off[i + 1] - off[i], p[i]);
+    cpu::penalize_row(rows.data() + i * vocab, vocab, id.data() + off[i], count.data() + off[i],
+                      off[i + 1] - off[i], p[i * P], p[i * P + 1], p[i * P + 2]);
   copy_from_host(logits.data, rows.data(), logits.bytes());
   synchronize();
 }

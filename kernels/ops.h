@@ -111,13 +111,18 @@ class Ops {
   // The default copies the rows to the host and samples there.
   static constexpr int64_t kSampleParams = 6;
   virtual void sample(Tensor out_ids, Tensor logits, Tensor params);
-  // Hugging Face's repetition penalty, in place, before sample: in row i of logits F32
-  // [n, vocab], each token ids[offsets[i]], ..., ids[offsets[i + 1] - 1] has its logit divided by
-  // penalties[i] when positive and multiplied by it otherwise. offsets: I32 [n + 1],
-  // non-decreasing from 0 to at most m; ids: I32 [m], distinct within a row (ids outside
-  // [0, vocab) are skipped); penalties: F32 [n] (1 leaves a row as it is). The default copies
-  // to the host and back.
-  virtual void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties);
+  // Repetition, presence and frequency penalties, in place, before sample: in row i of logits
+  // F32 [n, vocab], each token ids[j], offsets[i] <= j < offsets[i + 1] (the row's distinct
+  // context tokens, prompt and generated), first has its logit divided by the repetition penalty
+  // params[i, 0] when positive and multiplied by it otherwise (Hugging Face's), then loses
+  // fma(frequency, counts[j], counts[j] > 0 ? presence : 0) with presence params[i, 1] and
+  // frequency params[i, 2] (OpenAI's; counts[j]: how many times ids[j] was generated).
+  // offsets: I32 [n + 1], non-decreasing from 0 to at most m; ids, counts: I32 [m], ids distinct
+  // within a row (ids outside [0, vocab) are skipped); params: F32 [n, kPenaltyParams]
+  // ({1, 0, 0} leaves a row as it is). kernels/cpu/sample.cc's penalize_row is the reference.
+  // The default copies to the host and back.
+  static constexpr int64_t kPenaltyParams = 3;
+  virtual void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params);
   // Log-probabilities (log-softmax, fp64 sums) of the token sampled from each of m logit rows
   // and of the row's `top` most likely tokens: logits F32 [m, vocab] holds the rows, row j's
   // token is chosen[rows[j]] (rows: I32 [m]; chosen: I32 [n], as sample wrote it);
@@ -160,8 +165,8 @@ void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, co
                      const Tensor& topk_idx, const Tensor& topk_weights, int64_t expert_begin,
                      int64_t expert_end);
 void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params);
-void check_repetition_penalty(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
-                              const Tensor& penalties);
+void check_penalize(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                    const Tensor& counts, const Tensor& params);
 void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
                     const Tensor& rows, const Tensor& chosen);
 

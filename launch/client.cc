@@ -63,11 +63,14 @@ int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   request.set_top_p(a.sampling.top_p);
   request.set_min_p(a.sampling.min_p);
   request.set_repetition_penalty(a.sampling.repetition_penalty);
+  request.set_presence_penalty(a.sampling.presence_penalty);
+  request.set_frequency_penalty(a.sampling.frequency_penalty);
   if (a.has_seed) request.set_seed(a.sampling.seed);
   for (const std::string& s : a.stop) request.add_stop(s);
   for (int64_t id : a.stop_token_ids) request.add_stop_token_ids(static_cast<uint32_t>(id));
   request.set_ignore_eos(a.ignore_eos);
   request.set_logprobs(static_cast<uint32_t>(a.logprobs));
+  request.set_priority(a.priority);
   request.set_skip_bos(a.skip_bos);
 
   grpc::ClientContext context;
@@ -238,6 +241,12 @@ void add_client(CLI::App& app, ClientArgs& a) {
   gen->add_option("--min-p", a.sampling.min_p, "0 = off")->capture_default_str();
   gen->add_option("--repetition-penalty", a.sampling.repetition_penalty, "1 = off")
       ->capture_default_str();
+  gen->add_option("--presence-penalty", a.sampling.presence_penalty,
+                  "Subtracted from generated tokens' logits once, in [-2, 2]; 0 = off")
+      ->capture_default_str();
+  gen->add_option("--frequency-penalty", a.sampling.frequency_penalty,
+                  "Subtracted once per time a token was generated, in [-2, 2]; 0 = off")
+      ->capture_default_str();
   gen->add_option("--seed", a.sampling.seed, "Sampling seed (default: chosen by the server)")
       ->each([&a](const std::string&) { a.has_seed = true; });
   gen->add_option("--stop", a.stop, "Stop string (repeatable)");
@@ -248,6 +257,7 @@ void add_client(CLI::App& app, ClientArgs& a) {
       ->capture_default_str();
   gen->add_option("--deadline-ms", a.deadline_ms, "Deadline of the call (0 = none)")
       ->capture_default_str();
+  gen->add_option("--priority", a.priority, "Lower is served first")->capture_default_str();
   gen->add_flag("--print-ids", a.print_ids, "Print the generated ids on one line");
 
   CLI::App* tok = client->add_subcommand("tokenize", "Text to token ids");

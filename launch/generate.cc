@@ -95,6 +95,12 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
   cmd->add_option("--min-p", a.sampling.min_p, "0 = off")->capture_default_str();
   cmd->add_option("--repetition-penalty", a.sampling.repetition_penalty, "1 = off")
       ->capture_default_str();
+  cmd->add_option("--presence-penalty", a.sampling.presence_penalty,
+                  "Subtracted from generated tokens' logits once, in [-2, 2]; 0 = off")
+      ->capture_default_str();
+  cmd->add_option("--frequency-penalty", a.sampling.frequency_penalty,
+                  "Subtracted once per time a token was generated, in [-2, 2]; 0 = off")
+      ->capture_default_str();
   cmd->add_option("--seed", a.sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--ignore-eos", a.ignore_eos, "Do not stop at end-of-sequence tokens");
   cmd->add_flag("--no-bos", a.no_bos, "Do not add BOS before a --prompt text");

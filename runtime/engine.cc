@@ -56,7 +56,24 @@ struct Engine::Sequence {
   int64_t scheduled = 0;  // tokens of this step
 
   int64_t n_generated() const { return static_cast<int64_t>(tokens.size()) - n_prompt; }
+  // Serving order: priority, then arrival (ids grow with submission).
+  bool before(const Sequence& o) const {
+    return params.priority < o.params.priority ||
+           (params.priority == o.params.priority && id < o.id);
+  }
 };
+
+void Engine::enqueue(std::unique_ptr<Sequence> seq) {
+  auto at = std::upper_bound(waiting_.begin(), waiting_.end(), seq,
+                             [](const auto& a, const auto& b) { return a->before(*b); });
+  waiting_.insert(at, std::move(seq));
+}
+
+void Engine::add_running(std::unique_ptr<Sequence> seq) {
+  auto at = std::upper_bound(running_.begin(), running_.end(), seq,
+                             [](const auto& a, const auto& b) { return a->before(*b); });
+  running_.insert(at, std::move(seq));
+}
 
 Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& options,
                Communicator* world)
@@ -138,7 +155,8 @@ uint64_t Engine::submit(RequestParams params, std::shared_ptr<RequestSink> sink)
   seq->n_prompt = static_cast<int64_t>(params.prompt.size());
   seq->tokens = params.prompt;
   seq->tokens.reserve(static_cast<size_t>(seq->n_prompt + params.max_tokens));
-  seq->sampler = std::make_unique<Sampler>(params.sampling, model_.config().vocab_size);
+  seq->sampler =
+      std::make_unique<Sampler>(params.sampling, model_.config().vocab_size, params.prompt.size());
   seq->decoder = std::make_unique<StreamDecoder>(tokenizer_, params.prompt);
   for (const std::string& s : params.stop)
     seq->longest_stop = std::max(seq->longest_stop, s.size());
@@ -221,15 +239,17 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
   seq.sink->on_event(std::move(event));
 }
 
-void Engine::preempt_newest() {
+int64_t Engine::preempt_last() {
   std::unique_ptr<Sequence> victim = std::move(running_.back());
   running_.pop_back();
   release_blocks(*victim);
+  const int64_t given = victim->scheduled;
   victim->n_computed = 0;
   victim->n_recorded = 0;
   victim->scheduled = 0;
   ++victim->preemptions;
-  waiting_.push_front(std::move(victim));
+  enqueue(std::move(victim));
+  return given;
 }
 
 bool Engine::schedule() {
@@ -245,8 +265,9 @@ bool Engine::schedule() {
     return need <= 0 || blocks_.allocate(need, seq.blocks);
   };
   for (auto& s : running_) s->scheduled = 0;
-  // Running sequences first (decodes, then prefill chunks), oldest first; when blocks run out
-  // the newest running sequence is preempted and recomputed later.
+  // Running sequences first (decodes, then prefill chunks), in serving order; when blocks run
+  // out the last running sequence (the newest of the highest priority value) is preempted and
+  // recomputed later.
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
       Sequence& seq = *running_[i];
@@ -255,28 +276,53 @@ bool Engine::schedule() {
       const int64_t take = std::min(pending, budget);
       bool ok = reserve(seq, take);
       while (!ok && running_.back().get() != &seq) {
-        preempt_newest();
+        budget += preempt_last();
         ok = reserve(seq, take);
       }
-      if (!ok) {  // `seq` itself is the newest: it waits
-        preempt_newest();
+      if (!ok) {  // `seq` itself is the last: it waits
+        preempt_last();
         break;
       }
       seq.scheduled = take;
       budget -= take;
     }
   }
-  // Then new (or preempted) requests, first come first served, each starting past the longest
-  // run of whole blocks of its tokens in the prefix cache, short of its last token (whose
-  // logits are wanted). A request whose next block a sequence of this step is about to record
-  // waits and takes it from the cache then, instead of computing it too (a burst of requests
-  // with the same new system prompt computes it once); it keeps its running slot meanwhile, so
-  // later requests do not take it, and the scan ends with the slots.
+  // The last running sequence when its priority value is higher than `seq`'s: the one a waiting
+  // `seq` takes from.
+  auto lower = [&](const Sequence& seq) -> Sequence* {
+    if (running_.empty()) return nullptr;
+    Sequence& last = *running_.back();
+    return last.params.priority > seq.params.priority ? &last : nullptr;
+  };
+  // Gives `seq` up to `want` more step tokens from running sequences of higher priority values
+  // (the lowest priority first): they run fewer tokens this step, or none.
+  auto reclaim = [&](const Sequence& seq, int64_t want) {
+    for (size_t i = running_.size(); i-- > 0 && want > 0;) {
+      Sequence& other = *running_[i];
+      if (other.params.priority <= seq.params.priority) break;
+      const int64_t r = std::min(want, other.scheduled);
+      other.scheduled -= r;
+      budget += r;
+      want -= r;
+    }
+  };
+  // Then new (or preempted) requests in serving order (priority, then arrival), each starting
+  // past the longest run of whole blocks of its tokens in the prefix cache, short of its last
+  // token (whose logits are wanted). A request whose next block a sequence of this step is
+  // about to record waits and takes it from the cache then, instead of computing it too (a
+  // burst of requests with the same new system prompt computes it once); it keeps its running
+  // slot meanwhile, so later requests do not take it, and the scan ends with the slots. A
+  // request short of step tokens, of a running slot or of blocks takes them from running
+  // sequences of higher priority values: their tokens of this step first, then the sequences
+  // themselves (preempted).
   int64_t n_waiting_for_blocks = 0;
-  for (size_t w = 0;
-       w < waiting_.size() && budget > 0 &&
-       static_cast<int64_t>(running_.size()) + n_waiting_for_blocks < options_.max_running;) {
+  for (size_t w = 0; w < waiting_.size();) {
     Sequence& seq = *waiting_[w];
+    if (budget == 0 && lower(seq) == nullptr) break;
+    while (static_cast<int64_t>(running_.size()) + n_waiting_for_blocks >= options_.max_running &&
+           lower(seq) != nullptr)
+      budget += preempt_last();
+    if (static_cast<int64_t>(running_.size()) + n_waiting_for_blocks >= options_.max_running) break;
     const int64_t n_tokens = static_cast<int64_t>(seq.tokens.size());
     const int64_t max_blocks = (n_tokens - 1) / B;
     const int64_t matched = blocks_.match(seq.tokens.data(), max_blocks, seq.blocks);
@@ -291,8 +337,14 @@ bool Engine::schedule() {
     seq.n_recorded = matched;
     seq.recording = true;
     drop_out_of_window(seq);  // matched blocks the next tokens do not see
+    if (n_tokens - hit > budget) reclaim(seq, n_tokens - hit - budget);
     const int64_t take = std::min(n_tokens - hit, budget);
-    if (!reserve(seq, take)) {
+    bool ok = take > 0 && reserve(seq, take);
+    while (!ok && take > 0 && lower(seq) != nullptr) {
+      budget += preempt_last();
+      ok = reserve(seq, take);
+    }
+    if (!ok) {
       release_blocks(seq);
       seq.n_computed = seq.n_recorded = 0;
       break;
@@ -313,8 +365,11 @@ bool Engine::schedule() {
       seq.first_step = Clock::now();
       seq.cached_prompt = hit;
     }
-    running_.push_back(std::move(waiting_[w]));
+    // A sequence preempted for `seq` sorts after it, so `seq` is still at w.
+    SY_CHECK(waiting_[w].get() == &seq, "schedule: the waiting queue moved under request ", seq.id);
+    std::unique_ptr<Sequence> admitted = std::move(waiting_[w]);
     waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+    add_running(std::move(admitted));
   }
   // The batch: each scheduled sequence's next tokens, and a logit row where a sequence reaches
   // its last known token.
@@ -512,7 +567,7 @@ void Engine::run() {
                !running_.empty() || draining_;
       });
       while (!incoming_.empty()) {
-        waiting_.push_back(std::move(incoming_.front()));
+        enqueue(std::move(incoming_.front()));
         incoming_.pop_front();
       }
       cancelled.swap(cancelled_);
@@ -585,19 +640,21 @@ void Engine::run() {
         logprob_slot_.assign(logit_seqs_.size(), -1);
         penalty_offsets_.assign(1, 0);
         penalty_ids_.clear();
-        penalty_values_.clear();
+        penalty_counts_.clear();
+        penalty_params_.resize(logit_seqs_.size() * Ops::kPenaltyParams);
         bool penalised = false;
         for (size_t i = 0; i < logit_seqs_.size(); ++i) {
           Sequence& seq = *logit_seqs_[i];
           Sampler& sampler = *seq.sampler;
           sampler.device_params(sample_params_.data() + i * Ops::kSampleParams);
           if (sampler.penalised()) {
-            const std::vector<int32_t>& ids = sampler.penalty_ids(seq.tokens);
-            penalty_ids_.insert(penalty_ids_.end(), ids.begin(), ids.end());
+            const PenaltyContext& pc = sampler.penalty_context(seq.tokens);
+            penalty_ids_.insert(penalty_ids_.end(), pc.ids.begin(), pc.ids.end());
+            penalty_counts_.insert(penalty_counts_.end(), pc.counts.begin(), pc.counts.end());
             penalised = true;
           }
           penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
-          penalty_values_.push_back(sampler.params().repetition_penalty);
+          sampler.penalty_params(penalty_params_.data() + i * Ops::kPenaltyParams);
           if (seq.params.logprobs > 0) {
             logprob_slot_[i] = static_cast<int64_t>(logprobs_.rows.size());
             logprobs_.rows.push_back(static_cast<int32_t>(i));
@@ -605,7 +662,7 @@ void Engine::run() {
           }
         }
         const SamplePenalties penalties{penalty_offsets_.data(), penalty_ids_.data(),
-                                        penalty_values_.data()};
+                                        penalty_counts_.data(), penalty_params_.data()};
         logprobs_.logprobs = device_lp_.data();
         logprobs_.ids = device_lp_ids_.data();
         model_.forward_sample(batch_, sample_params_.data(), sampled_.data(),

@@ -45,6 +45,9 @@ struct RequestParams {
   bool ignore_eos = false;
   int64_t logprobs = 0;  // top-n logprobs per token; 0 = none
   std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Lower values are served first; first come first served within one value. A waiting request
+  // takes step tokens, running slots and KV blocks from running requests of higher values.
+  int32_t priority = 0;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kDeadline, kError, kUnavailable };
@@ -158,7 +161,12 @@ class Engine {
   bool schedule();  // builds batch_ for this step; false when nothing to run
   // Sends `event` as the request's last (with finish reason and usage) and frees its blocks.
   void finish(Sequence& seq, FinishReason reason, RequestEvent event);
-  void preempt_newest();
+  // Inserts `seq` into waiting_ (or running_) in serving order: priority, then arrival.
+  void enqueue(std::unique_ptr<Sequence> seq);
+  void add_running(std::unique_ptr<Sequence> seq);
+  // Preempts the last running sequence (the newest of the highest priority value): its blocks
+  // go back and it waits to be recomputed. Returns the tokens it had been given this step.
+  int64_t preempt_last();
   // True when a sequence scheduled this step has the same tokens [0, (block + 1) * block_size)
   // as `seq` (whose table holds the matched blocks before `block`) and will record that block
   // next.
@@ -193,8 +201,8 @@ class Engine {
   EngineStats stats_;
 
   // Engine-thread state.
-  std::deque<std::unique_ptr<Sequence>> waiting_;
-  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order (newest last)
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // in serving order
+  std::vector<std::unique_ptr<Sequence>> running_;  // in serving order (preempted last)
   StepBatch batch_;
   std::vector<Sequence*> logit_seqs_;     // sequence of each logit row
   std::vector<float> logits_;             // [max_running, vocab]
@@ -202,7 +210,8 @@ class Engine {
   std::vector<int32_t> sampled_;          // [max_running]
   std::vector<int32_t> penalty_offsets_;  // the step's SamplePenalties
   std::vector<int32_t> penalty_ids_;
-  std::vector<float> penalty_values_;
+  std::vector<int32_t> penalty_counts_;
+  std::vector<float> penalty_params_;
   SampleLogprobs logprobs_;             // the step's logprobs asked of forward_sample
   std::vector<int64_t> logprob_slot_;   // per logit row: its row in logprobs_, or -1
   std::vector<float> device_lp_;        // forward_sample's logprobs out [max_running, 1 + top]

@@ -99,12 +99,13 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   // Decode.
-  Sampler sampler(options.sampling, vocab);
+  Sampler sampler(options.sampling, vocab, prompt.size());
   // On GPUs the model samples on the device and only the token comes back (every rank samples
-  // alike; rank 0's token is broadcast), the repetition penalty applied there too.
+  // alike; rank 0's token is broadcast), the penalties applied there too.
   const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported();
   float params[Ops::kSampleParams] = {};
-  const float penalty = sampler.params().repetition_penalty;
+  float penalty[Ops::kPenaltyParams] = {};
+  sampler.penalty_params(penalty);
   int32_t penalty_offsets[2] = {0, 0};
   int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;
@@ -133,9 +134,9 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     if (on_device) {
       sampler.device_params(params);
       if (sampler.penalised()) {
-        const std::vector<int32_t>& ids = sampler.penalty_ids(context_ids);
-        penalty_offsets[1] = static_cast<int32_t>(ids.size());
-        const SamplePenalties penalties{penalty_offsets, ids.data(), &penalty};
+        const PenaltyContext& pc = sampler.penalty_context(context_ids);
+        penalty_offsets[1] = static_cast<int32_t>(pc.ids.size());
+        const SamplePenalties penalties{penalty_offsets, pc.ids.data(), pc.counts.data(), penalty};
         model.forward_sample(batch, params, &device_next, &penalties);
       } else {
         model.forward_sample(batch, params, &device_next);

@@ -15,6 +15,7 @@ BlockAllocator::BlockAllocator(int64_t n_blocks, int64_t block_size)
   free_.reserve(n);
   for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
   refs_.assign(n, 0);
+  releasing_.assign(n, 0);
   if (!prefix_caching()) return;
   recorded_.assign(n, 0);
   key_.assign(n, 0);
@@ -102,19 +103,28 @@ void BlockAllocator::release(std::vector<int32_t>& table) {
 void BlockAllocator::release(const std::vector<int32_t>& table, int64_t from, int64_t to) {
   SY_CHECK(from >= 0 && from <= to && to <= static_cast<int64_t>(table.size()),
            "BlockAllocator::release: blocks [", from, ", ", to, ") of a table of ", table.size());
-  // Checked first, so that a block not held changes nothing (a block twice in the range, which
-  // no table holds, is caught below).
+  // Checked first, so that a block not held, or released more times than it is held (twice in
+  // a range that holds it once), changes nothing.
+  bool held = true;
+  int32_t bad = kNone;
+  for (int64_t i = from; i < to && held; ++i) {
+    bad = table[static_cast<size_t>(i)];
+    held = bad >= 0 && bad < n_total_ &&
+           ++releasing_[static_cast<size_t>(bad)] <= refs_[static_cast<size_t>(bad)];
+  }
   for (int64_t i = from; i < to; ++i) {
     const int32_t block = table[static_cast<size_t>(i)];
-    SY_CHECK(block >= 0 && block < n_total_ && refs_[static_cast<size_t>(block)] > 0,
-             "BlockAllocator: block ", block, " released but not held");
+    if (block >= 0 && block < n_total_) releasing_[static_cast<size_t>(block)] = 0;
   }
+  SY_CHECK(held, "BlockAllocator: block ", bad,
+           bad >= 0 && bad < n_total_ && refs_[static_cast<size_t>(bad)] > 0
+               ? " released more times than it is held"
+               : " released but not held");
   // Last block first: of one table, the blocks furthest into the sequence are reused first,
   // so a cached prefix shortens from its end.
   for (int64_t i = to - 1; i >= from; --i) {
     const int32_t block = table[static_cast<size_t>(i)];
     const size_t b = static_cast<size_t>(block);
-    SY_CHECK(refs_[b] > 0, "BlockAllocator: block ", block, " twice in one table");
     if (--refs_[b] > 0) continue;
     if (prefix_caching() && recorded_[b]) {
       prev_[b] = tail_;

@@ -62,8 +62,9 @@ class BlockAllocator {
 
   int64_t n_total_;
   int64_t block_size_;
-  std::vector<int32_t> free_;  // held by no table, recorded content none
-  std::vector<int32_t> refs_;  // tables holding each block
+  std::vector<int32_t> free_;       // held by no table, recorded content none
+  std::vector<int32_t> refs_;       // tables holding each block
+  std::vector<int32_t> releasing_;  // release's count of each block in its range; 0 between calls
   // Per block: recorded or not, its key, its parent and the parent's generation when recorded,
   // its own generation, and its tokens [n_total, block_size].
   std::vector<uint8_t> recorded_;

@@ -168,8 +168,9 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
     sample_ids_ = c.take(DType::kI32, {R});
     penalty_offsets_ = c.take(DType::kI32, {R + 1});
-    penalty_values_ = c.take(DType::kF32, {R});
+    penalty_params_ = c.take(DType::kF32, {R, Ops::kPenaltyParams});
     penalty_ids_ = c.take(DType::kI32, {penalty_capacity()});
+    penalty_counts_ = c.take(DType::kI32, {penalty_capacity()});
     const int64_t LP = logprob_capacity();
     logprob_rows_ = c.take(DType::kI32, {LP});
     logprob_raw_ = c.take(DType::kF32, {LP, config_.vocab_size});
@@ -244,18 +245,21 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
   int64_t n_penalty_ids = 0;
   if (penalties != nullptr) {
     const int32_t* off = penalties->offsets;
-    SY_CHECK(off != nullptr && penalties->values != nullptr && off[0] == 0,
+    SY_CHECK(off != nullptr && penalties->params != nullptr && off[0] == 0,
              "forward_sample: penalty offsets must start at 0");
     for (int64_t i = 0; i < n_logits; ++i) {
       SY_CHECK(off[i] <= off[i + 1], "forward_sample: penalty offsets decrease at row ", i);
-      const float p = penalties->values[i];
-      SY_CHECK(std::isfinite(p) && p > 0.f, "forward_sample: repetition penalty ", p, " of row ", i,
-               " must be positive");
+      const float* p = penalties->params + i * Ops::kPenaltyParams;
+      SY_CHECK(std::isfinite(p[0]) && p[0] > 0.f, "forward_sample: repetition penalty ", p[0],
+               " of row ", i, " must be positive");
+      SY_CHECK(std::isfinite(p[1]) && std::isfinite(p[2]), "forward_sample: presence penalty ",
+               p[1], " and frequency penalty ", p[2], " of row ", i, " must be finite");
     }
     n_penalty_ids = off[n_logits];
     SY_CHECK(n_penalty_ids <= penalty_capacity(), "forward_sample: ", n_penalty_ids,
              " penalty ids; the limit is ", penalty_capacity());
-    SY_CHECK(n_penalty_ids == 0 || penalties->ids != nullptr, "forward_sample: no penalty ids");
+    SY_CHECK(n_penalty_ids == 0 || (penalties->ids != nullptr && penalties->counts != nullptr),
+             "forward_sample: no penalty ids or counts");
   }
   run_step(batch);
   if (n_logits > 0) {
@@ -290,12 +294,14 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     }
     if (n_penalty_ids > 0) {
       Tensor off = penalty_offsets_.rows(0, n_logits + 1);
-      Tensor val = penalty_values_.rows(0, n_logits);
+      Tensor par = penalty_params_.rows(0, n_logits);
       Tensor pid = penalty_ids_.rows(0, n_penalty_ids);
+      Tensor cnt = penalty_counts_.rows(0, n_penalty_ids);
       ops_.copy_from_host(off.data, penalties->offsets, off.bytes());
-      ops_.copy_from_host(val.data, penalties->values, val.bytes());
+      ops_.copy_from_host(par.data, penalties->params, par.bytes());
       ops_.copy_from_host(pid.data, penalties->ids, pid.bytes());
-      ops_.repetition_penalty(lg, off, pid, val);
+      ops_.copy_from_host(cnt.data, penalties->counts, cnt.bytes());
+      ops_.penalize(lg, off, pid, cnt, par);
     }
     Tensor p = sample_params_.rows(0, n_logits);
     ops_.copy_from_host(p.data, params, p.bytes());

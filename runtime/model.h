@@ -69,13 +69,15 @@ struct ForwardProfile {
   void reset();
 };
 
-// Repetition penalties of a step's logit rows for Model::forward_sample: row i's distinct
-// context tokens are ids[offsets[i]], ..., ids[offsets[i + 1] - 1] and its penalty values[i]
-// (Ops::repetition_penalty; 1 for rows without one).
+// Penalties of a step's logit rows for Model::forward_sample (Ops::penalize): row i's distinct
+// context tokens are ids[offsets[i]], ..., ids[offsets[i + 1] - 1], generated counts[j] times
+// each, and its repetition, presence and frequency penalties params[i * Ops::kPenaltyParams ..]
+// ({1, 0, 0} for rows without any).
 struct SamplePenalties {
   const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
   const int32_t* ids = nullptr;      // [offsets[n_logits]]
-  const float* values = nullptr;     // [n_logits]
+  const int32_t* counts = nullptr;   // [offsets[n_logits]]
+  const float* params = nullptr;     // [n_logits, Ops::kPenaltyParams]
 };
 
 // Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct, at
@@ -111,7 +113,7 @@ class Model {
   // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
   // (one all-gather over the world, then a row permutation) and every rank samples alike; every
   // rank calls it or forward() for the step. Requires forward_sample_supported().
-  // `penalties` (host; null for none) are the rows' repetition penalties, applied on the device
+  // `penalties` (host; null for none) are the rows' penalties, applied on the device
   // before sampling; `logprobs` (null for none) asks some rows' log-probabilities, which come
   // back with the ids (no logits travel).
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
@@ -121,7 +123,7 @@ class Model {
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;
-  // The most repetition-penalty ids one forward_sample takes: each of a step's sequences holds
+  // The most penalty ids one forward_sample takes: each of a step's sequences holds
   // at most one logit row, with at most min(vocabulary, context) distinct tokens.
   int64_t penalty_capacity() const;
   // The most logit rows one forward_sample takes log-probabilities of: one per sequence.
@@ -217,8 +219,9 @@ class Model {
   Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
   Tensor sample_ids_;             // I32 [max_logit_rows]
   Tensor penalty_offsets_;        // I32 [max_logit_rows + 1]  (forward_sample's penalties)
-  Tensor penalty_values_;         // F32 [max_logit_rows]
+  Tensor penalty_params_;         // F32 [max_logit_rows, Ops::kPenaltyParams]
   Tensor penalty_ids_;            // I32 [penalty_capacity()]
+  Tensor penalty_counts_;         // I32 [penalty_capacity()]
   Tensor logprob_rows_;  // I32 [logprob_capacity()]              (forward_sample's logprobs)
   Tensor logprob_raw_;   // F32 [logprob_capacity(), vocab]       their rows, unpenalised
   Tensor logprob_out_;   // F32 [logprob_capacity() * (1 + kMaxTopLogprobs)]

@@ -20,24 +20,30 @@ void SamplingParams::validate() const {
   SY_CHECK(
       std::isfinite(repetition_penalty) && repetition_penalty > 0.f && repetition_penalty <= 100.f,
       "repetition_penalty ", repetition_penalty, " outside (0, 100]");
+  SY_CHECK(std::isfinite(presence_penalty) && std::fabs(presence_penalty) <= 2.f,
+           "presence_penalty ", presence_penalty, " outside [-2, 2]");
+  SY_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2.f,
+           "frequency_penalty ", frequency_penalty, " outside [-2, 2]");
 }
 
-Sampler::Sampler(const SamplingParams& params, int64_t vocab_size)
+Sampler::Sampler(const SamplingParams& params, int64_t vocab_size, size_t n_prompt)
     : params_(params),
       vocab_size_(vocab_size),
       rng_(params.seed),
       scores_(static_cast<size_t>(vocab_size)),
-      order_(static_cast<size_t>(vocab_size)) {
+      order_(static_cast<size_t>(vocab_size)),
+      n_prompt_(n_prompt) {
   params_.validate();
 }
 
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context) {
   const size_t V = static_cast<size_t>(vocab_size_);
   std::copy(logits, logits + V, scores_.begin());
-  if (penalised()) {  // as Hugging Face: each distinct context token once
-    const std::vector<int32_t>& ids = penalty_ids(context);
-    cpu::repetition_penalty_row(scores_.data(), vocab_size_, ids.data(),
-                                static_cast<int64_t>(ids.size()), params_.repetition_penalty);
+  if (penalised()) {  // each distinct context token once
+    const PenaltyContext& pc = penalty_context(context);
+    cpu::penalize_row(scores_.data(), vocab_size_, pc.ids.data(), pc.counts.data(),
+                      static_cast<int64_t>(pc.ids.size()), params_.repetition_penalty,
+                      params_.presence_penalty, params_.frequency_penalty);
   }
   const double u = params_.temperature == 0.f ? 0.0 : draw();
   return cpu::sample_row(scores_.data(), vocab_size_, params_.temperature, params_.top_k,
@@ -53,17 +59,28 @@ double Sampler::draw() {
   return static_cast<double>(hi) + static_cast<double>(lo);
 }
 
-const std::vector<int32_t>& Sampler::penalty_ids(const std::vector<int32_t>& context) {
-  SY_CHECK(context.size() >= noted_, "penalty_ids: a context of ", context.size(),
+const PenaltyContext& Sampler::penalty_context(const std::vector<int32_t>& context) {
+  SY_CHECK(context.size() >= noted_, "penalty_context: a context of ", context.size(),
            " tokens after one of ", noted_);
-  if (in_context_.empty()) in_context_.assign(static_cast<size_t>(vocab_size_), 0);
+  if (slot_.empty()) slot_.assign(static_cast<size_t>(vocab_size_), -1);
   for (; noted_ < context.size(); ++noted_) {
     const int32_t id = context[noted_];
-    if (id < 0 || id >= vocab_size_ || in_context_[static_cast<size_t>(id)]) continue;
-    in_context_[static_cast<size_t>(id)] = 1;
-    context_ids_.push_back(id);
+    if (id < 0 || id >= vocab_size_) continue;
+    int32_t& slot = slot_[static_cast<size_t>(id)];
+    if (slot < 0) {
+      slot = static_cast<int32_t>(penalty_.ids.size());
+      penalty_.ids.push_back(id);
+      penalty_.counts.push_back(0);
+    }
+    if (noted_ >= n_prompt_) ++penalty_.counts[static_cast<size_t>(slot)];
   }
-  return context_ids_;
+  return penalty_;
+}
+
+void Sampler::penalty_params(float* out) const {
+  out[0] = params_.repetition_penalty;
+  out[1] = params_.presence_penalty;
+  out[2] = params_.frequency_penalty;
 }
 
 void Sampler::device_params(float* out) {

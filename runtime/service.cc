@@ -79,12 +79,15 @@ RequestParams request_params(const v1::GenerateRequest& r, const Tokenizer& toke
   p.sampling.top_p = r.top_p() == 0.f ? 1.f : r.top_p();
   p.sampling.min_p = r.min_p();
   p.sampling.repetition_penalty = r.repetition_penalty() == 0.f ? 1.f : r.repetition_penalty();
+  p.sampling.presence_penalty = r.presence_penalty();
+  p.sampling.frequency_penalty = r.frequency_penalty();
   p.sampling.seed = r.has_seed() ? r.seed() : default_seed;
   p.stop.assign(r.stop().begin(), r.stop().end());
   check_ids(r.stop_token_ids(), vocab_size, "stop_token_ids");
   p.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   p.ignore_eos = r.ignore_eos();
   p.logprobs = r.logprobs();
+  p.priority = r.priority();
   p.deadline = deadline;
   return p;
 }

@@ -25,11 +25,13 @@ void swiglu(Tensor out, Tensor gate, Tensor up);
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order);
 
-// Hugging Face's repetition penalty on one row of scores [vocab]: each of the n distinct `ids`
-// (those outside [0, vocab) skipped) divided by `penalty` when positive, multiplied otherwise.
-// The reference of Ops::repetition_penalty and what runtime/sampler.cc's Sampler applies.
-void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, int64_t n,
-                            float penalty);
+// The penalties of one row of scores [vocab] (Ops::penalize): each of the n distinct `ids` (those
+// outside [0, vocab) skipped) first takes Hugging Face's repetition penalty (divided by
+// `repetition` when positive, multiplied otherwise), then loses
+// fma(frequency, counts[j], counts[j] > 0 ? presence : 0), counts[j] being how many times the
+// id was generated. The reference of Ops::penalize and what runtime/sampler.cc's Sampler applies.
+void penalize_row(float* scores, int64_t vocab, const int32_t* ids, const int32_t* counts,
+                  int64_t n, float repetition, float presence, float frequency);
 
 // Log-probabilities of one row of logits [vocab] (log-softmax, fp64 sums): out_logprobs[0] for
 // `chosen`, then out_logprobs[1 + i] for the i-th most likely token (ties: the lower id), whose

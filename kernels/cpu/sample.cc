@@ -9,13 +9,15 @@
 
 namespace sy::cpu {
 
-void repetition_penalty_row(float* scores, int64_t vocab, const int32_t* ids, int64_t n,
-                            float penalty) {
+void penalize_row(float* scores, int64_t vocab, const int32_t* ids, const int32_t* counts,
+                  int64_t n, float repetition, float presence, float frequency) {
   for (int64_t j = 0; j < n; ++j) {
     const int32_t id = ids[j];
     if (id < 0 || id >= vocab) continue;
     float& s = scores[id];
-    s = s > 0 ? s / penalty : s * penalty;
+    s = s > 0 ? s / repetition : s * repetition;
+    const int32_t c = counts[j];
+    s -= std::fma(frequency, static_cast<float>(c), c > 0 ? presence : 0.f);
   }
 }
 

@@ -285,8 +285,8 @@ class CudaOps final : public Ops {
   void sample(Tensor out_ids, Tensor logits, Tensor params) override {
     cuda::sample(out_ids, logits, params, stream_);
   }
-  void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties) override {
-    cuda::repetition_penalty(logits, offsets, ids, penalties, stream_);
+  void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params) override {
+    cuda::penalize(logits, offsets, ids, counts, params, stream_);
   }
   void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows,
                 Tensor chosen) override {

@@ -57,8 +57,8 @@ void scatter_add_weighted(Tensor out, Tensor x, Tensor rows, Tensor weights, int
 int64_t scatter_scratch_size(int64_t n_tokens, int64_t n_rows);
 void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream);
-void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties,
-                        cudaStream_t stream);
+void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params,
+              cudaStream_t stream);
 void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, Tensor chosen,
               cudaStream_t stream);
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,

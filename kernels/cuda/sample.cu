@@ -185,23 +185,28 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
 }
 
-// Ops::repetition_penalty: one block per row, a thread per id (distinct within the row, so no
-// two threads touch one logit). Offsets past the ids are clamped, never followed.
-__global__ void repetition_penalty_kernel(float* __restrict__ logits, int64_t vocab,
-                                          const int32_t* __restrict__ offsets,
-                                          const int32_t* __restrict__ ids, int32_t n_ids,
-                                          const float* __restrict__ penalties) {
+// Ops::penalize: one block per row, a thread per id (distinct within the row, so no two threads
+// touch one logit). Offsets past the ids are clamped, never followed. The operations are the CPU
+// twin's, each rounded once: an IEEE division or product, one fma, one subtraction.
+__global__ void penalize_kernel(float* __restrict__ logits, int64_t vocab,
+                                const int32_t* __restrict__ offsets,
+                                const int32_t* __restrict__ ids, const int32_t* __restrict__ counts,
+                                int32_t n_ids, const float* __restrict__ params) {
   const int64_t row = blockIdx.x;
   const int32_t begin = min(max(offsets[row], 0), n_ids);
   const int32_t end = min(max(offsets[row + 1], begin), n_ids);
-  const float penalty = penalties[row];
+  const float repetition = params[row * 3];
+  const float presence = params[row * 3 + 1];
+  const float frequency = params[row * 3 + 2];
   float* lg = logits + row * vocab;
   for (int32_t j = begin + static_cast<int32_t>(threadIdx.x); j < end;
        j += static_cast<int32_t>(blockDim.x)) {
     const int32_t id = ids[j];
     if (id < 0 || id >= vocab) continue;
-    const float s = lg[id];
-    lg[id] = s > 0.f ? s / penalty : s * penalty;  // IEEE division, as the CPU twin
+    float s = lg[id];
+    s = s > 0.f ? __fdiv_rn(s, repetition) : __fmul_rn(s, repetition);
+    const int32_t c = counts[j];
+    lg[id] = __fsub_rn(s, fmaf(frequency, static_cast<float>(c), c > 0 ? presence : 0.f));
   }
 }
 
@@ -265,16 +270,17 @@ void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, T
   check_launch("logprobs");
 }
 
-void repetition_penalty(Tensor logits, Tensor offsets, Tensor ids, Tensor penalties,
-                        cudaStream_t stream) {
-  check_repetition_penalty(logits, offsets, ids, penalties);
-  check_on_device("repetition_penalty", {&logits, &offsets, &ids, &penalties});
+void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params,
+              cudaStream_t stream) {
+  check_penalize(logits, offsets, ids, counts, params);
+  check_on_device("penalize", {&logits, &offsets, &ids, &counts, &params});
   const int64_t n = logits.size(0);
   if (n == 0 || ids.size(0) == 0) return;
-  repetition_penalty_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
-      logits.f32(), logits.size(1), offsets.i32(), ids.i32(), static_cast<int32_t>(ids.size(0)),
-      penalties.f32());
-  check_launch("repetition_penalty");
+  static_assert(Ops::kPenaltyParams == 3);
+  penalize_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+      logits.f32(), logits.size(1), offsets.i32(), ids.i32(), counts.i32(),
+      static_cast<int32_t>(ids.size(0)), params.f32());
+  check_launch("penalize");
 }
 
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream) {

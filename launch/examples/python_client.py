@@ -32,6 +32,8 @@ def parse_args():
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 = off")
     g.add_argument("--seed", type=int, help="sampling seed (default: the server picks one)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -51,6 +53,8 @@ def generate(stub, pb, args):
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )

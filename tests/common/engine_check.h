@@ -63,9 +63,18 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.seed = static_cast<uint64_t>(100 + i);
     }
     if (i == 5) p.logprobs = 3;  // sampled, and its logit rows come back for the logprobs
-    // A repetition penalty, sampled and greedy: on GPUs Ops::repetition_penalty on the device.
+    // Penalties, sampled and greedy: on GPUs Ops::penalize on the device. Request 7 a
+    // repetition penalty (sampled), 8 all three (greedy), 9 presence and frequency alone (sampled).
     if (i == 7) p.sampling.repetition_penalty = 1.3f;
-    if (i == 8) p.sampling.repetition_penalty = 1.2f;
+    if (i == 8) {
+      p.sampling.repetition_penalty = 1.2f;
+      p.sampling.presence_penalty = 0.6f;
+      p.sampling.frequency_penalty = 0.3f;
+    }
+    if (i == 9) {
+      p.sampling.presence_penalty = -0.4f;
+      p.sampling.frequency_penalty = 1.1f;
+    }
     reqs.push_back(p);
     sinks.push_back(std::make_shared<Collector>());
     engine.submit(p, sinks.back());

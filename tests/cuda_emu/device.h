@@ -65,6 +65,18 @@ inline unsigned int __float_as_uint(float f) {
   return u;
 }
 
+// Single-precision arithmetic rounded once, never contracted (the host compiler is not asked to
+// contract, so plain operators do).
+inline float __fdiv_rn(float a, float b) {
+  return a / b;
+}
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}
+inline float __fsub_rn(float a, float b) {
+  return a - b;
+}
+
 inline float rsqrtf(float x) {
   return 1.f / std::sqrt(x);
 }

@@ -6,13 +6,15 @@ checks, and always kills every process of the job at the end. Python stubs are g
 the work directory with launch/examples/gen_python_stubs.sh.
 
   basic      health SERVING, model info, tokenize round trip, 64 concurrent greedy streams equal
-             to the same requests served alone, the Python example client, the C++ client, a
+             to the same requests served alone, the Python example client, the C++ client,
+             presence and frequency penalties through the API and the client, a
              second server on the same port fails cleanly
   faults     cancel, a deadline and a killed client mid-stream: CANCELLED / DEADLINE_EXCEEDED,
              the KV blocks free long before the request's end and a later request succeeds; validation errors
              are INVALID_ARGUMENT naming the field; stop strings
   queue      --max-running 1 --max-queue-requests Q: of Q + X requests sent at once, exactly X
-             are refused with RESOURCE_EXHAUSTED at once and the others complete
+             are refused with RESOURCE_EXHAUSTED at once and the others complete; a request of
+             priority 0 preempts a running one of priority 1 and finishes first
   drain      SIGTERM to rank 0 with requests in flight: health NOT_SERVING and new requests
              UNAVAILABLE while draining, the requests finish in full, every rank exits 0
   grace      SIGTERM with a request longer than --grace-period-s: it ends UNAVAILABLE when the
@@ -376,6 +378,30 @@ def scenario_basic(args):
               "ids: " + " ".join(map(str, ref.ids)) in p.stdout and
               "finish: length, prompt tokens: 3, completion tokens: 8" in p.stdout,
               f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        # Presence and frequency penalties: the client's flags reach the request fields, and
+        # they change the greedy tokens of a tiny model that repeats itself.
+        plain = generate(s.stub, ids_request([1, 17, 42], 24, ignore_eos=True), timeout=30)
+        penalised = generate(s.stub, ids_request([1, 17, 42], 24, ignore_eos=True,
+                                                 presence_penalty=2, frequency_penalty=1.5),
+                             timeout=30)
+        check("penalties change the tokens", plain.code == grpc.StatusCode.OK and
+              penalised.code == grpc.StatusCode.OK and len(penalised.ids) == 24 and
+              penalised.ids != plain.ids, f"{plain.ids} {penalised.ids}")
+        p = subprocess.run([args.bin, "client", "--target", s.target, "generate", "--prompt-ids",
+                            "1,17,42", "--max-tokens", "24", "--ignore-eos", "--print-ids",
+                            "--presence-penalty", "2", "--frequency-penalty", "1.5"],
+                           capture_output=True, text=True, timeout=60)
+        check("switchyard client penalties", p.returncode == 0 and
+              "ids: " + " ".join(map(str, penalised.ids)) in p.stdout,
+              f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "launch/examples/python_client.py"),
+                            "--stubs", args.stubs, "--target", s.target, "generate",
+                            "--prompt-ids", "1,17,42", "--max-tokens", "24", "--ignore-eos",
+                            "--print-ids", "--presence-penalty", "2", "--frequency-penalty", "1.5"],
+                           capture_output=True, text=True, timeout=60)
+        check("python example client penalties", p.returncode == 0 and
+              "ids: " + " ".join(map(str, penalised.ids)) in p.stdout,
+              f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
         p = subprocess.run([args.bin, "client", "--target", s.target, "generate", "--prompt-ids",
                             "1", "--temperature", "-1"], capture_output=True, text=True, timeout=60)
         check("switchyard client error", p.returncode == 1 and
@@ -474,6 +500,10 @@ def scenario_faults(args):
              "max_tokens"),
             ("temperature -1", ids_request([1], 4, temperature=-1), "temperature"),
             ("top_p 2", ids_request([1], 4, top_p=2), "top_p"),
+            ("presence_penalty 2.5", ids_request([1], 4, presence_penalty=2.5),
+             "presence_penalty"),
+            ("frequency_penalty -3", ids_request([1], 4, frequency_penalty=-3),
+             "frequency_penalty"),
             ("unknown token id", ids_request([1, VOCAB], 4), "token_ids"),
             ("huge token id", ids_request([1, 4000000000], 4), "token_ids"),
             ("17 stop strings", ids_request([1], 4, stop=[f"s{i}" for i in range(17)]), "stop"),
@@ -556,6 +586,30 @@ def scenario_queue(args):
         tb.join()
         check("blocker completes", blocker_result and blocker_result[0].code ==
               grpc.StatusCode.OK and len(blocker_result[0].ids) == LONG)
+        # Priority: with the one running slot taken by a long request of priority 1, one of
+        # priority 0 preempts it and finishes first; the long one is recomputed and still gives
+        # the tokens it gave alone.
+        first.clear()
+        low_result = []
+
+        def low():
+            low_result.append(generate(s.stub, ids_request([1, 2], LONG, ignore_eos=True,
+                                                           priority=1),
+                                       timeout=120, on_message=lambda c, r: first.set()))
+
+        tl = threading.Thread(target=low)
+        tl.start()
+        check("priority: the long request started", first.wait(30))
+        urgent = generate(s.stub, ids_request([1, 3], 12, ignore_eos=True), timeout=60)
+        still_running = tl.is_alive()
+        tl.join()
+        check("priority: the urgent request finishes first", urgent.code == grpc.StatusCode.OK
+              and len(urgent.ids) == 12 and urgent.usage.preemptions == 0 and still_running,
+              f"{urgent.code} {urgent.details} alive {still_running}")
+        check("priority: the preempted one ends with its tokens alone", low_result and
+              low_result[0].code == grpc.StatusCode.OK and
+              low_result[0].ids == blocker_result[0].ids and low_result[0].usage.preemptions == 1,
+              str(low_result[0].usage) if low_result else "no result")
         # --no-prefix-cache: the same prompt twice computes everything twice.
         prompt = [1] + list(range(3, 42))
         twice = [generate(s.stub, ids_request(prompt, 4, ignore_eos=True), timeout=30)

@@ -296,40 +296,49 @@ TEST(CpuOps, EmbeddingWithVocabularyRange) {
   expect_close("embedding", out, want, 0, 0);
 }
 
-// Ops::repetition_penalty (the default, host implementation the CPU backend takes): positive
-// logits divided, negative ones multiplied, zero kept; rows with no ids or a penalty of 1 keep
-// their logits; ids outside the vocabulary skipped; malformed offsets refused by name.
-TEST(CpuOps, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
+// Ops::penalize (the default, host implementation the CPU backend takes): the repetition penalty
+// divides positive logits, multiplies negative ones and keeps zero; then presence and frequency
+// come off by the generated counts (a count of 0, a prompt-only token, takes neither); rows with
+// no ids or params {1, 0, 0} keep their logits; ids outside the vocabulary are skipped; malformed
+// offsets and operands are refused by name.
+TEST(CpuOps, PenalizeAppliesRepetitionThenPresenceAndFrequency) {
   auto ops = make_cpu_ops();
-  const int64_t n = 4, vocab = 7;
+  const int64_t n = 4, vocab = 7, P = Ops::kPenaltyParams;
   std::vector<float> logits = random_vector(n * vocab, 5, 3.f);
   logits[0 * vocab + 6] = 0.f;
   logits[0 * vocab + 0] = 2.5f;
   logits[0 * vocab + 2] = -1.5f;
   std::vector<int32_t> offsets = {0, 3, 3, 6, 8};
   std::vector<int32_t> ids = {0, 2, 6, 1, -1, 9, 4, 5};
-  std::vector<float> penalties = {2.f, 3.f, 0.5f, 1.f};
+  std::vector<int32_t> counts = {0, 2, 1, 3, 1, 1, 0, 0};
+  std::vector<float> params = {2.f,  0.5f,  0.25f,  // row 0
+                               3.f,  1.f,   1.f,    // row 1: no ids
+                               0.5f, -0.5f, 0.125f, 1.f, 0.f, 0.f};
   const std::vector<float> before = logits;
-  ops->repetition_penalty(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {8}),
-                          view(penalties, {n}));
+  ops->penalize(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {8}), view(counts, {8}),
+                view(params, {n, P}));
   std::vector<float> want = before;
-  want[0 * vocab + 0] = 2.5f / 2.f;
-  want[0 * vocab + 2] = -1.5f * 2.f;
+  want[0 * vocab + 0] = 2.5f / 2.f;                   // prompt only: no presence
+  want[0 * vocab + 2] = -1.5f * 2.f - (0.5f + 0.5f);  // generated twice
+  want[0 * vocab + 6] = 0.f * 2.f - (0.5f + 0.25f);   // generated once
   for (int64_t r = 1; r < n; ++r) {
     const int64_t first = offsets[r], last = offsets[r + 1];
     for (int64_t j = first; j < last; ++j) {
       if (ids[j] < 0 || ids[j] >= vocab) continue;
       float& v = want[r * vocab + ids[j]];
-      v = v > 0 ? v / penalties[r] : v * penalties[r];
+      v = v > 0 ? v / params[r * P] : v * params[r * P];
+      if (counts[j] > 0) v -= params[r * P + 1] + params[r * P + 2] * static_cast<float>(counts[j]);
     }
   }
   EXPECT_EQ(logits, want);
-  EXPECT_NE(logits[2 * vocab + 1], before[2 * vocab + 1]);  // the penalty of 0.5 took effect
+  EXPECT_NE(logits[2 * vocab + 1], before[2 * vocab + 1]);  // row 2's penalties took effect
+  EXPECT_EQ(std::vector<float>(logits.begin() + 3 * vocab, logits.end()),
+            std::vector<float>(before.begin() + 3 * vocab, before.end()));  // {1, 0, 0}
 
   auto message = [&](std::vector<int32_t> off, int64_t n_ids) -> std::string {
     try {
-      ops->repetition_penalty(view(logits, {n, vocab}), view(off, {n + 1}), view(ids, {n_ids}),
-                              view(penalties, {n}));
+      ops->penalize(view(logits, {n, vocab}), view(off, {n + 1}), view(ids, {n_ids}),
+                    view(counts, {n_ids}), view(params, {n, P}));
     } catch (const Error& e) {
       return e.what();
     }
@@ -340,12 +349,19 @@ TEST(CpuOps, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
   EXPECT_NE(message({1, 3, 3, 6, 8}, 8).find("offsets run from 1"), std::string::npos);
   std::vector<float> bad_offsets(5);
   try {
-    ops->repetition_penalty(view(logits, {n, vocab}), view(bad_offsets, {n + 1}), view(ids, {8}),
-                            view(penalties, {n}));
+    ops->penalize(view(logits, {n, vocab}), view(bad_offsets, {n + 1}), view(ids, {8}),
+                  view(counts, {8}), view(params, {n, P}));
     FAIL() << "F32 offsets taken";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("repetition_penalty.offsets: expected I32[5]"),
-              std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("penalize.offsets: expected I32[5]"), std::string::npos)
+        << e.what();
+  }
+  try {
+    ops->penalize(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {8}),
+                  view(counts, {7}), view(params, {n, P}));
+    FAIL() << "7 counts of 8 ids taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("penalize.counts: expected I32[8]"), std::string::npos)
         << e.what();
   }
   EXPECT_EQ(logits, want);  // refused calls change nothing

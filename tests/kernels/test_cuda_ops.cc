@@ -1428,17 +1428,21 @@ TEST_F(CudaOps, SampleMatchesCpuTwin) {
   }
 }
 
-// Ops::repetition_penalty: exact against the CPU twin (the same IEEE operations on the same
-// floats), over the awkward row counts and rows of no ids, of ids outside the vocabulary, of a
-// penalty of 1, and of the whole vocabulary (more ids than a block has threads).
-TEST_F(CudaOps, RepetitionPenaltyMatchesCpu) {
+// Ops::penalize: exact against the CPU twin (the same IEEE operations on the same floats, none
+// contracted), over the awkward row counts and rows of no ids, of ids outside the vocabulary, of
+// params {1, 0, 0}, of negative presence and frequency, and of the whole vocabulary (more ids
+// than a block has threads).
+TEST_F(CudaOps, PenalizeMatchesCpu) {
   for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32000}}) {
     for (int64_t n : kTokenCounts) {
       if (vocab == 32000 && n > 3) continue;  // the emulator's time
       std::vector<float> logits = random_vector(n * vocab, 77 + n + vocab, 4.f);
-      std::vector<int32_t> offsets = {0}, ids;
-      std::vector<float> penalties;
+      std::vector<int32_t> offsets = {0}, ids, counts;
+      std::vector<float> params;
       std::mt19937_64 rng(static_cast<uint64_t>(n * vocab));
+      auto uniform = [&rng](float lo, float hi) {
+        return lo + (hi - lo) * static_cast<float>(rng() % 4096) / 4095.f;
+      };
       std::vector<int32_t> order(static_cast<size_t>(vocab));
       for (int64_t r = 0; r < n; ++r) {
         std::iota(order.begin(), order.end(), 0);
@@ -1449,15 +1453,25 @@ TEST_F(CudaOps, RepetitionPenaltyMatchesCpu) {
         if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));  // skipped
         if (r % 7 == 4) ids.push_back(-1);                               // skipped
         offsets.push_back(static_cast<int32_t>(ids.size()));
-        penalties.push_back(r % 4 == 2 ? 1.f : 0.5f + static_cast<float>(rng() % 100) / 25.f);
+        // Counts: about half the ids prompt-only (0), the others generated up to 40 times.
+        while (counts.size() < ids.size())
+          counts.push_back(rng() % 2 == 0 ? 0 : static_cast<int32_t>(1 + rng() % 40));
+        if (r % 4 == 2) {
+          params.insert(params.end(), {1.f, 0.f, 0.f});
+        } else {
+          params.push_back(0.5f + static_cast<float>(rng() % 100) / 25.f);
+          params.push_back(uniform(-2.f, 2.f));
+          params.push_back(uniform(-2.f, 2.f));
+        }
       }
       const int64_t m = static_cast<int64_t>(ids.size());
+      const int64_t P = Ops::kPenaltyParams;
       std::vector<float> want = logits;
-      cpu_->repetition_penalty(host(want, {n, vocab}), host(offsets, {n + 1}), host(ids, {m}),
-                               host(penalties, {n}));
+      cpu_->penalize(host(want, {n, vocab}), host(offsets, {n + 1}), host(ids, {m}),
+                     host(counts, {m}), host(params, {n, P}));
       const DeviceTensor glogits = upload(*gpu_, logits, DType::kF32, {n, vocab});
-      gpu_->repetition_penalty(glogits, upload(*gpu_, offsets, {n + 1}), upload(*gpu_, ids, {m}),
-                               upload(*gpu_, penalties, DType::kF32, {n}));
+      gpu_->penalize(glogits, upload(*gpu_, offsets, {n + 1}), upload(*gpu_, ids, {m}),
+                     upload(*gpu_, counts, {m}), upload(*gpu_, params, DType::kF32, {n, P}));
       EXPECT_EQ(download(*gpu_, glogits), want) << n << " rows of " << vocab;
       EXPECT_NE(want, logits);
     }

@@ -264,10 +264,11 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
           << what << " top " << top;
     }
 
-    // Repetition penalties on the odd rows below 16 (the distinct tokens of each one's last 8
-    // prompt tokens: within the 64 ids of one sequence's context here): the tokens of sampling
-    // the penalised host logits, and row 1's logprobs still the model's own.
-    std::vector<int32_t> offsets = {0}, ids;
+    // Penalties on the odd rows below 16 (repetition, presence and frequency over the distinct
+    // tokens of each one's last 8 prompt tokens, every third one counted as generated: within the
+    // 64 ids of one sequence's context here): the tokens of sampling the penalised host logits,
+    // and row 1's logprobs still the model's own.
+    std::vector<int32_t> offsets = {0}, ids, counts;
     std::vector<float> values;
     std::vector<float> penalised = logits;
     for (int64_t t = 0; t < n; ++t) {
@@ -280,16 +281,22 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
             ids.push_back(id);
         }
       offsets.push_back(static_cast<int32_t>(ids.size()));
-      values.push_back(t % 2 == 1 ? 1.3f + 0.4f * static_cast<float>(t % 3) : 1.f);
-      cpu::repetition_penalty_row(penalised.data() + t * V, V, ids.data() + first,
-                                  static_cast<int64_t>(ids.size() - first), values.back());
+      // Every third id generated (t % 4 + 1 times), the others prompt-only.
+      for (size_t j = first; j < ids.size(); ++j)
+        counts.push_back(j % 3 == 0 ? static_cast<int32_t>(t % 4 + 1) : 0);
+      const bool on = t % 2 == 1;
+      values.insert(values.end(), {on ? 1.3f + 0.4f * static_cast<float>(t % 3) : 1.f,
+                                   on ? 0.4f : 0.f, on ? -0.15f * static_cast<float>(t % 3) : 0.f});
+      const float* v = values.data() + t * Ops::kPenaltyParams;
+      cpu::penalize_row(penalised.data() + t * V, V, ids.data() + first, counts.data() + first,
+                        static_cast<int64_t>(ids.size() - first), v[0], v[1], v[2]);
     }
     std::vector<int32_t> want_penalised(static_cast<size_t>(n));
     ops->sample(Tensor(want_penalised.data(), DType::kI32, {n}),
                 Tensor(penalised.data(), DType::kF32, {n, V}),
                 Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
     EXPECT_NE(want_penalised, want) << what << ": the penalties change no token";
-    const SamplePenalties penalties{offsets.data(), ids.data(), values.data()};
+    const SamplePenalties penalties{offsets.data(), ids.data(), counts.data(), values.data()};
     model->forward_sample(batch, params.data(), got.data(), &penalties, &lp);
     EXPECT_EQ(got, want_penalised) << what << " penalised";
     cpu::logprobs_row(logits.data() + V, V, want_penalised[1], 5, want_lp.data(), want_ids.data(),
@@ -299,12 +306,16 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     // Malformed penalties are refused before the step runs.
     std::vector<int32_t> bad = offsets;
     bad[2] = bad[1] - 1;
-    const SamplePenalties decreasing{bad.data(), ids.data(), values.data()};
+    const SamplePenalties decreasing{bad.data(), ids.data(), counts.data(), values.data()};
     EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &decreasing), Error);
     std::vector<float> zero = values;
-    zero[1] = 0.f;
-    const SamplePenalties no_penalty{offsets.data(), ids.data(), zero.data()};
+    zero[1 * Ops::kPenaltyParams] = 0.f;
+    const SamplePenalties no_penalty{offsets.data(), ids.data(), counts.data(), zero.data()};
     EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &no_penalty), Error);
+    std::vector<float> inf = values;
+    inf[1 * Ops::kPenaltyParams + 2] = INFINITY;
+    const SamplePenalties infinite{offsets.data(), ids.data(), counts.data(), inf.data()};
+    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &infinite), Error);
   }
 }
 

@@ -241,7 +241,7 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
       EXPECT_EQ(generate(*cuda.model, p.ids, o).tokens, generate(*cpu.model, p.ids, o).tokens)
           << p.name;
     }
-    // A repetition penalty (applied on the device), greedy and sampled as above; it must change
+    // Penalties (applied on the device), greedy and sampled as above; they must change
     // some prompt's tokens, or it went unapplied on both sides. Sampled tokens match only while
     // no draw lands within the backends' logit differences of a boundary of the kept tokens'
     // distribution: sampling the whole vocabulary, one did (short_text's second token with
@@ -259,13 +259,15 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
         o.sampling.seed = 7;
         const std::vector<int32_t> plain = generate(*cpu.model, p.ids, o).tokens;
         o.sampling.repetition_penalty = 1.5f;
+        o.sampling.presence_penalty = 0.5f;
+        o.sampling.frequency_penalty = 0.25f;
         const std::vector<int32_t> want = generate(*cpu.model, p.ids, o).tokens;
         EXPECT_EQ(generate(*cuda.model, p.ids, o).tokens, want)
             << p.name << " penalised, temperature " << temperature;
         changed = changed || want != plain;
       }
     }
-    EXPECT_TRUE(changed) << "the penalty changed no tokens";
+    EXPECT_TRUE(changed) << "the penalties changed no tokens";
   }
 
   test::expect_engine_matches_each_request_alone(*gpu.ops);

@@ -106,6 +106,20 @@ void expect_each_alone(const std::vector<std::shared_ptr<Collector>>& sinks,
   }
 }
 
+// A Collector that runs `at_token` once (on the engine's thread) when its `trigger`-th token
+// has arrived, and appends `index` to `*finished` when the request ends.
+struct Watched : Collector {
+  size_t trigger = 0;
+  std::function<void()> at_token;
+  std::vector<int>* finished = nullptr;
+  int index = -1;
+  void on_event(RequestEvent e) override {
+    if (e.finish != FinishReason::kNone && finished != nullptr) finished->push_back(index);
+    Collector::on_event(std::move(e));
+    if (at_token && tokens.size() >= trigger) std::exchange(at_token, nullptr)();
+  }
+};
+
 // Returns the engine's counters at the end.
 EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests,
                                        bool prefix_caching = true) {
@@ -222,17 +236,11 @@ TEST(Engine, RequestsShareTheBlocksOfARequestStillRunning) {
   const std::vector<int32_t> prompt = prompt_of(30, 5);
   // The long request's sink submits the others from the engine's thread when its third token
   // arrives: 32 tokens have keys and values then (8 whole blocks), and 37 tokens are to come.
-  struct Submitter : Collector {
-    std::function<void()> at_third_token;
-    void on_event(RequestEvent e) override {
-      Collector::on_event(std::move(e));
-      if (at_third_token && tokens.size() >= 3) std::exchange(at_third_token, nullptr)();
-    }
-  };
-  auto longest = std::make_shared<Submitter>();
+  auto longest = std::make_shared<Watched>();
   std::vector<int32_t> follow;  // the prompt, the first two tokens of the answer, and more
   auto follower = std::make_shared<Collector>(), same = std::make_shared<Collector>();
-  longest->at_third_token = [&] {
+  longest->trigger = 3;
+  longest->at_token = [&] {
     follow = prompt;
     follow.insert(follow.end(), longest->tokens.begin(), longest->tokens.begin() + 2);
     follow.insert(follow.end(), {7, 8, 9});
@@ -358,6 +366,130 @@ TEST(Engine, WithAWindowARequestLongerThanTheCacheRuns) {
   EXPECT_EQ(small.engine->context_limit(), 48);
   Served no_window(16, options, false, kNoWindow);
   EXPECT_EQ(no_window.engine->context_limit(), 64);
+}
+
+// Waiting requests are served by priority (lower first), then by arrival: with one running slot,
+// requests queued together finish in that order, each with the tokens it gets alone.
+TEST(Engine, WaitingRequestsAreServedByPriorityThenArrival) {
+  EngineOptions options;
+  options.max_running = 1;
+  Served s(64, options, false);
+  const std::vector<int32_t> priorities = {5, 0, 3, 0, -2};
+  std::vector<int> finished;
+  std::vector<std::shared_ptr<Watched>> sinks;
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < priorities.size(); ++i) {
+    prompts.push_back(prompt_of(6 + static_cast<int>(i), static_cast<int>(i)));
+    RequestParams p = request(prompts.back(), 5);
+    p.priority = priorities[i];
+    sinks.push_back(std::make_shared<Watched>());
+    sinks.back()->finished = &finished;
+    sinks.back()->index = static_cast<int>(i);
+    s.engine->submit(p, sinks.back());
+  }
+  s.start();
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    sinks[i]->wait();
+    EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 5)) << "request " << i;
+  }
+  EXPECT_EQ(finished, (std::vector<int>{4, 1, 3, 2, 0}));
+}
+
+// A request of a lower priority value that arrives while the running slot is taken takes it:
+// the running request is preempted, finishes after it and still gets the tokens it gets alone.
+// Of equal priority the newcomer waits.
+TEST(Engine, AHigherPriorityRequestTakesTheRunningSlot) {
+  for (int32_t newcomer : {0, 1}) {
+    SCOPED_TRACE("newcomer priority " + std::to_string(newcomer));
+    EngineOptions options;
+    options.max_running = 1;
+    Served s(64, options);
+    std::vector<int> finished;
+    const std::vector<int32_t> long_prompt = prompt_of(10, 1), short_prompt = prompt_of(8, 2);
+    auto running = std::make_shared<Watched>(), urgent = std::make_shared<Watched>();
+    running->finished = urgent->finished = &finished;
+    running->index = 0;
+    urgent->index = 1;
+    running->trigger = 3;
+    running->at_token = [&] {
+      RequestParams p = request(short_prompt, 6);
+      p.priority = newcomer;
+      s.engine->submit(p, urgent);
+    };
+    RequestParams p = request(long_prompt, 40);
+    p.priority = 1;
+    s.engine->submit(p, running);
+    running->wait();
+    urgent->wait();
+    EXPECT_EQ(running->tokens, alone(long_prompt, 40));
+    EXPECT_EQ(urgent->tokens, alone(short_prompt, 6));
+    EXPECT_EQ(finished, (newcomer == 0 ? std::vector<int>{1, 0} : std::vector<int>{0, 1}));
+    EXPECT_EQ(running->usage.preemptions, newcomer == 0 ? 1 : 0);
+    EXPECT_EQ(urgent->usage.preemptions, 0);
+  }
+}
+
+// When the KV cache runs out, the running sequence of the highest priority value is preempted,
+// not the newest: here a request of 70 tokens of priority 1 and one of 50 that arrives when the
+// first has 33: together they outgrow 20 blocks of 4 tokens (no window). Of equal priority the
+// newer one is preempted; of priority 0 the older one.
+TEST(Engine, WhenBlocksRunOutTheLowestPriorityIsPreempted) {
+  for (int32_t newcomer : {1, 0}) {
+    SCOPED_TRACE("newcomer priority " + std::to_string(newcomer));
+    Served s(20, EngineOptions{}, true, kNoWindow);
+    const std::vector<int32_t> long_prompt = prompt_of(30, 3), short_prompt = prompt_of(20, 4);
+    auto running = std::make_shared<Watched>(), later = std::make_shared<Watched>();
+    running->trigger = 3;
+    running->at_token = [&] {
+      RequestParams p = request(short_prompt, 30);
+      p.priority = newcomer;
+      s.engine->submit(p, later);
+    };
+    RequestParams p = request(long_prompt, 40);
+    p.priority = 1;
+    s.engine->submit(p, running);
+    running->wait();
+    later->wait();
+    EXPECT_EQ(running->tokens, alone(long_prompt, 40, kNoWindow));
+    EXPECT_EQ(later->tokens, alone(short_prompt, 30, kNoWindow));
+    EXPECT_EQ(running->usage.preemptions > 0, newcomer == 0);
+    EXPECT_EQ(later->usage.preemptions > 0, newcomer == 1);
+    EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
+  }
+}
+
+// A request of a lower priority value takes the step tokens it needs from running requests of
+// higher values: arriving while one decodes, a 64-token prompt (the whole step budget) runs in
+// one step, the decoding request idle for it; of equal priority it takes two steps.
+TEST(Engine, AHigherPriorityRequestTakesTheStepTokens) {
+  for (int32_t newcomer : {0, 1}) {
+    SCOPED_TRACE("newcomer priority " + std::to_string(newcomer));
+    EngineOptions options;
+    options.max_batch_tokens = 64;
+    Served s(64, options, true, kNoWindow);
+    const std::vector<int32_t> decoding = prompt_of(6, 5), big = prompt_of(64, 6);
+    auto running = std::make_shared<Watched>(), urgent = std::make_shared<Watched>();
+    int64_t submitted_in = -1, first_token_in = -1;
+    urgent->trigger = 1;
+    urgent->at_token = [&] { first_token_in = s.engine->stats().steps; };
+    running->trigger = 3;
+    running->at_token = [&] {
+      submitted_in = s.engine->stats().steps;
+      RequestParams p = request(big, 4);
+      p.priority = newcomer;
+      s.engine->submit(p, urgent);
+    };
+    RequestParams p = request(decoding, 30);
+    p.priority = 1;
+    s.engine->submit(p, running);
+    running->wait();
+    urgent->wait();
+    EXPECT_EQ(running->tokens, alone(decoding, 30, kNoWindow));
+    EXPECT_EQ(urgent->tokens, alone(big, 4, kNoWindow));
+    // Steps are counted after they run: a sink sees the index of its own step.
+    EXPECT_EQ(first_token_in - submitted_in, newcomer == 0 ? 1 : 2);
+    EXPECT_EQ(running->usage.preemptions + urgent->usage.preemptions, 0);
+  }
 }
 
 TEST(Engine, ValidationNamesTheField) {

@@ -125,6 +125,35 @@ TEST(BlockAllocator, BlocksInUseAreSharedAndCachedOnceNoTableHoldsThem) {
   EXPECT_THROW(a.release((t = {2})), Error);  // not held
 }
 
+// A release that would give back a block not held, or one more times than it is held, is
+// refused whole: nothing of the range goes back.
+TEST(BlockAllocator, AReleaseOfBlocksNotHeldChangesNothing) {
+  for (int64_t block_size : {int64_t{0}, B}) {
+    BlockAllocator a(6, block_size);
+    std::vector<int32_t> t;
+    ASSERT_TRUE(a.allocate(3, t));  // blocks 0, 1, 2
+    const std::vector<int32_t> twice = {t[0], t[1], t[1]};
+    try {
+      a.release(twice, 0, 3);
+      ADD_FAILURE() << "a block released twice";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("released more times than it is held"),
+                std::string::npos)
+          << e.what();
+    }
+    const std::vector<int32_t> unheld = {t[2], 5};
+    EXPECT_THROW(a.release(unheld, 0, 2), Error);
+    const std::vector<int32_t> outside = {t[0], 6};
+    EXPECT_THROW(a.release(outside, 0, 2), Error);
+    EXPECT_EQ(a.n_free(), 3) << "block size " << block_size;
+    // Still held, each once: they go back, and only then are they not held.
+    a.release(t);
+    EXPECT_EQ(a.n_free(), 6);
+    std::vector<int32_t> again = twice;
+    EXPECT_THROW(a.release(again), Error);
+  }
+}
+
 TEST(BlockAllocator, FreeBlocksGoFirstThenTheLeastRecentlyReleasedFromTheirEnd) {
   BlockAllocator a(6, B);
   const std::vector<int32_t> old_tokens = tokens_of({10, 20, 30});

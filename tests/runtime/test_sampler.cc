@@ -1,4 +1,5 @@
-// Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeds.
+// Sampling: greedy, temperature, top-k, top-p, min-p, repetition, presence and frequency
+// penalties, seeds.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,7 +21,7 @@ std::vector<float> logits_of(const std::vector<double>& probs) {
 
 std::map<int32_t, int> histogram(SamplingParams p, const std::vector<float>& logits, int n,
                                  const std::vector<int32_t>& context = {}) {
-  Sampler s(p, static_cast<int64_t>(logits.size()));
+  Sampler s(p, static_cast<int64_t>(logits.size()), context.size());
   std::map<int32_t, int> h;
   for (int i = 0; i < n; ++i) ++h[s.sample(logits.data(), context)];
   return h;
@@ -28,7 +29,7 @@ std::map<int32_t, int> histogram(SamplingParams p, const std::vector<float>& log
 
 TEST(Sampler, GreedyIsArgmax) {
   SamplingParams p;
-  Sampler s(p, 5);
+  Sampler s(p, 5, 0);
   std::vector<float> l = {0.1f, 2.f, -1.f, 1.9f, 0.f};
   EXPECT_EQ(s.sample(l.data(), {}), 1);
 }
@@ -67,7 +68,7 @@ TEST(Sampler, TopKTopPMinPRestrictTheSupport) {
 TEST(Sampler, RepetitionPenaltyAsHuggingFace) {
   SamplingParams p;
   p.repetition_penalty = 2.f;
-  Sampler s(p, 3), t(p, 3);
+  Sampler s(p, 3, 2), t(p, 3, 1);
   // 3.0 / 2 = 1.5 < 2.0: token 0 (in context) loses to token 1.
   std::vector<float> l = {3.f, 2.f, -1.f};
   EXPECT_EQ(s.sample(l.data(), {0, 0}), 1);
@@ -78,45 +79,95 @@ TEST(Sampler, RepetitionPenaltyAsHuggingFace) {
   EXPECT_THROW(s.sample(l.data(), {0}), Error);
 }
 
-// The device path of a penalised sampler (penalty_ids, Ops::repetition_penalty, then Ops::sample
-// with device_params) gives sample()'s tokens, step by step of a growing context: here on the
-// CPU backend's ops, on the GPU in the engine checks.
-TEST(Sampler, PenaltyIdsAndOpsMatchTheHostSampler) {
+// Presence and frequency penalties as OpenAI's and vLLM's: subtracted from the logits of tokens
+// generated so far (after the repetition penalty), never of prompt-only tokens.
+TEST(Sampler, PresenceAndFrequencyPenaltiesCountGeneratedTokensOnly) {
+  SamplingParams p;
+  p.presence_penalty = 0.5f;
+  p.frequency_penalty = 0.25f;
+  Sampler s(p, 4, 3);
+  // The prompt {2, 2, 0}: no count; token 2 leads.
+  std::vector<float> l = {1.1f, 1.2f, 2.f, 0.f};
+  std::vector<int32_t> context = {2, 2, 0};
+  EXPECT_EQ(s.sample(l.data(), context), 2);
+  // Token 2 generated once: 2 - (0.5 + 0.25) = 1.25 > 1.2, still first.
+  context.push_back(2);
+  EXPECT_EQ(s.sample(l.data(), context), 2);
+  // Twice: 2 - (0.5 + 0.5) = 1.0 < 1.2: token 1.
+  context.push_back(2);
+  EXPECT_EQ(s.sample(l.data(), context), 1);
+  const PenaltyContext& pc = s.penalty_context(context);
+  EXPECT_EQ(pc.ids, (std::vector<int32_t>{2, 0}));
+  EXPECT_EQ(pc.counts, (std::vector<int32_t>{2, 0}));
+  // Token 1 generated three times: 1.2 - (0.5 + 0.75) = -0.05; token 0, a prompt token, is not
+  // penalised (1.1), and leads token 2 (1.0).
+  for (int i = 0; i < 3; ++i) context.push_back(1);
+  EXPECT_EQ(s.sample(l.data(), context), 0);
+  EXPECT_EQ(pc.ids, (std::vector<int32_t>{2, 0, 1}));
+  EXPECT_EQ(pc.counts, (std::vector<int32_t>{2, 0, 3}));
+  // A negative presence penalty encourages the tokens generated.
+  SamplingParams q;
+  q.presence_penalty = -1.f;
+  Sampler e(q, 4, 1);
+  EXPECT_EQ(e.sample(l.data(), {3, 1}), 1);  // 1.2 + 1 = 2.2 > 2.0
+  // The repetition penalty first, on prompt tokens too: token 2 (generated) (2 / 2) - 0.5 = 0.5,
+  // token 0 (prompt) 1.1 / 2 = 0.55; token 1 (1.2) leads.
+  SamplingParams r;
+  r.repetition_penalty = 2.f;
+  r.presence_penalty = 0.5f;
+  Sampler t(r, 4, 2);
+  EXPECT_EQ(t.sample(l.data(), {0, 3, 2}), 1);
+}
+
+// The device path of a penalised sampler (penalty_context and penalty_params, Ops::penalize,
+// then Ops::sample with device_params) gives sample()'s tokens, step by step of a growing
+// context: here on the CPU backend's ops, on the GPU in the engine checks.
+TEST(Sampler, PenaltyContextAndOpsMatchTheHostSampler) {
   auto ops = make_cpu_ops();
   const int64_t vocab = 50;
   for (float temperature : {0.f, 0.8f}) {
     SamplingParams p;
     p.repetition_penalty = 1.7f;
+    p.presence_penalty = 0.3f;
+    p.frequency_penalty = 0.2f;
     p.temperature = temperature;
     p.top_k = 20;
     p.seed = 9;
-    Sampler host_side(p, vocab), device_side(p, vocab);
     std::vector<int32_t> context = {1, 7, 7, 3, 1, 49};
+    const size_t n_prompt = context.size();
+    Sampler host_side(p, vocab, n_prompt), device_side(p, vocab, n_prompt);
     std::vector<float> logits(vocab), scratch(vocab), params(Ops::kSampleParams);
     for (int step = 0; step < 40; ++step) {
       for (int64_t v = 0; v < vocab; ++v)
         logits[v] = std::sin(static_cast<float>(v * 13 + step)) * 3.f;
       const int32_t want = host_side.sample(logits.data(), context);
-      const std::vector<int32_t>& ids = device_side.penalty_ids(context);
+      const PenaltyContext& pc = device_side.penalty_context(context);
       std::set<int32_t> distinct(context.begin(), context.end());
-      ASSERT_EQ(ids.size(), distinct.size()) << "step " << step;
-      ASSERT_EQ(std::set<int32_t>(ids.begin(), ids.end()), distinct) << "step " << step;
+      ASSERT_EQ(pc.ids.size(), distinct.size()) << "step " << step;
+      ASSERT_EQ(std::set<int32_t>(pc.ids.begin(), pc.ids.end()), distinct) << "step " << step;
+      for (size_t j = 0; j < pc.ids.size(); ++j)
+        ASSERT_EQ(pc.counts[j], std::count(context.begin() + static_cast<std::ptrdiff_t>(n_prompt),
+                                           context.end(), pc.ids[j]))
+            << "step " << step << ", id " << pc.ids[j];
       scratch = logits;
-      std::vector<int32_t> offsets = {0, static_cast<int32_t>(ids.size())};
-      std::vector<int32_t> id_copy = ids;
-      float penalty = p.repetition_penalty;
+      std::vector<int32_t> offsets = {0, static_cast<int32_t>(pc.ids.size())};
+      std::vector<int32_t> id_copy = pc.ids, count_copy = pc.counts;
+      float penalty[Ops::kPenaltyParams];
+      device_side.penalty_params(penalty);
       int32_t got = -1;
       device_side.device_params(params.data());
-      ops->repetition_penalty(
-          Tensor(scratch.data(), DType::kF32, {1, vocab}), Tensor(offsets.data(), DType::kI32, {2}),
-          Tensor(id_copy.data(), DType::kI32, {offsets[1]}), Tensor(&penalty, DType::kF32, {1}));
+      ops->penalize(Tensor(scratch.data(), DType::kF32, {1, vocab}),
+                    Tensor(offsets.data(), DType::kI32, {2}),
+                    Tensor(id_copy.data(), DType::kI32, {offsets[1]}),
+                    Tensor(count_copy.data(), DType::kI32, {offsets[1]}),
+                    Tensor(penalty, DType::kF32, {1, Ops::kPenaltyParams}));
       ops->sample(Tensor(&got, DType::kI32, {1}), Tensor(scratch.data(), DType::kF32, {1, vocab}),
                   Tensor(params.data(), DType::kF32, {1, Ops::kSampleParams}));
       ASSERT_EQ(got, want) << "step " << step << ", temperature " << temperature;
       context.push_back(want);
     }
     // The context only grows: a shorter one is refused.
-    EXPECT_THROW(device_side.penalty_ids({1, 2}), Error);
+    EXPECT_THROW(device_side.penalty_context({1, 2}), Error);
   }
 }
 
@@ -127,7 +178,7 @@ TEST(Sampler, SameSeedSameTokens) {
   p.seed = 42;
   std::vector<float> l(100);
   for (int i = 0; i < 100; ++i) l[i] = std::sin(i * 0.7f) * 3.f;
-  Sampler a(p, 100), b(p, 100);
+  Sampler a(p, 100, 0), b(p, 100, 0);
   std::vector<int32_t> ta, tb;
   for (int i = 0; i < 50; ++i) {
     ta.push_back(a.sample(l.data(), ta));
@@ -135,7 +186,7 @@ TEST(Sampler, SameSeedSameTokens) {
   }
   EXPECT_EQ(ta, tb);
   p.seed = 43;
-  Sampler c(p, 100);
+  Sampler c(p, 100, 0);
   std::vector<int32_t> tc;
   for (int i = 0; i < 50; ++i) tc.push_back(c.sample(l.data(), tc));
   EXPECT_NE(ta, tc);
@@ -165,6 +216,15 @@ TEST(Sampler, InvalidParamsNameTheField) {
   p = {};
   p.repetition_penalty = 0.f;
   expect_error(p, "repetition_penalty");
+  p = {};
+  p.presence_penalty = 2.5f;
+  expect_error(p, "presence_penalty");
+  p = {};
+  p.frequency_penalty = -3.f;
+  expect_error(p, "frequency_penalty");
+  p = {};
+  p.frequency_penalty = NAN;
+  expect_error(p, "frequency_penalty");
   p = {};
   p.temperature = NAN;
   expect_error(p, "temperature");
