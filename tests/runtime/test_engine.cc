@@ -64,6 +64,11 @@ RequestParams request(std::vector<int32_t> prompt, int64_t max_tokens) {
   return p;
 }
 
+RequestParams with_priority(RequestParams p, int32_t priority) {
+  p.priority = priority;
+  return p;
+}
+
 std::vector<int32_t> prompt_of(int n, int seed) {
   std::vector<int32_t> p = {1};
   for (int i = 1; i < n; ++i) p.push_back(3 + (seed * 131 + i * 17) % 380);
@@ -380,12 +385,10 @@ TEST(Engine, WaitingRequestsAreServedByPriorityThenArrival) {
   std::vector<std::vector<int32_t>> prompts;
   for (size_t i = 0; i < priorities.size(); ++i) {
     prompts.push_back(prompt_of(6 + static_cast<int>(i), static_cast<int>(i)));
-    RequestParams p = request(prompts.back(), 5);
-    p.priority = priorities[i];
     sinks.push_back(std::make_shared<Watched>());
     sinks.back()->finished = &finished;
     sinks.back()->index = static_cast<int>(i);
-    s.engine->submit(p, sinks.back());
+    s.engine->submit(with_priority(request(prompts.back(), 5), priorities[i]), sinks.back());
   }
   s.start();
   for (size_t i = 0; i < sinks.size(); ++i) {
@@ -393,6 +396,24 @@ TEST(Engine, WaitingRequestsAreServedByPriorityThenArrival) {
     EXPECT_EQ(sinks[i]->tokens, alone(prompts[i], 5)) << "request " << i;
   }
   EXPECT_EQ(finished, (std::vector<int>{4, 1, 3, 2, 0}));
+}
+
+// Submits `first`, and `second` from the engine's thread when the first's third token arrives
+// (after `at_submit`); waits for both, which must end with the tokens each gets alone.
+void run_with_newcomer(Served& s, const std::string& path, const RequestParams& first,
+                       const std::shared_ptr<Watched>& first_sink, const RequestParams& second,
+                       const std::shared_ptr<Watched>& second_sink,
+                       const std::function<void()>& at_submit = nullptr) {
+  first_sink->trigger = 3;
+  first_sink->at_token = [&] {
+    if (at_submit) at_submit();
+    s.engine->submit(second, second_sink);
+  };
+  s.engine->submit(first, first_sink);
+  first_sink->wait();
+  second_sink->wait();
+  EXPECT_EQ(first_sink->tokens, alone(first.prompt, first.max_tokens, path));
+  EXPECT_EQ(second_sink->tokens, alone(second.prompt, second.max_tokens, path));
 }
 
 // A request of a lower priority value that arrives while the running slot is taken takes it:
@@ -405,24 +426,12 @@ TEST(Engine, AHigherPriorityRequestTakesTheRunningSlot) {
     options.max_running = 1;
     Served s(64, options);
     std::vector<int> finished;
-    const std::vector<int32_t> long_prompt = prompt_of(10, 1), short_prompt = prompt_of(8, 2);
     auto running = std::make_shared<Watched>(), urgent = std::make_shared<Watched>();
     running->finished = urgent->finished = &finished;
     running->index = 0;
     urgent->index = 1;
-    running->trigger = 3;
-    running->at_token = [&] {
-      RequestParams p = request(short_prompt, 6);
-      p.priority = newcomer;
-      s.engine->submit(p, urgent);
-    };
-    RequestParams p = request(long_prompt, 40);
-    p.priority = 1;
-    s.engine->submit(p, running);
-    running->wait();
-    urgent->wait();
-    EXPECT_EQ(running->tokens, alone(long_prompt, 40));
-    EXPECT_EQ(urgent->tokens, alone(short_prompt, 6));
+    run_with_newcomer(s, kModel, with_priority(request(prompt_of(10, 1), 40), 1), running,
+                      with_priority(request(prompt_of(8, 2), 6), newcomer), urgent);
     EXPECT_EQ(finished, (newcomer == 0 ? std::vector<int>{1, 0} : std::vector<int>{0, 1}));
     EXPECT_EQ(running->usage.preemptions, newcomer == 0 ? 1 : 0);
     EXPECT_EQ(urgent->usage.preemptions, 0);
@@ -437,21 +446,9 @@ TEST(Engine, WhenBlocksRunOutTheLowestPriorityIsPreempted) {
   for (int32_t newcomer : {1, 0}) {
     SCOPED_TRACE("newcomer priority " + std::to_string(newcomer));
     Served s(20, EngineOptions{}, true, kNoWindow);
-    const std::vector<int32_t> long_prompt = prompt_of(30, 3), short_prompt = prompt_of(20, 4);
     auto running = std::make_shared<Watched>(), later = std::make_shared<Watched>();
-    running->trigger = 3;
-    running->at_token = [&] {
-      RequestParams p = request(short_prompt, 30);
-      p.priority = newcomer;
-      s.engine->submit(p, later);
-    };
-    RequestParams p = request(long_prompt, 40);
-    p.priority = 1;
-    s.engine->submit(p, running);
-    running->wait();
-    later->wait();
-    EXPECT_EQ(running->tokens, alone(long_prompt, 40, kNoWindow));
-    EXPECT_EQ(later->tokens, alone(short_prompt, 30, kNoWindow));
+    run_with_newcomer(s, kNoWindow, with_priority(request(prompt_of(30, 3), 40), 1), running,
+                      with_priority(request(prompt_of(20, 4), 30), newcomer), later);
     EXPECT_EQ(running->usage.preemptions > 0, newcomer == 0);
     EXPECT_EQ(later->usage.preemptions > 0, newcomer == 1);
     EXPECT_EQ(s.engine->stats().kv_blocks_used, 0);
@@ -467,25 +464,13 @@ TEST(Engine, AHigherPriorityRequestTakesTheStepTokens) {
     EngineOptions options;
     options.max_batch_tokens = 64;
     Served s(64, options, true, kNoWindow);
-    const std::vector<int32_t> decoding = prompt_of(6, 5), big = prompt_of(64, 6);
     auto running = std::make_shared<Watched>(), urgent = std::make_shared<Watched>();
     int64_t submitted_in = -1, first_token_in = -1;
     urgent->trigger = 1;
     urgent->at_token = [&] { first_token_in = s.engine->stats().steps; };
-    running->trigger = 3;
-    running->at_token = [&] {
-      submitted_in = s.engine->stats().steps;
-      RequestParams p = request(big, 4);
-      p.priority = newcomer;
-      s.engine->submit(p, urgent);
-    };
-    RequestParams p = request(decoding, 30);
-    p.priority = 1;
-    s.engine->submit(p, running);
-    running->wait();
-    urgent->wait();
-    EXPECT_EQ(running->tokens, alone(decoding, 30, kNoWindow));
-    EXPECT_EQ(urgent->tokens, alone(big, 4, kNoWindow));
+    run_with_newcomer(s, kNoWindow, with_priority(request(prompt_of(6, 5), 30), 1), running,
+                      with_priority(request(prompt_of(64, 6), 4), newcomer), urgent,
+                      [&] { submitted_in = s.engine->stats().steps; });
     // Steps are counted after they run: a sink sees the index of its own step.
     EXPECT_EQ(first_token_in - submitted_in, newcomer == 0 ? 1 : 2);
     EXPECT_EQ(running->usage.preemptions + urgent->usage.preemptions, 0);
