@@ -534,28 +534,31 @@ TEST(Engine, FullQueueIsResourceExhausted) {
   s.start();  // now the accepted ones complete
 }
 
-// Cancels its request when its first token arrives (sinks are called without the engine's
-// lock), so the cancellation lands while the request runs however fast the steps are.
+// Cancels its request (for `reason`) when its first token arrives (sinks are called without the
+// engine's lock), so the cancellation lands while the request runs however fast the steps are.
 class CancelOnFirstToken : public Collector,
                            public std::enable_shared_from_this<CancelOnFirstToken> {
  public:
-  void submit(Engine& engine, const RequestParams& p) {
+  explicit CancelOnFirstToken(FinishReason reason = FinishReason::kCancelled) : reason_(reason) {}
+  uint64_t submit(Engine& engine, const RequestParams& p) {
     std::lock_guard<std::mutex> lock(id_mu_);  // events wait until the id is known
     engine_ = &engine;
     id_ = engine.submit(p, shared_from_this());
+    return id_;
   }
   void on_event(RequestEvent e) override {
     const bool first = !e.token_ids.empty() && !cancelled_;
     Collector::on_event(std::move(e));
     if (first) {
       std::lock_guard<std::mutex> lock(id_mu_);
-      engine_->cancel(id_);
+      engine_->cancel(id_, reason_);
       cancelled_ = true;
     }
   }
 
  private:
   std::mutex id_mu_;
+  FinishReason reason_;
   Engine* engine_ = nullptr;
   uint64_t id_ = 0;
   bool cancelled_ = false;  // touched by the engine's thread only
@@ -591,10 +594,11 @@ TEST(Engine, CancelAndDeadlineFreeBlocks) {
   EXPECT_EQ(st.requests_completed, 1);
   EXPECT_EQ(st.requests_cancelled, 1);
   EXPECT_EQ(st.requests_deadline_exceeded, 1);
-  // A cancel the transport made at the call's deadline ends the request as past it.
-  auto d = std::make_shared<Collector>();
-  const uint64_t id = s.engine->submit(request(prompt_of(20, 3), 100), d);
-  s.engine->cancel(id, FinishReason::kDeadline);
+  // A cancel the transport made at the call's deadline ends the request as past it (made from
+  // the first token's event: a cancel right after submit() can come after all 100 tokens on a
+  // loaded machine).
+  auto d = std::make_shared<CancelOnFirstToken>(FinishReason::kDeadline);
+  const uint64_t id = d->submit(*s.engine, request(prompt_of(20, 3), 100));
   d->wait();
   EXPECT_EQ(d->finish, FinishReason::kDeadline);
   EXPECT_EQ(s.engine->stats().requests_deadline_exceeded, 2);
