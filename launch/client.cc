@@ -1,6 +1,7 @@
 // `switchyard client`: calls a running server over gRPC.
 //
 //   generate     streams the generated text to stdout as it arrives, then one summary line
+//                (with --n above 1: each completion's text and summary once it has ended)
 //   tokenize     prints the ids and pieces of a text
 //   detokenize   prints the text of ids
 //   info         prints the model, the rank layout and the server's load
@@ -8,6 +9,7 @@
 //
 // A call that ends with a non-OK status prints "CODE: message" on stderr and exits 1.
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -47,6 +49,41 @@ const char* finish_name(v1::FinishReason reason) {
   }
 }
 
+// What one completion of a Generate call received.
+struct Completion {
+  std::string text, ids, logprobs;
+  v1::GenerateResponse last;  // the message with the finish reason and usage
+
+  void add(const v1::GenerateResponse& message) {
+    text += message.text();
+    for (uint32_t id : message.token_ids()) ids += " " + std::to_string(id);
+    for (const v1::TokenLogprobs& lp : message.logprobs()) {
+      char line[64];
+      std::snprintf(line, sizeof(line), "%u %.4f  top:", lp.token_id(), lp.logprob());
+      logprobs += line;
+      for (const v1::TopLogprob& t : lp.top()) {
+        std::snprintf(line, sizeof(line), " %u %.4f", t.token_id(), t.logprob());
+        logprobs += line;
+      }
+      logprobs += "\n";
+    }
+    if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = message;
+  }
+  bool ended() const { return last.finish_reason() != v1::FINISH_REASON_UNSPECIFIED; }
+  void print_summary(bool print_ids) const {
+    if (print_ids) std::printf("ids:%s\n", ids.c_str());
+    if (!logprobs.empty())
+      std::printf("logprobs (id logprob, then the top ids):\n%s", logprobs.c_str());
+    const v1::Usage& u = last.usage();
+    std::printf(
+        "finish: %s, prompt tokens: %u, completion tokens: %u, queue: %.1f ms, "
+        "first token: %.1f ms, total: %.1f ms, preemptions: %u, cached prompt tokens: %u\n",
+        finish_name(last.finish_reason()), u.prompt_tokens(), u.completion_tokens(),
+        u.queue_time_ms(), u.time_to_first_token_ms(), u.total_time_ms(), u.preemptions(),
+        u.cached_prompt_tokens());
+  }
+};
+
 int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   SY_CHECK(a.prompt.empty() != a.prompt_ids.empty(), "give --prompt or --prompt-ids");
   v1::GenerateRequest request;
@@ -73,41 +110,34 @@ int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   request.set_priority(a.priority);
   request.set_skip_bos(a.skip_bos);
 
+  SY_CHECK(a.n >= 0, "--n ", a.n, " must be >= 0");
+  request.set_n(static_cast<uint32_t>(a.n));
+
   grpc::ClientContext context;
   if (a.deadline_ms > 0) set_timeout(context, static_cast<double>(a.deadline_ms) / 1000);
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
       stub.Generate(&context, request);
-  v1::GenerateResponse message, last;
-  std::string ids, logprobs;
+  // One completion streams its text as it arrives; several print each one whole when it ends.
+  const bool streaming = a.n <= 1;
+  std::map<uint32_t, Completion> completions;
+  v1::GenerateResponse message;
   while (reader->Read(&message)) {
-    std::fwrite(message.text().data(), 1, message.text().size(), stdout);
-    std::fflush(stdout);
-    for (uint32_t id : message.token_ids()) ids += " " + std::to_string(id);
-    for (const v1::TokenLogprobs& lp : message.logprobs()) {
-      char line[64];
-      std::snprintf(line, sizeof(line), "%u %.4f  top:", lp.token_id(), lp.logprob());
-      logprobs += line;
-      for (const v1::TopLogprob& t : lp.top()) {
-        std::snprintf(line, sizeof(line), " %u %.4f", t.token_id(), t.logprob());
-        logprobs += line;
-      }
-      logprobs += "\n";
+    Completion& c = completions[message.index()];
+    if (streaming) {
+      std::fwrite(message.text().data(), 1, message.text().size(), stdout);
+      std::fflush(stdout);
     }
-    if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = message;
+    c.add(message);
+    if (!streaming && c.ended()) {
+      std::printf("[completion %u]\n%s\n", message.index(), c.text.c_str());
+      c.print_summary(a.print_ids);
+      std::fflush(stdout);
+    }
   }
   const grpc::Status status = reader->Finish();
-  std::printf("\n");
+  if (streaming) std::printf("\n");
   if (!status.ok()) return report(status);
-  if (a.print_ids) std::printf("ids:%s\n", ids.c_str());
-  if (!logprobs.empty())
-    std::printf("logprobs (id logprob, then the top ids):\n%s", logprobs.c_str());
-  const v1::Usage& u = last.usage();
-  std::printf(
-      "finish: %s, prompt tokens: %u, completion tokens: %u, queue: %.1f ms, "
-      "first token: %.1f ms, total: %.1f ms, preemptions: %u, cached prompt tokens: %u\n",
-      finish_name(last.finish_reason()), u.prompt_tokens(), u.completion_tokens(),
-      u.queue_time_ms(), u.time_to_first_token_ms(), u.total_time_ms(), u.preemptions(),
-      u.cached_prompt_tokens());
+  if (streaming) completions[0].print_summary(a.print_ids);
   return 0;
 }
 
@@ -258,6 +288,10 @@ void add_client(CLI::App& app, ClientArgs& a) {
   gen->add_option("--deadline-ms", a.deadline_ms, "Deadline of the call (0 = none)")
       ->capture_default_str();
   gen->add_option("--priority", a.priority, "Lower is served first")->capture_default_str();
+  gen->add_option("--n", a.n,
+                  "Completions of the prompt (seed + i each); more than 1 prints each whole "
+                  "when it ends")
+      ->capture_default_str();
   gen->add_flag("--print-ids", a.print_ids, "Print the generated ids on one line");
 
   CLI::App* tok = client->add_subcommand("tokenize", "Text to token ids");

@@ -70,6 +70,7 @@ struct ClientArgs {
   bool ignore_eos = false;
   int64_t logprobs = 0;
   int32_t priority = 0;
+  int64_t n = 1;            // completions of the prompt
   int64_t deadline_ms = 0;  // 0 = none
   bool print_ids = false;
   // tokenize / detokenize

@@ -231,6 +231,9 @@ void add_serve(CLI::App& app, ServeArgs& a) {
   cmd->add_option("--max-queue-tokens", c.max_queue_tokens,
                   "Prompt tokens of waiting requests; more are refused (RESOURCE_EXHAUSTED)")
       ->capture_default_str();
+  cmd->add_option("--max-completions", c.max_completions,
+                  "Completions one Generate call may ask for (its n); more are INVALID_ARGUMENT")
+      ->capture_default_str();
   cmd->add_option("--kv-blocks", c.kv_blocks,
                   "KV-cache blocks per rank (0 = --max-running full contexts)")
       ->capture_default_str();

@@ -92,6 +92,8 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& op
   context_limit_ = context_limit_for(model.config(), limits, options_.max_batch_tokens);
   SY_CHECK(options_.max_logprobs >= 0 && options_.max_logprobs <= Model::kMaxTopLogprobs,
            "max_logprobs ", options_.max_logprobs, " outside [0, ", Model::kMaxTopLogprobs, "]");
+  SY_CHECK(options_.max_completions >= 1, "max_completions ", options_.max_completions,
+           " must be at least 1");
   logits_.resize(static_cast<size_t>(options_.max_running * model.config().vocab_size));
   host_lp_.resize(static_cast<size_t>(1 + Model::kMaxTopLogprobs));
   host_lp_ids_.resize(static_cast<size_t>(Model::kMaxTopLogprobs));
@@ -149,39 +151,74 @@ void Engine::validate(const RequestParams& p) const {
 }
 
 uint64_t Engine::submit(RequestParams params, std::shared_ptr<RequestSink> sink) {
-  validate(params);
-  auto seq = std::make_unique<Sequence>();
-  seq->arrival = Clock::now();
-  seq->n_prompt = static_cast<int64_t>(params.prompt.size());
-  seq->tokens = params.prompt;
-  seq->tokens.reserve(static_cast<size_t>(seq->n_prompt + params.max_tokens));
-  seq->sampler =
-      std::make_unique<Sampler>(params.sampling, model_.config().vocab_size, params.prompt.size());
-  seq->decoder = std::make_unique<StreamDecoder>(tokenizer_, params.prompt);
-  for (const std::string& s : params.stop)
-    seq->longest_stop = std::max(seq->longest_stop, s.size());
-  seq->params = std::move(params);
-  seq->sink = std::move(sink);
+  std::vector<RequestParams> one;
+  one.push_back(std::move(params));
+  return submit_all(std::move(one), {std::move(sink)}).front();
+}
+
+std::vector<uint64_t> Engine::submit_all(std::vector<RequestParams> params,
+                                         std::vector<std::shared_ptr<RequestSink>> sinks) {
+  using Code = RequestError::Code;
+  const int64_t n = static_cast<int64_t>(params.size());
+  SY_CHECK(n >= 1 && sinks.size() == params.size(), "submit_all: ", n, " requests and ",
+           sinks.size(), " sinks");
+  if (n > options_.max_completions)
+    throw RequestError(Code::kInvalidArgument,
+                       "n: " + std::to_string(n) + " completions (at most " +
+                           std::to_string(options_.max_completions) + ", --max-completions)");
+  if (n > options_.max_queue_requests)
+    throw RequestError(Code::kInvalidArgument, "n: " + std::to_string(n) +
+                                                   " completions exceed the admission limit of " +
+                                                   std::to_string(options_.max_queue_requests) +
+                                                   " requests (--max-queue-requests)");
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  int64_t n_tokens = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    RequestParams& p = params[static_cast<size_t>(i)];
+    validate(p);
+    auto seq = std::make_unique<Sequence>();
+    seq->arrival = Clock::now();
+    seq->n_prompt = static_cast<int64_t>(p.prompt.size());
+    seq->tokens = p.prompt;
+    seq->tokens.reserve(static_cast<size_t>(seq->n_prompt + p.max_tokens));
+    seq->sampler =
+        std::make_unique<Sampler>(p.sampling, model_.config().vocab_size, p.prompt.size());
+    seq->decoder = std::make_unique<StreamDecoder>(tokenizer_, p.prompt);
+    for (const std::string& s : p.stop) seq->longest_stop = std::max(seq->longest_stop, s.size());
+    seq->params = std::move(p);
+    seq->sink = std::move(sinks[static_cast<size_t>(i)]);
+    n_tokens += seq->n_prompt;
+    seqs.push_back(std::move(seq));
+  }
+  if (n_tokens > options_.max_queue_tokens)
+    throw RequestError(Code::kInvalidArgument,
+                       "n: " + std::to_string(n) + " completions of " +
+                           std::to_string(seqs.front()->n_prompt) + " prompt tokens exceed the " +
+                           "admission limit of " + std::to_string(options_.max_queue_tokens) +
+                           " prompt tokens (--max-queue-tokens)");
+  // All of them are queued, or none.
   std::lock_guard<std::mutex> lock(mu_);
-  if (draining_ || stopping_)
-    throw RequestError(RequestError::Code::kUnavailable, "the server is shutting down");
-  if (stats_.queue_depth >= options_.max_queue_requests)
-    throw RequestError(RequestError::Code::kResourceExhausted,
+  if (draining_ || stopping_) throw RequestError(Code::kUnavailable, "the server is shutting down");
+  if (stats_.queue_depth + n > options_.max_queue_requests)
+    throw RequestError(Code::kResourceExhausted,
                        "admission queue full: " + std::to_string(stats_.queue_depth) +
                            " requests waiting (limit " +
                            std::to_string(options_.max_queue_requests) + ")");
-  if (stats_.queued_tokens + seq->n_prompt > options_.max_queue_tokens)
-    throw RequestError(RequestError::Code::kResourceExhausted,
+  if (stats_.queued_tokens + n_tokens > options_.max_queue_tokens)
+    throw RequestError(Code::kResourceExhausted,
                        "admission queue full: " + std::to_string(stats_.queued_tokens) +
                            " prompt tokens waiting (limit " +
                            std::to_string(options_.max_queue_tokens) + ")");
-  seq->id = next_id_++;
-  ++stats_.queue_depth;
-  stats_.queued_tokens += seq->n_prompt;
-  const uint64_t id = seq->id;
-  incoming_.push_back(std::move(seq));
+  std::vector<uint64_t> ids;
+  for (std::unique_ptr<Sequence>& seq : seqs) {
+    seq->id = next_id_++;
+    ids.push_back(seq->id);
+    incoming_.push_back(std::move(seq));
+  }
+  stats_.queue_depth += n;
+  stats_.queued_tokens += n_tokens;
   wake_.notify_one();
-  return id;
+  return ids;
 }
 
 void Engine::cancel(uint64_t id, FinishReason reason) {

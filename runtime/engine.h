@@ -98,6 +98,7 @@ struct EngineOptions {
   int64_t max_stop_strings = 16;
   int64_t max_stop_string_bytes = 256;
   int64_t max_logprobs = 20;
+  int64_t max_completions = 16;  // requests one submit_all takes (a call's n)
   // Keep the keys and values of finished requests' full KV blocks and reuse them for requests
   // that begin with the same tokens (kv_blocks.h).
   bool prefix_caching = true;
@@ -133,6 +134,10 @@ class Engine {
 
   // Validates and queues a request; throws RequestError. Returns the request's id.
   uint64_t submit(RequestParams params, std::shared_ptr<RequestSink> sink);
+  // Validates and queues requests[i] with sinks[i], all of them or none (the completions of one
+  // call: at most max_completions); throws RequestError. Returns their ids in order.
+  std::vector<uint64_t> submit_all(std::vector<RequestParams> requests,
+                                   std::vector<std::shared_ptr<RequestSink>> sinks);
   // The request ends at the next step, CANCELLED (or with `reason`, kDeadline for a call that
   // the transport ended at its deadline), and its KV blocks are freed.
   void cancel(uint64_t id, FinishReason reason = FinishReason::kCancelled);

@@ -21,6 +21,8 @@ void ServeConfig::validate() const {
   SY_CHECK(max_queue_requests >= 1, "--max-queue-requests ", max_queue_requests,
            " must be at least 1");
   SY_CHECK(max_queue_tokens >= 1, "--max-queue-tokens ", max_queue_tokens, " must be at least 1");
+  SY_CHECK(max_completions >= 1 && max_completions <= 1024, "--max-completions ", max_completions,
+           " outside [1, 1024]");
   SY_CHECK(kv_blocks >= 0, "--kv-blocks ", kv_blocks, " must be >= 0 (0 = enough for ",
            "--max-running full contexts)");
   SY_CHECK(block_size > 0 && block_size <= 4096, "--block-size ", block_size, " outside [1, 4096]");
@@ -63,6 +65,7 @@ EngineOptions ServeConfig::engine_options() const {
   o.max_running = max_running;
   o.max_queue_requests = max_queue_requests;
   o.max_queue_tokens = max_queue_tokens;
+  o.max_completions = max_completions;
   o.prefix_caching = prefix_caching;
   return o;
 }
@@ -88,6 +91,7 @@ std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelC
       {"max_running", std::to_string(max_running)},
       {"max_queue_requests", std::to_string(max_queue_requests)},
       {"max_queue_tokens", std::to_string(max_queue_tokens)},
+      {"max_completions", std::to_string(max_completions)},
       {"context_limit_tokens", std::to_string(context_limit(config))},
       {"block_size", std::to_string(block_size)},
       {"kv_blocks", std::to_string(n_kv_blocks(config))},

@@ -21,6 +21,7 @@ struct ServeConfig {
   int64_t max_running = 64;                // sequences holding KV blocks at once
   int64_t max_queue_requests = 256;        // requests waiting for admission; past it refused
   int64_t max_queue_tokens = 1 << 20;      // prompt tokens of waiting requests; likewise
+  int64_t max_completions = 16;            // completions one Generate call may ask for (its n)
   int64_t kv_blocks = 0;                   // KV blocks per rank; 0 = max_running full contexts
   int64_t block_size = 16;                 // tokens per KV block
   int64_t max_context = 0;                 // prompt + generated tokens of a request; 0 = model's

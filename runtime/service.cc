@@ -92,6 +92,14 @@ RequestParams request_params(const v1::GenerateRequest& r, const Tokenizer& toke
   return p;
 }
 
+std::vector<RequestParams> completion_params(const RequestParams& params, int64_t n) {
+  SY_CHECK(n >= 1, "completion_params: n ", n, " must be at least 1");
+  std::vector<RequestParams> out(static_cast<size_t>(n), params);
+  for (int64_t i = 0; i < n; ++i)
+    out[static_cast<size_t>(i)].sampling.seed += static_cast<uint64_t>(i);
+  return out;
+}
+
 std::optional<Clock::time_point> steady_deadline(std::chrono::system_clock::time_point deadline) {
   // gRPC reports "no deadline" as a time in the far future.
   const auto left = deadline - std::chrono::system_clock::now();
@@ -200,21 +208,37 @@ v1::ModelInfo model_info(const std::string& model_path, const ModelConfig& c,
 
 class GenerateReactor;
 
-// The sink half of one Generate call (see the lifetime note in service.h). Every write and the
-// finish are started by whoever holds the "pump": the first thread to find no write in flight.
-// gRPC may run OnWriteDone inline in StartWrite, so gRPC is never called with mu_ held.
-class GenerateSink final : public RequestSink {
+// The sink half of one Generate call (see the lifetime note in service.h), for its n completions.
+// Every write and the finish are started by whoever holds the "pump": the first thread to find no
+// write in flight. gRPC may run OnWriteDone inline in StartWrite, so gRPC is never called with
+// mu_ held.
+class GenerateSink final {
  public:
-  explicit GenerateSink(GenerateReactor* reactor) : reactor_(reactor) {}
+  GenerateSink(GenerateReactor* reactor, int64_t n_completions)
+      : reactor_(reactor), n_open_(n_completions) {}
 
-  // Engine thread: queue the event's message; its last event also sets the final status.
-  void on_event(RequestEvent event) override {
+  // Engine thread: queue the event's message, as completion `index`'s. The call ends OK after
+  // every completion's last event, or at once with the status of one that did not end by a stop
+  // or its length (the others are then cancelled).
+  void on_event(int64_t index, RequestEvent event) {
     v1::GenerateResponse message = to_response(event);
+    message.set_index(static_cast<uint32_t>(index));
     std::unique_lock<std::mutex> lock(mu_);
     if (final_.has_value()) return;  // already ended (closed, or the client went away)
     pending_.push_back(std::move(message));
-    if (event.finish != FinishReason::kNone) final_ = finish_status(event);
+    bool cancel_others = false;
+    if (event.finish != FinishReason::kNone) {
+      const grpc::Status status = finish_status(event);
+      if (!status.ok()) {
+        final_ = status;
+        cancel_others = n_open_ > 1;
+      } else if (--n_open_ == 0) {
+        final_ = grpc::Status::OK;
+      }
+    }
     pump(lock);
+    if (lock.owns_lock()) lock.unlock();
+    if (cancel_others) cancel_request();
   }
 
   // Ends the call with `status` after the messages already queued, unless it has ended.
@@ -225,12 +249,13 @@ class GenerateSink final : public RequestSink {
     pump(lock);
   }
 
-  // The engine's id of the request and its deadline; cancels it at once when the client
-  // already went away.
-  void set_request(Engine* engine, uint64_t id, std::optional<Clock::time_point> deadline) {
+  // The engine's ids of the completions and the call's deadline; cancels them at once when the
+  // client already went away.
+  void set_requests(Engine* engine, std::vector<uint64_t> ids,
+                    std::optional<Clock::time_point> deadline) {
     std::unique_lock<std::mutex> lock(mu_);
     engine_ = engine;
-    id_ = id;
+    ids_ = std::move(ids);
     deadline_ = deadline;
     const bool cancel = cancelled_;
     lock.unlock();
@@ -247,6 +272,7 @@ class GenerateSink final : public RequestSink {
       if (!final_.has_value()) final_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
     }
     pump(lock);
+    if (lock.owns_lock()) lock.unlock();
     if (!ok) cancel_request();
   }
 
@@ -273,13 +299,15 @@ class GenerateSink final : public RequestSink {
  private:
   // gRPC cancels a call at its deadline too: a cancel from then on (or within a millisecond of
   // it, for the clocks' conversion) ends the request as past its deadline.
+  // Cancelling a completion that has ended already is harmless: the engine ignores unknown ids.
   void cancel_request() {
     std::unique_lock<std::mutex> lock(mu_);
     Engine* engine = engine_;
-    const uint64_t id = id_;
+    const std::vector<uint64_t> ids = ids_;
     const bool late = deadline_ && Clock::now() + std::chrono::milliseconds(1) >= *deadline_;
     lock.unlock();
-    if (engine != nullptr)
+    if (engine == nullptr) return;
+    for (uint64_t id : ids)
       engine->cancel(id, late ? FinishReason::kDeadline : FinishReason::kCancelled);
   }
 
@@ -288,15 +316,16 @@ class GenerateSink final : public RequestSink {
   void pump(std::unique_lock<std::mutex>& lock);
 
   mutable std::mutex mu_;
-  GenerateReactor* reactor_;                  // null after OnDone
-  std::deque<v1::GenerateResponse> pending_;  // not yet written
-  std::optional<grpc::Status> final_;         // the status the call ends with, once known
-  v1::GenerateResponse in_flight_;            // the message being written (gRPC reads it)
-  bool busy_ = false;                         // a write is in flight
-  bool finished_ = false;                     // Finish or StartWriteAndFinish was called
-  bool cancelled_ = false;                    // OnCancel ran
-  Engine* engine_ = nullptr;                  // set once the engine accepted the request
-  uint64_t id_ = 0;
+  GenerateReactor* reactor_;                   // null after OnDone
+  std::deque<v1::GenerateResponse> pending_;   // not yet written
+  std::optional<grpc::Status> final_;          // the status the call ends with, once known
+  v1::GenerateResponse in_flight_;             // the message being written (gRPC reads it)
+  bool busy_ = false;                          // a write is in flight
+  bool finished_ = false;                      // Finish or StartWriteAndFinish was called
+  bool cancelled_ = false;                     // OnCancel ran
+  int64_t n_open_;                             // completions whose last event has not come
+  Engine* engine_ = nullptr;                   // set once the engine accepted the request
+  std::vector<uint64_t> ids_;                  // the engine's ids of the completions
   std::optional<Clock::time_point> deadline_;  // the call's, on the steady clock
 };
 
@@ -312,6 +341,18 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
  private:
   std::shared_ptr<GenerateSink> sink_;
+};
+
+// The engine's sink of one completion: its events go to the call's sink under its index.
+class CompletionSink final : public RequestSink {
+ public:
+  CompletionSink(std::shared_ptr<GenerateSink> call, int64_t index)
+      : call_(std::move(call)), index_(index) {}
+  void on_event(RequestEvent event) override { call_->on_event(index_, std::move(event)); }
+
+ private:
+  std::shared_ptr<GenerateSink> call_;
+  int64_t index_;
 };
 
 void GenerateSink::pump(std::unique_lock<std::mutex>& lock) {
@@ -388,7 +429,8 @@ uint64_t Service::random_seed() {
 grpc::ServerWriteReactor<v1::GenerateResponse>* Service::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor = new GenerateReactor;
-  auto sink = std::make_shared<GenerateSink>(reactor);
+  const int64_t n = std::max<int64_t>(1, request->n());
+  auto sink = std::make_shared<GenerateSink>(reactor, n);
   reactor->bind(sink);
   Engine* engine = engine_.load();
   if (engine == nullptr) {
@@ -404,8 +446,11 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* Service::Generate(
         request_params(*request, tokenizer_, static_cast<int64_t>(info_.vocab_size()),
                        random_seed(), steady_deadline(context->deadline()));
     const std::optional<Clock::time_point> deadline = params.deadline;
-    const uint64_t id = engine->submit(std::move(params), sink);
-    sink->set_request(engine, id, deadline);
+    std::vector<RequestParams> completions = completion_params(params, n);
+    std::vector<std::shared_ptr<RequestSink>> sinks;
+    for (int64_t i = 0; i < n; ++i) sinks.push_back(std::make_shared<CompletionSink>(sink, i));
+    std::vector<uint64_t> ids = engine->submit_all(std::move(completions), std::move(sinks));
+    sink->set_requests(engine, std::move(ids), deadline);
   } catch (const RequestError& e) {
     sink->end(grpc::Status(status_code(e.code()), client_message(e)));
   } catch (const std::exception& e) {

@@ -48,6 +48,10 @@ RequestParams request_params(const v1::GenerateRequest& request, const Tokenizer
                              int64_t vocab_size, uint64_t default_seed,
                              std::optional<std::chrono::steady_clock::time_point> deadline);
 
+// The n completions of one call: copies of `params`, completion i sampling with seed + i
+// (wrapping), so that completion i gives the tokens of a call with n = 1 and that seed.
+std::vector<RequestParams> completion_params(const RequestParams& params, int64_t n);
+
 // The deadline of a call as a steady-clock time; none when the client set none.
 std::optional<std::chrono::steady_clock::time_point> steady_deadline(
     std::chrono::system_clock::time_point deadline);

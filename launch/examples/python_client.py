@@ -39,6 +39,9 @@ def parse_args():
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--deadline-s", type=float, help="deadline of the call in seconds")
     g.add_argument("--print-ids", action="store_true", help="print the generated ids")
+    g.add_argument("--n", type=int, default=1,
+                   help="completions of the prompt (seed + i each); above 1 each is printed "
+                        "whole when it ends")
     t = sub.add_parser("tokenize", help="text to token ids")
     t.add_argument("--text", required=True)
     t.add_argument("--add-bos", action="store_true")
@@ -57,6 +60,7 @@ def generate(stub, pb, args):
         frequency_penalty=args.frequency_penalty,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        n=args.n,
     )
     if args.prompt is not None:
         request.text = args.prompt
@@ -64,16 +68,27 @@ def generate(stub, pb, args):
         request.token_ids.ids.extend(int(i) for i in args.prompt_ids.split(","))
     if args.seed is not None:
         request.seed = args.seed
-    ids, last = [], None
-    # The stream yields one message per step that produced text; the last carries the usage.
+    streaming = args.n <= 1
+    texts, ids = {}, {}
+    # One message per step that produced text for a completion (message.index); each
+    # completion's last message carries its finish reason and usage.
     for message in stub.Generate(request, timeout=args.deadline_s):
-        sys.stdout.write(message.text)
-        sys.stdout.flush()
-        ids.extend(message.token_ids)
+        i = message.index
+        texts[i] = texts.get(i, "") + message.text
+        ids.setdefault(i, []).extend(message.token_ids)
+        if streaming:
+            sys.stdout.write(message.text)
+            sys.stdout.flush()
         if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            last = message
-    print()
-    if args.print_ids:
+            if streaming:
+                print()
+            else:
+                print(f"[completion {i}]\n{texts[i]}")
+            summary(pb, message, ids[i], args.print_ids)
+
+
+def summary(pb, last, ids, print_ids):
+    if print_ids:
         print("ids:", " ".join(str(i) for i in ids))
     u = last.usage
     reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()

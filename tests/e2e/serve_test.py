@@ -153,7 +153,8 @@ class Server:
 
 class Result:
     def __init__(self):
-        self.ids = []
+        self.ids = []  # every message's, in arrival order (completion 0's when n = 1)
+        self.completions = {}  # index -> [ids, finish, usage] of each completion
         self.text = ""
         self.finish = None
         self.usage = None
@@ -173,9 +174,12 @@ def generate(stub, request, timeout=None, on_message=None):
             r.n_messages += 1
             r.ids.extend(m.token_ids)
             r.text += m.text
+            c = r.completions.setdefault(m.index, [[], None, None])
+            c[0].extend(m.token_ids)
             if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 r.finish = pb.FinishReason.Name(m.finish_reason)
                 r.usage = m.usage
+                c[1], c[2] = r.finish, m.usage
             if on_message is not None:
                 on_message(call, r)
         r.code = grpc.StatusCode.OK
@@ -378,6 +382,33 @@ def scenario_basic(args):
               "ids: " + " ".join(map(str, ref.ids)) in p.stdout and
               "finish: length, prompt tokens: 3, completion tokens: 8" in p.stdout,
               f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        # n completions in one call: completion i has the tokens of a call with n = 1 and
+        # seed + i; both clients print each one.
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(20)]
+        many = generate(s.stub, ids_request(prompt, 8, ignore_eos=True, temperature=0.8, seed=5,
+                                            n=3), timeout=60)
+        singles = [generate(s.stub, ids_request(prompt, 8, ignore_eos=True, temperature=0.8,
+                                                seed=5 + i), timeout=30) for i in range(3)]
+        got = [many.completions.get(i, [None])[0] for i in range(3)]
+        check("n = 3: completion i is seed + i's", many.code == grpc.StatusCode.OK and
+              sorted(many.completions) == [0, 1, 2] and got == [r.ids for r in singles] and
+              all(c[1] == "FINISH_REASON_LENGTH" and c[2].completion_tokens == 8
+                  for c in many.completions.values()), f"{got} vs {[r.ids for r in singles]}")
+        check("n = 3: sampled apart", len({tuple(ids) for ids in got}) > 1, str(got))
+        ids_arg = ",".join(map(str, prompt))
+        for name, cmd in (("switchyard client", [args.bin, "client"]),
+                          ("python example client",
+                           [sys.executable, os.path.join(ROOT, "launch/examples/python_client.py"),
+                            "--stubs", args.stubs])):
+            p = subprocess.run(cmd + ["--target", s.target, "generate", "--prompt-ids", ids_arg,
+                                      "--max-tokens", "8", "--ignore-eos", "--print-ids",
+                                      "--temperature", "0.8", "--seed", "5", "--n", "3"],
+                               capture_output=True, text=True, timeout=60)
+            check(f"{name} --n 3", p.returncode == 0 and
+                  all(f"[completion {i}]" in p.stdout and
+                      "ids: " + " ".join(map(str, singles[i].ids)) in p.stdout for i in range(3))
+                  and p.stdout.count("finish: length") == 3,
+                  f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
         # Presence and frequency penalties: the client's flags reach the request fields, and
         # they change the greedy tokens of a tiny model that repeats itself.
         plain = generate(s.stub, ids_request([1, 17, 42], 24, ignore_eos=True), timeout=30)

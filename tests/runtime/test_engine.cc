@@ -534,6 +534,72 @@ TEST(Engine, FullQueueIsResourceExhausted) {
   s.start();  // now the accepted ones complete
 }
 
+// The completions of one call are queued together or not at all.
+TEST(Engine, CompletionsAreQueuedAllOrNone) {
+  EngineOptions options;
+  options.max_queue_requests = 3;
+  options.max_queue_tokens = 8;
+  options.max_completions = 4;
+  Served s(64, options, false);  // nothing leaves the queue
+  auto submit_n = [&](int n, std::vector<int32_t> prompt) {
+    std::vector<RequestParams> params(static_cast<size_t>(n), request(prompt, 4));
+    std::vector<std::shared_ptr<RequestSink>> sinks;
+    std::vector<std::shared_ptr<Collector>> collectors;
+    for (int i = 0; i < n; ++i) {
+      collectors.push_back(std::make_shared<Collector>());
+      sinks.push_back(collectors.back());
+    }
+    s.engine->submit_all(std::move(params), std::move(sinks));
+    return collectors;
+  };
+  auto refusal = [&](int n, std::vector<int32_t> prompt) {
+    try {
+      submit_n(n, std::move(prompt));
+    } catch (const RequestError& e) {
+      return std::make_pair(e.code(), e.message());
+    }
+    return std::make_pair(RequestError::Code::kUnavailable, std::string("admitted"));
+  };
+  auto first = submit_n(1, {1, 5});
+  // Two more would fit the 3 requests, three do not: none of them is queued.
+  auto [code, message] = refusal(3, {1, 5});
+  EXPECT_EQ(code, RequestError::Code::kResourceExhausted) << message;
+  EXPECT_EQ(s.engine->stats().queue_depth, 1);
+  EXPECT_EQ(s.engine->stats().queued_tokens, 2);
+  // Their prompt tokens count once per completion: 2 + 3 x 3 > 8.
+  std::tie(code, message) = refusal(2, {1, 5, 6, 7});
+  EXPECT_EQ(code, RequestError::Code::kResourceExhausted) << message;
+  EXPECT_EQ(s.engine->stats().queue_depth, 1);
+  // More than a call may ask, or than the queue could ever hold: invalid, naming n.
+  std::tie(code, message) = refusal(5, {1, 5});
+  EXPECT_EQ(code, RequestError::Code::kInvalidArgument);
+  EXPECT_EQ(message, "n: 5 completions (at most 4, --max-completions)");
+  std::tie(code, message) = refusal(4, {1, 5});
+  EXPECT_EQ(code, RequestError::Code::kInvalidArgument);
+  EXPECT_EQ(message,
+            "n: 4 completions exceed the admission limit of 3 requests "
+            "(--max-queue-requests)");
+  std::tie(code, message) = refusal(3, {1, 5, 6});
+  EXPECT_EQ(code, RequestError::Code::kInvalidArgument);
+  EXPECT_EQ(message,
+            "n: 3 completions of 3 prompt tokens exceed the admission limit of 8 "
+            "prompt tokens (--max-queue-tokens)");
+  // One invalid completion refuses them all.
+  std::vector<RequestParams> mixed = {request({1, 5}, 4), request({1, 5}, 0)};
+  EXPECT_THROW(s.engine->submit_all(std::move(mixed),
+                                    {std::make_shared<Collector>(), std::make_shared<Collector>()}),
+               RequestError);
+  EXPECT_EQ(s.engine->stats().queue_depth, 1);
+  auto two = submit_n(2, {1, 5});
+  EXPECT_EQ(s.engine->stats().queue_depth, 3);
+  s.start();
+  for (auto* group : {&first, &two})
+    for (const auto& c : *group) {
+      c->wait();
+      EXPECT_EQ(c->tokens, alone({1, 5}, 4));
+    }
+}
+
 // Cancels its request (for `reason`) when its first token arrives (sinks are called without the
 // engine's lock), so the cancellation lands while the request runs however fast the steps are.
 class CancelOnFirstToken : public Collector,
