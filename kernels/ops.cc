@@ -57,6 +57,16 @@ void check_penalize(const Tensor& logits, const Tensor& offsets, const Tensor& i
   SY_CHECK(ids.size(0) < (int64_t{1} << 31), "penalize: ", ids.size(0), " ids");
 }
 
+void check_bias(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                const Tensor& values) {
+  const int64_t n = logits.size(0);
+  check_tensor(logits, "bias.logits", DType::kF32, {n, -1});
+  check_tensor(offsets, "bias.offsets", DType::kI32, {n + 1});
+  check_tensor(ids, "bias.ids", DType::kI32, {-1});
+  check_tensor(values, "bias.values", DType::kF32, {ids.size(0)});
+  SY_CHECK(ids.size(0) < (int64_t{1} << 31), "bias: ", ids.size(0), " ids");
+}
+
 void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
                     const Tensor& rows, const Tensor& chosen) {
   const int64_t m = logits.size(0);
@@ -178,6 +188,29 @@ void Ops::penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Ten
   for (int64_t i = 0; i < n; ++i)
     cpu::penalize_row(rows.data() + i * vocab, vocab, id.data() + off[i], count.data() + off[i],
                       off[i + 1] - off[i], p[i * P], p[i * P + 1], p[i * P + 2]);
+  copy_from_host(logits.data, rows.data(), logits.bytes());
+  synchronize();
+}
+
+void Ops::bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values) {
+  check_bias(logits, offsets, ids, values);
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t m = ids.size(0);
+  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m));
+  std::vector<float> rows(static_cast<size_t>(n * vocab)), value(static_cast<size_t>(m));
+  copy_to_host(off.data(), offsets.data, offsets.bytes());
+  SY_CHECK(off[0] == 0 && off[n] <= m, "bias: offsets run from ", off[0], " to ", off[n], " over ",
+           m, " ids");
+  for (int64_t i = 0; i < n; ++i)
+    SY_CHECK(off[i] <= off[i + 1], "bias: offsets decrease at row ", i);
+  if (m == 0) return;
+  copy_to_host(rows.data(), logits.data, logits.bytes());
+  copy_to_host(id.data(), ids.data, ids.bytes());
+  copy_to_host(value.data(), values.data, values.bytes());
+  for (int64_t i = 0; i < n; ++i)
+    cpu::bias_row(rows.data() + i * vocab, vocab, id.data() + off[i], value.data() + off[i],
+                  off[i + 1] - off[i]);
   copy_from_host(logits.data, rows.data(), logits.bytes());
   synchronize();
 }

@@ -111,6 +111,12 @@ class Ops {
   // The default copies the rows to the host and samples there.
   static constexpr int64_t kSampleParams = 6;
   virtual void sample(Tensor out_ids, Tensor logits, Tensor params);
+  // Logit biases, in place, before penalize: in row i of logits F32 [n, vocab], logits[i, ids[j]]
+  // += values[j] for offsets[i] <= j < offsets[i + 1] (-inf bans the token). offsets: I32
+  // [n + 1], non-decreasing from 0 to at most m; ids: I32 [m], distinct within a row (ids outside
+  // [0, vocab) are skipped); values: F32 [m]. kernels/cpu/sample.cc's bias_row is the reference.
+  // The default copies to the host and back.
+  virtual void bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values);
   // Repetition, presence and frequency penalties, in place, before sample: in row i of logits
   // F32 [n, vocab], each token ids[j], offsets[i] <= j < offsets[i + 1] (the row's distinct
   // context tokens, prompt and generated), first has its logit divided by the repetition penalty
@@ -167,6 +173,8 @@ void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, co
 void check_sample(const Tensor& out_ids, const Tensor& logits, const Tensor& params);
 void check_penalize(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
                     const Tensor& counts, const Tensor& params);
+void check_bias(const Tensor& logits, const Tensor& offsets, const Tensor& ids,
+                const Tensor& values);
 void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Tensor& logits,
                     const Tensor& rows, const Tensor& chosen);
 

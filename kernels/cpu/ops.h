@@ -25,6 +25,11 @@ void swiglu(Tensor out, Tensor gate, Tensor up);
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order);
 
+// The logit biases of one row of scores [vocab] (Ops::bias): scores[ids[j]] += values[j] for the
+// n distinct `ids` (those outside [0, vocab) skipped). The reference of Ops::bias and what
+// runtime/sampler.cc's Sampler applies before the penalties.
+void bias_row(float* scores, int64_t vocab, const int32_t* ids, const float* values, int64_t n);
+
 // The penalties of one row of scores [vocab] (Ops::penalize): each of the n distinct `ids` (those
 // outside [0, vocab) skipped) first takes Hugging Face's repetition penalty (divided by
 // `repetition` when positive, multiplied otherwise), then loses

@@ -9,6 +9,11 @@
 
 namespace sy::cpu {
 
+void bias_row(float* scores, int64_t vocab, const int32_t* ids, const float* values, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (ids[j] >= 0 && ids[j] < vocab) scores[ids[j]] += values[j];
+}
+
 void penalize_row(float* scores, int64_t vocab, const int32_t* ids, const int32_t* counts,
                   int64_t n, float repetition, float presence, float frequency) {
   for (int64_t j = 0; j < n; ++j) {

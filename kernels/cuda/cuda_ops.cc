@@ -288,6 +288,9 @@ class CudaOps final : public Ops {
   void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params) override {
     cuda::penalize(logits, offsets, ids, counts, params, stream_);
   }
+  void bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values) override {
+    cuda::bias(logits, offsets, ids, values, stream_);
+  }
   void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows,
                 Tensor chosen) override {
     cuda::logprobs(out_logprobs, out_ids, logits, rows, chosen, stream_);

@@ -59,6 +59,7 @@ void swiglu(Tensor out, Tensor gate, Tensor up, cudaStream_t stream);
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream);
 void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params,
               cudaStream_t stream);
+void bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values, cudaStream_t stream);
 void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, Tensor chosen,
               cudaStream_t stream);
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,

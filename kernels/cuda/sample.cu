@@ -210,6 +210,22 @@ __global__ void penalize_kernel(float* __restrict__ logits, int64_t vocab,
   }
 }
 
+// Ops::bias: one block per row, a thread per id (distinct within the row); offsets clamped as in
+// penalize_kernel. One IEEE addition, as the CPU twin.
+__global__ void bias_kernel(float* __restrict__ logits, int64_t vocab,
+                            const int32_t* __restrict__ offsets, const int32_t* __restrict__ ids,
+                            int32_t n_ids, const float* __restrict__ values) {
+  const int64_t row = blockIdx.x;
+  const int32_t begin = min(max(offsets[row], 0), n_ids);
+  const int32_t end = min(max(offsets[row + 1], begin), n_ids);
+  float* lg = logits + row * vocab;
+  for (int32_t j = begin + static_cast<int32_t>(threadIdx.x); j < end;
+       j += static_cast<int32_t>(blockDim.x)) {
+    const int32_t id = ids[j];
+    if (id >= 0 && id < vocab) lg[id] = __fadd_rn(lg[id], values[j]);
+  }
+}
+
 // Ops::logprobs: one block per row. The log-sum-exp as the CPU twin (float max, fp64 sum of
 // exp(l - max) in a fixed order of its own); the top tokens one block-wide key maximum at a time,
 // each below the last (keys order by logit, then lower id, as the twin's sort).
@@ -281,6 +297,17 @@ void penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor p
       logits.f32(), logits.size(1), offsets.i32(), ids.i32(), counts.i32(),
       static_cast<int32_t>(ids.size(0)), params.f32());
   check_launch("penalize");
+}
+
+void bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values, cudaStream_t stream) {
+  check_bias(logits, offsets, ids, values);
+  check_on_device("bias", {&logits, &offsets, &ids, &values});
+  const int64_t n = logits.size(0);
+  if (n == 0 || ids.size(0) == 0) return;
+  bias_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+      logits.f32(), logits.size(1), offsets.i32(), ids.i32(), static_cast<int32_t>(ids.size(0)),
+      values.f32());
+  check_launch("bias");
 }
 
 void sample(Tensor out_ids, Tensor logits, Tensor params, cudaStream_t stream) {

@@ -76,6 +76,9 @@ inline float __fmul_rn(float a, float b) {
 inline float __fsub_rn(float a, float b) {
   return a - b;
 }
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
 
 inline float rsqrtf(float x) {
   return 1.f / std::sqrt(x);

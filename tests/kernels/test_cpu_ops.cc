@@ -367,6 +367,44 @@ TEST(CpuOps, PenalizeAppliesRepetitionThenPresenceAndFrequency) {
   EXPECT_EQ(logits, want);  // refused calls change nothing
 }
 
+// Ops::bias (the default, host implementation the CPU backend takes): each listed logit gains its
+// value (-inf bans the token), ids outside the vocabulary are skipped, rows without ids keep their
+// logits; malformed offsets and operands are refused by name and change nothing.
+TEST(CpuOps, BiasAddsItsValuesAndBans) {
+  auto ops = make_cpu_ops();
+  const int64_t n = 3, vocab = 6;
+  std::vector<float> logits = random_vector(n * vocab, 9, 3.f);
+  const std::vector<float> before = logits;
+  std::vector<int32_t> offsets = {0, 3, 3, 5};
+  std::vector<int32_t> ids = {4, 0, 7, 2, -3};
+  std::vector<float> values = {1.5f, -100.f, 9.f, -INFINITY, 2.f};
+  ops->bias(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {5}), view(values, {5}));
+  std::vector<float> want = before;
+  want[0 * vocab + 4] += 1.5f;
+  want[0 * vocab + 0] += -100.f;
+  want[2 * vocab + 2] = -INFINITY;
+  EXPECT_EQ(logits, want);
+  auto message = [&](std::vector<int32_t> off, int64_t n_ids) -> std::string {
+    try {
+      ops->bias(view(logits, {n, vocab}), view(off, {n + 1}), view(ids, {n_ids}),
+                view(values, {n_ids}));
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message({0, 3, 2, 5}, 5).find("offsets decrease at row 1"), std::string::npos);
+  EXPECT_NE(message({0, 3, 3, 5}, 4).find("to 5 over 4 ids"), std::string::npos);
+  try {
+    ops->bias(view(logits, {n, vocab}), view(offsets, {n + 1}), view(ids, {5}), view(values, {4}));
+    FAIL() << "4 values of 5 ids taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bias.values: expected F32[5]"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(logits, want);  // refused calls change nothing
+}
+
 // Ops::logprobs (the default: cpu::logprobs_row per row): the log-softmax against a long-double
 // reference, the top tokens best first with ties to the lower id, each row's token taken
 // through `rows` from the sampled ids; a row or token out of range refused by name.

@@ -1478,6 +1478,42 @@ TEST_F(CudaOps, PenalizeMatchesCpu) {
   }
 }
 
+// Ops::bias: exact against the CPU twin (one IEEE addition per listed logit) over the awkward row
+// counts, with rows of no ids, ids outside the vocabulary, -inf bans and, in row 0, the whole
+// vocabulary (more ids than a block has threads).
+TEST_F(CudaOps, BiasMatchesCpu) {
+  for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32000}}) {
+    for (int64_t n : kTokenCounts) {
+      if (vocab == 32000 && n > 3) continue;  // the emulator's time
+      std::vector<float> logits = random_vector(n * vocab, 91 + n + vocab, 4.f);
+      std::vector<int32_t> offsets = {0}, ids;
+      std::vector<float> values;
+      std::mt19937_64 rng(static_cast<uint64_t>(n * vocab + 5));
+      std::vector<int32_t> order(static_cast<size_t>(vocab));
+      for (int64_t r = 0; r < n; ++r) {
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        const int64_t take = r == 0 ? vocab : static_cast<int64_t>(rng() % (vocab / 10 + 2));
+        ids.insert(ids.end(), order.begin(), order.begin() + std::min(take, vocab));
+        if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));  // skipped
+        if (r % 7 == 4) ids.push_back(-1);                               // skipped
+        offsets.push_back(static_cast<int32_t>(ids.size()));
+        while (values.size() < ids.size())
+          values.push_back(rng() % 9 == 0 ? -INFINITY
+                                          : -100.f + static_cast<float>(rng() % 20001) / 100.f);
+      }
+      const int64_t m = static_cast<int64_t>(ids.size());
+      std::vector<float> want = logits;
+      cpu_->bias(host(want, {n, vocab}), host(offsets, {n + 1}), host(ids, {m}), host(values, {m}));
+      const DeviceTensor glogits = upload(*gpu_, logits, DType::kF32, {n, vocab});
+      gpu_->bias(glogits, upload(*gpu_, offsets, {n + 1}), upload(*gpu_, ids, {m}),
+                 upload(*gpu_, values, DType::kF32, {m}));
+      EXPECT_EQ(download(*gpu_, glogits), want) << n << " rows of " << vocab;
+      EXPECT_NE(want, logits);
+    }
+  }
+}
+
 // Ops::logprobs: the top ids exact and the log-probabilities within 1e-6 of the CPU twin (the
 // fp64 sums differ only in order), over awkward row counts, tops of 1 to 20, rows with many
 // tied logits, and rows taken out of order.
