@@ -103,6 +103,10 @@ int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   request.set_presence_penalty(a.sampling.presence_penalty);
   request.set_frequency_penalty(a.sampling.frequency_penalty);
   if (a.has_seed) request.set_seed(a.sampling.seed);
+  for (const auto& [id, bias] : parse_logit_bias(a.logit_bias, "--logit-bias"))
+    (*request.mutable_logit_bias())[static_cast<uint32_t>(id)] = bias;
+  SY_CHECK(a.sampling.min_tokens >= 0, "--min-tokens ", a.sampling.min_tokens, " must be >= 0");
+  request.set_min_tokens(static_cast<uint32_t>(a.sampling.min_tokens));
   for (const std::string& s : a.stop) request.add_stop(s);
   for (int64_t id : a.stop_token_ids) request.add_stop_token_ids(static_cast<uint32_t>(id));
   request.set_ignore_eos(a.ignore_eos);
@@ -279,6 +283,13 @@ void add_client(CLI::App& app, ClientArgs& a) {
       ->capture_default_str();
   gen->add_option("--seed", a.sampling.seed, "Sampling seed (default: chosen by the server)")
       ->each([&a](const std::string&) { a.has_seed = true; });
+  gen->add_option("--logit-bias", a.logit_bias,
+                  "ID:BIAS added to a token's logit before the penalties, in [-100, 100] "
+                  "(repeatable)");
+  gen->add_option("--min-tokens", a.sampling.min_tokens,
+                  "Tokens generated before an end-of-sequence token, a stop id or a stop string "
+                  "may end generation")
+      ->capture_default_str();
   gen->add_option("--stop", a.stop, "Stop string (repeatable)");
   gen->add_option("--stop-token-id", a.stop_token_ids,
                   "Token id that ends generation (repeatable)");

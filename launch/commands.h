@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -31,6 +32,7 @@ struct GenerateArgs {
   std::string prompt_ids;
   int64_t max_tokens = 64;
   SamplingParams sampling;
+  std::vector<std::string> logit_bias;  // ID:BIAS items
   bool ignore_eos = false;
   bool print_ids = false;
   bool no_bos = false;
@@ -65,6 +67,7 @@ struct ClientArgs {
   int64_t max_tokens = 0;  // 0 = the server's default (16)
   SamplingParams sampling;
   bool has_seed = false;
+  std::vector<std::string> logit_bias;  // ID:BIAS items
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
@@ -89,6 +92,9 @@ void print_layout(const ParallelContext& parallel, const ModelConfig& config,
                   const Weights& weights);
 // Parses "1,2,3" into token ids; throws naming `flag`.
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag);
+// `flag`'s "ID:BIAS" items as logit biases; throws naming the flag and the item.
+std::vector<std::pair<int32_t, float>> parse_logit_bias(const std::vector<std::string>& items,
+                                                        const char* flag);
 
 // `switchyard bench MODE`: measurements for capacity planning. Modes: all-to-all, engine, serve.
 struct BenchAllToAllArgs {

@@ -37,6 +37,27 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag) {
   return ids;
 }
 
+std::vector<std::pair<int32_t, float>> parse_logit_bias(const std::vector<std::string>& items,
+                                                        const char* flag) {
+  std::vector<std::pair<int32_t, float>> out;
+  for (const std::string& item : items) {
+    const size_t colon = item.find(':');
+    SY_CHECK(colon != std::string::npos, flag, ": \"", item, "\" is not ID:BIAS");
+    const int32_t id = parse_ids(item.substr(0, colon), flag).at(0);
+    size_t used = 0;
+    float bias = 0;
+    try {
+      bias = std::stof(item.substr(colon + 1), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    SY_CHECK(used > 0 && used == item.size() - colon - 1, flag, ": \"", item,
+             "\" has no number after the colon");
+    out.emplace_back(id, bias);
+  }
+  return out;
+}
+
 void print_layout(const ParallelContext& par, const ModelConfig& config, const Weights& w) {
   const int W = par.config.world;
   std::vector<int32_t> mine = {static_cast<int32_t>(w.expert_bytes >> 10),
@@ -102,6 +123,12 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
                   "Subtracted once per time a token was generated, in [-2, 2]; 0 = off")
       ->capture_default_str();
   cmd->add_option("--seed", a.sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--logit-bias", a.logit_bias,
+                  "ID:BIAS added to a token's logit before the penalties, in [-100, 100] "
+                  "(repeatable)");
+  cmd->add_option("--min-tokens", a.sampling.min_tokens,
+                  "Tokens generated before an end-of-sequence token may end generation")
+      ->capture_default_str();
   cmd->add_flag("--ignore-eos", a.ignore_eos, "Do not stop at end-of-sequence tokens");
   cmd->add_flag("--no-bos", a.no_bos, "Do not add BOS before a --prompt text");
   cmd->add_flag("--print-ids", a.print_ids, "Print the generated ids on one line");
@@ -166,6 +193,8 @@ int run_generate(const GenerateArgs& a) {
   GenerateOptions options;
   options.max_tokens = a.max_tokens;
   options.sampling = a.sampling;
+  options.sampling.logit_bias = parse_logit_bias(a.logit_bias, "--logit-bias");
+  options.sampling.validate();
   options.ignore_eos = a.ignore_eos;
   options.eos_ids = config.eos_token_ids;
   options.all_prompt_logits = !a.logits_out.empty();

@@ -145,9 +145,23 @@ void Engine::validate(const RequestParams& p) const {
   if (n_prompt > options_.max_queue_tokens)
     bad("prompt: " + std::to_string(n_prompt) + " tokens exceed the admission limit of " +
         std::to_string(options_.max_queue_tokens) + " prompt tokens (--max-queue-tokens)");
+  for (const auto& [id, value] : p.sampling.logit_bias)
+    if (id >= vocab)
+      bad("logit_bias: token id " + std::to_string(id) + " outside the vocabulary of " +
+          std::to_string(vocab));
+  if (p.sampling.min_tokens > p.max_tokens)
+    bad("min_tokens: " + std::to_string(p.sampling.min_tokens) + " exceeds max_tokens " +
+        std::to_string(p.max_tokens));
   if (p.logprobs < 0 || p.logprobs > options_.max_logprobs)
     bad("logprobs: " + std::to_string(p.logprobs) + " outside [0, " +
         std::to_string(options_.max_logprobs) + "]");
+}
+
+std::vector<int32_t> Engine::end_ids(const RequestParams& p) const {
+  std::vector<int32_t> ids = p.stop_token_ids;
+  if (!p.ignore_eos)
+    for (int64_t id : tokenizer_.eos_ids()) ids.push_back(static_cast<int32_t>(id));
+  return ids;
 }
 
 uint64_t Engine::submit(RequestParams params, std::shared_ptr<RequestSink> sink) {
@@ -181,8 +195,8 @@ std::vector<uint64_t> Engine::submit_all(std::vector<RequestParams> params,
     seq->n_prompt = static_cast<int64_t>(p.prompt.size());
     seq->tokens = p.prompt;
     seq->tokens.reserve(static_cast<size_t>(seq->n_prompt + p.max_tokens));
-    seq->sampler =
-        std::make_unique<Sampler>(p.sampling, model_.config().vocab_size, p.prompt.size());
+    seq->sampler = std::make_unique<Sampler>(p.sampling, model_.config().vocab_size,
+                                             p.prompt.size(), end_ids(p));
     seq->decoder = std::make_unique<StreamDecoder>(tokenizer_, p.prompt);
     for (const std::string& s : p.stop) seq->longest_stop = std::max(seq->longest_stop, s.size());
     seq->params = std::move(p);
@@ -552,19 +566,23 @@ void Engine::process_logits(const int32_t* sampled) {
     else if (seq.n_generated() >= seq.params.max_tokens ||
              static_cast<int64_t>(seq.tokens.size()) >= context_limit_)
       reason = FinishReason::kLength;
-    // Text: cut at a stop string; otherwise hold back a tail that could begin one.
+    // Text: cut at a stop string; otherwise hold back a tail that could begin one. Before
+    // min_tokens tokens, stop strings are not looked for (as vLLM).
     std::string text = seq.held + seq.decoder->push(next);
     seq.held.clear();
     size_t cut = std::string::npos;
-    for (const std::string& stop : seq.params.stop) cut = std::min(cut, text.find(stop));
+    const bool stops = seq.n_generated() >= seq.params.sampling.min_tokens;
+    if (stops)
+      for (const std::string& stop : seq.params.stop) cut = std::min(cut, text.find(stop));
     if (cut != std::string::npos) {
       text.resize(cut);
       reason = FinishReason::kStop;
     } else if (reason != FinishReason::kNone) {
       text += seq.decoder->flush();
-    } else {
-      // The longest suffix that is a prefix of a stop string waits for the next token. Stop
-      // strings are valid UTF-8, so the held suffix starts at a character boundary.
+    } else if (stops || seq.n_generated() + 1 == seq.params.sampling.min_tokens) {
+      // The longest suffix that is a prefix of a stop string waits for the next token (which,
+      // one token before min_tokens, is the first one looked at). Stop strings are valid UTF-8,
+      // so the held suffix starts at a character boundary.
       size_t keep = 0;
       for (const std::string& stop : seq.params.stop)
         for (size_t n = std::min(stop.size() - 1, text.size()); n > keep; --n)
@@ -679,6 +697,9 @@ void Engine::run() {
         penalty_ids_.clear();
         penalty_counts_.clear();
         penalty_params_.resize(logit_seqs_.size() * Ops::kPenaltyParams);
+        bias_offsets_.assign(1, 0);
+        bias_ids_.clear();
+        bias_values_.clear();
         bool penalised = false;
         for (size_t i = 0; i < logit_seqs_.size(); ++i) {
           Sequence& seq = *logit_seqs_[i];
@@ -692,6 +713,10 @@ void Engine::run() {
           }
           penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
           sampler.penalty_params(penalty_params_.data() + i * Ops::kPenaltyParams);
+          const BiasList& bias = sampler.bias_list(seq.n_generated());
+          bias_ids_.insert(bias_ids_.end(), bias.ids.begin(), bias.ids.end());
+          bias_values_.insert(bias_values_.end(), bias.values.begin(), bias.values.end());
+          bias_offsets_.push_back(static_cast<int32_t>(bias_ids_.size()));
           if (seq.params.logprobs > 0) {
             logprob_slot_[i] = static_cast<int64_t>(logprobs_.rows.size());
             logprobs_.rows.push_back(static_cast<int32_t>(i));
@@ -702,9 +727,10 @@ void Engine::run() {
                                         penalty_counts_.data(), penalty_params_.data()};
         logprobs_.logprobs = device_lp_.data();
         logprobs_.ids = device_lp_ids_.data();
-        model_.forward_sample(batch_, sample_params_.data(), sampled_.data(),
-                              penalised ? &penalties : nullptr,
-                              logprobs_.rows.empty() ? nullptr : &logprobs_);
+        const SampleBiases biases{bias_offsets_.data(), bias_ids_.data(), bias_values_.data()};
+        model_.forward_sample(
+            batch_, sample_params_.data(), sampled_.data(), penalised ? &penalties : nullptr,
+            logprobs_.rows.empty() ? nullptr : &logprobs_, bias_ids_.empty() ? nullptr : &biases);
         record_blocks();
         process_logits(sampled_.data());
       } else {

@@ -187,6 +187,9 @@ class Engine {
   // equal. Only the sampled tokens (and any logprobs) come back.
   bool sample_on_device() const;
   void validate(const RequestParams& params) const;
+  // The tokens that end `params`' generation: its stop ids, and the model's end-of-sequence ids
+  // unless ignore_eos (what min_tokens holds back).
+  std::vector<int32_t> end_ids(const RequestParams& params) const;
 
   Model& model_;
   const Tokenizer& tokenizer_;
@@ -217,6 +220,9 @@ class Engine {
   std::vector<int32_t> penalty_ids_;
   std::vector<int32_t> penalty_counts_;
   std::vector<float> penalty_params_;
+  std::vector<int32_t> bias_offsets_;  // the step's SampleBiases
+  std::vector<int32_t> bias_ids_;
+  std::vector<float> bias_values_;
   SampleLogprobs logprobs_;             // the step's logprobs asked of forward_sample
   std::vector<int64_t> logprob_slot_;   // per logit row: its row in logprobs_, or -1
   std::vector<float> device_lp_;        // forward_sample's logprobs out [max_running, 1 + top]

@@ -52,6 +52,8 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   const int64_t n_prompt = static_cast<int64_t>(prompt.size());
   SY_CHECK(n_prompt > 0, "empty prompt");
   SY_CHECK(options.max_tokens >= 0, "max_tokens ", options.max_tokens, " must be >= 0");
+  SY_CHECK(options.sampling.min_tokens <= options.max_tokens, "min_tokens ",
+           options.sampling.min_tokens, " exceeds max_tokens ", options.max_tokens);
   const int64_t context = n_prompt + options.max_tokens;
   SY_CHECK(context <= limits.max_blocks_per_seq * limits.block_size, "prompt of ", n_prompt,
            " tokens plus max_tokens ", options.max_tokens, " exceeds the context of ",
@@ -99,7 +101,10 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   // Decode.
-  Sampler sampler(options.sampling, vocab, prompt.size());
+  std::vector<int32_t> end_ids;  // what min_tokens holds back
+  if (!options.ignore_eos)
+    for (int64_t id : options.eos_ids) end_ids.push_back(static_cast<int32_t>(id));
+  Sampler sampler(options.sampling, vocab, prompt.size(), end_ids);
   // On GPUs the model samples on the device and only the token comes back (every rank samples
   // alike; rank 0's token is broadcast), the penalties applied there too.
   const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported();
@@ -107,6 +112,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
   float penalty[Ops::kPenaltyParams] = {};
   sampler.penalty_params(penalty);
   int32_t penalty_offsets[2] = {0, 0};
+  int32_t bias_offsets[2] = {0, 0};
   int32_t device_next = -1;  // sampled by the last decode step on the device
   std::vector<int32_t> context_ids = prompt;
   context_ids.reserve(static_cast<size_t>(context));
@@ -133,14 +139,16 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
     batch.logit_rows.push_back(0);
     if (on_device) {
       sampler.device_params(params);
-      if (sampler.penalised()) {
-        const PenaltyContext& pc = sampler.penalty_context(context_ids);
-        penalty_offsets[1] = static_cast<int32_t>(pc.ids.size());
-        const SamplePenalties penalties{penalty_offsets, pc.ids.data(), pc.counts.data(), penalty};
-        model.forward_sample(batch, params, &device_next, &penalties);
-      } else {
-        model.forward_sample(batch, params, &device_next);
-      }
+      const BiasList& bias = sampler.bias_list(static_cast<int64_t>(result.tokens.size()));
+      bias_offsets[1] = static_cast<int32_t>(bias.ids.size());
+      const SampleBiases biases{bias_offsets, bias.ids.data(), bias.values.data()};
+      const PenaltyContext* pc =
+          sampler.penalised() ? &sampler.penalty_context(context_ids) : nullptr;
+      penalty_offsets[1] = pc != nullptr ? static_cast<int32_t>(pc->ids.size()) : 0;
+      const SamplePenalties penalties{penalty_offsets, pc != nullptr ? pc->ids.data() : nullptr,
+                                      pc != nullptr ? pc->counts.data() : nullptr, penalty};
+      model.forward_sample(batch, params, &device_next, pc != nullptr ? &penalties : nullptr,
+                           nullptr, bias.ids.empty() ? nullptr : &biases);
     } else {
       model.forward(batch, last_logits.data());
     }

@@ -171,6 +171,9 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     penalty_params_ = c.take(DType::kF32, {R, Ops::kPenaltyParams});
     penalty_ids_ = c.take(DType::kI32, {penalty_capacity()});
     penalty_counts_ = c.take(DType::kI32, {penalty_capacity()});
+    bias_offsets_ = c.take(DType::kI32, {R + 1});
+    bias_ids_ = c.take(DType::kI32, {bias_capacity()});
+    bias_values_ = c.take(DType::kF32, {bias_capacity()});
     const int64_t LP = logprob_capacity();
     logprob_rows_ = c.take(DType::kI32, {LP});
     logprob_raw_ = c.take(DType::kF32, {LP, config_.vocab_size});
@@ -224,7 +227,8 @@ void Model::forward(const StepBatch& batch, float* logits) {
 }
 
 void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                           const SamplePenalties* penalties, SampleLogprobs* logprobs) {
+                           const SamplePenalties* penalties, SampleLogprobs* logprobs,
+                           const SampleBiases* biases) {
   SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
            " does not split evenly over ", world_, " ranks");
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
@@ -261,6 +265,22 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     SY_CHECK(n_penalty_ids == 0 || (penalties->ids != nullptr && penalties->counts != nullptr),
              "forward_sample: no penalty ids or counts");
   }
+  int64_t n_bias_ids = 0;
+  if (biases != nullptr) {
+    const int32_t* off = biases->offsets;
+    SY_CHECK(off != nullptr && off[0] == 0, "forward_sample: bias offsets must start at 0");
+    for (int64_t i = 0; i < n_logits; ++i) {
+      SY_CHECK(off[i] <= off[i + 1] && off[i + 1] - off[i] <= kMaxBiasesPerRow,
+               "forward_sample: ", off[i + 1] - off[i], " biases in row ", i, " (0 to ",
+               kMaxBiasesPerRow, ")");
+      for (int32_t j = off[i]; j < off[i + 1]; ++j)
+        SY_CHECK(biases->ids[j] >= 0 && biases->ids[j] < config_.vocab_size,
+                 "forward_sample: bias of token ", biases->ids[j], " in row ", i);
+    }
+    n_bias_ids = off[n_logits];
+    SY_CHECK(n_bias_ids <= bias_capacity(), "forward_sample: ", n_bias_ids,
+             " biases; the limit is ", bias_capacity());
+  }
   run_step(batch);
   if (n_logits > 0) {
     Tensor lg = logits_.rows(0, n_logits);  // [n_logits, vocab] on one rank
@@ -291,6 +311,15 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     if (n_lp > 0) {
       ops_.copy_from_host(lp_rows.data, logprobs->rows.data(), lp_rows.bytes());
       ops_.gather_rows(lp_raw, lg, lp_rows);
+    }
+    if (n_bias_ids > 0) {
+      Tensor off = bias_offsets_.rows(0, n_logits + 1);
+      Tensor bid = bias_ids_.rows(0, n_bias_ids);
+      Tensor val = bias_values_.rows(0, n_bias_ids);
+      ops_.copy_from_host(off.data, biases->offsets, off.bytes());
+      ops_.copy_from_host(bid.data, biases->ids, bid.bytes());
+      ops_.copy_from_host(val.data, biases->values, val.bytes());
+      ops_.bias(lg, off, bid, val);
     }
     if (n_penalty_ids > 0) {
       Tensor off = penalty_offsets_.rows(0, n_logits + 1);
@@ -323,6 +352,11 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
 int64_t Model::penalty_capacity() const {
   const int64_t rows = std::min(limits_.max_logit_rows, limits_.max_seqs);
   return rows * std::min(config_.vocab_size, limits_.max_blocks_per_seq * limits_.block_size);
+}
+
+int64_t Model::bias_capacity() const {
+  const int64_t rows = std::min(limits_.max_logit_rows, limits_.max_seqs);
+  return rows * std::min(config_.vocab_size, kMaxBiasesPerRow);
 }
 
 bool Model::forward_sample_supported() const {

@@ -80,6 +80,15 @@ struct SamplePenalties {
   const float* params = nullptr;     // [n_logits, Ops::kPenaltyParams]
 };
 
+// Logit biases of a step's logit rows for Model::forward_sample (Ops::bias, before the
+// penalties): row i's are ids[offsets[i]], ..., ids[offsets[i + 1] - 1] (distinct), gaining
+// values[j] each (-inf bans).
+struct SampleBiases {
+  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
+  const int32_t* ids = nullptr;      // [offsets[n_logits]]
+  const float* values = nullptr;     // [offsets[n_logits]]
+};
+
 // Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct, at
 // most one per sequence of the step), the sampled token's and the `top` most likely tokens'
 // (1 <= top <= min(vocabulary, Model::kMaxTopLogprobs)), of the model's own distribution (before
@@ -113,13 +122,17 @@ class Model {
   // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
   // (one all-gather over the world, then a row permutation) and every rank samples alike; every
   // rank calls it or forward() for the step. Requires forward_sample_supported().
-  // `penalties` (host; null for none) are the rows' penalties, applied on the device
-  // before sampling; `logprobs` (null for none) asks some rows' log-probabilities, which come
-  // back with the ids (no logits travel).
+  // `biases` and then `penalties` (host; null for none) are applied to the rows on the device
+  // before sampling; `logprobs` (null for none) asks some rows' log-probabilities (of the raw
+  // logits), which come back with the ids (no logits travel).
   void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
                       const SamplePenalties* penalties = nullptr,
-                      SampleLogprobs* logprobs = nullptr);
+                      SampleLogprobs* logprobs = nullptr, const SampleBiases* biases = nullptr);
   static constexpr int64_t kMaxTopLogprobs = 20;
+  // The most logit biases one forward_sample row takes (SamplingParams::kMaxLogitBias and the
+  // end ids that min_tokens bans fit).
+  static constexpr int64_t kMaxBiasesPerRow = 2048;
+  int64_t bias_capacity() const;
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;
@@ -222,6 +235,9 @@ class Model {
   Tensor penalty_params_;         // F32 [max_logit_rows, Ops::kPenaltyParams]
   Tensor penalty_ids_;            // I32 [penalty_capacity()]
   Tensor penalty_counts_;         // I32 [penalty_capacity()]
+  Tensor bias_offsets_;           // I32 [max_logit_rows + 1]  (forward_sample's biases)
+  Tensor bias_ids_;               // I32 [bias_capacity()]
+  Tensor bias_values_;            // F32 [bias_capacity()]
   Tensor logprob_rows_;  // I32 [logprob_capacity()]              (forward_sample's logprobs)
   Tensor logprob_raw_;   // F32 [logprob_capacity(), vocab]       their rows, unpenalised
   Tensor logprob_out_;   // F32 [logprob_capacity() * (1 + kMaxTopLogprobs)]

@@ -24,9 +24,24 @@ void SamplingParams::validate() const {
            "presence_penalty ", presence_penalty, " outside [-2, 2]");
   SY_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2.f,
            "frequency_penalty ", frequency_penalty, " outside [-2, 2]");
+  SY_CHECK(min_tokens >= 0, "min_tokens ", min_tokens, " must be >= 0");
+  SY_CHECK(static_cast<int64_t>(logit_bias.size()) <= kMaxLogitBias,
+           "logit_bias: ", logit_bias.size(), " tokens (at most ", kMaxLogitBias, ")");
+  std::vector<int32_t> ids;
+  for (const auto& [id, value] : logit_bias) {
+    SY_CHECK(id >= 0, "logit_bias: token id ", id, " is negative");
+    SY_CHECK(std::isfinite(value) && std::fabs(value) <= 100.f, "logit_bias: ", value,
+             " for token ", id, " outside [-100, 100]");
+    ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  const auto twice = std::adjacent_find(ids.begin(), ids.end());
+  SY_CHECK(twice == ids.end(), "logit_bias: token ", twice == ids.end() ? 0 : *twice,
+           " given twice");
 }
 
-Sampler::Sampler(const SamplingParams& params, int64_t vocab_size, size_t n_prompt)
+Sampler::Sampler(const SamplingParams& params, int64_t vocab_size, size_t n_prompt,
+                 const std::vector<int32_t>& end_ids)
     : params_(params),
       vocab_size_(vocab_size),
       rng_(params.seed),
@@ -34,11 +49,34 @@ Sampler::Sampler(const SamplingParams& params, int64_t vocab_size, size_t n_prom
       order_(static_cast<size_t>(vocab_size)),
       n_prompt_(n_prompt) {
   params_.validate();
+  for (const auto& [id, value] : params_.logit_bias) {
+    SY_CHECK(id < vocab_size, "logit_bias: token id ", id, " outside the vocabulary of ",
+             vocab_size);
+    bias_.ids.push_back(id);
+    bias_.values.push_back(value);
+  }
+  held_back_ = bias_;
+  if (params_.min_tokens > 0) {
+    for (int32_t id : end_ids) {
+      if (id < 0 || id >= vocab_size) continue;
+      const auto at = std::find(held_back_.ids.begin(), held_back_.ids.end(), id);
+      if (at != held_back_.ids.end()) {
+        held_back_.values[static_cast<size_t>(at - held_back_.ids.begin())] = -INFINITY;
+      } else {
+        held_back_.ids.push_back(id);
+        held_back_.values.push_back(-INFINITY);
+      }
+    }
+  }
 }
 
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& context) {
   const size_t V = static_cast<size_t>(vocab_size_);
   std::copy(logits, logits + V, scores_.begin());
+  const size_t n_generated = context.size() > n_prompt_ ? context.size() - n_prompt_ : 0;
+  const BiasList& bias = bias_list(static_cast<int64_t>(n_generated));
+  cpu::bias_row(scores_.data(), vocab_size_, bias.ids.data(), bias.values.data(),
+                static_cast<int64_t>(bias.ids.size()));
   if (penalised()) {  // each distinct context token once
     const PenaltyContext& pc = penalty_context(context);
     cpu::penalize_row(scores_.data(), vocab_size_, pc.ids.data(), pc.counts.data(),

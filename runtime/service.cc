@@ -86,6 +86,16 @@ RequestParams request_params(const v1::GenerateRequest& r, const Tokenizer& toke
   check_ids(r.stop_token_ids(), vocab_size, "stop_token_ids");
   p.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   p.ignore_eos = r.ignore_eos();
+  for (const auto& [id, bias] : r.logit_bias()) {
+    if (static_cast<int64_t>(id) >= vocab_size)
+      throw RequestError(Code::kInvalidArgument, "logit_bias: token id " + std::to_string(id) +
+                                                     " outside the vocabulary of " +
+                                                     std::to_string(vocab_size) + " tokens");
+    p.sampling.logit_bias.emplace_back(static_cast<int32_t>(id), bias);
+  }
+  // The map's order is unspecified: by id, so that equal requests are equal.
+  std::sort(p.sampling.logit_bias.begin(), p.sampling.logit_bias.end());
+  p.sampling.min_tokens = r.min_tokens();
   p.logprobs = r.logprobs();
   p.priority = r.priority();
   p.deadline = deadline;

@@ -36,6 +36,10 @@ def parse_args():
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 = off")
     g.add_argument("--seed", type=int, help="sampling seed (default: the server picks one)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID:BIAS",
+                   help="added to a token's logit, in [-100, 100] (repeatable)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="tokens before an end-of-sequence token or a stop may end generation")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--deadline-s", type=float, help="deadline of the call in seconds")
     g.add_argument("--print-ids", action="store_true", help="print the generated ids")
@@ -61,7 +65,11 @@ def generate(stub, pb, args):
         stop=args.stop,
         ignore_eos=args.ignore_eos,
         n=args.n,
+        min_tokens=args.min_tokens,
     )
+    for item in args.logit_bias:
+        token, _, bias = item.partition(":")
+        request.logit_bias[int(token)] = float(bias)
     if args.prompt is not None:
         request.text = args.prompt
     else:

@@ -16,9 +16,10 @@ namespace sy::test {
 
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a paged cache): prompts of 1 to 30
-// tokens, greedy and seeded sampling mixed, one request with logprobs, two with a repetition
-// penalty, then a next turn of one of them, which starts from the prefix cache. Each must get the
-// tokens generate() gives it alone on the CPU, and the logprobs request the top-3
+// tokens, greedy and seeded sampling mixed, one request with logprobs, three with penalties, one
+// with logit biases, one whose end-of-sequence token is forced by a bias but held back by
+// min_tokens, then a next turn of one of them, which starts from the prefix cache. Each must get
+// the tokens generate() gives it alone on the CPU, and the logprobs request the top-3
 // log-probabilities a CPU engine gives it alone. Then long requests in a small cache, whose
 // blocks are reused as they leave the attention window.
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
@@ -45,6 +46,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
     GenerateOptions o;
     o.max_tokens = p.max_tokens;
     o.ignore_eos = p.ignore_eos;
+    o.eos_ids = config.eos_token_ids;
     o.sampling = p.sampling;
     return generate(*plain.model, p.prompt, o).tokens;
   };
@@ -75,6 +77,15 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.presence_penalty = -0.4f;
       p.sampling.frequency_penalty = 1.1f;
     }
+    // Logit biases (on GPUs Ops::bias on the device): request 10 (greedy) pushes token 50 up and
+    // bans token 51; request 11 (sampled) forces the end-of-sequence token, which min_tokens 3
+    // holds back for three tokens: it ends with the fourth.
+    if (i == 10) p.sampling.logit_bias = {{50, 6.f}, {51, -100.f}};
+    if (i == 11) {
+      p.ignore_eos = false;
+      p.sampling.min_tokens = 3;
+      p.sampling.logit_bias = {{static_cast<int32_t>(config.eos_token_ids.at(0)), 100.f}};
+    }
     reqs.push_back(p);
     sinks.push_back(std::make_shared<Collector>());
     engine.submit(p, sinks.back());
@@ -83,6 +94,12 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
     sinks[i]->wait();
     EXPECT_EQ(sinks[i]->tokens, alone_on_cpu(reqs[i])) << "request " << i;
   }
+  RequestParams unbiased = reqs[10];
+  unbiased.sampling.logit_bias.clear();
+  EXPECT_NE(sinks[10]->tokens, alone_on_cpu(unbiased)) << "the biases change request 10";
+  ASSERT_EQ(sinks[11]->tokens.size(), 4u);
+  EXPECT_EQ(sinks[11]->tokens.back(), config.eos_token_ids.at(0));
+  EXPECT_EQ(sinks[11]->finish, FinishReason::kStop);
   // A next turn of request 4 (greedy): its prompt, its answer and more. Its leading whole
   // blocks come from the prefix cache, and the tokens are those of computing everything.
   RequestParams turn = reqs[4];

@@ -36,10 +36,20 @@ check "greedy repeatable (token-by-token prefill)" test "$(grep '^ids:' <<<"$out
 s1=$("$bin" generate --model "$work/m1" --prompt "the yard" --max-tokens 10 --temperature 1 --seed 5 --print-ids 2>/dev/null | grep '^ids:')
 s2=$("$bin" generate --model "$work/m1" --prompt "the yard" --max-tokens 10 --temperature 1 --seed 5 --print-ids 2>/dev/null | grep '^ids:')
 check "seeded sampling repeatable" test -n "$s1" -a "$s1" = "$s2"
+# +100 on the end-of-sequence token (2) ends at once; min_tokens holds it back for 3 tokens.
+b1=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42 --max-tokens 12 --print-ids \
+     --logit-bias 2:100 2>/dev/null | grep '^ids:')
+b2=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42 --max-tokens 12 --print-ids \
+     --logit-bias 2:100 --min-tokens 3 2>/dev/null | grep '^ids:')
+check "logit bias ends at once" test "$b1" = "ids: 2"
+check "min tokens hold it back" test "$(wc -w <<<"$b2")" -eq 5 -a "${b2##* }" = 2
 
 check "missing model" fails_with "cannot open" "$bin" generate --model "$work/none" --prompt hi
 check "bad id" fails_with "outside the vocabulary" "$bin" generate --model "$work/m1" --prompt-ids 1,320
 check "bad id text" fails_with "is not an integer" "$bin" generate --model "$work/m1" --prompt-ids 1,x
+check "bad logit bias" fails_with "--logit-bias: \"7\" is not ID:BIAS" "$bin" generate --model "$work/m1" --prompt hi --logit-bias 7
+check "bad logit bias value" fails_with "outside [-100, 100]" "$bin" generate --model "$work/m1" --prompt hi --logit-bias 7:200
+check "bad min tokens" fails_with "min_tokens 90 exceeds max_tokens 64" "$bin" generate --model "$work/m1" --prompt hi --min-tokens 90
 check "bad temperature" fails_with "temperature" "$bin" generate --model "$work/m1" --prompt hi --temperature -1
 check "too long" fails_with "exceeds the context limit" "$bin" generate --model "$work/m1" --prompt hi --max-tokens 100000
 check "bad dtype" fails_with "is not a storage precision" "$bin" generate --model "$work/m1" --prompt hi --dtype f64

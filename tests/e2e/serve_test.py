@@ -26,6 +26,7 @@ Usage: serve_test.py SCENARIO --bin SWITCHYARD --ranks N --work DIR
 """
 import argparse
 import concurrent.futures
+import json
 import os
 import random
 import shutil
@@ -408,6 +409,29 @@ def scenario_basic(args):
                   all(f"[completion {i}]" in p.stdout and
                       "ids: " + " ".join(map(str, singles[i].ids)) in p.stdout for i in range(3))
                   and p.stdout.count("finish: length") == 3,
+                  f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        # Logit biases and min_tokens: +100 on the end-of-sequence token ends generation at once,
+        # unless min_tokens holds it back; both clients' flags reach the request.
+        eos = json.load(open(os.path.join(args.model, "config.json")))["eos_token_id"]
+        forced = generate(s.stub, ids_request([1, 17, 42], 12, logit_bias={eos: 100}),
+                          timeout=30)
+        held = generate(s.stub, ids_request([1, 17, 42], 12, logit_bias={eos: 100},
+                                            min_tokens=3), timeout=30)
+        check("logit_bias forces the end token", forced.code == grpc.StatusCode.OK and
+              forced.ids == [eos] and forced.finish == "FINISH_REASON_STOP", str(forced.ids))
+        check("min_tokens holds it back for 3 tokens", held.code == grpc.StatusCode.OK and
+              len(held.ids) == 4 and held.ids[-1] == eos and eos not in held.ids[:3] and
+              held.finish == "FINISH_REASON_STOP", str(held.ids))
+        for name, cmd in (("switchyard client", [args.bin, "client"]),
+                          ("python example client",
+                           [sys.executable, os.path.join(ROOT, "launch/examples/python_client.py"),
+                            "--stubs", args.stubs])):
+            p = subprocess.run(cmd + ["--target", s.target, "generate", "--prompt-ids", "1,17,42",
+                                      "--max-tokens", "12", "--print-ids", "--logit-bias",
+                                      f"{eos}:100", "--min-tokens", "3"],
+                               capture_output=True, text=True, timeout=60)
+            check(f"{name} --logit-bias --min-tokens", p.returncode == 0 and
+                  "ids: " + " ".join(map(str, held.ids)) in p.stdout,
                   f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
         # Presence and frequency penalties: the client's flags reach the request fields, and
         # they change the greedy tokens of a tiny model that repeats itself.

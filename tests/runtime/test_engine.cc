@@ -505,6 +505,15 @@ TEST(Engine, ValidationNamesTheField) {
   p = request({1}, 4);
   p.logprobs = 21;
   expect(p, "logprobs");
+  p = request({1}, 4);
+  p.sampling.min_tokens = 5;
+  expect(p, "min_tokens: 5 exceeds max_tokens 4");
+  p = request({1}, 4);
+  p.sampling.logit_bias = {{384, 1.f}};
+  expect(p, "logit_bias: token id 384 outside the vocabulary of 384");
+  p = request({1}, 4);
+  p.sampling.logit_bias = {{3, -101.f}};
+  expect(p, "sampling: logit_bias: -101 for token 3 outside [-100, 100]");
 }
 
 TEST(Engine, PromptLargerThanTheQueueIsInvalidNotExhausted) {
@@ -720,6 +729,60 @@ TEST(Engine, StopStringsStopIdsAndLogprobs) {
   }
   EXPECT_EQ(c->usage.prompt_tokens, 9);
   EXPECT_EQ(c->usage.completion_tokens, 6);
+}
+
+// min_tokens: the end-of-sequence token and stop ids (here forced by a bias of +100) are not
+// sampled, and stop strings are not looked for, before that many tokens.
+TEST(Engine, MinTokensHoldsBackEndTokensAndStopStrings) {
+  Served s(64);
+  const int32_t eos = static_cast<int32_t>(ModelConfig::load(kModel).eos_token_ids.at(0));
+  const std::vector<int32_t> prompt = prompt_of(9, 5);
+  auto run = [&](RequestParams p) {
+    auto c = std::make_shared<Collector>();
+    s.engine->submit(std::move(p), c);
+    c->wait();
+    return c;
+  };
+  RequestParams p = request(prompt, 12);
+  p.ignore_eos = false;
+  p.sampling.logit_bias = {{eos, 100.f}};
+  auto a = run(p);
+  EXPECT_EQ(a->tokens, std::vector<int32_t>{eos});
+  EXPECT_EQ(a->finish, FinishReason::kStop);
+  p.sampling.min_tokens = 4;
+  auto b = run(p);
+  ASSERT_EQ(b->tokens.size(), 5u);
+  EXPECT_EQ(b->tokens.back(), eos);
+  EXPECT_EQ(std::count(b->tokens.begin(), b->tokens.end(), eos), 1);
+  EXPECT_EQ(b->finish, FinishReason::kStop);
+  // The first four are the greedy tokens with the end-of-sequence token banned.
+  RequestParams banned = request(prompt, 4);
+  banned.sampling.logit_bias = {{eos, -100.f}};
+  EXPECT_EQ(std::vector<int32_t>(b->tokens.begin(), b->tokens.end() - 1), run(banned)->tokens);
+  // A stop id, with ignore_eos: the same.
+  p = request(prompt, 12);
+  p.stop_token_ids = {7};
+  p.sampling.logit_bias = {{7, 100.f}};
+  p.sampling.min_tokens = 2;
+  auto c = run(p);
+  ASSERT_EQ(c->tokens.size(), 3u);
+  EXPECT_EQ(c->tokens.back(), 7);
+  EXPECT_EQ(c->finish, FinishReason::kStop);
+  // A stop string that the text begins with: it ends the output at once without min_tokens;
+  // with min_tokens 6 the output runs on, to its length or a later occurrence.
+  auto full = run(request(prompt, 12));
+  ASSERT_GE(full->text.size(), 2u);
+  p = request(prompt, 12);
+  p.stop = {full->text.substr(0, 2)};
+  auto d = run(p);
+  EXPECT_EQ(d->text, "");
+  EXPECT_EQ(d->finish, FinishReason::kStop);
+  p.sampling.min_tokens = 6;
+  auto e = run(p);
+  ASSERT_GE(e->tokens.size(), 6u);
+  EXPECT_EQ(e->tokens,
+            std::vector<int32_t>(full->tokens.begin(), full->tokens.begin() + e->tokens.size()));
+  EXPECT_EQ(e->text.substr(0, 2), full->text.substr(0, 2));
 }
 
 TEST(Engine, DrainRefusesNewWorkAndFinishesOld) {

@@ -1,5 +1,5 @@
 // Sampling: greedy, temperature, top-k, top-p, min-p, repetition, presence and frequency
-// penalties, seeds.
+// penalties, logit biases and min_tokens, seeds.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -77,6 +77,72 @@ TEST(Sampler, RepetitionPenaltyAsHuggingFace) {
   EXPECT_EQ(t.sample(m.data(), {0}), 1);
   // The context grows between calls; a shorter one is refused.
   EXPECT_THROW(s.sample(l.data(), {0}), Error);
+}
+
+// Logit biases are added before the penalties; min_tokens bans the end ids until that many tokens
+// were generated, over any bias of theirs.
+TEST(Sampler, LogitBiasThenPenaltiesAndMinTokensBans) {
+  std::vector<float> l = {1.f, 2.f, 0.5f, 0.f};
+  SamplingParams p;
+  p.logit_bias = {{2, 1.75f}, {1, -100.f}};
+  Sampler s(p, 4, 1);
+  EXPECT_EQ(s.sample(l.data(), {3}), 2);  // 0.5 + 1.75 = 2.25 > 1.0; token 1 all but banned
+  // The bias comes before the repetition penalty: token 3 (in the context) at -1 + 1.5 = 0.5,
+  // halved to 0.25, beats token 2's 0; penalised first it would be -1 * 2 + 1.5 = -0.5.
+  std::vector<float> m = {-5.f, -5.f, 0.f, -1.f};
+  SamplingParams r;
+  r.logit_bias = {{3, 1.5f}};
+  r.repetition_penalty = 2.f;
+  Sampler u(r, 4, 1);
+  EXPECT_EQ(u.sample(m.data(), {3}), 3);
+  // min_tokens 2 with end ids {1, 3}: both banned for the first two tokens, even with a bias of
+  // +100; the third may end.
+  SamplingParams e;
+  e.min_tokens = 2;
+  e.logit_bias = {{3, 100.f}};
+  Sampler v(e, 4, 1, {1, 3, 9});  // 9 is outside the vocabulary: skipped
+  EXPECT_EQ(v.bias_list(0).ids, (std::vector<int32_t>{3, 1}));
+  EXPECT_TRUE(std::isinf(v.bias_list(0).values[0]) && v.bias_list(0).values[0] < 0);
+  EXPECT_EQ(v.bias_list(2).ids, (std::vector<int32_t>{3}));
+  EXPECT_EQ(v.bias_list(2).values, (std::vector<float>{100.f}));
+  EXPECT_EQ(v.sample(l.data(), {0}), 0);        // 1 and 3 banned: 0 (1.0) beats 2 (0.5)
+  EXPECT_EQ(v.sample(l.data(), {0, 0}), 0);     // one generated: still banned
+  EXPECT_EQ(v.sample(l.data(), {0, 0, 0}), 3);  // two generated: the bias takes token 3
+  SamplingParams w;
+  w.temperature = 1.f;
+  w.min_tokens = 1;
+  w.seed = 4;
+  EXPECT_EQ(histogram(w, l, 2000, {}).count(1), 1u) << "no end ids: nothing banned";
+  Sampler x(w, 4, 0, {1});
+  for (int i = 0; i < 500; ++i) EXPECT_NE(x.sample(l.data(), {}), 1);
+}
+
+TEST(Sampler, BadLogitBiasNamesTheToken) {
+  auto message = [](SamplingParams p, int64_t vocab = 8) -> std::string {
+    try {
+      Sampler s(p, vocab, 1);
+    } catch (const Error& e) {
+      return e.message();
+    }
+    return "";
+  };
+  SamplingParams p;
+  p.logit_bias = {{3, 101.f}};
+  EXPECT_EQ(message(p), "logit_bias: 101 for token 3 outside [-100, 100]");
+  p.logit_bias = {{3, NAN}};
+  EXPECT_NE(message(p).find("for token 3 outside"), std::string::npos);
+  p.logit_bias = {{3, 1.f}, {5, 2.f}, {3, -1.f}};
+  EXPECT_EQ(message(p), "logit_bias: token 3 given twice");
+  p.logit_bias = {{-2, 1.f}};
+  EXPECT_EQ(message(p), "logit_bias: token id -2 is negative");
+  p.logit_bias = {{8, 1.f}};
+  EXPECT_EQ(message(p), "logit_bias: token id 8 outside the vocabulary of 8");
+  p.logit_bias.clear();
+  for (int32_t i = 0; i <= SamplingParams::kMaxLogitBias; ++i) p.logit_bias.emplace_back(i, 0.f);
+  EXPECT_EQ(message(p, 4096), "logit_bias: 1025 tokens (at most 1024)");
+  p.logit_bias.clear();
+  p.min_tokens = -1;
+  EXPECT_EQ(message(p), "min_tokens -1 must be >= 0");
 }
 
 // Presence and frequency penalties as OpenAI's and vLLM's: subtracted from the logits of tokens

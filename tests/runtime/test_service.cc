@@ -50,6 +50,8 @@ TEST(Service, RequestDefaults) {
   EXPECT_EQ(p.sampling.frequency_penalty, 0.f);
   EXPECT_EQ(p.sampling.seed, 77u);
   EXPECT_EQ(p.priority, 0);
+  EXPECT_TRUE(p.sampling.logit_bias.empty());
+  EXPECT_EQ(p.sampling.min_tokens, 0);
   EXPECT_FALSE(p.deadline.has_value());
   r.set_skip_bos(true);
   r.set_max_tokens(5);
@@ -63,6 +65,9 @@ TEST(Service, RequestDefaults) {
   r.add_stop_token_ids(7);
   r.set_logprobs(3);
   r.set_ignore_eos(true);
+  (*r.mutable_logit_bias())[300] = -2.5f;
+  (*r.mutable_logit_bias())[12] = 4.f;
+  r.set_min_tokens(3);
   const auto deadline = std::chrono::steady_clock::now();
   p = request_params(r, tokenizer(), kVocab, 77, deadline);
   EXPECT_EQ(p.prompt, tokenizer().encode("the yard", false));
@@ -77,6 +82,10 @@ TEST(Service, RequestDefaults) {
   EXPECT_EQ(p.stop_token_ids, std::vector<int32_t>{7});
   EXPECT_EQ(p.logprobs, 3);
   EXPECT_TRUE(p.ignore_eos);
+  EXPECT_EQ(p.sampling.logit_bias,
+            (std::vector<std::pair<int32_t, float>>{{12, 4.f}, {300, -2.5f}}))
+      << "by id";
+  EXPECT_EQ(p.sampling.min_tokens, 3);
   EXPECT_EQ(p.deadline, deadline);
   v1::GenerateRequest ids;
   ids.mutable_token_ids()->add_ids(5);
@@ -103,6 +112,11 @@ TEST(Service, RequestErrorsNameTheField) {
   bad_stop.set_text("a");
   bad_stop.add_stop_token_ids(384);
   EXPECT_NE(conversion_error(bad_stop).find("stop_token_ids[0]"), std::string::npos);
+  v1::GenerateRequest bad_bias;
+  bad_bias.set_text("a");
+  (*bad_bias.mutable_logit_bias())[4000000000u] = 1.f;
+  EXPECT_NE(conversion_error(bad_bias).find("logit_bias: token id 4000000000 outside"),
+            std::string::npos);
   v1::GenerateRequest bad_utf8;
   bad_utf8.set_text("\xff\xfe");
   EXPECT_NE(conversion_error(bad_utf8).find("prompt: text: "), std::string::npos);
