@@ -49,29 +49,36 @@ const char* finish_name(v1::FinishReason reason) {
   }
 }
 
+// "id logprob  top: id logprob ..." for one token.
+std::string logprob_line(const v1::TokenLogprobs& lp) {
+  char line[64];
+  std::snprintf(line, sizeof(line), "%u %.4f  top:", lp.token_id(), lp.logprob());
+  std::string out = line;
+  for (const v1::TopLogprob& t : lp.top()) {
+    std::snprintf(line, sizeof(line), " %u %.4f", t.token_id(), t.logprob());
+    out += line;
+  }
+  return out + "\n";
+}
+
 // What one completion of a Generate call received.
 struct Completion {
-  std::string text, ids, logprobs;
+  std::string text, ids, logprobs, prompt_logprobs;
   v1::GenerateResponse last;  // the message with the finish reason and usage
 
   void add(const v1::GenerateResponse& message) {
     text += message.text();
     for (uint32_t id : message.token_ids()) ids += " " + std::to_string(id);
-    for (const v1::TokenLogprobs& lp : message.logprobs()) {
-      char line[64];
-      std::snprintf(line, sizeof(line), "%u %.4f  top:", lp.token_id(), lp.logprob());
-      logprobs += line;
-      for (const v1::TopLogprob& t : lp.top()) {
-        std::snprintf(line, sizeof(line), " %u %.4f", t.token_id(), t.logprob());
-        logprobs += line;
-      }
-      logprobs += "\n";
-    }
+    for (const v1::TokenLogprobs& lp : message.logprobs()) logprobs += logprob_line(lp);
+    for (const v1::TokenLogprobs& lp : message.prompt_logprobs())
+      prompt_logprobs += logprob_line(lp);
     if (message.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = message;
   }
   bool ended() const { return last.finish_reason() != v1::FINISH_REASON_UNSPECIFIED; }
   void print_summary(bool print_ids) const {
     if (print_ids) std::printf("ids:%s\n", ids.c_str());
+    if (!prompt_logprobs.empty())
+      std::printf("prompt logprobs (id logprob, then the top ids):\n%s", prompt_logprobs.c_str());
     if (!logprobs.empty())
       std::printf("logprobs (id logprob, then the top ids):\n%s", logprobs.c_str());
     const v1::Usage& u = last.usage();
@@ -111,6 +118,8 @@ int generate(v1::Switchyard::Stub& stub, const ClientArgs& a) {
   for (int64_t id : a.stop_token_ids) request.add_stop_token_ids(static_cast<uint32_t>(id));
   request.set_ignore_eos(a.ignore_eos);
   request.set_logprobs(static_cast<uint32_t>(a.logprobs));
+  SY_CHECK(a.prompt_logprobs >= 0, "--prompt-logprobs ", a.prompt_logprobs, " must be >= 0");
+  request.set_prompt_logprobs(static_cast<uint32_t>(a.prompt_logprobs));
   request.set_priority(a.priority);
   request.set_skip_bos(a.skip_bos);
 
@@ -295,6 +304,9 @@ void add_client(CLI::App& app, ClientArgs& a) {
                   "Token id that ends generation (repeatable)");
   gen->add_flag("--ignore-eos", a.ignore_eos, "Keep generating past end-of-sequence tokens");
   gen->add_option("--logprobs", a.logprobs, "Top-n log-probabilities per token (0 = none)")
+      ->capture_default_str();
+  gen->add_option("--prompt-logprobs", a.prompt_logprobs,
+                  "Top-n log-probabilities of each prompt token after the first (0 = none)")
       ->capture_default_str();
   gen->add_option("--deadline-ms", a.deadline_ms, "Deadline of the call (0 = none)")
       ->capture_default_str();

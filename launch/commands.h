@@ -72,6 +72,7 @@ struct ClientArgs {
   std::vector<int64_t> stop_token_ids;
   bool ignore_eos = false;
   int64_t logprobs = 0;
+  int64_t prompt_logprobs = 0;
   int32_t priority = 0;
   int64_t n = 1;            // completions of the prompt
   int64_t deadline_ms = 0;  // 0 = none

@@ -46,6 +46,8 @@ struct Engine::Sequence {
   int64_t n_recorded = 0;       // leading blocks recorded in the prefix cache
   bool recording = true;        // false once a block's content was found recorded elsewhere
   int64_t cached_prompt = 0;    // prompt tokens found in the prefix cache at admission
+  std::vector<TokenLogprobs> prompt_lp;  // prompt logprobs gathered, not yet sent
+  int64_t prompt_lp_next = 1;            // the next prompt token whose logprobs are wanted
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<StreamDecoder> decoder;
   std::string held;  // text held back: it may begin a stop string
@@ -56,6 +58,21 @@ struct Engine::Sequence {
   int64_t scheduled = 0;  // tokens of this step
 
   int64_t n_generated() const { return static_cast<int64_t>(tokens.size()) - n_prompt; }
+  // Still owes prompt logprobs: its prompt is computed in full, and asks logit rows.
+  bool wants_prompt_rows() const { return params.prompt_logprobs > 0 && prompt_lp_next < n_prompt; }
+  // Logit rows for prompt logprobs that its next `take` tokens ask: positions p from n_computed
+  // with prompt_lp_next - 1 <= p < n_prompt - 1 (the logits before token p + 1).
+  int64_t prompt_rows(int64_t take) const {
+    if (!wants_prompt_rows()) return 0;
+    const int64_t lo = std::max(n_computed, prompt_lp_next - 1);
+    const int64_t hi = std::min(n_computed + take, n_prompt - 1);
+    return std::max<int64_t>(0, hi - lo);
+  }
+  // `take` cut so that it asks at most `rows` prompt logit rows.
+  int64_t fit_prompt_rows(int64_t take, int64_t rows) const {
+    if (prompt_rows(take) <= rows) return take;
+    return std::max(n_computed, prompt_lp_next - 1) - n_computed + rows;
+  }
   // Serving order: priority, then arrival (ids grow with submission).
   bool before(const Sequence& o) const {
     return params.priority < o.params.priority ||
@@ -94,11 +111,12 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, const EngineOptions& op
            "max_logprobs ", options_.max_logprobs, " outside [0, ", Model::kMaxTopLogprobs, "]");
   SY_CHECK(options_.max_completions >= 1, "max_completions ", options_.max_completions,
            " must be at least 1");
-  logits_.resize(static_cast<size_t>(options_.max_running * model.config().vocab_size));
+  prompt_rows_ = limits.max_logit_rows - options_.max_running;
+  logits_.resize(static_cast<size_t>(limits.max_logit_rows * model.config().vocab_size));
   host_lp_.resize(static_cast<size_t>(1 + Model::kMaxTopLogprobs));
   host_lp_ids_.resize(static_cast<size_t>(Model::kMaxTopLogprobs));
-  device_lp_.resize(static_cast<size_t>(options_.max_running * (1 + Model::kMaxTopLogprobs)));
-  device_lp_ids_.resize(static_cast<size_t>(options_.max_running * Model::kMaxTopLogprobs));
+  device_lp_.resize(static_cast<size_t>(limits.max_logit_rows * (1 + Model::kMaxTopLogprobs)));
+  device_lp_ids_.resize(static_cast<size_t>(limits.max_logit_rows * Model::kMaxTopLogprobs));
   batch_.tokens.reserve(static_cast<size_t>(limits.max_tokens));
   stats_.kv_blocks_total = limits.n_blocks;
   stats_.block_size = limits.block_size;
@@ -152,6 +170,13 @@ void Engine::validate(const RequestParams& p) const {
   if (p.sampling.min_tokens > p.max_tokens)
     bad("min_tokens: " + std::to_string(p.sampling.min_tokens) + " exceeds max_tokens " +
         std::to_string(p.max_tokens));
+  if (p.prompt_logprobs < 0 || p.prompt_logprobs > options_.max_logprobs)
+    bad("prompt_logprobs: " + std::to_string(p.prompt_logprobs) + " outside [0, " +
+        std::to_string(options_.max_logprobs) + "]");
+  if (p.prompt_logprobs > 0 && prompt_rows_ == 0)
+    bad("prompt_logprobs: this server keeps no logit rows for prompts (its step has " +
+        std::to_string(model_.limits().max_logit_rows) + " logit rows for " +
+        std::to_string(options_.max_running) + " running sequences)");
   if (p.logprobs < 0 || p.logprobs > options_.max_logprobs)
     bad("logprobs: " + std::to_string(p.logprobs) + " outside [0, " +
         std::to_string(options_.max_logprobs) + "]");
@@ -308,7 +333,9 @@ bool Engine::schedule() {
   const int64_t B = limits.block_size;
   batch_.clear();
   logit_seqs_.clear();
+  prompt_rows_of_step_.clear();
   int64_t budget = options_.max_batch_tokens;
+  int64_t prompt_rows_left = prompt_rows_;  // logit rows left for prompt logprobs this step
   // Blocks for tokens [0, n_computed + take) of `seq`; false when the cache is full.
   auto reserve = [&](Sequence& seq, int64_t take) {
     const int64_t need =
@@ -324,7 +351,8 @@ bool Engine::schedule() {
       Sequence& seq = *running_[i];
       const int64_t pending = static_cast<int64_t>(seq.tokens.size()) - seq.n_computed;
       if ((pass == 0) != (pending == 1) || seq.scheduled > 0) continue;
-      const int64_t take = std::min(pending, budget);
+      const int64_t take = seq.fit_prompt_rows(std::min(pending, budget), prompt_rows_left);
+      if (take == 0) continue;  // its prompt logprobs wait for rows
       bool ok = reserve(seq, take);
       while (!ok && running_.back().get() != &seq) {
         budget += preempt_last();
@@ -336,6 +364,7 @@ bool Engine::schedule() {
       }
       seq.scheduled = take;
       budget -= take;
+      prompt_rows_left -= seq.prompt_rows(take);
     }
   }
   // The last running sequence when its priority value is higher than `seq`'s: the one a waiting
@@ -375,7 +404,8 @@ bool Engine::schedule() {
       budget += preempt_last();
     if (static_cast<int64_t>(running_.size()) + n_waiting_for_blocks >= options_.max_running) break;
     const int64_t n_tokens = static_cast<int64_t>(seq.tokens.size());
-    const int64_t max_blocks = (n_tokens - 1) / B;
+    // A request that owes prompt logprobs computes its whole prompt: it matches nothing.
+    const int64_t max_blocks = seq.wants_prompt_rows() ? 0 : (n_tokens - 1) / B;
     const int64_t matched = blocks_.match(seq.tokens.data(), max_blocks, seq.blocks);
     const int64_t hit = matched * B;
     if (matched < max_blocks && being_computed(seq, matched)) {
@@ -389,7 +419,13 @@ bool Engine::schedule() {
     seq.recording = true;
     drop_out_of_window(seq);  // matched blocks the next tokens do not see
     if (n_tokens - hit > budget) reclaim(seq, n_tokens - hit - budget);
-    const int64_t take = std::min(n_tokens - hit, budget);
+    const int64_t take = seq.fit_prompt_rows(std::min(n_tokens - hit, budget), prompt_rows_left);
+    if (take == 0 && seq.wants_prompt_rows() && budget > 0) {
+      release_blocks(seq);  // no rows left for its prompt logprobs: it waits for the next step
+      seq.n_computed = seq.n_recorded = 0;
+      ++w;
+      continue;
+    }
     bool ok = take > 0 && reserve(seq, take);
     while (!ok && take > 0 && lower(seq) != nullptr) {
       budget += preempt_last();
@@ -402,6 +438,7 @@ bool Engine::schedule() {
     }
     seq.scheduled = take;
     budget -= take;
+    prompt_rows_left -= seq.prompt_rows(take);
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.prefix_cache_queried_tokens += n_tokens;
@@ -428,6 +465,12 @@ bool Engine::schedule() {
     Sequence& seq = *sp;
     if (seq.scheduled == 0) continue;
     const int32_t row = static_cast<int32_t>(batch_.n_seqs++);
+    // Its prompt logprob rows: positions [lo, lo + n_rows), after the step's tokens so far.
+    const int64_t n_rows = seq.prompt_rows(seq.scheduled);
+    const int64_t lo = std::max(seq.n_computed, seq.prompt_lp_next - 1);
+    for (int64_t p = lo; p < lo + n_rows; ++p)
+      prompt_rows_of_step_.push_back(
+          {&seq, batch_.n_tokens() + (p - seq.n_computed)});  // the token row, for now
     for (int64_t i = 0; i < seq.scheduled; ++i) {
       const int64_t pos = seq.n_computed + i;
       batch_.tokens.push_back(seq.tokens[static_cast<size_t>(pos)]);
@@ -443,6 +486,11 @@ bool Engine::schedule() {
       batch_.logit_rows.push_back(static_cast<int32_t>(batch_.tokens.size() - 1));
       logit_seqs_.push_back(&seq);
     }
+  }
+  // Then the prompt logprob rows: `token` becomes the prompt token whose logprobs they give.
+  for (PromptRow& r : prompt_rows_of_step_) {
+    batch_.logit_rows.push_back(static_cast<int32_t>(r.token));
+    r.token = batch_.positions[static_cast<size_t>(r.token)] + 1;
   }
   return batch_.n_tokens() > 0;
 }
@@ -532,6 +580,31 @@ void Engine::process_logits(const int32_t* sampled) {
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> done;
   thread_local std::vector<int32_t> order;
+  // Prompt logprobs first, so that a sequence's first token carries all of them.
+  for (size_t j = 0; j < prompt_rows_of_step_.size(); ++j) {
+    const PromptRow& r = prompt_rows_of_step_[j];
+    Sequence& seq = *r.seq;
+    const size_t i = logit_seqs_.size() + j;  // its logit row
+    SY_CHECK(r.token == seq.prompt_lp_next, "prompt logprobs of token ", r.token, " after ",
+             seq.prompt_lp_next - 1);
+    const int64_t n = std::min(seq.params.prompt_logprobs, vocab);
+    const int32_t token = seq.tokens[static_cast<size_t>(r.token)];
+    const float* lp = host_lp_.data();
+    const int32_t* top_ids = host_lp_ids_.data();
+    if (sampled == nullptr) {
+      cpu::logprobs_row(logits_.data() + static_cast<int64_t>(i) * vocab, vocab, token, n,
+                        host_lp_.data(), host_lp_ids_.data(), order);
+    } else {
+      const int64_t slot = logprob_slot_[i];
+      lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
+      top_ids = logprobs_.ids + slot * logprobs_.top;
+    }
+    TokenLogprobs& t = seq.prompt_lp.emplace_back();
+    t.token_id = token;
+    t.logprob = lp[0];
+    for (int64_t k = 0; k < n; ++k) t.top.push_back({top_ids[k], lp[1 + k]});
+    ++seq.prompt_lp_next;
+  }
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
     Sequence& seq = *logit_seqs_[i];
     const float* row = logits_.data() + static_cast<int64_t>(i) * vocab;
@@ -540,6 +613,8 @@ void Engine::process_logits(const int32_t* sampled) {
     if (seq.n_generated() == 1) seq.first_token = now;
     RequestEvent event;
     event.token_ids.push_back(next);
+    if (seq.n_generated() == 1 && seq.params.prompt_logprobs > 0)
+      event.prompt_logprobs = std::move(seq.prompt_lp);
     if (seq.params.logprobs > 0) {
       const int64_t n = std::min(seq.params.logprobs, vocab);
       const float* lp = host_lp_.data();
@@ -687,16 +762,20 @@ void Engine::run() {
         // Only the tokens come back from the GPU: each sequence's sampler gives its parameters
         // and draw, in the same stream as on the host, and a penalised one its context's
         // distinct tokens. Rows with logprobs bring back their log-probabilities.
-        sample_params_.assign(logit_seqs_.size() * Ops::kSampleParams, 0.f);
-        sampled_.resize(logit_seqs_.size());
+        // Prompt logprob rows (after the sampled ones) sample greedily, with no draw, and their
+        // logprobs are of the prompt's next token (forced).
+        const size_t n_logits = batch_.logit_rows.size();
+        sample_params_.assign(n_logits * Ops::kSampleParams, 0.f);
+        sampled_.resize(n_logits);
         const int64_t vocab = model_.config().vocab_size;
         logprobs_.rows.clear();
+        logprobs_.forced.clear();
         logprobs_.top = 1;
-        logprob_slot_.assign(logit_seqs_.size(), -1);
+        logprob_slot_.assign(n_logits, -1);
         penalty_offsets_.assign(1, 0);
         penalty_ids_.clear();
         penalty_counts_.clear();
-        penalty_params_.resize(logit_seqs_.size() * Ops::kPenaltyParams);
+        penalty_params_.assign(n_logits * Ops::kPenaltyParams, 0.f);
         bias_offsets_.assign(1, 0);
         bias_ids_.clear();
         bias_values_.clear();
@@ -720,8 +799,20 @@ void Engine::run() {
           if (seq.params.logprobs > 0) {
             logprob_slot_[i] = static_cast<int64_t>(logprobs_.rows.size());
             logprobs_.rows.push_back(static_cast<int32_t>(i));
+            logprobs_.forced.push_back(-1);
             logprobs_.top = std::max(logprobs_.top, std::min(seq.params.logprobs, vocab));
           }
+        }
+        for (size_t j = 0; j < prompt_rows_of_step_.size(); ++j) {
+          const PromptRow& r = prompt_rows_of_step_[j];
+          const size_t i = logit_seqs_.size() + j;
+          penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
+          penalty_params_[i * Ops::kPenaltyParams] = 1.f;  // {1, 0, 0}: none
+          bias_offsets_.push_back(static_cast<int32_t>(bias_ids_.size()));
+          logprob_slot_[i] = static_cast<int64_t>(logprobs_.rows.size());
+          logprobs_.rows.push_back(static_cast<int32_t>(i));
+          logprobs_.forced.push_back(r.seq->tokens[static_cast<size_t>(r.token)]);
+          logprobs_.top = std::max(logprobs_.top, std::min(r.seq->params.prompt_logprobs, vocab));
         }
         const SamplePenalties penalties{penalty_offsets_.data(), penalty_ids_.data(),
                                         penalty_counts_.data(), penalty_params_.data()};

@@ -44,6 +44,10 @@ struct RequestParams {
   std::vector<int32_t> stop_token_ids;  // tokens that end generation (included in the output)
   bool ignore_eos = false;
   int64_t logprobs = 0;  // top-n logprobs per token; 0 = none
+  // Top-n logprobs of each prompt token after the first, given the tokens before it; 0 = none.
+  // Such a request computes its whole prompt (no prefix cache) in chunks that fit the step's
+  // prompt logit rows (Engine::prompt_logit_rows).
+  int64_t prompt_logprobs = 0;
   std::optional<std::chrono::steady_clock::time_point> deadline;
   // Lower values are served first; first come first served within one value. A waiting request
   // takes step tokens, running slots and KV blocks from running requests of higher values.
@@ -78,6 +82,7 @@ struct RequestEvent {
   std::string text;                // new text, never ending inside a UTF-8 character
   std::vector<int32_t> token_ids;  // tokens since the last event
   std::vector<TokenLogprobs> logprobs;
+  std::vector<TokenLogprobs> prompt_logprobs;  // on the first event with a token, when asked
   FinishReason finish = FinishReason::kNone;
   Usage usage;
   std::string error;  // for kError / kUnavailable
@@ -144,6 +149,9 @@ class Engine {
   EngineStats stats() const;
   // Prompt plus generated tokens of one request at most.
   int64_t context_limit() const;
+  // Logit rows a step keeps for prompt logprobs: the model's beyond one per running sequence
+  // (ModelLimits::max_logit_rows - max_running); 0 refuses requests for prompt logprobs.
+  int64_t prompt_logit_rows() const { return prompt_rows_; }
   // The context limit of an engine over a model of these limits: the block table's and the
   // model's, and the whole cache's, except with a sliding window in a cache that holds a
   // window and a step of blocks (a sequence gives back what leaves its window).
@@ -212,8 +220,16 @@ class Engine {
   std::deque<std::unique_ptr<Sequence>> waiting_;   // in serving order
   std::vector<std::unique_ptr<Sequence>> running_;  // in serving order (preempted last)
   StepBatch batch_;
-  std::vector<Sequence*> logit_seqs_;     // sequence of each logit row
-  std::vector<float> logits_;             // [max_running, vocab]
+  std::vector<Sequence*> logit_seqs_;  // sequence of each sampled logit row (the first rows)
+  // The prompt logprob rows of the step, after the sampled ones: logit row
+  // logit_seqs_.size() + j is prompt_rows_of_step_[j], the logits before token `token` of `seq`.
+  struct PromptRow {
+    Sequence* seq;
+    int64_t token;
+  };
+  std::vector<PromptRow> prompt_rows_of_step_;
+  int64_t prompt_rows_ = 0;               // see prompt_logit_rows()
+  std::vector<float> logits_;             // [max_logit_rows, vocab]
   std::vector<float> sample_params_;      // [max_running, Ops::kSampleParams] (device sampling)
   std::vector<int32_t> sampled_;          // [max_running]
   std::vector<int32_t> penalty_offsets_;  // the step's SamplePenalties
@@ -225,8 +241,8 @@ class Engine {
   std::vector<float> bias_values_;
   SampleLogprobs logprobs_;             // the step's logprobs asked of forward_sample
   std::vector<int64_t> logprob_slot_;   // per logit row: its row in logprobs_, or -1
-  std::vector<float> device_lp_;        // forward_sample's logprobs out [max_running, 1 + top]
-  std::vector<int32_t> device_lp_ids_;  // [max_running, top]
+  std::vector<float> device_lp_;        // forward_sample's logprobs out [max_logit_rows, 1 + top]
+  std::vector<int32_t> device_lp_ids_;  // [max_logit_rows, top]
   std::vector<float> host_lp_;          // one row's, sampled on the host [1 + top]
   std::vector<int32_t> host_lp_ids_;    // [top]
   std::chrono::steady_clock::time_point start_;

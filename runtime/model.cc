@@ -245,6 +245,11 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     for (int32_t r : logprobs->rows)
       SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logprobs of logit row ", r, " of ",
                n_logits);
+    SY_CHECK(logprobs->forced.empty() || logprobs->forced.size() == logprobs->rows.size(),
+             "forward_sample: ", logprobs->forced.size(), " forced tokens for ", n_lp, " rows");
+    for (int32_t t : logprobs->forced)
+      SY_CHECK(t >= -1 && t < config_.vocab_size, "forward_sample: forced token ", t,
+               " outside the vocabulary of ", config_.vocab_size);
   }
   int64_t n_penalty_ids = 0;
   if (penalties != nullptr) {
@@ -336,6 +341,22 @@ void Model::forward_sample(const StepBatch& batch, const float* params, int32_t*
     ops_.copy_from_host(p.data, params, p.bytes());
     Tensor sampled = sample_ids_.rows(0, n_logits);
     ops_.sample(sampled, lg, p);
+    // Forced rows take their given token: one copy per run of consecutive rows.
+    if (n_lp > 0 && !logprobs->forced.empty()) {
+      const std::vector<int32_t>& f = logprobs->forced;
+      const std::vector<int32_t>& r = logprobs->rows;
+      for (int64_t j = 0; j < n_lp;) {
+        if (f[j] < 0) {
+          ++j;
+          continue;
+        }
+        int64_t e = j + 1;
+        while (e < n_lp && f[e] >= 0 && r[e] == r[e - 1] + 1) ++e;
+        ops_.copy_from_host(sampled.rows(r[j], e - j).data, f.data() + j,
+                            static_cast<size_t>(e - j) * sizeof(int32_t));
+        j = e;
+      }
+    }
     if (n_lp > 0) {
       const int64_t top = logprobs->top;
       const Tensor out(logprob_out_.data, DType::kF32, {n_lp, top + 1}, ops_.device());

@@ -89,12 +89,16 @@ struct SampleBiases {
   const float* values = nullptr;     // [offsets[n_logits]]
 };
 
-// Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct, at
-// most one per sequence of the step), the sampled token's and the `top` most likely tokens'
+// Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct), the
+// sampled (or forced) token's and the `top` most likely tokens'
 // (1 <= top <= min(vocabulary, Model::kMaxTopLogprobs)), of the model's own distribution (before
 // any penalty), as Ops::logprobs writes them.
 struct SampleLogprobs {
   std::vector<int32_t> rows;
+  // Empty, or per entry of rows: the token whose log-probability is wanted instead of the
+  // sampled one (a prompt's next token, for prompt logprobs), -1 for the sampled one. A forced
+  // row's id in forward_sample's `ids` is then the forced token.
+  std::vector<int32_t> forced;
   int64_t top = 1;
   float* logprobs = nullptr;  // out (host): [rows.size(), 1 + top]
   int32_t* ids = nullptr;     // out (host): [rows.size(), top]
@@ -136,11 +140,12 @@ class Model {
   // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
   // (vocab_size a multiple of the world size).
   bool forward_sample_supported() const;
-  // The most penalty ids one forward_sample takes: each of a step's sequences holds
-  // at most one logit row, with at most min(vocabulary, context) distinct tokens.
+  // The most penalty ids one forward_sample takes: each of a step's sequences has at most one
+  // sampled logit row with penalties (prompt logprob rows have none), with at most
+  // min(vocabulary, context) distinct tokens.
   int64_t penalty_capacity() const;
-  // The most logit rows one forward_sample takes log-probabilities of: one per sequence.
-  int64_t logprob_capacity() const { return std::min(limits_.max_logit_rows, limits_.max_seqs); }
+  // The most logit rows one forward_sample takes log-probabilities of: all of them.
+  int64_t logprob_capacity() const { return limits_.max_logit_rows; }
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }

@@ -21,6 +21,7 @@ void ServeConfig::validate() const {
   SY_CHECK(max_queue_requests >= 1, "--max-queue-requests ", max_queue_requests,
            " must be at least 1");
   SY_CHECK(max_queue_tokens >= 1, "--max-queue-tokens ", max_queue_tokens, " must be at least 1");
+  SY_CHECK(prompt_logit_rows >= 0, "prompt_logit_rows ", prompt_logit_rows, " must be >= 0");
   SY_CHECK(max_completions >= 1 && max_completions <= 1024, "--max-completions ", max_completions,
            " outside [1, 1024]");
   SY_CHECK(kv_blocks >= 0, "--kv-blocks ", kv_blocks, " must be >= 0 (0 = enough for ",
@@ -54,7 +55,7 @@ ModelLimits ServeConfig::model_limits(const ModelConfig& config) const {
   limits.n_blocks = n_kv_blocks(config);
   limits.max_seqs = max_running;
   limits.max_tokens = max_batch_tokens;
-  limits.max_logit_rows = max_running;
+  limits.max_logit_rows = std::min(max_batch_tokens, max_running + prompt_logit_rows);
   limits.validate();
   return limits;
 }
@@ -92,6 +93,8 @@ std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelC
       {"max_queue_requests", std::to_string(max_queue_requests)},
       {"max_queue_tokens", std::to_string(max_queue_tokens)},
       {"max_completions", std::to_string(max_completions)},
+      {"prompt_logit_rows",
+       std::to_string(std::min(max_batch_tokens, max_running + prompt_logit_rows) - max_running)},
       {"context_limit_tokens", std::to_string(context_limit(config))},
       {"block_size", std::to_string(block_size)},
       {"kv_blocks", std::to_string(n_kv_blocks(config))},

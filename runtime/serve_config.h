@@ -22,11 +22,12 @@ struct ServeConfig {
   int64_t max_queue_requests = 256;        // requests waiting for admission; past it refused
   int64_t max_queue_tokens = 1 << 20;      // prompt tokens of waiting requests; likewise
   int64_t max_completions = 16;            // completions one Generate call may ask for (its n)
-  int64_t kv_blocks = 0;                   // KV blocks per rank; 0 = max_running full contexts
-  int64_t block_size = 16;                 // tokens per KV block
-  int64_t max_context = 0;                 // prompt + generated tokens of a request; 0 = model's
-  double grace_period_s = 30;              // after a drain signal, seconds until requests stop
-  bool prefix_caching = true;              // reuse the KV blocks of prompts' shared prefixes
+  int64_t prompt_logit_rows = 64;  // logit rows of a step for prompt logprobs (at most the step)
+  int64_t kv_blocks = 0;           // KV blocks per rank; 0 = max_running full contexts
+  int64_t block_size = 16;         // tokens per KV block
+  int64_t max_context = 0;         // prompt + generated tokens of a request; 0 = model's
+  double grace_period_s = 30;      // after a drain signal, seconds until requests stop
+  bool prefix_caching = true;      // reuse the KV blocks of prompts' shared prefixes
 
   // Throws naming the offending flag and its value. Needs no model.
   void validate() const;
@@ -39,7 +40,8 @@ struct ServeConfig {
   int64_t context_limit(const ModelConfig& config) const;
   // KV blocks per rank: kv_blocks, or enough for max_running sequences of the whole context.
   int64_t n_kv_blocks(const ModelConfig& config) const;
-  // The model's capacity: one step of max_batch_tokens tokens over max_running sequences.
+  // The model's capacity: one step of max_batch_tokens tokens over max_running sequences, with a
+  // logit row for each and prompt_logit_rows more (as the step's tokens allow).
   ModelLimits model_limits(const ModelConfig& config) const;
   EngineOptions engine_options() const;
   // KV cache bytes per rank for `config` sharded over `tp` attention ranks (fp32 on the CPU).

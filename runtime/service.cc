@@ -97,6 +97,7 @@ RequestParams request_params(const v1::GenerateRequest& r, const Tokenizer& toke
   std::sort(p.sampling.logit_bias.begin(), p.sampling.logit_bias.end());
   p.sampling.min_tokens = r.min_tokens();
   p.logprobs = r.logprobs();
+  p.prompt_logprobs = r.prompt_logprobs();
   p.priority = r.priority();
   p.deadline = deadline;
   return p;
@@ -121,8 +122,7 @@ v1::GenerateResponse to_response(const RequestEvent& e) {
   v1::GenerateResponse m;
   m.set_text(e.text);
   for (int32_t id : e.token_ids) m.add_token_ids(static_cast<uint32_t>(id));
-  for (const TokenLogprobs& lp : e.logprobs) {
-    v1::TokenLogprobs* out = m.add_logprobs();
+  auto add = [](v1::TokenLogprobs* out, const TokenLogprobs& lp) {
     out->set_token_id(static_cast<uint32_t>(lp.token_id));
     out->set_logprob(lp.logprob);
     for (const TopLogprob& t : lp.top) {
@@ -130,7 +130,9 @@ v1::GenerateResponse to_response(const RequestEvent& e) {
       top->set_token_id(static_cast<uint32_t>(t.token_id));
       top->set_logprob(t.logprob);
     }
-  }
+  };
+  for (const TokenLogprobs& lp : e.logprobs) add(m.add_logprobs(), lp);
+  for (const TokenLogprobs& lp : e.prompt_logprobs) add(m.add_prompt_logprobs(), lp);
   if (e.finish != FinishReason::kNone) {
     m.set_finish_reason(finish_reason(e.finish));
     v1::Usage* u = m.mutable_usage();

@@ -20,6 +20,8 @@ class Collector : public RequestSink {
     tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
     text += e.text;
     for (auto& l : e.logprobs) logprobs.push_back(l);
+    if (!e.prompt_logprobs.empty()) ++prompt_logprob_events;
+    for (auto& l : e.prompt_logprobs) prompt_logprobs.push_back(l);
     if (e.finish != FinishReason::kNone) {
       finish = e.finish;
       usage = e.usage;
@@ -35,6 +37,8 @@ class Collector : public RequestSink {
   std::condition_variable cv;
   std::vector<int32_t> tokens;
   std::vector<TokenLogprobs> logprobs;
+  std::vector<TokenLogprobs> prompt_logprobs;
+  int prompt_logprob_events = 0;  // events that carried prompt logprobs
   std::string text;
   FinishReason finish = FinishReason::kNone;
   Usage usage;

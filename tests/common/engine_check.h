@@ -16,7 +16,8 @@ namespace sy::test {
 
 // Serves 12 requests of the window_gqa4 fixture on `ops` through the engine, on a thread of its
 // own, all submitted at once (continuous batching over a paged cache): prompts of 1 to 30
-// tokens, greedy and seeded sampling mixed, one request with logprobs, three with penalties, one
+// tokens, greedy and seeded sampling mixed, one request with logprobs, one with prompt logprobs
+// (the same within 1e-4 as a CPU engine's alone, as the logprobs), three with penalties, one
 // with logit biases, one whose end-of-sequence token is forced by a bias but held back by
 // min_tokens, then a next turn of one of them, which starts from the prefix cache. Each must get
 // the tokens generate() gives it alone on the CPU, and the logprobs request the top-3
@@ -33,7 +34,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   limits.n_blocks = 512;
   limits.max_tokens = 64;
   limits.max_seqs = 16;
-  limits.max_logit_rows = 16;
+  limits.max_logit_rows = 24;  // 8 rows a step for prompt logprobs
   Model model(config, std::move(w), ops, limits);
   auto tokenizer = Tokenizer::load(dir, config.bos_token_id, config.eos_token_ids);
   EngineOptions options;
@@ -64,7 +65,8 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
       p.sampling.top_p = 0.95f;
       p.sampling.seed = static_cast<uint64_t>(100 + i);
     }
-    if (i == 5) p.logprobs = 3;  // sampled, and its logit rows come back for the logprobs
+    if (i == 5) p.logprobs = 3;         // sampled, and its logit rows come back for the logprobs
+    if (i == 3) p.prompt_logprobs = 2;  // 21 prompt rows, over three steps of 8 rows
     // Penalties, sampled and greedy: on GPUs Ops::penalize on the device. Request 7 a
     // repetition penalty (sampled), 8 all three (greedy), 9 presence and frequency alone (sampled).
     if (i == 7) p.sampling.repetition_penalty = 1.3f;
@@ -121,8 +123,25 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   auto alone = std::make_shared<Collector>();
   ref.submit(reqs[5], alone);
   alone->wait();
+  auto alone_prompt = std::make_shared<Collector>();
+  ref.submit(reqs[3], alone_prompt);
+  alone_prompt->wait();
   ref.drain();
   ref_loop.join();
+  ASSERT_EQ(sinks[3]->prompt_logprobs.size(), reqs[3].prompt.size() - 1);
+  ASSERT_EQ(alone_prompt->prompt_logprobs.size(), reqs[3].prompt.size() - 1);
+  for (size_t t = 0; t < alone_prompt->prompt_logprobs.size(); ++t) {
+    const TokenLogprobs &a = sinks[3]->prompt_logprobs[t], &b = alone_prompt->prompt_logprobs[t];
+    EXPECT_EQ(a.token_id, reqs[3].prompt[t + 1]);
+    EXPECT_EQ(a.token_id, b.token_id);
+    EXPECT_NEAR(a.logprob, b.logprob, 1e-4) << "prompt token " << t + 1;
+    ASSERT_EQ(a.top.size(), 2u);
+    ASSERT_EQ(b.top.size(), 2u);
+    for (size_t j = 0; j < 2; ++j) {
+      EXPECT_EQ(a.top[j].token_id, b.top[j].token_id) << "prompt token " << t + 1 << " top " << j;
+      EXPECT_NEAR(a.top[j].logprob, b.top[j].logprob, 1e-4) << "prompt token " << t + 1;
+    }
+  }
   const Collector& got = *sinks[5];
   ASSERT_EQ(got.logprobs.size(), got.tokens.size());
   ASSERT_EQ(alone->logprobs.size(), got.logprobs.size());

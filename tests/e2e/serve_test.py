@@ -410,6 +410,26 @@ def scenario_basic(args):
                       "ids: " + " ".join(map(str, singles[i].ids)) in p.stdout for i in range(3))
                   and p.stdout.count("finish: length") == 3,
                   f"rc {p.returncode}: {p.stdout!r} {p.stderr!r}")
+        # Prompt logprobs: one per prompt token after the first, on the first message with a
+        # token, the same twice (computed afresh each time); the C++ client prints them.
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(39)]
+        req = ids_request(prompt, 3, ignore_eos=True, prompt_logprobs=2)
+        firsts = []
+        for _ in range(2):
+            first = [m for m in s.stub.Generate(req, timeout=30) if m.token_ids][0]
+            firsts.append([(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                           for lp in first.prompt_logprobs])
+        check("prompt logprobs", len(firsts[0]) == 39 and
+              [e[0] for e in firsts[0]] == prompt[1:] and firsts[0] == firsts[1] and
+              all(len(e[2]) == 2 and e[2][0][1] >= e[1] - 1e-6 for e in firsts[0]),
+              str(firsts[0][:3]))
+        p = subprocess.run([args.bin, "client", "--target", s.target, "generate", "--prompt-ids",
+                            ",".join(map(str, prompt)), "--max-tokens", "3", "--ignore-eos",
+                            "--prompt-logprobs", "2"], capture_output=True, text=True, timeout=60)
+        lines = p.stdout.split("prompt logprobs (id logprob, then the top ids):\n")[-1]
+        check("switchyard client --prompt-logprobs", p.returncode == 0 and
+              [int(l.split()[0]) for l in lines.splitlines()[:39]] == prompt[1:],
+              f"rc {p.returncode}: {p.stdout[-300:]!r} {p.stderr!r}")
         # Logit biases and min_tokens: +100 on the end-of-sequence token ends generation at once,
         # unless min_tokens holds it back; both clients' flags reach the request.
         eos = json.load(open(os.path.join(args.model, "config.json")))["eos_token_id"]

@@ -8,6 +8,7 @@
 #include <map>
 #include <thread>
 
+#include "kernels/cpu/ops.h"
 #include "runtime/engine.h"
 #include "runtime/generator.h"
 #include "tests/common/collector.h"
@@ -783,6 +784,89 @@ TEST(Engine, MinTokensHoldsBackEndTokensAndStopStrings) {
   EXPECT_EQ(e->tokens,
             std::vector<int32_t>(full->tokens.begin(), full->tokens.begin() + e->tokens.size()));
   EXPECT_EQ(e->text.substr(0, 2), full->text.substr(0, 2));
+}
+
+// Expects `got` to hold the top-1 prompt logprobs of `prompt` computed from its whole prompt's
+// logits in one pass on `path`'s model, each prompt token after the first once, in one event.
+void expect_prompt_logprobs(const Collector& got, const std::vector<int32_t>& prompt,
+                            const std::string& path) {
+  LoadedModel plain = load_model(path, 128, 64, false);
+  GenerateOptions o;
+  o.max_tokens = 1;
+  o.all_prompt_logits = true;
+  const std::vector<float> logits = generate(*plain.model, prompt, o).prompt_logits;
+  const int64_t vocab = plain.config.vocab_size;
+  EXPECT_EQ(got.prompt_logprob_events, 1);
+  ASSERT_EQ(got.prompt_logprobs.size(), prompt.size() - 1);
+  std::vector<float> lp(2);
+  std::vector<int32_t> ids(1), order;
+  for (size_t t = 1; t < prompt.size(); ++t) {
+    const TokenLogprobs& l = got.prompt_logprobs[t - 1];
+    cpu::logprobs_row(logits.data() + (t - 1) * vocab, vocab, prompt[t], 1, lp.data(), ids.data(),
+                      order);
+    EXPECT_EQ(l.token_id, prompt[t]);
+    EXPECT_NEAR(l.logprob, lp[0], 1e-5) << "token " << t;
+    ASSERT_EQ(l.top.size(), 1u);
+    EXPECT_EQ(l.top[0].token_id, ids[0]) << "token " << t;
+    EXPECT_NEAR(l.top[0].logprob, lp[1], 1e-5) << "token " << t;
+  }
+}
+
+// Prompt logprobs from 8 logit rows a step (16 rows for 8 running sequences): a 30-token prompt
+// takes several steps beside other requests (another asking them waits for rows), with the
+// prompt's blocks in the prefix cache (not used, as it computes its whole prompt).
+TEST(Engine, PromptLogprobsAreThoseOfTheWholePromptsLogits) {
+  const std::vector<int32_t> prompt = prompt_of(30, 8);
+  EngineOptions options;
+  options.max_running = 8;
+  {
+    Served s(64, options);
+    ASSERT_EQ(s.engine->prompt_logit_rows(), 8);
+    auto warm = std::make_shared<Collector>();  // leaves the prompt's blocks in the cache
+    s.engine->submit(request(prompt, 2), warm);
+    warm->wait();
+    std::vector<std::shared_ptr<Collector>> sinks;
+    for (int i = 0; i < 4; ++i) {
+      RequestParams p = request(i == 0 ? prompt : prompt_of(30, 20 + i), 20);
+      if (i < 2) p.prompt_logprobs = 1 + 2 * i;
+      sinks.push_back(std::make_shared<Collector>());
+      s.engine->submit(p, sinks.back());
+    }
+    for (auto& c : sinks) c->wait();
+    EXPECT_EQ(sinks[0]->tokens, alone(prompt, 20));
+    EXPECT_EQ(sinks[0]->usage.cached_prompt_tokens, 0) << "it computes its whole prompt";
+    expect_prompt_logprobs(*sinks[0], prompt, kModel);
+    EXPECT_EQ(sinks[1]->prompt_logprobs.size(), 29u);
+    EXPECT_EQ(sinks[1]->prompt_logprobs.at(5).top.size(), 3u);
+    EXPECT_TRUE(sinks[2]->prompt_logprobs.empty());
+    for (int i = 1; i < 4; ++i)
+      EXPECT_EQ(sinks[i]->tokens, alone(prompt_of(30, 20 + i), 20)) << "request " << i;
+  }
+  // Preempted half way through its prompt, in a 13-block cache of the fixture without a window:
+  // a request of priority 0 takes 8 blocks, this one (priority 1) 2 more a step, and in its third
+  // step it is the one preempted. It computes again the 16 tokens it had, asking no rows for
+  // them, once the other has ended.
+  {
+    Served s(13, options, false, kNoWindow);
+    auto other = std::make_shared<Collector>(), a = std::make_shared<Collector>();
+    s.engine->submit(request(prompt_of(30, 21), 20), other);
+    RequestParams p = with_priority(request(prompt, 20), 1);
+    p.prompt_logprobs = 1;
+    s.engine->submit(p, a);
+    s.start();
+    other->wait();
+    a->wait();
+    EXPECT_EQ(a->usage.preemptions, 1);
+    EXPECT_EQ(a->tokens, alone(prompt, 20, kNoWindow));
+    expect_prompt_logprobs(*a, prompt, kNoWindow);
+  }
+  // Without rows beyond one per running sequence, and beyond 20, they are refused.
+  Served s(64);
+  RequestParams p = request(prompt, 2);
+  p.prompt_logprobs = 1;
+  EXPECT_THROW(s.engine->submit(p, std::make_shared<Collector>()), RequestError);
+  p.prompt_logprobs = 21;
+  EXPECT_THROW(s.engine->submit(p, std::make_shared<Collector>()), RequestError);
 }
 
 TEST(Engine, DrainRefusesNewWorkAndFinishesOld) {

@@ -68,6 +68,7 @@ TEST(Service, RequestDefaults) {
   (*r.mutable_logit_bias())[300] = -2.5f;
   (*r.mutable_logit_bias())[12] = 4.f;
   r.set_min_tokens(3);
+  r.set_prompt_logprobs(4);
   const auto deadline = std::chrono::steady_clock::now();
   p = request_params(r, tokenizer(), kVocab, 77, deadline);
   EXPECT_EQ(p.prompt, tokenizer().encode("the yard", false));
@@ -86,6 +87,7 @@ TEST(Service, RequestDefaults) {
             (std::vector<std::pair<int32_t, float>>{{12, 4.f}, {300, -2.5f}}))
       << "by id";
   EXPECT_EQ(p.sampling.min_tokens, 3);
+  EXPECT_EQ(p.prompt_logprobs, 4);
   EXPECT_EQ(p.deadline, deadline);
   v1::GenerateRequest ids;
   ids.mutable_token_ids()->add_ids(5);
@@ -129,7 +131,12 @@ TEST(Service, EventsAsMessagesAndStatuses) {
   e.text = "ab";
   e.token_ids = {4, 5};
   e.logprobs.push_back({4, -0.5f, {{4, -0.5f}, {9, -1.5f}}});
+  e.prompt_logprobs.push_back({7, -2.f, {{3, -0.25f}}});
   v1::GenerateResponse m = to_response(e);
+  ASSERT_EQ(m.prompt_logprobs_size(), 1);
+  EXPECT_EQ(m.prompt_logprobs(0).token_id(), 7u);
+  EXPECT_EQ(m.prompt_logprobs(0).logprob(), -2.f);
+  EXPECT_EQ(m.prompt_logprobs(0).top(0).token_id(), 3u);
   EXPECT_EQ(m.text(), "ab");
   EXPECT_EQ(m.token_ids_size(), 2);
   ASSERT_EQ(m.logprobs_size(), 1);
