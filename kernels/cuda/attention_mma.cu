@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kThreads)
   if (tid < kRows) {
     int32_t pos = -1, lo = 0x7fffffff;
     if (tid < nt && token_seq[t0 + tid] == seq0) {
-      pos = seq_ok ? positions[t0 + tid] : -2;  // -2: ours, with no key to see
+      // -2: ours, with no key to see (also a negative position, which -1 would disown)
+      pos = seq_ok && positions[t0 + tid] >= 0 ? positions[t0 + tid] : -2;
       if (pos >= 0) lo = s.window > 0 && pos - s.window + 1 > 0 ? pos - s.window + 1 : 0;
     }
     tok_pos[tid] = pos;
@@ -142,20 +143,24 @@ __global__ void __launch_bounds__(kThreads)
       slots[tid] = slot;
     }
     __syncthreads();
+    // Item v is a 16-byte piece of K and one of V. K's go row by row (the lanes of a key read
+    // its row's pieces in order); V's, which go in transposed, key by key, so that consecutive
+    // lanes take consecutive keys of one 8-dim piece and each 2-byte store of a warp covers 64
+    // consecutive bytes of one vt row (with K's order, stores 8 dims apart, 288 words, all hit
+    // one bank).
     for (int v = tid; v < kKeys * (HD / 8); v += kThreads) {
       const int key = v / (HD / 8), c = (v % (HD / 8)) * 8;
-      const int64_t slot = slots[key];
+      const int vkey = v % kKeys, vc = (v / kKeys) * 8;
+      const int64_t slot = slots[key], vslot = slots[vkey];
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (slot >= 0) {
-        kv = load_u128(k_cache + slot * row_elems + g * HD + c);
-        vv = load_u128(v_cache + slot * row_elems + g * HD + c);
-      }
+      if (slot >= 0) kv = load_u128(k_cache + slot * row_elems + g * HD + c);
+      if (vslot >= 0) vv = load_u128(v_cache + vslot * row_elems + g * HD + vc);
       store_u128(&ks[key][c], kv);
       const uint32_t w[4] = {vv.x, vv.y, vv.z, vv.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        vt[c + 2 * j][key] = static_cast<uint16_t>(w[j] & 0xffffu);
-        vt[c + 2 * j + 1][key] = static_cast<uint16_t>(w[j] >> 16);
+        vt[vc + 2 * j][vkey] = static_cast<uint16_t>(w[j] & 0xffffu);
+        vt[vc + 2 * j + 1][vkey] = static_cast<uint16_t>(w[j] >> 16);
       }
     }
     __syncthreads();
