@@ -253,8 +253,9 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     cpu::logprobs_row(logits.data() + V, V, want[1], 5, want_lp.data(), want_ids.data(), order);
     EXPECT_EQ(lp_out, want_lp) << what << " logprobs";
     EXPECT_EQ(lp_ids, want_ids) << what << " top ids";
-    // Refused: more rows than the step's sequences, a row past the step, a top past the limit.
-    for (const auto& [rows, top] : {std::pair<std::vector<int32_t>, int64_t>{{1, 2}, 5},
+    // Refused: more rows than the model's logit rows, a row past the step, a top past the limit.
+    const std::vector<int32_t> too_many(static_cast<size_t>(model->logprob_capacity() + 1), 0);
+    for (const auto& [rows, top] : {std::pair<std::vector<int32_t>, int64_t>{too_many, 5},
                                     {{static_cast<int32_t>(n)}, 5},
                                     {{1}, Model::kMaxTopLogprobs + 1}}) {
       SampleLogprobs bad = lp;
