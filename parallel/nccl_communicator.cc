@@ -152,7 +152,7 @@ class NcclCommunicator final : public Communicator {
                                       ncclFloat32, ncclSum, comm_, stream_));
     } else {
       // NCCL's reduce-scatter takes one count for all ranks: reduce each rank's rows to it.
-      SY_NCCL_CHECK(ncclGroupStart());
+      Group group(*this);
       int64_t first = 0;
       for (int r = 0; r < size_; ++r) {
         if (counts[r] > 0)
@@ -161,7 +161,7 @@ class NcclCommunicator final : public Communicator {
                                    comm_, stream_));
         first += counts[r];
       }
-      SY_NCCL_CHECK(ncclGroupEnd());
+      group.end();
     }
     finish();
   }
@@ -182,7 +182,7 @@ class NcclCommunicator final : public Communicator {
                                   ncclInt8, comm_, stream_));
     } else {
       // NCCL's all-gather takes one count for all ranks: each rank broadcasts its rows.
-      SY_NCCL_CHECK(ncclGroupStart());
+      Group group(*this);
       int64_t first = 0;
       for (int r = 0; r < size_; ++r) {
         if (counts[r] > 0)
@@ -191,7 +191,7 @@ class NcclCommunicator final : public Communicator {
                                       comm_, stream_));
         first += counts[r];
       }
-      SY_NCCL_CHECK(ncclGroupEnd());
+      group.end();
     }
     finish();
   }
@@ -222,7 +222,7 @@ class NcclCommunicator final : public Communicator {
       SY_CUDA_CHECK(cudaMemcpyAsync(at(out, recv_first), at(in, send_first),
                                     static_cast<size_t>(send_counts[rank_]) * row_bytes,
                                     cudaMemcpyDeviceToDevice, stream_));
-    SY_NCCL_CHECK(ncclGroupStart());
+    Group group(*this);
     send_first = recv_first = 0;
     for (int p = 0; p < size_; ++p) {
       if (p != rank_ && send_counts[p] > 0)
@@ -234,7 +234,7 @@ class NcclCommunicator final : public Communicator {
       send_first += send_counts[p];
       recv_first += recv_counts[p];
     }
-    SY_NCCL_CHECK(ncclGroupEnd());
+    group.end();
     finish();
   }
 
@@ -277,6 +277,31 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // An NCCL group of this communicator's calls. A call that throws inside leaves it open, and
+  // NCCL's group depth is per thread: every later NCCL call of the thread would join the open
+  // group and never launch. So on the way out the guard closes the group (launching what it
+  // holds, which ncclCommAbort frees: the group still names the communicator until it ends),
+  // then aborts the communicator: its peers cannot finish the collective either.
+  class Group {
+   public:
+    explicit Group(NcclCommunicator& c) : c_(c) { SY_NCCL_CHECK(ncclGroupStart()); }
+    void end() {
+      ended_ = true;
+      SY_NCCL_CHECK(ncclGroupEnd());
+    }
+    ~Group() {
+      if (ended_) return;
+      ncclGroupEnd();  // the communicator is aborted next: its result says nothing more
+      c_.abort();
+    }
+    Group(const Group&) = delete;
+    Group& operator=(const Group&) = delete;
+
+   private:
+    NcclCommunicator& c_;
+    bool ended_ = false;
+  };
+
   void check_usable() const {
     SY_CHECK(!aborted_, "the NCCL communicator was aborted");
   }

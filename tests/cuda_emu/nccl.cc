@@ -11,6 +11,7 @@
 // What it holds the caller to, as NCCL does: communicators span the whole MPI world when made
 // from a unique id (ncclCommSplit makes smaller ones), buffers are device memory, and calls on an
 // aborted communicator fail. Reductions cover the 8-, 32- and 64-bit types (no 16-bit floats).
+// SY_CUDA_EMU_NCCL_REFUSE_IN_GROUP (while set) refuses every call of a group after its first.
 // SY_CUDA_EMU_NCCL_FAIL_AFTER=N makes every communicator report an asynchronous remote error
 // (ncclCommGetAsyncError) once N collectives have run in this process: a peer that failed.
 #include <cuda_runtime.h>
@@ -222,6 +223,8 @@ ncclResult_t add(Call c) {
       return error(ncclInvalidArgument, "a buffer is not device memory");
   }
   if (t_group_depth > 0) {
+    if (!t_group.empty() && std::getenv("SY_CUDA_EMU_NCCL_REFUSE_IN_GROUP") != nullptr)
+      return error(ncclInternalError, "a call refused (SY_CUDA_EMU_NCCL_REFUSE_IN_GROUP)");
     t_group.push_back(c);
     return ncclSuccess;
   }

@@ -370,6 +370,38 @@ TEST_F(NcclCommunicatorTest, AsyncErrorEndsTheWait) {
   }
 }
 
+// A call that fails inside an NCCL group (unequal all-gather counts: one broadcast per rank)
+// aborts the communicator and closes the group: NCCL's group depth is per thread, and a group
+// left open would swallow every later call of the thread. A new communicator then works.
+TEST_F(NcclCommunicatorTest, ACallFailingInAGroupAbortsAndClosesIt) {
+  if (std::getenv("SY_CUDA_EMU_NCCL_FAIL_AFTER") != nullptr || cuda::device_count() == 0 ||
+      nccl_->size() < 2)
+    GTEST_SKIP() << "needs the emulated NCCL, without failures of its own, on 2 ranks or more";
+  const int W = nccl_->size(), me = nccl_->rank();
+  std::vector<int64_t> counts(W);
+  for (int r = 0; r < W; ++r) counts[r] = 1 + r;
+  const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  DeviceBuffer in(counts[me] * 2, DType::kF32), out(total * 2, DType::kF32);
+  setenv("SY_CUDA_EMU_NCCL_REFUSE_IN_GROUP", "1", 1);
+  try {
+    nccl_->all_gather(out.view(DType::kF32, total, 2), in.view(DType::kF32, counts[me], 2), counts);
+    ADD_FAILURE() << "the refused call did not fail";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("refused"), std::string::npos) << e.what();
+  }
+  unsetenv("SY_CUDA_EMU_NCCL_REFUSE_IN_GROUP");
+  EXPECT_THROW(nccl_->all_reduce_sum(in.view(DType::kF32, counts[me], 2)), Error);  // aborted
+  auto fresh = make_nccl_communicator(*mpi_, nccl_device());
+  std::vector<float> ones(4, 1.f);
+  DeviceBuffer d(4, DType::kF32);
+  d.upload(ones);
+  fresh->all_reduce_sum(d.view(DType::kF32, 1, 4));
+  d.download(ones);
+  int64_t n_wrong = 0;
+  for (float v : ones) n_wrong += v != static_cast<float>(W);
+  EXPECT_EQ(sum_over_ranks(n_wrong), 0);
+}
+
 TEST_F(NcclCommunicatorTest, BadArgumentsAreErrors) {
   std::vector<int64_t> wrong_size(nccl_->size() + 1, 0);
   DeviceBuffer dummy(1, DType::kF32);
