@@ -110,6 +110,9 @@ class Ops {
   // out_ids: I32 [n]. The semantics of kernels/cpu/sample.cc (greedy when temperature is 0).
   // The default copies the rows to the host and samples there.
   static constexpr int64_t kSampleParams = 6;
+  // Temperatures below this sample greedily (as vLLM's epsilon): l / t would overflow to inf for
+  // the smallest ones. NaN logits rank below every other (as -inf).
+  static constexpr float kGreedyTemperature = 1e-5f;
   virtual void sample(Tensor out_ids, Tensor logits, Tensor params);
   // Logit biases, in place, before penalize: in row i of logits F32 [n, vocab], logits[i, ids[j]]
   // += values[j] for offsets[i] <= j < offsets[i + 1] (-inf bans the token). offsets: I32

@@ -7,6 +7,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
+#include "kernels/ops.h"
 
 namespace sy {
 
@@ -49,6 +50,8 @@ Sampler::Sampler(const SamplingParams& params, int64_t vocab_size, size_t n_prom
       order_(static_cast<size_t>(vocab_size)),
       n_prompt_(n_prompt) {
   params_.validate();
+  // Greedy, and no draw, below the sampler's epsilon (Ops::kGreedyTemperature).
+  if (params_.temperature < Ops::kGreedyTemperature) params_.temperature = 0.f;
   for (const auto& [id, value] : params_.logit_bias) {
     SY_CHECK(id < vocab_size, "logit_bias: token id ", id, " outside the vocabulary of ",
              vocab_size);

@@ -48,7 +48,9 @@ void logprobs_row(const float* logits, int64_t vocab, int32_t chosen, int64_t to
 int32_t sample_row(float* scores, int64_t vocab, float temperature, int64_t top_k, float top_p,
                    float min_p, double u, std::vector<int32_t>& order) {
   const size_t V = static_cast<size_t>(vocab);
-  if (temperature == 0.f)
+  for (size_t i = 0; i < V; ++i)
+    if (std::isnan(scores[i])) scores[i] = -INFINITY;  // ranks last (Ops::sample)
+  if (temperature < Ops::kGreedyTemperature)
     return static_cast<int32_t>(std::max_element(scores, scores + V) - scores);
   for (size_t i = 0; i < V; ++i) scores[i] /= temperature;
   // Candidates sorted by score (descending); ties keep the lower id first.

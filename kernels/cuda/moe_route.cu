@@ -20,10 +20,10 @@ constexpr int64_t kMaxRouteExperts = 256;
 // over the experts (they are few) makes the offsets, and a second pass gives each such pair its
 // row: the expert's first row, plus the pairs of the chunks before, plus the lower lanes of its
 // own chunk's ballot. Stable in token order, deterministic, linear in the pairs.
-__global__ void moe_route_kernel(int32_t* sorted_rows, float* sorted_weights, int32_t* offsets,
-                                 const int32_t* topk_idx, const float* topk_weights, int64_t n_rows,
-                                 int64_t k, int64_t n_experts, int64_t expert_begin,
-                                 int64_t expert_end) {
+__global__ void __launch_bounds__(1024)
+    moe_route_kernel(int32_t* sorted_rows, float* sorted_weights, int32_t* offsets,
+                     const int32_t* topk_idx, const float* topk_weights, int64_t n_rows, int64_t k,
+                     int64_t n_experts, int64_t expert_begin, int64_t expert_end) {
   __shared__ int32_t first[kMaxRouteExperts + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n_warps = blockDim.x / 32;

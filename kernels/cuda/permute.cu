@@ -37,7 +37,7 @@ __global__ void count_kernel(int32_t* counts, const int32_t* rows, int64_t n_row
 
 // In place inclusive scan of counts[0..n] (counts[0] = 0), so counts[t] becomes the first entry
 // of token t; cursor[t] = counts[t]. One block of 1024 threads walks the array in chunks.
-__global__ void scan_kernel(int32_t* counts, int32_t* cursor, int64_t n) {
+__global__ void __launch_bounds__(1024) scan_kernel(int32_t* counts, int32_t* cursor, int64_t n) {
   __shared__ int32_t part[1024];
   __shared__ int32_t carry;
   if (threadIdx.x == 0) carry = 0;

@@ -49,12 +49,17 @@ __global__ void __launch_bounds__(kThreads)
   const float top_p = q[2];
   const float min_p = q[3];
   const double u = static_cast<double>(q[4]) + static_cast<double>(q[5]);
-  auto score = [&](int64_t i) { return temperature > 0.f ? l[i] / temperature : l[i]; };
+  // Greedy below Ops::kGreedyTemperature; NaN ranks last, as -inf (the CPU twin's rules).
+  const bool greedy = temperature < Ops::kGreedyTemperature;
+  auto score = [&](int64_t i) {
+    const float x = greedy ? l[i] : l[i] / temperature;
+    return isnan(x) ? -INFINITY : x;
+  };
 
   u64 best = 0;
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) best = max(best, key_of(score(i), i));
   const u64 top = block_reduce(best, ksh, MaxOp{}, u64{0});
-  if (temperature == 0.f) {  // greedy: the lowest id among the largest logits
+  if (greedy) {  // the lowest id among the largest logits
     if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(top));
     return;
   }

@@ -80,6 +80,8 @@ inline float __fadd_rn(float a, float b) {
   return a + b;
 }
 
+using std::isnan;  // CUDA's device isnan is a global function
+
 inline float rsqrtf(float x) {
   return 1.f / std::sqrt(x);
 }

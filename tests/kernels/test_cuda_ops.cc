@@ -1391,15 +1391,17 @@ TEST_F(CudaOps, SampleMatchesCpuTwin) {
     int64_t top_k;
     float top_p, min_p;
   };
-  const Case cases[] = {{0.f, 0, 1.f, 0.f},   {1.f, 0, 1.f, 0.f},    {0.7f, 50, 1.f, 0.f},
-                        {1.3f, 0, 0.9f, 0.f}, {1.f, 0, 1.f, 0.05f},  {0.8f, 40, 0.95f, 0.02f},
-                        {1.f, 1, 1.f, 0.f},   {2.f, 5000, 0.5f, 0.f}};
+  const Case cases[] = {{0.f, 0, 1.f, 0.f},   {1.f, 0, 1.f, 0.f},     {0.7f, 50, 1.f, 0.f},
+                        {1.3f, 0, 0.9f, 0.f}, {1.f, 0, 1.f, 0.05f},   {0.8f, 40, 0.95f, 0.02f},
+                        {1.f, 1, 1.f, 0.f},   {2.f, 5000, 0.5f, 0.f}, {1e-39f, 0, 1.f, 0.f},
+                        {9e-6f, 0, 0.9f, 0.f}};  // greedy: l / t overflows
   for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{1025}, int64_t{32000}}) {
     for (int coarse = 0; coarse < 2; ++coarse) {
       const int64_t n = 24;
       std::vector<float> logits = random_vector(n * vocab, 1000 + vocab + coarse, 4.f);
       if (coarse)  // many exact ties
         for (float& v : logits) v = std::round(v * 2.f) / 2.f;
+      for (int64_t r = 2; r < n; r += 5) logits[r * vocab + (r * 7) % vocab] = NAN;  // ranks last
       std::vector<float> params(static_cast<size_t>(n * Ops::kSampleParams));
       std::mt19937_64 rng(static_cast<uint64_t>(vocab));
       for (int64_t r = 0; r < n; ++r) {
@@ -1424,6 +1426,15 @@ TEST_F(CudaOps, SampleMatchesCpuTwin) {
       gpu_->sample(gids, glogits, gparams);
       EXPECT_EQ(download_i32(*gpu_, gids), want)
           << "vocab " << vocab << (coarse ? " with ties" : "");
+      for (int64_t r = 0; r < n; ++r) {  // the tiny temperatures: the argmax, NaN left out
+        if (params[r * Ops::kSampleParams] >= Ops::kGreedyTemperature) continue;
+        int64_t best = -1;
+        for (int64_t i = 0; i < vocab; ++i) {
+          const float v = logits[r * vocab + i];
+          if (!std::isnan(v) && (best < 0 || v > logits[r * vocab + best])) best = i;
+        }
+        EXPECT_EQ(want[r], best) << "row " << r << " of vocab " << vocab;
+      }
     }
   }
 }

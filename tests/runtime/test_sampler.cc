@@ -32,6 +32,19 @@ TEST(Sampler, GreedyIsArgmax) {
   Sampler s(p, 5, 0);
   std::vector<float> l = {0.1f, 2.f, -1.f, 1.9f, 0.f};
   EXPECT_EQ(s.sample(l.data(), {}), 1);
+  // A temperature below the epsilon is greedy, with no draw (l / t would overflow), and a NaN
+  // logit ranks last.
+  p.temperature = 1e-39f;
+  p.seed = 3;
+  Sampler tiny(p, 5, 0);
+  std::vector<float> m = {5.f, NAN, 20.f, 19.f, -1.f};
+  EXPECT_EQ(tiny.sample(m.data(), {}), 2);
+  float params[Ops::kSampleParams];
+  tiny.device_params(params);
+  EXPECT_EQ(params[0], 0.f);
+  EXPECT_EQ(params[4] + params[5], 0.f) << "no draw";
+  std::vector<float> first_nan = {NAN, 1.f, 3.f, 2.f, 0.f};
+  EXPECT_EQ(s.sample(first_nan.data(), {}), 2);
 }
 
 TEST(Sampler, TemperatureFollowsTheDistribution) {
