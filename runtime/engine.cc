@@ -573,13 +573,33 @@ bool Engine::sample_on_device() const {
   return model_.forward_sample_supported();
 }
 
+TokenLogprobs Engine::row_logprobs(size_t i, int32_t token, int64_t top, bool on_device) {
+  thread_local std::vector<int32_t> order;
+  const int64_t vocab = model_.config().vocab_size;
+  const int64_t n = std::min(top, vocab);
+  const float* lp = host_lp_.data();
+  const int32_t* top_ids = host_lp_ids_.data();
+  if (!on_device) {
+    cpu::logprobs_row(logits_.data() + static_cast<int64_t>(i) * vocab, vocab, token, n,
+                      host_lp_.data(), host_lp_ids_.data(), order);
+  } else {  // from the device, in this row's slot
+    const int64_t slot = logprob_slot_[i];
+    lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
+    top_ids = logprobs_.ids + slot * logprobs_.top;
+  }
+  TokenLogprobs t;
+  t.token_id = token;
+  t.logprob = lp[0];
+  for (int64_t k = 0; k < n; ++k) t.top.push_back({top_ids[k], lp[1 + k]});
+  return t;
+}
+
 void Engine::process_logits(const int32_t* sampled) {
   // Log-probabilities: from the device (logprobs_, in logprob_slot_'s rows) when it sampled,
-  // otherwise computed here into host_lp_.
+  // otherwise computed here into host_lp_ (row_logprobs).
   const int64_t vocab = model_.config().vocab_size;
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> done;
-  thread_local std::vector<int32_t> order;
   // Prompt logprobs first, so that a sequence's first token carries all of them.
   for (size_t j = 0; j < prompt_rows_of_step_.size(); ++j) {
     const PromptRow& r = prompt_rows_of_step_[j];
@@ -587,22 +607,8 @@ void Engine::process_logits(const int32_t* sampled) {
     const size_t i = logit_seqs_.size() + j;  // its logit row
     SY_CHECK(r.token == seq.prompt_lp_next, "prompt logprobs of token ", r.token, " after ",
              seq.prompt_lp_next - 1);
-    const int64_t n = std::min(seq.params.prompt_logprobs, vocab);
-    const int32_t token = seq.tokens[static_cast<size_t>(r.token)];
-    const float* lp = host_lp_.data();
-    const int32_t* top_ids = host_lp_ids_.data();
-    if (sampled == nullptr) {
-      cpu::logprobs_row(logits_.data() + static_cast<int64_t>(i) * vocab, vocab, token, n,
-                        host_lp_.data(), host_lp_ids_.data(), order);
-    } else {
-      const int64_t slot = logprob_slot_[i];
-      lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
-      top_ids = logprobs_.ids + slot * logprobs_.top;
-    }
-    TokenLogprobs& t = seq.prompt_lp.emplace_back();
-    t.token_id = token;
-    t.logprob = lp[0];
-    for (int64_t k = 0; k < n; ++k) t.top.push_back({top_ids[k], lp[1 + k]});
+    seq.prompt_lp.push_back(row_logprobs(i, seq.tokens[static_cast<size_t>(r.token)],
+                                         seq.params.prompt_logprobs, sampled != nullptr));
     ++seq.prompt_lp_next;
   }
   for (size_t i = 0; i < logit_seqs_.size(); ++i) {
@@ -615,22 +621,8 @@ void Engine::process_logits(const int32_t* sampled) {
     event.token_ids.push_back(next);
     if (seq.n_generated() == 1 && seq.params.prompt_logprobs > 0)
       event.prompt_logprobs = std::move(seq.prompt_lp);
-    if (seq.params.logprobs > 0) {
-      const int64_t n = std::min(seq.params.logprobs, vocab);
-      const float* lp = host_lp_.data();
-      const int32_t* top_ids = host_lp_ids_.data();
-      if (sampled == nullptr) {
-        cpu::logprobs_row(row, vocab, next, n, host_lp_.data(), host_lp_ids_.data(), order);
-      } else {  // from the device, in this row's slot
-        const int64_t slot = logprob_slot_[i];
-        lp = logprobs_.logprobs + slot * (1 + logprobs_.top);
-        top_ids = logprobs_.ids + slot * logprobs_.top;
-      }
-      TokenLogprobs& t = event.logprobs.emplace_back();
-      t.token_id = next;
-      t.logprob = lp[0];
-      for (int64_t k = 0; k < n; ++k) t.top.push_back({top_ids[k], lp[1 + k]});
-    }
+    if (seq.params.logprobs > 0)
+      event.logprobs.push_back(row_logprobs(i, next, seq.params.logprobs, sampled != nullptr));
     FinishReason reason = FinishReason::kNone;
     const bool eos = !seq.params.ignore_eos && tokenizer_.is_eos(next);
     const bool stop_id =

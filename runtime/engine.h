@@ -189,6 +189,9 @@ class Engine {
   void record_blocks();
   void release_blocks(Sequence& seq);      // all of its blocks that it still holds
   void drop_out_of_window(Sequence& seq);  // gives back the blocks no later token attends to
+  // The log-probability of `token` and the `top` most likely tokens of logit row i: from the
+  // host logits, or from the step's device logprobs (logprob_slot_).
+  TokenLogprobs row_logprobs(size_t i, int32_t token, int64_t top, bool on_device);
   // Samples (or takes `sampled`, one token per logit row, when the device sampled) and emits.
   void process_logits(const int32_t* sampled);
   // True when this step samples on the device: a GPU model whose ranks' vocabulary slices are

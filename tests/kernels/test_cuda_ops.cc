@@ -1439,6 +1439,21 @@ TEST_F(CudaOps, SampleMatchesCpuTwin) {
   }
 }
 
+// Row r's distinct ids of a per-row list (Ops::penalize, Ops::bias): a shuffle of the vocabulary,
+// all of it in row 0 and up to a tenth in the others (some none), with ids outside the vocabulary
+// (skipped by the ops) in some rows; appended to `ids`, with the row's end to `offsets`.
+void append_row_ids(std::vector<int32_t>& offsets, std::vector<int32_t>& ids, int64_t r,
+                    int64_t vocab, std::mt19937_64& rng) {
+  std::vector<int32_t> order(static_cast<size_t>(vocab));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  const int64_t take = r == 0 ? vocab : static_cast<int64_t>(rng() % (vocab / 10 + 2));
+  ids.insert(ids.end(), order.begin(), order.begin() + std::min(take, vocab));
+  if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));
+  if (r % 7 == 4) ids.push_back(-1);
+  offsets.push_back(static_cast<int32_t>(ids.size()));
+}
+
 // Ops::penalize: exact against the CPU twin (the same IEEE operations on the same floats, none
 // contracted), over the awkward row counts and rows of no ids, of ids outside the vocabulary, of
 // params {1, 0, 0}, of negative presence and frequency, and of the whole vocabulary (more ids
@@ -1454,16 +1469,8 @@ TEST_F(CudaOps, PenalizeMatchesCpu) {
       auto uniform = [&rng](float lo, float hi) {
         return lo + (hi - lo) * static_cast<float>(rng() % 4096) / 4095.f;
       };
-      std::vector<int32_t> order(static_cast<size_t>(vocab));
       for (int64_t r = 0; r < n; ++r) {
-        std::iota(order.begin(), order.end(), 0);
-        std::shuffle(order.begin(), order.end(), rng);
-        // Row 0 takes the whole vocabulary; others up to a tenth of it (some none).
-        const int64_t take = r == 0 ? vocab : static_cast<int64_t>(rng() % (vocab / 10 + 2));
-        ids.insert(ids.end(), order.begin(), order.begin() + std::min(take, vocab));
-        if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));  // skipped
-        if (r % 7 == 4) ids.push_back(-1);                               // skipped
-        offsets.push_back(static_cast<int32_t>(ids.size()));
+        append_row_ids(offsets, ids, r, vocab, rng);
         // Counts: about half the ids prompt-only (0), the others generated up to 40 times.
         while (counts.size() < ids.size())
           counts.push_back(rng() % 2 == 0 ? 0 : static_cast<int32_t>(1 + rng() % 40));
@@ -1500,15 +1507,8 @@ TEST_F(CudaOps, BiasMatchesCpu) {
       std::vector<int32_t> offsets = {0}, ids;
       std::vector<float> values;
       std::mt19937_64 rng(static_cast<uint64_t>(n * vocab + 5));
-      std::vector<int32_t> order(static_cast<size_t>(vocab));
       for (int64_t r = 0; r < n; ++r) {
-        std::iota(order.begin(), order.end(), 0);
-        std::shuffle(order.begin(), order.end(), rng);
-        const int64_t take = r == 0 ? vocab : static_cast<int64_t>(rng() % (vocab / 10 + 2));
-        ids.insert(ids.end(), order.begin(), order.begin() + std::min(take, vocab));
-        if (r % 5 == 3) ids.push_back(static_cast<int32_t>(vocab + r));  // skipped
-        if (r % 7 == 4) ids.push_back(-1);                               // skipped
-        offsets.push_back(static_cast<int32_t>(ids.size()));
+        append_row_ids(offsets, ids, r, vocab, rng);
         while (values.size() < ids.size())
           values.push_back(rng() % 9 == 0 ? -INFINITY
                                           : -100.f + static_cast<float>(rng() % 20001) / 100.f);
