@@ -166,21 +166,29 @@ void Ops::logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor ro
   synchronize();
 }
 
+// The per-row offsets of a list op (penalize, bias) on the host: n + 1 of them, from 0,
+// non-decreasing, to at most the list's m ids; throws naming `op` otherwise.
+static std::vector<int32_t> host_offsets(Ops& ops, const Tensor& offsets, int64_t n, int64_t m,
+                                         const char* op) {
+  std::vector<int32_t> off(static_cast<size_t>(n + 1));
+  ops.copy_to_host(off.data(), offsets.data, offsets.bytes());
+  SY_CHECK(off[0] == 0 && off[n] <= m, op, ": offsets run from ", off[0], " to ", off[n], " over ",
+           m, " ids");
+  for (int64_t i = 0; i < n; ++i)
+    SY_CHECK(off[i] <= off[i + 1], op, ": offsets decrease at row ", i);
+  return off;
+}
+
 void Ops::penalize(Tensor logits, Tensor offsets, Tensor ids, Tensor counts, Tensor params) {
   check_penalize(logits, offsets, ids, counts, params);
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
   const int64_t m = ids.size(0);
   const int64_t P = kPenaltyParams;
-  std::vector<float> rows(static_cast<size_t>(n * vocab)), p(static_cast<size_t>(n * P));
-  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m)),
-      count(static_cast<size_t>(m));
-  copy_to_host(off.data(), offsets.data, offsets.bytes());
-  SY_CHECK(off[0] == 0 && off[n] <= m, "penalize: offsets run from ", off[0], " to ", off[n],
-           " over ", m, " ids");
-  for (int64_t i = 0; i < n; ++i)
-    SY_CHECK(off[i] <= off[i + 1], "penalize: offsets decrease at row ", i);
+  const std::vector<int32_t> off = host_offsets(*this, offsets, n, m, "penalize");
   if (m == 0) return;
+  std::vector<float> rows(static_cast<size_t>(n * vocab)), p(static_cast<size_t>(n * P));
+  std::vector<int32_t> id(static_cast<size_t>(m)), count(static_cast<size_t>(m));
   copy_to_host(rows.data(), logits.data, logits.bytes());
   copy_to_host(id.data(), ids.data, ids.bytes());
   copy_to_host(count.data(), counts.data, counts.bytes());
@@ -197,14 +205,10 @@ void Ops::bias(Tensor logits, Tensor offsets, Tensor ids, Tensor values) {
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
   const int64_t m = ids.size(0);
-  std::vector<int32_t> off(static_cast<size_t>(n + 1)), id(static_cast<size_t>(m));
-  std::vector<float> rows(static_cast<size_t>(n * vocab)), value(static_cast<size_t>(m));
-  copy_to_host(off.data(), offsets.data, offsets.bytes());
-  SY_CHECK(off[0] == 0 && off[n] <= m, "bias: offsets run from ", off[0], " to ", off[n], " over ",
-           m, " ids");
-  for (int64_t i = 0; i < n; ++i)
-    SY_CHECK(off[i] <= off[i + 1], "bias: offsets decrease at row ", i);
+  const std::vector<int32_t> off = host_offsets(*this, offsets, n, m, "bias");
   if (m == 0) return;
+  std::vector<int32_t> id(static_cast<size_t>(m));
+  std::vector<float> rows(static_cast<size_t>(n * vocab)), value(static_cast<size_t>(m));
   copy_to_host(rows.data(), logits.data, logits.bytes());
   copy_to_host(id.data(), ids.data, ids.bytes());
   copy_to_host(value.data(), values.data, values.bytes());

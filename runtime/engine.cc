@@ -470,7 +470,7 @@ bool Engine::schedule() {
     const int64_t lo = std::max(seq.n_computed, seq.prompt_lp_next - 1);
     for (int64_t p = lo; p < lo + n_rows; ++p)
       prompt_rows_of_step_.push_back(
-          {&seq, batch_.n_tokens() + (p - seq.n_computed)});  // the token row, for now
+          {&seq, p + 1, static_cast<int32_t>(batch_.n_tokens() + (p - seq.n_computed))});
     for (int64_t i = 0; i < seq.scheduled; ++i) {
       const int64_t pos = seq.n_computed + i;
       batch_.tokens.push_back(seq.tokens[static_cast<size_t>(pos)]);
@@ -487,11 +487,8 @@ bool Engine::schedule() {
       logit_seqs_.push_back(&seq);
     }
   }
-  // Then the prompt logprob rows: `token` becomes the prompt token whose logprobs they give.
-  for (PromptRow& r : prompt_rows_of_step_) {
-    batch_.logit_rows.push_back(static_cast<int32_t>(r.token));
-    r.token = batch_.positions[static_cast<size_t>(r.token)] + 1;
-  }
+  // Then the prompt logprob rows.
+  for (const PromptRow& r : prompt_rows_of_step_) batch_.logit_rows.push_back(r.batch_row);
   return batch_.n_tokens() > 0;
 }
 

@@ -228,7 +228,8 @@ class Engine {
   // logit_seqs_.size() + j is prompt_rows_of_step_[j], the logits before token `token` of `seq`.
   struct PromptRow {
     Sequence* seq;
-    int64_t token;
+    int64_t token;      // the prompt token whose logprobs the row gives
+    int32_t batch_row;  // the step's token row the logits come from (position token - 1)
   };
   std::vector<PromptRow> prompt_rows_of_step_;
   int64_t prompt_rows_ = 0;               // see prompt_logit_rows()
