@@ -23,8 +23,8 @@
 #include "launch/commands.h"
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
-#include "runtime/model.h"
-#include "runtime/safetensors.h"
+#include "runtime/formats/safetensors.h"
+#include "runtime/model/model.h"
 
 namespace sy::launch {
 namespace {
@@ -207,7 +207,7 @@ int run_bench_engine(const BenchEngineArgs& a) {
   pc.tp = a.tp;
   pc.ep = a.ep;
   pc.exchange = parse_moe_exchange(a.moe_exchange);
-  pc.validate(config);
+  pc.validate(config.layout_shape());
   Backend backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
   if (world) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
 

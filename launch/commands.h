@@ -9,11 +9,11 @@
 #include <CLI/CLI.hpp>
 
 #include "parallel/context.h"
-#include "runtime/backend.h"
-#include "runtime/sampler.h"
-#include "runtime/serve_config.h"
-#include "runtime/tiny_model.h"
-#include "runtime/weights.h"
+#include "runtime/engine/sampler.h"
+#include "runtime/model/backend.h"
+#include "runtime/model/tiny_model.h"
+#include "runtime/model/weights.h"
+#include "runtime/server/serve_config.h"
 
 namespace sy::launch {
 

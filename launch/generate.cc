@@ -10,8 +10,8 @@
 #include "launch/commands.h"
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
-#include "runtime/generator.h"
-#include "runtime/tokenizer.h"
+#include "runtime/engine/generator.h"
+#include "runtime/formats/tokenizer.h"
 
 namespace sy::launch {
 
@@ -67,7 +67,7 @@ void print_layout(const ParallelContext& par, const ModelConfig& config, const W
                         Tensor(mine.data(), DType::kI32, {1, 2}),
                         std::vector<int64_t>(static_cast<size_t>(W), 1));
   if (par.config.rank != 0) return;
-  std::fputs(layout_table(par.config, config).c_str(), stderr);
+  std::fputs(layout_table(par.config, config.layout_shape()).c_str(), stderr);
   std::fprintf(stderr, "#  rank  expert_KiB  weight_KiB\n");
   for (int r = 0; r < W; ++r)
     std::fprintf(stderr, "  %5d  %10d  %10d\n", r, all[2 * r], all[2 * r + 1]);
@@ -180,7 +180,7 @@ int run_generate(const GenerateArgs& a) {
     pc.tp = a.tp;
     pc.ep = a.ep;
     pc.exchange = parse_moe_exchange(a.moe_exchange);
-    pc.validate(config);  // before any weight is read
+    pc.validate(config.layout_shape());  // before any weight is read
   }
   backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
   if (parallel) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);

@@ -29,10 +29,10 @@
 #include "launch/commands.h"
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
-#include "runtime/engine.h"
-#include "runtime/generator.h"
-#include "runtime/service.h"
-#include "runtime/tokenizer.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/generator.h"
+#include "runtime/formats/tokenizer.h"
+#include "runtime/server/service.h"
 
 namespace sy::launch {
 namespace {
@@ -267,7 +267,7 @@ int run_serve(const ServeArgs& a) {
   pc.tp = a.tp;
   pc.ep = a.ep;
   pc.exchange = parse_moe_exchange(a.moe_exchange);
-  pc.validate(config);                                       // before any weight is read
+  pc.validate(config.layout_shape());                        // before any weight is read
   const ModelLimits limits = a.config.model_limits(config);  // validates the budgets
   const Backend backend = make_backend(a.backend, world.get(), env.local_rank());
   std::unique_ptr<ParallelContext> par =

@@ -4,7 +4,6 @@
 #include <sstream>
 
 #include "kernels/error.h"
-#include "runtime/config.h"
 
 namespace sy {
 
@@ -31,17 +30,17 @@ MoeExchange parse_moe_exchange(const std::string& name) {
   SY_FAIL("--moe-exchange \"", name, "\" is not all-to-all, all-gather or auto");
 }
 
-void ParallelConfig::validate(const ModelConfig& c) const {
+void ParallelConfig::validate(const LayoutShape& c) const {
   SY_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " of a world of ", world);
   SY_CHECK(auto_max_routed_rows >= 0, "auto exchange limit of ", auto_max_routed_rows,
            " routed rows is negative");
   SY_CHECK(tp >= 1 && world % tp == 0, "--tp ", tp, " must divide the world size ", world);
-  SY_CHECK(c.num_key_value_heads % tp == 0, "--tp ", tp,
-           " must divide num_key_value_heads = ", c.num_key_value_heads);
+  SY_CHECK(c.n_kv_heads % tp == 0, "--tp ", tp,
+           " must divide num_key_value_heads = ", c.n_kv_heads);
   SY_CHECK(ep >= 0 && ep <= world && (ep == 0 || world % ep == 0), "--ep ", ep,
            " must divide the world size ", world);
-  SY_CHECK(ep_size() <= c.num_local_experts, "--ep ", ep_size(), " exceeds the ",
-           c.num_local_experts, " experts: some rank would hold none");
+  SY_CHECK(ep_size() <= c.n_experts, "--ep ", ep_size(), " exceeds the ", c.n_experts,
+           " experts: some rank would hold none");
   SY_CHECK(world <= c.vocab_size, "world of ", world, " ranks exceeds the vocabulary");
 }
 
@@ -71,20 +70,20 @@ void token_counts(int64_t n_tokens, int world, std::vector<int64_t>& counts) {
   for (int r = 0; r < world; ++r) counts[r] = split_count(n_tokens, world, r);
 }
 
-std::string layout_table(const ParallelConfig& p, const ModelConfig& c) {
+std::string layout_table(const ParallelConfig& p, const LayoutShape& c) {
   std::ostringstream out;
   out << "# layout: world " << p.world << ", tp " << p.tp << ", ep " << p.ep_size()
       << ", moe exchange " << moe_exchange_name(p.exchange) << "\n";
   out << "#  rank  tp_group  tp_rank  q_heads    kv_heads   ep_rank  experts\n";
-  const int64_t hq = c.num_attention_heads / p.tp;
-  const int64_t hkv = c.num_key_value_heads / p.tp;
+  const int64_t hq = c.n_heads / p.tp;
+  const int64_t hkv = c.n_kv_heads / p.tp;
   for (int r = 0; r < p.world; ++r) {
     ParallelConfig q = p;
     q.rank = r;
     std::ostringstream heads, kv, experts;
     heads << "[" << q.tp_rank() * hq << "," << (q.tp_rank() + 1) * hq << ")";
     kv << "[" << q.tp_rank() * hkv << "," << (q.tp_rank() + 1) * hkv << ")";
-    const auto ex = experts_of(c.num_local_experts, q.ep_size(), q.ep_rank());
+    const auto ex = experts_of(c.n_experts, q.ep_size(), q.ep_rank());
     experts << "[" << ex.front() << "," << ex.back() + 1 << ")";
     char line[160];
     std::snprintf(line, sizeof(line), "  %5d  %8d  %7d  %-9s  %-9s  %7d  %s\n", r, q.tp_group(),

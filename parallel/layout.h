@@ -15,7 +15,14 @@
 
 namespace sy {
 
-struct ModelConfig;
+// What the layout splits of a model: parallel/ knows these shapes, not the model's config
+// (ModelConfig::layout_shape() gives them).
+struct LayoutShape {
+  int64_t n_heads = 0;     // query heads of one attention layer
+  int64_t n_kv_heads = 0;  // key/value heads (grouped-query attention)
+  int64_t n_experts = 0;   // experts of one MoE block
+  int64_t vocab_size = 0;  // rows of the embedding and of lm_head
+};
 
 // How the MoE block reaches the experts of other ranks (docs/architecture.md):
 //   kAllToAll  sequence-parallel tokens, dispatched to their experts' ranks and combined back
@@ -40,7 +47,7 @@ struct ParallelConfig {
   MoeExchange step_exchange(int64_t n_routed_rows) const;
 
   // Throws naming the offending value before any weight is read.
-  void validate(const ModelConfig& config) const;
+  void validate(const LayoutShape& shape) const;
   int ep_size() const { return ep > 0 ? ep : world; }
   int tp_rank() const { return rank % tp; }
   int tp_group() const { return rank / tp; }
@@ -61,6 +68,6 @@ int owner_of_expert(int64_t n_experts, int ep_size, int64_t expert);
 void token_counts(int64_t n_tokens, int world, std::vector<int64_t>& counts);
 
 // The layout and expert placement as a table for rank 0 to print.
-std::string layout_table(const ParallelConfig& p, const ModelConfig& config);
+std::string layout_table(const ParallelConfig& p, const LayoutShape& shape);
 
 }  // namespace sy

@@ -8,7 +8,7 @@
 #include <condition_variable>
 #include <mutex>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 namespace sy::test {
 

@@ -8,8 +8,8 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/engine.h"
-#include "runtime/generator.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/generator.h"
 #include "tests/common/collector.h"
 
 namespace sy::test {

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "parallel/layout.h"
-#include "runtime/config.h"
+#include "runtime/model/config.h"
 
 namespace sy::test {
 

@@ -20,8 +20,8 @@
 #include "kernels/cuda/device.h"
 #include "kernels/error.h"
 #include "parallel/context.h"
-#include "runtime/backend.h"
-#include "runtime/generator.h"
+#include "runtime/engine/generator.h"
+#include "runtime/model/backend.h"
 #include "tests/common/compare.h"
 #include "tests/common/fixtures.h"
 

@@ -9,8 +9,8 @@
 #include <thread>
 
 #include "parallel/context.h"
-#include "runtime/engine.h"
-#include "runtime/generator.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/generator.h"
 #include "tests/common/collector.h"
 
 namespace sy {

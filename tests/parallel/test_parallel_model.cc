@@ -16,7 +16,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "parallel/context.h"
-#include "runtime/generator.h"
+#include "runtime/engine/generator.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
@@ -326,10 +326,10 @@ TEST_F(ParallelModel, ImpossibleLayoutIsAClearError) {
   pc.world = world_->size();
   pc.rank = world_->rank();
   pc.tp = config.num_key_value_heads + 1;
-  EXPECT_THROW(pc.validate(config), Error);
+  EXPECT_THROW(pc.validate(config.layout_shape()), Error);
   pc.tp = 1;
   pc.ep = config.num_local_experts + 1;
-  EXPECT_THROW(pc.validate(config), Error);
+  EXPECT_THROW(pc.validate(config.layout_shape()), Error);
 }
 
 }  // namespace

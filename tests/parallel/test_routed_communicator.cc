@@ -13,7 +13,7 @@
 
 #include "parallel/context.h"
 #include "parallel/routed_communicator.h"
-#include "runtime/generator.h"
+#include "runtime/engine/generator.h"
 #include "tests/common/fixtures.h"
 #include "tests/common/forwarding_ops.h"
 

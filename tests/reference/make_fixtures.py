@@ -50,7 +50,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 VOCAB_SIZE = 384
 BOS_ID, EOS_ID = 1, 2
 
-# The options of sy::train_tokenizer (runtime/tokenizer.cc); keep the two in step.
+# The options of sy::train_tokenizer (runtime/formats/tokenizer.cc); keep the two in step.
 TRAINER_OPTIONS = dict(
     model_type="bpe",
     vocab_size=VOCAB_SIZE,

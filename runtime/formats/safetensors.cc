@@ -1,0 +1,669 @@
+// Strict, memory-mapped safetensors reading and crash-safe writing (see safetensors.h).
+//
+// Reading maps the whole file read-only and validates the header before any pointer into the
+// mapping is handed out: once SafetensorsFile::open returns, every entry's [begin, end) lies inside
+// the data section, end - begin equals dtype size x product(shape), and the product of the shape's
+// non-zero dimensions times the dtype size fits in int64. Checkpoint::read relies on that to index
+// the mapping with plain int64 arithmetic and no further bounds checks.
+//
+// Writing builds the header in memory, streams header and tensor data into `<path>.tmp.<pid>` in
+// the destination directory, fsyncs it and renames it over `<path>`, so a crash leaves either the
+// old file or the complete new one, never a half-written file under the real name.
+#include "runtime/formats/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <system_error>
+
+namespace sy {
+
+// Element loads and stores below memcpy host-order values; safetensors data is little-endian.
+static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes little-endian");
+
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr const char* kSingleFileName = "model.safetensors";
+constexpr const char* kIndexFileName = "model.safetensors.index.json";
+
+std::string errno_text(int err) {
+  return std::error_code(err, std::generic_category()).message();
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+// The dtypes switchyard reads and writes, under their safetensors header names.
+bool parse_dtype(const std::string& name, DType* dtype) {
+  if (name == "F32")
+    *dtype = DType::kF32;
+  else if (name == "BF16")
+    *dtype = DType::kBF16;
+  else if (name == "F16")
+    *dtype = DType::kF16;
+  else
+    return false;
+  return true;
+}
+
+bool is_float_dtype(DType dtype) {
+  return dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16;
+}
+
+// Bytes of a tensor of `shape` with `elem_bytes`-byte elements. False when a dimension is negative
+// or when the product of the non-zero dimensions times elem_bytes overflows int64; checking the
+// non-zero product (rather than stopping at a zero) means no partial product of an accepted shape
+// can overflow either, whatever order a reader multiplies the dimensions in.
+bool checked_bytes(const std::vector<int64_t>& shape, size_t elem_bytes, uint64_t* bytes) {
+  int64_t product = static_cast<int64_t>(elem_bytes);
+  bool has_zero = false;
+  for (int64_t d : shape) {
+    if (d < 0) return false;
+    if (d == 0) {
+      has_zero = true;
+      continue;
+    }
+    if (__builtin_mul_overflow(product, d, &product)) return false;
+  }
+  *bytes = has_zero ? 0 : static_cast<uint64_t>(product);
+  return true;
+}
+
+// Parses [first, last) as JSON, throwing one sy::Error naming `source` when it is malformed or when
+// an object repeats a key (nlohmann silently keeps one of the values, which would let two header
+// entries share a name).
+json parse_json_strict(const char* first, const char* last, const std::string& source) {
+  std::vector<std::set<std::string>> keys;  // the keys seen so far in each open object
+  std::string top_key;                      // the current key of the outermost object
+  std::string duplicate, duplicate_in;
+  json::parser_callback_t check_keys = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) {
+      keys.emplace_back();
+    } else if (event == json::parse_event_t::object_end) {
+      if (!keys.empty()) keys.pop_back();
+    } else if (event == json::parse_event_t::key && !keys.empty()) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (keys.size() == 1) top_key = key;
+      if (!keys.back().insert(key).second && duplicate.empty()) {
+        duplicate = key;
+        duplicate_in = keys.size() == 1 ? "" : top_key;
+      }
+    }
+    return true;
+  };
+  json j;
+  try {
+    j = json::parse(first, last, check_keys);
+  } catch (const json::exception& e) {
+    SY_FAIL(source, ": malformed JSON: ", e.what());
+  }
+  SY_CHECK(duplicate.empty(), source, ": duplicate key \"", duplicate, "\"",
+           duplicate_in.empty() ? "" : " in \"", duplicate_in, duplicate_in.empty() ? "" : "\"");
+  return j;
+}
+
+// A file descriptor closed on scope exit.
+struct FdGuard {
+  int fd = -1;
+  ~FdGuard() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+// One header entry, validated against the data section of `data_bytes` bytes.
+SafetensorsEntry parse_entry(const std::string& path, const std::string& name, const json& value,
+                             uint64_t data_bytes) {
+  // Every message starts "<file>: tensor "<name>": ".
+  auto where = [&] { return path + ": tensor \"" + name + "\": "; };
+  SY_CHECK(value.is_object(), where(), "entry must be a JSON object, got ", value.dump());
+  SafetensorsEntry e;
+  e.name = name;
+
+  auto dtype = value.find("dtype");
+  SY_CHECK(dtype != value.end() && dtype->is_string(), where(), "\"dtype\" must be a string");
+  const auto& dtype_text = dtype->get_ref<const std::string&>();
+  SY_CHECK(parse_dtype(dtype_text, &e.dtype), where(), "unsupported dtype \"", dtype_text,
+           "\" (supported: F32, BF16, F16)");
+
+  auto shape = value.find("shape");
+  SY_CHECK(shape != value.end() && shape->is_array(), where(),
+           "\"shape\" must be an array of integers");
+  for (const json& d : *shape) {
+    SY_CHECK(d.is_number_integer(), where(), "shape dimension ", d.dump(), " is not an integer");
+    if (d.is_number_unsigned()) {
+      uint64_t u = d.get<uint64_t>();
+      SY_CHECK(u <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where(),
+               "shape dimension ", u, " is too large");
+      e.shape.push_back(static_cast<int64_t>(u));
+    } else {
+      int64_t s = d.get<int64_t>();
+      SY_CHECK(s >= 0, where(), "negative shape dimension ", s);
+      e.shape.push_back(s);
+    }
+  }
+
+  auto offsets = value.find("data_offsets");
+  const bool offsets_ok = offsets != value.end() && offsets->is_array() && offsets->size() == 2 &&
+                          (*offsets)[0].is_number_unsigned() && (*offsets)[1].is_number_unsigned();
+  SY_CHECK(offsets_ok, where(), "\"data_offsets\" must be two non-negative integers [begin, end]");
+  e.begin = (*offsets)[0].get<uint64_t>();
+  e.end = (*offsets)[1].get<uint64_t>();
+  SY_CHECK(e.begin <= e.end, where(), "data_offsets [", e.begin, ", ", e.end, "] are reversed");
+  SY_CHECK(e.end <= data_bytes, where(), "data_offsets [", e.begin, ", ", e.end,
+           "] run past the end of the data section (", data_bytes, " bytes)");
+
+  uint64_t bytes = 0;
+  SY_CHECK(checked_bytes(e.shape, dtype_size(e.dtype), &bytes), where(), "shape ",
+           shape_str(e.shape), " of ", dtype_text, " overflows a 64-bit byte count");
+  SY_CHECK(e.end - e.begin == bytes, where(), "data_offsets [", e.begin, ", ", e.end, "] hold ",
+           e.end - e.begin, " bytes but ", dtype_text, " ", shape_str(e.shape), " needs ", bytes);
+  return e;
+}
+
+// The "__metadata__" object: string keys to string values.
+std::map<std::string, std::string> parse_metadata(const std::string& path, const json& value) {
+  SY_CHECK(value.is_object(), path, ": \"__metadata__\" must be a JSON object");
+  std::map<std::string, std::string> metadata;
+  for (const auto& [key, v] : value.items()) {
+    SY_CHECK(v.is_string(), path, ": \"__metadata__\" value of \"", key, "\" must be a string");
+    metadata[key] = v.get<std::string>();
+  }
+  return metadata;
+}
+
+// Validates the header of the `file_bytes`-byte mapping `map` and fills `entries` (sorted by
+// begin offset), `metadata` and `data_start` (offset of the data section in the file).
+void parse_header(const std::string& path, const uint8_t* map, uint64_t file_bytes,
+                  std::vector<SafetensorsEntry>* entries,
+                  std::map<std::string, std::string>* metadata, uint64_t* data_start) {
+  uint64_t header_bytes = 0;
+  for (int i = 0; i < 8; ++i) header_bytes |= static_cast<uint64_t>(map[i]) << (8 * i);
+  SY_CHECK(header_bytes <= kMaxSafetensorsHeaderBytes, path, ": header length ", header_bytes,
+           " exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes");
+  SY_CHECK(header_bytes <= file_bytes - 8, path, ": header length ", header_bytes,
+           " runs past the end of the ", file_bytes, "-byte file (truncated?)");
+  *data_start = 8 + header_bytes;
+  const uint64_t data_bytes = file_bytes - *data_start;
+
+  const char* text = reinterpret_cast<const char*>(map + 8);
+  json header = parse_json_strict(text, text + header_bytes, path + " (header)");
+  SY_CHECK(header.is_object(), path, ": header must be a JSON object, got ", header.type_name());
+
+  for (const auto& [name, value] : header.items()) {
+    if (name == "__metadata__") {
+      *metadata = parse_metadata(path, value);
+      continue;
+    }
+    entries->push_back(parse_entry(path, name, value, data_bytes));
+  }
+
+  // No two tensors may share a byte. Empty tensors own no bytes and may sit anywhere.
+  std::sort(entries->begin(), entries->end(), [](const auto& a, const auto& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  const SafetensorsEntry* last = nullptr;  // the non-empty entry reaching furthest so far
+  for (const SafetensorsEntry& e : *entries) {
+    if (e.begin == e.end) continue;
+    SY_CHECK(last == nullptr || e.begin >= last->end, path, ": tensor \"", e.name,
+             "\" data_offsets [", e.begin, ", ", e.end, "] overlap tensor \"",
+             last ? last->name : "", "\" [", last ? last->begin : 0, ", ", last ? last->end : 0,
+             "]");
+    last = &e;
+  }
+}
+
+// Element conversion for Checkpoint::read: one contiguous run of n elements from src to dst.
+template <DType S>
+inline float load_elem(const uint8_t* p) {
+  if constexpr (S == DType::kF32) {
+    float f;
+    std::memcpy(&f, p, 4);
+    return f;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    if constexpr (S == DType::kBF16)
+      return bf16_to_f32(h);
+    else
+      return f16_to_f32(h);
+  }
+}
+
+template <DType D>
+inline void store_elem(uint8_t* p, float f) {
+  if constexpr (D == DType::kF32) {
+    std::memcpy(p, &f, 4);
+  } else {
+    uint16_t h = D == DType::kBF16 ? f32_to_bf16(f) : f32_to_f16(f);
+    std::memcpy(p, &h, 2);
+  }
+}
+
+constexpr size_t elem_bytes(DType d) {
+  return d == DType::kF32 ? 4 : 2;
+}
+
+template <DType S, DType D>
+void convert_run(const uint8_t* src, uint8_t* dst, int64_t n) {
+  if constexpr (S == D) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * elem_bytes(S));
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      store_elem<D>(dst + i * elem_bytes(D), load_elem<S>(src + i * elem_bytes(S)));
+  }
+}
+
+using ConvertFn = void (*)(const uint8_t*, uint8_t*, int64_t);
+
+template <DType S>
+ConvertFn convert_to(DType dst) {
+  switch (dst) {
+    case DType::kF32:
+      return convert_run<S, DType::kF32>;
+    case DType::kBF16:
+      return convert_run<S, DType::kBF16>;
+    case DType::kF16:
+      return convert_run<S, DType::kF16>;
+    default:
+      return nullptr;
+  }
+}
+
+ConvertFn convert_fn(DType src, DType dst) {
+  switch (src) {
+    case DType::kF32:
+      return convert_to<DType::kF32>(dst);
+    case DType::kBF16:
+      return convert_to<DType::kBF16>(dst);
+    case DType::kF16:
+      return convert_to<DType::kF16>(dst);
+    default:
+      return nullptr;
+  }
+}
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A shard file name from an index: a plain file name in the model directory.
+bool is_plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name.find('/') == std::string::npos &&
+         name.find('\\') == std::string::npos && name.find("..") == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  SY_CHECK(in, "cannot open ", path);
+  in.seekg(0, std::ios::end);
+  std::streamoff size = in.tellg();
+  SY_CHECK(size >= 0, "cannot read ", path);
+  SY_CHECK(static_cast<uint64_t>(size) <= kMaxSafetensorsHeaderBytes, path, " is ", size,
+           " bytes, more than the limit of ", kMaxSafetensorsHeaderBytes);
+  std::string text(static_cast<size_t>(size), '\0');
+  in.seekg(0);
+  in.read(text.data(), size);
+  SY_CHECK(in.gcount() == size, "cannot read ", path);
+  return text;
+}
+
+// Writes `path` through a temporary file in the same directory: data goes to `<path>.tmp.<pid>`,
+// commit() fsyncs and renames it over `path`. Without commit() the temporary file is removed.
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path)
+      : path_(path), tmp_path_(path + ".tmp." + std::to_string(::getpid())) {
+    fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    SY_CHECK(fd_ >= 0, "cannot create ", tmp_path_, ": ", errno_text(errno));
+  }
+  ~AtomicFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(tmp_path_.c_str());
+  }
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t n) {
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      ssize_t w = ::write(fd_, p, n);
+      if (w < 0 && errno == EINTR) continue;
+      SY_CHECK(w > 0, "cannot write ", tmp_path_, ": ", errno_text(errno));
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+
+  void commit() {
+    SY_CHECK(::fsync(fd_) == 0, "cannot sync ", tmp_path_, ": ", errno_text(errno));
+    int rc = ::close(fd_);
+    fd_ = -1;
+    SY_CHECK(rc == 0, "cannot close ", tmp_path_, ": ", errno_text(errno));
+    SY_CHECK(::rename(tmp_path_.c_str(), path_.c_str()) == 0, "cannot rename ", tmp_path_, " to ",
+             path_, ": ", errno_text(errno));
+    committed_ = true;
+  }
+
+ private:
+  std::string path_;
+  std::string tmp_path_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+// Bytes of `t`'s data; throws naming `path` and the tensor when the tensor cannot be written.
+uint64_t tensor_bytes(const std::string& path, const TensorToWrite& t) {
+  SY_CHECK(is_float_dtype(t.dtype), path, ": tensor \"", t.name, "\": cannot write dtype ",
+           dtype_name(t.dtype), " (supported: F32, BF16, F16)");
+  uint64_t bytes = 0;
+  SY_CHECK(checked_bytes(t.shape, dtype_size(t.dtype), &bytes), path, ": tensor \"", t.name,
+           "\": invalid shape ", shape_str(t.shape));
+  SY_CHECK(t.data != nullptr || bytes == 0, path, ": tensor \"", t.name, "\": null data");
+  return bytes;
+}
+
+}  // namespace
+
+// ---- SafetensorsFile ----------------------------------------------------------------------------
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  // Owned from the start, so the destructor unmaps when validation throws.
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+
+  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  SY_CHECK(fd.fd >= 0, "cannot open ", path, ": ", errno_text(errno));
+  struct stat st;
+  SY_CHECK(::fstat(fd.fd, &st) == 0, "cannot stat ", path, ": ", errno_text(errno));
+  SY_CHECK(S_ISREG(st.st_mode), path, ": not a regular file");
+  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  SY_CHECK(file_bytes >= 8, path, ": file is ", file_bytes,
+           " bytes, shorter than the 8-byte header length (truncated?)");
+
+  void* map = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd.fd, 0);
+  SY_CHECK(map != MAP_FAILED, "cannot map ", path, ": ", errno_text(errno));
+  file->map_ = map;
+  file->map_bytes_ = file_bytes;
+
+  const auto* bytes = static_cast<const uint8_t*>(map);
+  uint64_t data_start = 0;
+  parse_header(path, bytes, file_bytes, &file->entries_, &file->metadata_, &data_start);
+  file->data_section_ = bytes + data_start;
+  for (size_t i = 0; i < file->entries_.size(); ++i) file->index_[file->entries_[i].name] = i;
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_ != nullptr) ::munmap(map_, map_bytes_);
+}
+
+const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &entries_[it->second];
+}
+
+const uint8_t* SafetensorsFile::data(const SafetensorsEntry& entry) const {
+  const uint64_t data_bytes =
+      map_bytes_ - static_cast<uint64_t>(data_section_ - static_cast<const uint8_t*>(map_));
+  SY_CHECK(entry.begin <= entry.end && entry.end <= data_bytes, path_, ": tensor \"", entry.name,
+           "\": data_offsets [", entry.begin, ", ", entry.end, "] outside the data section");
+  return data_section_ + entry.begin;
+}
+
+// ---- Checkpoint ---------------------------------------------------------------------------------
+
+Checkpoint Checkpoint::open(const std::string& model_dir) {
+  Checkpoint ckpt;
+  ckpt.dir_ = model_dir;
+  const fs::path dir(model_dir);
+  const std::string index_path = (dir / kIndexFileName).string();
+  const std::string single_path = (dir / kSingleFileName).string();
+
+  std::error_code ec;
+  if (fs::exists(index_path, ec)) {
+    const std::string text = read_text_file(index_path);
+    json index = parse_json_strict(text.data(), text.data() + text.size(), index_path);
+    SY_CHECK(index.is_object(), index_path, ": expected a JSON object");
+    auto map = index.find("weight_map");
+    SY_CHECK(map != index.end() && map->is_object(), index_path,
+             ": \"weight_map\" must be a JSON object");
+    if (auto meta = index.find("metadata"); meta != index.end())
+      SY_CHECK(meta->is_object() || meta->is_null(), index_path,
+               ": \"metadata\" must be an object");
+
+    std::map<std::string, size_t> shard_file;  // shard name -> position in files_
+    for (const auto& [name, shard_json] : map->items()) {
+      SY_CHECK(shard_json.is_string(), index_path, ": tensor \"", name,
+               "\": shard must be a string, got ", shard_json.dump());
+      const auto& shard = shard_json.get_ref<const std::string&>();
+      SY_CHECK(is_plain_file_name(shard), index_path, ": tensor \"", name, "\": shard name \"",
+               shard, "\" is not a plain file name");
+      auto it = shard_file.find(shard);
+      if (it == shard_file.end()) {
+        const std::string shard_path = (dir / shard).string();
+        SY_CHECK(fs::is_regular_file(shard_path, ec), index_path, ": tensor \"", name,
+                 "\": shard \"", shard, "\" does not exist in ", model_dir);
+        it = shard_file.emplace(shard, ckpt.files_.size()).first;
+        ckpt.files_.push_back(SafetensorsFile::open(shard_path));
+      }
+      const SafetensorsFile& file = *ckpt.files_[it->second];
+      const SafetensorsEntry* entry = file.find(name);
+      SY_CHECK(entry != nullptr, index_path, ": tensor \"", name, "\" is mapped to shard \"", shard,
+               "\" but ", file.path(), " has no such tensor");
+      ckpt.tensors_[name] = {it->second, entry};
+    }
+  } else if (fs::exists(single_path, ec)) {
+    ckpt.files_.push_back(SafetensorsFile::open(single_path));
+    for (const SafetensorsEntry& e : ckpt.files_[0]->entries()) ckpt.tensors_[e.name] = {0, &e};
+  } else {
+    SY_FAIL("no ", kSingleFileName, " or ", kIndexFileName, " in model directory ", model_dir);
+  }
+  return ckpt;
+}
+
+bool Checkpoint::has(const std::string& name) const {
+  return tensors_.count(name) != 0;
+}
+
+const SafetensorsEntry& Checkpoint::entry(const std::string& name) const {
+  auto it = tensors_.find(name);
+  SY_CHECK(it != tensors_.end(), "tensor ", name, " not found in checkpoint ", dir_);
+  return *it->second.second;
+}
+
+// Concurrent reads from one Checkpoint are not supported: progress_ is updated without a lock.
+void Checkpoint::read(const std::string& name, const std::vector<int64_t>& shape, const Tensor& out,
+                      const Slice& slice) const {
+  auto it = tensors_.find(name);
+  SY_CHECK(it != tensors_.end(), "tensor ", name, " not found in checkpoint ", dir_);
+  const SafetensorsFile& file = *files_[it->second.first];
+  const SafetensorsEntry& e = *it->second.second;
+  const std::string& path = file.path();
+  SY_CHECK(e.shape == shape, "tensor ", name, " in ", path, ": expected shape ", shape_str(shape),
+           ", got ", shape_str(e.shape));
+
+  // The tensor as [outer, extent, inner] with rows [first, first + count) of `extent` kept:
+  // `outer` runs of count * inner contiguous elements.
+  const int ndim = static_cast<int>(e.shape.size());
+  std::vector<int64_t> sliced = e.shape;
+  int64_t outer = 1, extent = 1, inner = 1, first = 0, count = 1;
+  if (slice.dim == -1) {
+    for (int64_t d : e.shape) inner *= d;
+  } else {
+    const bool slice_ok = slice.dim >= 0 && slice.dim < ndim && slice.begin >= 0 &&
+                          slice.begin <= slice.end && slice.end <= e.shape[slice.dim];
+    SY_CHECK(slice_ok, "tensor ", name, " in ", path, ": invalid slice [", slice.begin, ", ",
+             slice.end, ") of dimension ", slice.dim, " of shape ", shape_str(e.shape));
+    for (int i = 0; i < slice.dim; ++i) outer *= e.shape[i];
+    for (int i = slice.dim + 1; i < ndim; ++i) inner *= e.shape[i];
+    extent = e.shape[slice.dim];
+    first = slice.begin;
+    count = slice.end - slice.begin;
+    sliced[slice.dim] = count;
+  }
+  if (first == 0 && count == extent) {  // nothing cut away: one run
+    inner *= outer * extent;
+    outer = extent = count = 1;
+  }
+
+  SY_CHECK(out.device == Device::kCpu, "tensor ", name, " in ", path,
+           ": output must be a CPU tensor");
+  SY_CHECK(is_float_dtype(out.dtype), "tensor ", name, " in ", path, ": cannot convert ",
+           dtype_name(e.dtype), " to ", dtype_name(out.dtype), " (supported: F32, BF16, F16)");
+  bool same_shape = out.ndim >= 0 && out.ndim <= 4 && out.ndim == static_cast<int>(sliced.size());
+  for (int i = 0; same_shape && i < out.ndim; ++i) same_shape = out.shape[i] == sliced[i];
+  SY_CHECK(same_shape, "tensor ", name, " in ", path, ": output shape ", out.shape_str(),
+           " does not match the ", slice.dim == -1 ? "tensor" : "sliced", " shape ",
+           shape_str(sliced));
+  const int64_t run = count * inner;
+  SY_CHECK(out.data != nullptr || run * outer == 0, "tensor ", name, " in ", path,
+           ": output has no data");
+
+  if (start_time_ < 0) start_time_ = now_seconds();
+  if (run > 0) {
+    const ConvertFn convert = convert_fn(e.dtype, out.dtype);
+    const uint8_t* src = file.data(e);
+    auto* dst = static_cast<uint8_t*>(out.data);
+    const int64_t src_size = static_cast<int64_t>(dtype_size(e.dtype));
+    const int64_t dst_size = static_cast<int64_t>(dtype_size(out.dtype));
+    for (int64_t o = 0; o < outer; ++o)
+      convert(src + ((o * extent + first) * inner) * src_size, dst + o * run * dst_size, run);
+  }
+
+  progress_.bytes_read += static_cast<uint64_t>(outer * run) * dtype_size(e.dtype);
+  progress_.tensors_read += 1;
+  progress_.seconds = now_seconds() - start_time_;
+  if (callback_) callback_(progress_);
+}
+
+void Checkpoint::set_progress(std::function<void(const LoadProgress&)> callback,
+                              uint64_t bytes_total) {
+  callback_ = std::move(callback);
+  progress_.bytes_total = bytes_total;
+}
+
+std::vector<std::string> Checkpoint::tensor_names() const {
+  std::vector<std::string> names;
+  names.reserve(tensors_.size());
+  for (const auto& [name, where] : tensors_) names.push_back(name);
+  return names;
+}
+
+// ---- writing ------------------------------------------------------------------------------------
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  // ordered_json keeps "__metadata__" first and the tensors in the order given.
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    auto& meta = header["__metadata__"] = nlohmann::ordered_json::object();
+    for (const auto& [key, value] : metadata) meta[key] = value;
+  }
+  std::set<std::string> names;
+  std::vector<uint64_t> sizes;
+  uint64_t offset = 0;
+  for (const TensorToWrite& t : tensors) {
+    SY_CHECK(!t.name.empty() && t.name != "__metadata__", path, ": invalid tensor name \"", t.name,
+             "\"");
+    SY_CHECK(names.insert(t.name).second, path, ": tensor \"", t.name, "\" given twice");
+    const uint64_t bytes = tensor_bytes(path, t);
+    uint64_t end = 0;
+    SY_CHECK(!__builtin_add_overflow(offset, bytes, &end), path, ": data section overflows");
+    header[t.name] = {{"dtype", dtype_name(t.dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", nlohmann::ordered_json::array({offset, end})}};
+    sizes.push_back(bytes);
+    offset = end;
+  }
+
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {
+    SY_FAIL(path, ": cannot encode the header: ", e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');  // data section starts 8-byte aligned
+  uint8_t length[8];
+  for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(text.size() >> (8 * i));
+
+  AtomicFile out(path);
+  out.write(length, sizeof(length));
+  out.write(text.data(), text.size());
+  for (size_t i = 0; i < tensors.size(); ++i) out.write(tensors[i].data, sizes[i]);
+  out.commit();
+}
+
+void write_checkpoint(const std::string& model_dir, const std::vector<TensorToWrite>& tensors,
+                      uint64_t max_shard_bytes) {
+  const fs::path dir(model_dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  SY_CHECK(!ec, "cannot create model directory ", model_dir, ": ", ec.message());
+
+  // Greedy, in order, like transformers' shard_checkpoint: a tensor starts a new shard when adding
+  // it would take a non-empty shard past max_shard_bytes; a larger tensor gets a shard of its own.
+  std::vector<std::vector<TensorToWrite>> shards(1);
+  std::set<std::string> names;
+  uint64_t shard_bytes = 0, total_bytes = 0;
+  for (const TensorToWrite& t : tensors) {
+    SY_CHECK(names.insert(t.name).second, model_dir, ": tensor \"", t.name, "\" given twice");
+    const uint64_t bytes = tensor_bytes(model_dir, t);
+    if (!shards.back().empty() &&
+        (shard_bytes > max_shard_bytes || bytes > max_shard_bytes - shard_bytes)) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(t);
+    shard_bytes += bytes;
+    SY_CHECK(!__builtin_add_overflow(total_bytes, bytes, &total_bytes), model_dir,
+             ": total tensor bytes overflow");
+  }
+
+  const std::string index_path = (dir / kIndexFileName).string();
+  if (shards.size() == 1) {
+    write_safetensors((dir / kSingleFileName).string(), tensors);
+    // A stale index would take precedence over the new file in Checkpoint::open.
+    fs::remove(index_path, ec);
+    SY_CHECK(!ec, "cannot remove stale ", index_path, ": ", ec.message());
+    return;
+  }
+
+  json weight_map = json::object();
+  for (size_t i = 0; i < shards.size(); ++i) {
+    char shard_name[64];
+    std::snprintf(shard_name, sizeof(shard_name), "model-%05zu-of-%05zu.safetensors", i + 1,
+                  shards.size());
+    write_safetensors((dir / shard_name).string(), shards[i]);
+    for (const TensorToWrite& t : shards[i]) weight_map[t.name] = shard_name;
+  }
+  json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+  const std::string text = index.dump(2) + "\n";
+  AtomicFile out(index_path);
+  out.write(text.data(), text.size());
+  out.commit();
+}
+
+}  // namespace sy

@@ -1,0 +1,281 @@
+// The Mixtral forward pass over a batch of sequences with a paged KV cache.
+//
+// One step runs any mix of prefill chunks and decode tokens: the tokens of every sequence are
+// flattened into one batch, each with its position and sequence index; attention reads each
+// sequence's keys and values through its block table. Every buffer is sized once from
+// ModelLimits; forward() allocates nothing.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "parallel/context.h"
+#include "runtime/model/config.h"
+#include "runtime/model/moe.h"
+#include "runtime/model/weights.h"
+
+namespace sy {
+
+// Capacity of the engine, fixed at start-up.
+struct ModelLimits {
+  int64_t max_tokens = 512;        // tokens in one step (prefill chunk budget)
+  int64_t max_seqs = 1;            // sequences in one step
+  int64_t max_blocks_per_seq = 0;  // block-table width: ceil(context limit / block_size)
+  int64_t n_blocks = 0;            // KV blocks in the cache
+  int64_t block_size = 16;         // tokens per KV block
+  int64_t max_logit_rows = 512;    // rows of logits one step may ask for
+
+  void validate() const;
+};
+
+// One step's input on the host: the tensor part of a step plan.
+struct StepBatch {
+  std::vector<int32_t> tokens;        // [n_tokens]
+  std::vector<int32_t> positions;     // [n_tokens] position of each token in its sequence
+  std::vector<int32_t> token_seq;     // [n_tokens] row of each token's sequence in block_tables
+  std::vector<int32_t> block_tables;  // [n_seqs, max_blocks_per_seq] physical block ids
+  int64_t n_seqs = 0;
+  std::vector<int32_t> logit_rows;  // token rows whose logits are wanted, in output order
+
+  int64_t n_tokens() const { return static_cast<int64_t>(tokens.size()); }
+  void clear();
+};
+
+// Time and traffic of forward steps on this rank, accumulated while attached (set_profile).
+struct ForwardProfile {
+  enum Phase { kAttention, kRouter, kDispatch, kExpert, kCombine, kOther, kPhases };
+  static const char* phase_name(int phase);
+  double seconds[kPhases] = {};  // wall time per phase (the device is synchronised at each mark)
+  enum Traffic {
+    kTpReduce,
+    kDispatchBytes,
+    kCombineBytes,
+    kResidualGather,
+    kEpReduce,
+    kEmbed,
+    kLogits,
+    kTraffics
+  };
+  static const char* traffic_name(int traffic);
+  uint64_t bytes[kTraffics] = {};      // payload bytes this rank sent, per collective
+  std::vector<int64_t> expert_tokens;  // [n_layers, n_experts] routed (token, k) pairs counted here
+  int64_t steps = 0;
+  int64_t tokens = 0;
+
+  void reset();
+};
+
+// Penalties of a step's logit rows for Model::forward_sample (Ops::penalize): row i's distinct
+// context tokens are ids[offsets[i]], ..., ids[offsets[i + 1] - 1], generated counts[j] times
+// each, and its repetition, presence and frequency penalties params[i * Ops::kPenaltyParams ..]
+// ({1, 0, 0} for rows without any).
+struct SamplePenalties {
+  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
+  const int32_t* ids = nullptr;      // [offsets[n_logits]]
+  const int32_t* counts = nullptr;   // [offsets[n_logits]]
+  const float* params = nullptr;     // [n_logits, Ops::kPenaltyParams]
+};
+
+// Logit biases of a step's logit rows for Model::forward_sample (Ops::bias, before the
+// penalties): row i's are ids[offsets[i]], ..., ids[offsets[i + 1] - 1] (distinct), gaining
+// values[j] each (-inf bans).
+struct SampleBiases {
+  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
+  const int32_t* ids = nullptr;      // [offsets[n_logits]]
+  const float* values = nullptr;     // [offsets[n_logits]]
+};
+
+// Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct), the
+// sampled (or forced) token's and the `top` most likely tokens'
+// (1 <= top <= min(vocabulary, Model::kMaxTopLogprobs)), of the model's own distribution (before
+// any penalty), as Ops::logprobs writes them.
+struct SampleLogprobs {
+  std::vector<int32_t> rows;
+  // Empty, or per entry of rows: the token whose log-probability is wanted instead of the
+  // sampled one (a prompt's next token, for prompt logprobs), -1 for the sampled one. A forced
+  // row's id in forward_sample's `ids` is then the forced token.
+  std::vector<int32_t> forced;
+  int64_t top = 1;
+  float* logprobs = nullptr;  // out (host): [rows.size(), 1 + top]
+  int32_t* ids = nullptr;     // out (host): [rows.size(), top]
+};
+
+// This rank's part of the weights for `parallel` (the whole model when it is null).
+WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
+
+class Model {
+ public:
+  // `parallel` (not owned) is null for a single rank. Every rank of it must build its Model with
+  // the same config and limits and then call forward() with the same batches, in lockstep.
+  Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLimits& limits,
+        const ParallelContext* parallel = nullptr);
+  ~Model();  // drops the graphs it recorded on the backend
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
+  // rank; null skips the copy (ranks that do not sample still take part in the collectives). A
+  // collective when parallel.
+  void forward(const StepBatch& batch, float* logits);
+  // Runs one step and samples one token per logit row with Ops::sample: `params` (host)
+  // [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens. Only the
+  // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
+  // (one all-gather over the world, then a row permutation) and every rank samples alike; every
+  // rank calls it or forward() for the step. Requires forward_sample_supported().
+  // `biases` and then `penalties` (host; null for none) are applied to the rows on the device
+  // before sampling; `logprobs` (null for none) asks some rows' log-probabilities (of the raw
+  // logits), which come back with the ids (no logits travel).
+  void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
+                      const SamplePenalties* penalties = nullptr,
+                      SampleLogprobs* logprobs = nullptr, const SampleBiases* biases = nullptr);
+  static constexpr int64_t kMaxTopLogprobs = 20;
+  // The most logit biases one forward_sample row takes (SamplingParams::kMaxLogitBias and the
+  // end ids that min_tokens bans fit).
+  static constexpr int64_t kMaxBiasesPerRow = 2048;
+  int64_t bias_capacity() const;
+  // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
+  // (vocab_size a multiple of the world size).
+  bool forward_sample_supported() const;
+  // The most penalty ids one forward_sample takes: each of a step's sequences has at most one
+  // sampled logit row with penalties (prompt logprob rows have none), with at most
+  // min(vocabulary, context) distinct tokens.
+  int64_t penalty_capacity() const;
+  // The most logit rows one forward_sample takes log-probabilities of: all of them.
+  int64_t logprob_capacity() const { return limits_.max_logit_rows; }
+
+  const ModelConfig& config() const { return config_; }
+  const ModelLimits& limits() const { return limits_; }
+  const Weights& weights() const { return weights_; }
+  Ops& ops() const { return ops_; }
+  const ParallelContext* parallel() const { return par_; }
+  // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
+  // the device at every phase boundary.
+  void set_profile(ForwardProfile* profile);
+  // MoE blocks of at most `max_rows` routed rows (tokens x top-k) build their layout on the
+  // device (Ops::moe_route) instead of on the host; 0 turns it off. The default is
+  // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
+  // the CPU. The all-to-all exchange always takes the host layout (its counts travel by MPI).
+  void set_device_routing(int64_t max_rows);
+  static constexpr int64_t kDeviceRouteMaxRows = 256;
+  // Appends the router's choice of every MoE block run from now on to `trace` (null detaches):
+  // for each step, layer by layer, the top-k expert ids of each of the step's tokens (this
+  // rank's tokens with the all-to-all exchange). For tests comparing two backends' routing; it
+  // copies to the host at every layer, so traced steps run without graphs.
+  void set_routing_trace(std::vector<int32_t>* trace) { routing_trace_ = trace; }
+  // Steps run so far as the launch of a recorded graph (pure-decode steps of a shape seen
+  // before, on a backend with graphs, with device routing, on one rank or over stream-ordered
+  // device communicators: Communicator::stream_ordered).
+  int64_t graph_steps() const { return graph_steps_; }
+  // Bytes of the KV cache on this rank.
+  uint64_t kv_cache_bytes() const { return kv_storage_.bytes(); }
+
+ private:
+  void attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
+  // out = MoE(xn) for n_tokens rows; the expert exchange follows the parallel layout.
+  void run_step(const StepBatch& batch);  // every op of a step up to the logits on the device
+  // `x` (F32) is the residual stream xn was normed from: with a storage dtype below fp32 the
+  // router takes its own fp32 norm of it.
+  // `all_to_all`: this step's exchange (ParallelConfig::step_exchange), else all-gather or one
+  // rank.
+  void moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_to_all);
+  void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
+  void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
+  void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
+  void logits_fetch(int64_t n_logits, float* logits);       // to the host, every rank's columns
+  Tensor logits_gather(int64_t n_logits);  // every rank's block into logits_all_ (parallel)
+  bool routes_on_device(int64_t n_rows, bool all_to_all) const;
+
+  ModelConfig config_;
+  Weights weights_;
+  Ops& ops_;
+  ModelLimits limits_;
+  void lap(ForwardProfile::Phase phase);  // charges the time since the last mark to `phase`
+
+  const ParallelContext* par_;  // null: one rank
+  ForwardProfile* profile_ = nullptr;
+  std::chrono::steady_clock::time_point mark_;
+  int world_ = 1;  // ranks in the job
+  int rank_ = 0;
+
+  // ---- run state (device), sized for limits_.max_tokens = N ----------------------------------
+  DeviceBuffer state_storage_;
+  Tensor x_;              // [N, dim]            residual stream
+  Tensor xn_;             // [N, dim]            normed input of attention / MoE (storage dtype)
+  Tensor q_;              // [N, n_heads, head_dim]
+  Tensor k_;              // [N, n_kv_heads, head_dim]
+  Tensor v_;              // [N, n_kv_heads, head_dim]
+  Tensor attn_;           // [N, n_heads, head_dim]
+  Tensor o_;              // [N, dim]            attention output / MoE output
+  Tensor router_logits_;  // [N, n_experts]
+  Tensor router_in_;      // [N, dim] F32: the router's norm when the storage dtype is not F32
+  Tensor topk_idx_;       // I32 [N, k]
+  Tensor topk_weights_;   // [N, k]
+  Tensor x_own_;          // [N, dim]            this rank's tokens of the residual stream
+  Tensor xn_own_;         // [N, dim]
+  Tensor y_own_;          // [N, dim]            MoE output of this rank's tokens
+  Tensor moe_send_;       // [N * k, dim]        routed rows in expert order; later combined rows
+  Tensor moe_recv_;     // [N * k, dim]        rows received from the expert group; later sent back
+  Tensor moe_in_;       // [N * k, dim]        rows of the local experts in expert order
+  Tensor moe_out_;      // [N * k, dim]
+  Tensor sorted_rows_;  // I32 [N * k]
+  Tensor sorted_weights_;  // [N * k]
+  Tensor perm_;            // I32 [N * k]         row permutation between exchange and expert order
+  Tensor expert_offsets_;  // I32 [n_experts + 1] first routed row of each expert (device routing)
+  ExpertScratch expert_scratch_;  // [N * k, hidden_dim] x 2
+  Tensor ids_;                    // I32 [N]
+  Tensor positions_;              // I32 [N]
+  Tensor token_seq_;              // I32 [N]
+  Tensor block_tables_;           // I32 [max_seqs, max_blocks_per_seq]
+  Tensor logit_rows_;             // I32 [max_logit_rows]
+  Tensor logit_x_;                // [max_logit_rows, dim]
+  Tensor logit_xn_;               // [max_logit_rows, dim]       normed, storage dtype
+  Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
+  Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
+  Tensor sample_ids_;             // I32 [max_logit_rows]
+  Tensor penalty_offsets_;        // I32 [max_logit_rows + 1]  (forward_sample's penalties)
+  Tensor penalty_params_;         // F32 [max_logit_rows, Ops::kPenaltyParams]
+  Tensor penalty_ids_;            // I32 [penalty_capacity()]
+  Tensor penalty_counts_;         // I32 [penalty_capacity()]
+  Tensor bias_offsets_;           // I32 [max_logit_rows + 1]  (forward_sample's biases)
+  Tensor bias_ids_;               // I32 [bias_capacity()]
+  Tensor bias_values_;            // F32 [bias_capacity()]
+  Tensor logprob_rows_;  // I32 [logprob_capacity()]              (forward_sample's logprobs)
+  Tensor logprob_raw_;   // F32 [logprob_capacity(), vocab]       their rows, unpenalised
+  Tensor logprob_out_;   // F32 [logprob_capacity() * (1 + kMaxTopLogprobs)]
+  Tensor logprob_ids_;   // I32 [logprob_capacity() * kMaxTopLogprobs]
+  Tensor logits_all_;    // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor logits_full_;   // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
+  Tensor logits_perm_;   // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
+
+  // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
+  DeviceBuffer kv_storage_;
+  std::vector<Tensor> k_cache_;  // [n_layers]
+  std::vector<Tensor> v_cache_;  // [n_layers]
+
+  // ---- host scratch ----------------------------------------------------------------------------
+  MoeLayout layout_;
+  std::vector<int32_t> host_topk_idx_;    // [N * k]
+  std::vector<float> host_topk_weights_;  // [N * k]
+  std::vector<int64_t> local_offsets_;    // [n_local_experts + 1]
+  EpPlan ep_plan_;
+  std::vector<int64_t> token_counts_;              // [world] tokens owned by each rank in this step
+  std::vector<int64_t> tp_counts_;                 // [tp] the same for this attention group
+  std::vector<int64_t> vocab_counts_;              // [world] logit elements of each rank's block
+  std::vector<float> host_logits_;                 // [vocab * max_logit_rows] (parallel)
+  std::vector<int32_t> host_perm_;                 // logits_perm_ on the host (forward_sample)
+  int64_t perm_rows_ = -1;                         // the logit rows logits_perm_ is made for
+  int64_t device_route_max_rows_ = 0;              // see set_device_routing
+  std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
+  std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once
+  std::vector<int64_t> recorded_;    // graph ids recorded on the backend
+  bool graph_collectives_ = true;    // every collective of a step can be recorded (one rank, or
+                                     // stream-ordered device communicators)
+  int64_t graph_steps_ = 0;          // steps run as a graph launch
+  int64_t serial_;                   // this model's graph namespace on a shared backend
+  static std::atomic<int64_t> next_serial_;
+};
+
+}  // namespace sy

@@ -1,0 +1,270 @@
+// Loading a rank's weights from a Hugging Face Mixtral checkpoint (see weights.h).
+#include "runtime/model/weights.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+namespace sy {
+
+WeightShard WeightShard::full(const ModelConfig& config) {
+  WeightShard s;
+  s.n_heads = config.num_attention_heads;
+  s.n_kv_heads = config.num_key_value_heads;
+  for (int64_t e = 0; e < config.num_local_experts; ++e) s.experts.push_back(e);
+  s.n_vocab = config.vocab_size;
+  return s;
+}
+
+namespace {
+
+// One tensor to read: its checkpoint name, full shape, slice, and destination.
+struct Planned {
+  std::string name;
+  std::vector<int64_t> shape;
+  Slice slice;
+  Tensor* dst;
+  std::vector<int64_t> dst_shape;
+  bool fp32 = false;  // held in F32 whatever the storage dtype (the router)
+};
+
+class ProgressPrinter {
+ public:
+  explicit ProgressPrinter(bool enabled) : enabled_(enabled), tty_(isatty(2) != 0) {}
+  void operator()(const LoadProgress& p) {
+    if (!enabled_) return;
+    const bool done = p.bytes_total > 0 && p.bytes_read >= p.bytes_total;
+    if (!done && p.seconds - last_ < (tty_ ? 0.1 : 2.0)) return;
+    last_ = p.seconds;
+    const double mib = static_cast<double>(p.bytes_read) / (1 << 20);
+    const double total = static_cast<double>(p.bytes_total) / (1 << 20);
+    const double rate = p.seconds > 0 ? mib / p.seconds : 0;
+    std::fprintf(stderr, "%sloading weights: %8.1f / %.1f MiB  %5lld tensors  %7.1f MiB/s%s",
+                 tty_ ? "\r" : "", mib, total, static_cast<long long>(p.tensors_read), rate,
+                 tty_ && !done ? "" : "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  bool enabled_;
+  bool tty_;
+  double last_ = -1;
+};
+
+// Every tensor a rank holds: checkpoint name, full shape, slice, and the view it fills. Checks
+// the shard against the config.
+std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard, Weights& w) {
+  const int64_t dim = c.hidden_size;
+  const int64_t hidden_dim = c.intermediate_size;
+  const int64_t head_dim = c.head_dim;
+  const int64_t n_experts = c.num_local_experts;
+  SY_CHECK(shard.head_begin >= 0 && shard.n_heads > 0 &&
+               shard.head_begin + shard.n_heads <= c.num_attention_heads,
+           "weight shard: heads [", shard.head_begin, ", ", shard.head_begin + shard.n_heads,
+           ") outside ", c.num_attention_heads);
+  SY_CHECK(shard.kv_head_begin >= 0 && shard.n_kv_heads > 0 &&
+               shard.kv_head_begin + shard.n_kv_heads <= c.num_key_value_heads,
+           "weight shard: KV heads outside ", c.num_key_value_heads);
+  SY_CHECK(shard.vocab_begin >= 0 && shard.n_vocab > 0 &&
+               shard.vocab_begin + shard.n_vocab <= c.vocab_size,
+           "weight shard: vocabulary rows outside ", c.vocab_size);
+  for (int64_t e : shard.experts)
+    SY_CHECK(e >= 0 && e < n_experts, "weight shard: expert ", e, " outside ", n_experts);
+
+  w.shard = shard;
+  w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
+  std::vector<Planned> plan;
+  const Slice all;
+  const Slice vocab_rows{0, shard.vocab_begin, shard.vocab_begin + shard.n_vocab};
+  const Slice q_rows{0, shard.head_begin * head_dim, (shard.head_begin + shard.n_heads) * head_dim};
+  const Slice kv_rows{0, shard.kv_head_begin * head_dim,
+                      (shard.kv_head_begin + shard.n_kv_heads) * head_dim};
+  const Slice o_cols{1, q_rows.begin, q_rows.end};
+  plan.push_back({"model.embed_tokens.weight",
+                  {c.vocab_size, dim},
+                  vocab_rows,
+                  &w.embed,
+                  {shard.n_vocab, dim}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& L = w.layers[static_cast<size_t>(l)];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    plan.push_back({p + "input_layernorm.weight", {dim}, all, &L.input_norm, {dim}});
+    plan.push_back({p + "self_attn.q_proj.weight",
+                    {c.q_dim(), dim},
+                    q_rows,
+                    &L.wq,
+                    {shard.n_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.k_proj.weight",
+                    {c.kv_dim(), dim},
+                    kv_rows,
+                    &L.wk,
+                    {shard.n_kv_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.v_proj.weight",
+                    {c.kv_dim(), dim},
+                    kv_rows,
+                    &L.wv,
+                    {shard.n_kv_heads * head_dim, dim}});
+    plan.push_back({p + "self_attn.o_proj.weight",
+                    {dim, c.q_dim()},
+                    o_cols,
+                    &L.wo,
+                    {dim, shard.n_heads * head_dim}});
+    plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
+    plan.push_back({p + "block_sparse_moe.gate.weight",
+                    {n_experts, dim},
+                    all,
+                    &L.gate,
+                    {n_experts, dim},
+                    true});
+    L.w1.resize(shard.experts.size());  // sized before their elements' addresses are taken
+    L.w2.resize(shard.experts.size());
+    L.w3.resize(shard.experts.size());
+    for (size_t i = 0; i < shard.experts.size(); ++i) {
+      const std::string e =
+          p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
+      plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &L.w1[i], {hidden_dim, dim}});
+      plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &L.w2[i], {dim, hidden_dim}});
+      plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &L.w3[i], {hidden_dim, dim}});
+    }
+  }
+  plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
+  if (!c.tie_word_embeddings) {
+    plan.push_back(
+        {"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head, {shard.n_vocab, dim}});
+  }
+  return plan;
+}
+
+// Dtype a planned tensor is held in: norm weights (1-d) and the router in F32, the rest in the
+// storage dtype.
+DType held_dtype(const Planned& t, const Ops& ops) {
+  return t.fp32 || t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype();
+}
+
+// Carves the views of `plan` out of one allocation on `ops`' device.
+void allocate(std::vector<Planned>& plan, Weights& w, Ops& ops) {
+  uint64_t n_bytes = 0;
+  for (const Planned& t : plan) {
+    int64_t n = 1;
+    for (int64_t d : t.dst_shape) n *= d;
+    n_bytes += (static_cast<uint64_t>(n) * dtype_size(held_dtype(t, ops)) + 63) / 64 * 64;
+  }
+  w.storage = DeviceBuffer(ops, n_bytes);
+  w.total_bytes = n_bytes;
+  char* cursor = static_cast<char*>(w.storage.get());
+  for (Planned& t : plan) {
+    Tensor view;
+    view.data = cursor;
+    view.dtype = held_dtype(t, ops);
+    view.device = ops.device();
+    view.ndim = static_cast<int>(t.dst_shape.size());
+    for (int i = 0; i < view.ndim; ++i) view.shape[i] = t.dst_shape[static_cast<size_t>(i)];
+    *t.dst = view;
+    cursor += (view.bytes() + 63) / 64 * 64;
+  }
+}
+
+void finish_weights(const ModelConfig& c, Weights& w) {
+  if (c.tie_word_embeddings) w.lm_head = w.embed;
+  w.expert_bytes = 0;
+  for (const LayerWeights& L : w.layers)
+    for (size_t i = 0; i < L.w1.size(); ++i)
+      w.expert_bytes += L.w1[i].bytes() + L.w2[i].bytes() + L.w3[i].bytes();
+}
+
+}  // namespace
+
+Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard, Ops& ops,
+                      bool show_progress) {
+  Weights w;
+  std::vector<Planned> plan = plan_weights(c, shard, w);
+  // Every tensor exists with the shape the config implies, before anything is allocated.
+  uint64_t source_bytes = 0;
+  for (const Planned& t : plan) {
+    const SafetensorsEntry& entry = ckpt.entry(t.name);
+    SY_CHECK(entry.shape == t.shape, "tensor ", t.name, ": shape does not match config.json");
+    int64_t n = 1;
+    for (int64_t d : t.dst_shape) n *= d;
+    source_bytes += static_cast<uint64_t>(n) * dtype_size(entry.dtype);
+  }
+  allocate(plan, w, ops);
+  ProgressPrinter printer(show_progress);
+  ckpt.set_progress(std::ref(printer), source_bytes);
+  std::vector<char> staging;
+  for (const Planned& t : plan) {
+    const Tensor& view = *t.dst;
+    if (ops.device() == Device::kCpu) {
+      ckpt.read(t.name, t.shape, view, t.slice);
+    } else {
+      staging.resize(view.bytes());
+      Tensor host = view;
+      host.data = staging.data();
+      host.device = Device::kCpu;
+      ckpt.read(t.name, t.shape, host, t.slice);  // converted to the held dtype on the host
+      ops.copy_from_host(view.data, staging.data(), view.bytes());
+    }
+  }
+  ckpt.set_progress(nullptr, 0);
+  finish_weights(c, w);
+  return w;
+}
+
+Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& ops,
+                           uint64_t seed) {
+  Weights w;
+  std::vector<Planned> plan = plan_weights(c, shard, w);
+  allocate(plan, w, ops);
+  std::vector<float> staging;
+  std::vector<uint16_t> staging16;
+  uint64_t tensor_index = 0;
+  for (const Planned& t : plan) {
+    const Tensor& view = *t.dst;
+    // Norm weights near 1, embeddings ~ unit scale, linear weights ~ 1/sqrt(fan_in): activations
+    // stay O(1). Uniform values (the same variance) are ~10x cheaper to make than normal ones.
+    const bool norm = view.ndim == 1;
+    const bool embed = t.name == "model.embed_tokens.weight";
+    const float std = norm    ? 0.1f
+                      : embed ? 1.f
+                              : 1.f / std::sqrt(static_cast<float>(t.shape.back()));
+    const float mean = norm ? 1.f : 0.f;
+    const float half_width = std * std::sqrt(3.f);
+    // Each tensor's values depend only on (seed, its name's position), not on the shard, for
+    // full tensors; sliced tensors differ across layouts, which a benchmark does not mind.
+    uint64_t state = seed * 0x9e3779b97f4a7c15ull + (++tensor_index) * 0xbf58476d1ce4e5b9ull + 1;
+    const bool direct = ops.device() == Device::kCpu && view.dtype == DType::kF32;
+    float* dst = direct ? view.f32() : nullptr;
+    if (!direct) {
+      staging.resize(static_cast<size_t>(view.numel()));
+      dst = staging.data();
+    }
+    for (int64_t i = 0; i < view.numel(); ++i) {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      const float u = static_cast<float>(state >> 40) * 0x1.0p-24f;  // [0, 1)
+      dst[i] = mean + half_width * (2.f * u - 1.f);
+    }
+    if (!direct) {
+      const void* src = dst;
+      if (view.dtype == DType::kBF16) {
+        staging16.resize(static_cast<size_t>(view.numel()));
+        for (int64_t i = 0; i < view.numel(); ++i) staging16[i] = f32_to_bf16(dst[i]);
+        src = staging16.data();
+      } else {
+        SY_CHECK(view.dtype == DType::kF32, "synthetic weights: ", dtype_name(view.dtype));
+      }
+      if (ops.device() == Device::kCpu)
+        std::memcpy(view.data, src, view.bytes());
+      else
+        ops.copy_from_host(view.data, src, view.bytes());
+    }
+  }
+  finish_weights(c, w);
+  return w;
+}
+
+}  // namespace sy
