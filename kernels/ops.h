@@ -220,4 +220,22 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Carves 64-byte-aligned tensors out of one allocation: a pass with a null base sizes it (bytes()),
+// a second pass over the same takes with the allocation's base places the views.
+class Carver {
+ public:
+  explicit Carver(void* base, Device device) : base_(static_cast<char*>(base)), device_(device) {}
+  Tensor take(DType dtype, std::initializer_list<int64_t> dims) {
+    Tensor t(base_ == nullptr ? nullptr : base_ + offset_, dtype, dims, device_);
+    offset_ += (t.bytes() + 63) / 64 * 64;
+    return t;
+  }
+  size_t bytes() const { return offset_; }
+
+ private:
+  char* base_;
+  Device device_;
+  size_t offset_ = 0;
+};
+
 }  // namespace sy

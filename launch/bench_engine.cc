@@ -23,6 +23,7 @@
 #include "launch/commands.h"
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
+#include "runtime/engine/sampling.h"
 #include "runtime/formats/safetensors.h"
 #include "runtime/model/model.h"
 
@@ -126,20 +127,14 @@ void build_step(StepBatch& b, const std::vector<std::vector<int32_t>>& tokens,
                 const std::vector<std::pair<int64_t, int64_t>>& ranges, const ModelLimits& limits,
                 int64_t blocks_per_seq, bool want_logits_at_end, int64_t seq_len) {
   b.clear();
+  std::vector<int32_t> blocks(static_cast<size_t>(blocks_per_seq));
   for (size_t s = 0; s < ranges.size(); ++s) {
     const auto [begin, end] = ranges[s];
     if (begin == end) continue;
-    const int32_t row = static_cast<int32_t>(b.n_seqs++);
-    for (int64_t p = begin; p < end; ++p) {
-      b.tokens.push_back(tokens[s][static_cast<size_t>(p)]);
-      b.positions.push_back(static_cast<int32_t>(p));
-      b.token_seq.push_back(row);
-    }
-    for (int64_t i = 0; i < limits.max_blocks_per_seq; ++i)
-      b.block_tables.push_back(i < blocks_per_seq ? static_cast<int32_t>(s * blocks_per_seq + i)
-                                                  : 0);
-    if (want_logits_at_end && end == seq_len)
-      b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size() - 1));
+    for (int64_t i = 0; i < blocks_per_seq; ++i)
+      blocks[static_cast<size_t>(i)] = static_cast<int32_t>(s * blocks_per_seq + i);
+    b.add_sequence(tokens[s].data(), begin, end, blocks.data(), blocks_per_seq,
+                   limits.max_blocks_per_seq, want_logits_at_end && end == seq_len);
   }
 }
 
@@ -171,7 +166,9 @@ void add_bench_engine(CLI::App& bench, BenchEngineArgs& a) {
   cmd->add_option("--json", a.json, "Write every sample as JSON to this file");
 }
 
-int run_bench_engine(const BenchEngineArgs& a) {
+namespace {
+
+void check_args(const BenchEngineArgs& a) {
   SY_CHECK(!a.model.empty() || !a.synthetic.empty(), "bench engine: give --model or --synthetic");
   SY_CHECK(!a.batch.empty() && !a.prompt_len.empty() && !a.output_len.empty(),
            "bench engine: empty sweep");
@@ -182,312 +179,403 @@ int run_bench_engine(const BenchEngineArgs& a) {
            " must be >= 0 (0 = measure)");
   SY_CHECK(a.peak_gflops >= 0, "--peak-gflops ", a.peak_gflops, " must be >= 0 (0 = measure)");
   a.backend.validate();
+}
 
-  std::unique_ptr<MpiEnv> env;
-  std::unique_ptr<Communicator> world;
-  if (launched_by_mpi()) {
-    env = std::make_unique<MpiEnv>(nullptr, nullptr);
-    world = make_mpi_world_communicator();
+// One case's timings as served (the profiled run's figures are in the gathered profiles).
+struct CaseTimes {
+  double prefill_s = 0;
+  double decode_s = 0;
+  int64_t decode_graph_steps = 0;
+};
+
+// The ranks of one `bench engine` run: the model, the machine's figures and the samples.
+class EngineBench {
+ public:
+  explicit EngineBench(const BenchEngineArgs& a) : a_(a), rng_(a.seed) {
+    if (launched_by_mpi()) {
+      env_ = std::make_unique<MpiEnv>(nullptr, nullptr);
+      world_ = make_mpi_world_communicator();
+    }
+    W_ = world_ ? world_->size() : 1;
+    root_ = !world_ || world_->rank() == 0;
+    build_model();
+    measure_machine();
   }
-  const int W = world ? world->size() : 1;
-  const int rank = world ? world->rank() : 0;
-  const bool root = rank == 0;
+  void run();
 
-  ModelConfig config =
-      a.synthetic.empty() ? ModelConfig::load(a.model) : ModelConfig::preset(a.synthetic);
-  const int64_t all_layers = config.num_hidden_layers;
-  if (a.layers > 0) {
-    SY_CHECK(a.layers <= all_layers, "--layers ", a.layers, " exceeds the model's ", all_layers);
-    config.num_hidden_layers = a.layers;
+ private:
+  void build_model();
+  void measure_machine();  // every rank at the same time, summed (the job's aggregate)
+  void print_header() const;
+  void barrier() {
+    if (world_) world_->barrier();
   }
-  std::unique_ptr<ParallelContext> par;
-  ParallelConfig pc;
-  pc.world = W;
-  pc.rank = rank;
-  pc.tp = a.tp;
-  pc.ep = a.ep;
-  pc.exchange = parse_moe_exchange(a.moe_exchange);
-  pc.validate(config.layout_shape());
-  Backend backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
-  if (world) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
+  // Each step ends as the engine's does: rank 0 samples (greedily here) through the engine's
+  // sampler, on the device on GPUs, where only the ids come back. The other ranks only join the
+  // collectives.
+  void forward(const StepBatch& b);
+  void make_tokens(const Case& c);
+  void run_prefill(const Case& c, int64_t len);  // chunks of at most max_tokens, in order
+  void run_decode(const Case& c, int64_t from, int64_t steps);
+  CaseTimes time_case(const Case& c);
+  json case_sample(const Case& c, const CaseTimes& t);
+  // The profiles' columns gathered from every rank into profile_all_; col(i) over the ranks.
+  void gather_profiles();
+  double col(size_t i, bool take_max) const;
+  void add_profile_json(json& sample, double steps) const;
+  void print_summary() const;
 
-  const int64_t max_b = *std::max_element(a.batch.begin(), a.batch.end());
-  const int64_t max_len = *std::max_element(a.prompt_len.begin(), a.prompt_len.end()) +
-                          *std::max_element(a.output_len.begin(), a.output_len.end());
-  SY_CHECK(max_len <= config.max_position_embeddings, "prompt + output of ", max_len,
-           " tokens exceeds the context of ", config.max_position_embeddings);
-  ModelLimits limits;
-  limits.block_size = 16;
-  limits.max_blocks_per_seq = (max_len + limits.block_size - 1) / limits.block_size;
-  limits.n_blocks = limits.max_blocks_per_seq * max_b;
-  limits.max_seqs = max_b;
-  limits.max_tokens = std::max(a.max_batch_tokens, max_b);
-  limits.max_logit_rows = max_b;
+  const BenchEngineArgs& a_;
+  std::mt19937_64 rng_;  // the cases' tokens
+  std::unique_ptr<MpiEnv> env_;
+  std::unique_ptr<Communicator> world_;
+  int W_ = 1;
+  bool root_ = true;
+  ModelConfig config_;
+  int64_t all_layers_ = 0;
+  ParallelConfig pc_;
+  Backend backend_;
+  std::unique_ptr<ParallelContext> par_;
+  ModelLimits limits_;
+  double load_s_ = 0;
+  uint64_t weight_bytes_ = 0;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<StepSampler> sampler_;
+  std::vector<SampleRequest> greedy_;
+  std::vector<int32_t> sampled_;
+  double bw_ = 0, peak_flops_ = 0;
+  std::vector<std::vector<int32_t>> tokens_;
+  StepBatch batch_;
+  ForwardProfile prefill_profile_, decode_profile_;
+  std::vector<double> profile_all_;
+  size_t profile_cols_ = 0;
+  json out_;
+};
 
-  Ops* ops = backend.ops.get();
-  const WeightShard shard = shard_for(config, par.get());
+void EngineBench::build_model() {
+  config_ = a_.synthetic.empty() ? ModelConfig::load(a_.model) : ModelConfig::preset(a_.synthetic);
+  all_layers_ = config_.num_hidden_layers;
+  if (a_.layers > 0) {
+    SY_CHECK(a_.layers <= all_layers_, "--layers ", a_.layers, " exceeds the model's ",
+             all_layers_);
+    config_.num_hidden_layers = a_.layers;
+  }
+  pc_.world = W_;
+  pc_.rank = world_ ? world_->rank() : 0;
+  pc_.tp = a_.tp;
+  pc_.ep = a_.ep;
+  pc_.exchange = parse_moe_exchange(a_.moe_exchange);
+  pc_.validate(config_.layout_shape());
+  backend_ = make_backend(a_.backend, world_.get(), env_ ? env_->local_rank() : 0);
+  if (world_) par_ = ParallelContext::create(pc_, backend_.world ? *backend_.world : *world_);
+
+  const int64_t max_b = *std::max_element(a_.batch.begin(), a_.batch.end());
+  const int64_t max_len = *std::max_element(a_.prompt_len.begin(), a_.prompt_len.end()) +
+                          *std::max_element(a_.output_len.begin(), a_.output_len.end());
+  SY_CHECK(max_len <= config_.max_position_embeddings, "prompt + output of ", max_len,
+           " tokens exceeds the context of ", config_.max_position_embeddings);
+  limits_.block_size = 16;
+  limits_.max_blocks_per_seq = (max_len + limits_.block_size - 1) / limits_.block_size;
+  limits_.n_blocks = limits_.max_blocks_per_seq * max_b;
+  limits_.max_seqs = max_b;
+  limits_.max_tokens = std::max(a_.max_batch_tokens, max_b);
+  limits_.max_logit_rows = max_b;
+
+  Ops& ops = *backend_.ops;
+  const WeightShard shard = shard_for(config_, par_.get());
   const auto t_load = Clock::now();
   Weights weights;
-  if (a.synthetic.empty()) {
-    Checkpoint ckpt = Checkpoint::open(a.model);
-    weights = Weights::load(ckpt, config, shard, *ops, root);
+  if (a_.synthetic.empty()) {
+    Checkpoint ckpt = Checkpoint::open(a_.model);
+    weights = Weights::load(ckpt, config_, shard, ops, root_);
   } else {
-    weights = Weights::synthetic(config, shard, *ops, a.seed);
+    weights = Weights::synthetic(config_, shard, ops, a_.seed);
   }
-  const double load_s = seconds_since(t_load);
-  const uint64_t weight_bytes = weights.total_bytes;
-  Model model(config, std::move(weights), *ops, limits, par.get());
+  load_s_ = seconds_since(t_load);
+  weight_bytes_ = weights.total_bytes;
+  model_ = std::make_unique<Model>(config_, std::move(weights), ops, limits_, par_.get());
+  sampler_ = std::make_unique<StepSampler>(*model_);
+  sampled_.resize(static_cast<size_t>(max_b));
+}
 
-  // Machine figures, measured once: every rank at the same time, summed (the job's aggregate).
-  if (world) world->barrier();
-  const bool on_cpu = ops->device() == Device::kCpu;
+void EngineBench::measure_machine() {
+  barrier();
+  Ops& ops = *backend_.ops;
+  const bool on_cpu = ops.device() == Device::kCpu;
   // A figure given on the command line is not measured (every rank sees the same flags).
-  double bw = a.mem_bandwidth_gbs * 1e9, peak_flops = a.peak_gflops * 1e9;
-  if (bw <= 0) {
-    const double bw_rank = on_cpu ? measure_bandwidth() : measure_device_bandwidth(*ops);
-    for (double v : gather_all(world.get(), {bw_rank})) bw += v;
+  bw_ = a_.mem_bandwidth_gbs * 1e9;
+  peak_flops_ = a_.peak_gflops * 1e9;
+  if (bw_ <= 0) {
+    const double bw_rank = on_cpu ? measure_bandwidth() : measure_device_bandwidth(ops);
+    for (double v : gather_all(world_.get(), {bw_rank})) bw_ += v;
   }
-  if (peak_flops <= 0) {
-    const double flops_rank = on_cpu ? measure_flops() : measure_device_flops(*ops);
-    for (double v : gather_all(world.get(), {flops_rank})) peak_flops += v;
+  if (peak_flops_ <= 0) {
+    const double flops_rank = on_cpu ? measure_flops() : measure_device_flops(ops);
+    for (double v : gather_all(world_.get(), {flops_rank})) peak_flops_ += v;
   }
+}
 
-  const int64_t E = config.num_local_experts, L = config.num_hidden_layers;
-  const int64_t dim = config.hidden_size;
-  if (root) {
-    std::printf("# bench engine: %s%s, %lld of %lld layers, world %d, tp %d, ep %d, %s, %s %s\n",
-                a.synthetic.empty() ? a.model.c_str() : a.synthetic.c_str(),
-                a.synthetic.empty() ? "" : " (synthetic)", (long long)L, (long long)all_layers, W,
-                pc.tp, pc.ep_size(), moe_exchange_name(pc.exchange), backend.description.c_str(),
-                dtype_name(ops->storage_dtype()));
-    std::printf(
-        "# weights %.2f GiB on rank 0, made in %.1f s; memory %.1f GB/s (%s), %s GEMM %.1f "
-        "GFLOP/s (%s; all ranks)\n",
-        weight_bytes / double(1 << 30), load_s, bw / 1e9,
-        a.mem_bandwidth_gbs > 0 ? "given" : "measured", dtype_name(ops->storage_dtype()),
-        peak_flops / 1e9, a.peak_gflops > 0 ? "given" : "measured");
+void EngineBench::print_header() const {
+  const DType S = backend_.ops->storage_dtype();
+  std::printf("# bench engine: %s%s, %lld of %lld layers, world %d, tp %d, ep %d, %s, %s %s\n",
+              a_.synthetic.empty() ? a_.model.c_str() : a_.synthetic.c_str(),
+              a_.synthetic.empty() ? "" : " (synthetic)", (long long)config_.num_hidden_layers,
+              (long long)all_layers_, W_, pc_.tp, pc_.ep_size(), moe_exchange_name(pc_.exchange),
+              backend_.description.c_str(), dtype_name(S));
+  std::printf(
+      "# weights %.2f GiB on rank 0, made in %.1f s; memory %.1f GB/s (%s), %s GEMM %.1f "
+      "GFLOP/s (%s; all ranks)\n",
+      weight_bytes_ / double(1 << 30), load_s_, bw_ / 1e9,
+      a_.mem_bandwidth_gbs > 0 ? "given" : "measured", dtype_name(S), peak_flops_ / 1e9,
+      a_.peak_gflops > 0 ? "given" : "measured");
+  std::printf("#\n# %6s %7s %7s %14s %13s %12s %10s %11s %9s %9s %7s\n", "batch", "prompt",
+              "output", "prefill_tok/s", "decode_tok/s", "step_ms", "MB/step", "GB/s", "%bw",
+              "%flops", "graphs");
+}
+
+void EngineBench::forward(const StepBatch& b) {
+  model_->forward(b);
+  if (!root_) return;
+  greedy_.assign(b.logit_rows.size(), SampleRequest{});
+  sampler_->sample(*model_, greedy_, sampled_.data());
+}
+
+void EngineBench::make_tokens(const Case& c) {
+  tokens_.assign(static_cast<size_t>(c.batch), {});
+  for (auto& t : tokens_) {
+    t.resize(static_cast<size_t>(c.prompt + c.output));
+    for (auto& id : t)
+      id = static_cast<int32_t>(rng_() % static_cast<uint64_t>(config_.vocab_size));
+    t[0] = static_cast<int32_t>(std::max<int64_t>(config_.bos_token_id, 0));
   }
+}
 
-  json out;
-  out["model"] = a.synthetic.empty() ? a.model : a.synthetic;
-  out["layers"] = L;
-  out["world"] = W;
-  out["tp"] = pc.tp;
-  out["ep"] = pc.ep_size();
-  out["moe_exchange"] = moe_exchange_name(pc.exchange);
-  out["memory_bandwidth_gbs"] = bw / 1e9;
-  out["peak_gflops"] = peak_flops / 1e9;
-  out["samples"] = json::array();
+int64_t blocks_per_seq(const Case& c, const ModelLimits& limits) {
+  return (c.prompt + c.output + limits.block_size - 1) / limits.block_size;
+}
 
-  std::vector<Case> cases;
-  for (int64_t b : a.batch)
-    for (int64_t p : a.prompt_len)
-      for (int64_t o : a.output_len) cases.push_back({b, p, o});
-  if (root)
-    std::printf("#\n# %6s %7s %7s %14s %13s %12s %10s %11s %9s %9s %7s\n", "batch", "prompt",
-                "output", "prefill_tok/s", "decode_tok/s", "step_ms", "MB/step", "GB/s", "%bw",
-                "%flops", "graphs");
-
-  std::mt19937_64 rng(a.seed);
-  std::vector<float> logits(static_cast<size_t>(max_b * config.vocab_size));
-  // Each step ends as the engine's does: on GPUs (Engine::sample_on_device) rank 0 samples on
-  // the device, greedily here, and only the ids come back; elsewhere it takes the logits to the
-  // host. The other ranks only join the collectives.
-  const bool device_sampling = !on_cpu && model.forward_sample_supported();
-  const std::vector<float> greedy(static_cast<size_t>(max_b * Ops::kSampleParams), 0.f);
-  std::vector<int32_t> sampled(static_cast<size_t>(max_b));
-  auto forward = [&](const StepBatch& b) {
-    if (device_sampling && root)
-      model.forward_sample(b, greedy.data(), sampled.data());
-    else
-      model.forward(b, root ? logits.data() : nullptr);
-  };
-  StepBatch batch;
-  ForwardProfile prefill_profile, decode_profile;
-  for (const Case& c : cases) {
-    const int64_t blocks_per_seq =
-        (c.prompt + c.output + limits.block_size - 1) / limits.block_size;
-    std::vector<std::vector<int32_t>> tokens(static_cast<size_t>(c.batch));
-    for (auto& t : tokens) {
-      t.resize(static_cast<size_t>(c.prompt + c.output));
-      for (auto& id : t)
-        id = static_cast<int32_t>(rng() % static_cast<uint64_t>(config.vocab_size));
-      t[0] = static_cast<int32_t>(std::max<int64_t>(config.bos_token_id, 0));
+void EngineBench::run_prefill(const Case& c, int64_t len) {
+  // Chunks of at most max_tokens, filled sequence by sequence.
+  std::vector<int64_t> done(static_cast<size_t>(c.batch), 0);
+  size_t s = 0;
+  while (s < done.size()) {
+    std::vector<std::pair<int64_t, int64_t>> ranges(done.size(), {0, 0});
+    int64_t budget = limits_.max_tokens;
+    for (size_t i = s; i < done.size() && budget > 0; ++i) {
+      const int64_t take = std::min(len - done[i], budget);
+      ranges[i] = {done[i], done[i] + take};
+      done[i] += take;
+      budget -= take;
     }
-    auto run_prefill = [&](int64_t len) {
-      // Chunks of at most max_tokens, filled sequence by sequence.
-      std::vector<int64_t> done(static_cast<size_t>(c.batch), 0);
-      size_t s = 0;
-      while (s < done.size()) {
-        std::vector<std::pair<int64_t, int64_t>> ranges(done.size(), {0, 0});
-        int64_t budget = limits.max_tokens;
-        for (size_t i = s; i < done.size() && budget > 0; ++i) {
-          const int64_t take = std::min(len - done[i], budget);
-          ranges[i] = {done[i], done[i] + take};
-          done[i] += take;
-          budget -= take;
-        }
-        build_step(batch, tokens, ranges, limits, blocks_per_seq, true, len);
-        forward(batch);
-        while (s < done.size() && done[s] == len) ++s;
+    build_step(batch_, tokens_, ranges, limits_, blocks_per_seq(c, limits_), true, len);
+    forward(batch_);
+    while (s < done.size() && done[s] == len) ++s;
+  }
+}
+
+void EngineBench::run_decode(const Case& c, int64_t from, int64_t steps) {
+  for (int64_t i = 0; i < steps; ++i) {
+    std::vector<std::pair<int64_t, int64_t>> ranges(tokens_.size(), {from + i, from + i + 1});
+    build_step(batch_, tokens_, ranges, limits_, blocks_per_seq(c, limits_), true, from + i + 1);
+    forward(batch_);
+  }
+}
+
+CaseTimes EngineBench::time_case(const Case& c) {
+  make_tokens(c);
+  // Warm-up (untimed): a short prefill, then two decode steps of the timed steps' shape, so
+  // that a backend with graphs has recorded it (the timed prefill rewrites those positions).
+  const int64_t warm = std::min<int64_t>(c.prompt, 4);
+  run_prefill(c, warm);
+  run_decode(c, warm, std::min<int64_t>(c.output, 2));
+  barrier();
+  // Timed as served: no profile, so nothing waits between phases and decode steps run as
+  // graphs where the backend and layout allow.
+  CaseTimes t;
+  auto t0 = Clock::now();
+  run_prefill(c, c.prompt);
+  barrier();
+  t.prefill_s = seconds_since(t0);
+  const int64_t graphs_before = model_->graph_steps();
+  t0 = Clock::now();
+  run_decode(c, c.prompt, c.output);
+  barrier();
+  t.decode_s = seconds_since(t0);
+  t.decode_graph_steps = model_->graph_steps() - graphs_before;
+  // The same steps again with a profile, for the phase split, traffic and expert load (they
+  // rewrite the KV cache with the same values).
+  model_->set_profile(&prefill_profile_);
+  prefill_profile_.reset();
+  run_prefill(c, c.prompt);
+  model_->set_profile(&decode_profile_);
+  decode_profile_.reset();
+  run_decode(c, c.prompt, c.output);
+  barrier();
+  model_->set_profile(nullptr);
+  gather_profiles();
+  return t;
+}
+
+// Phases per rank -> slowest and mean; bytes and expert tokens summed over ranks.
+void EngineBench::gather_profiles() {
+  std::vector<double> mine;
+  for (double v : decode_profile_.seconds) mine.push_back(v);
+  for (double v : prefill_profile_.seconds) mine.push_back(v);
+  for (uint64_t v : decode_profile_.bytes) mine.push_back(static_cast<double>(v));
+  for (int64_t v : decode_profile_.expert_tokens) mine.push_back(static_cast<double>(v));
+  for (int64_t v : prefill_profile_.expert_tokens) mine.push_back(static_cast<double>(v));
+  profile_all_ = gather_all(world_.get(), mine);
+  profile_cols_ = mine.size();
+}
+
+// Column i over the ranks: the largest value, or the sum.
+double EngineBench::col(size_t i, bool take_max) const {
+  double m = 0;
+  for (int r = 0; r < W_; ++r) {
+    const double v = profile_all_[r * profile_cols_ + i];
+    m = take_max ? std::max(m, v) : m + v;
+  }
+  return m;
+}
+
+// Roofline of a decode step: weights read (attention, router, norms and lm_head of every rank;
+// the experts that receive a token: E(1 - (1 - k/E)^B) per layer if routing is uniform) and the
+// KV cache read at the mean context, against the measured bandwidth.
+json EngineBench::case_sample(const Case& c, const CaseTimes& t) {
+  const ModelConfig& m = config_;
+  const double E = double(m.num_local_experts), L = double(m.num_hidden_layers);
+  const double dim = double(m.hidden_size);
+  const double steps = static_cast<double>(c.output);
+  const double step_s = t.decode_s / steps;
+  const double attn_params = double(m.q_dim()) * dim * 2 + double(m.kv_dim()) * dim * 2;
+  const double expert_params = 3.0 * dim * m.intermediate_size;
+  const double k = double(m.num_experts_per_tok);
+  const double active_experts = E * (1 - std::pow(1 - k / E, double(c.batch)));
+  const double ctx = c.prompt + c.output / 2.0;
+  const double es = static_cast<double>(dtype_size(backend_.ops->storage_dtype()));
+  const double weight_bytes_step =
+      es * (L * (attn_params + active_experts * expert_params) + double(m.vocab_size) * dim) +
+      4.0 * L * E * dim;  // the router's weight is F32 on every backend
+  const double kv_bytes_step = es * L * c.batch * ctx * 2 * m.kv_dim();
+  const double bytes_step = weight_bytes_step + kv_bytes_step;
+  const double flops_step =
+      2.0 * c.batch *
+          (L * (attn_params + E * dim + k * expert_params) + double(m.vocab_size) * dim) +
+      4.0 * c.batch * L * ctx * m.q_dim();
+  const double gbs = bytes_step / step_s / 1e9;
+  if (root_)
+    std::printf("  %6lld %7lld %7lld %14.1f %13.1f %12.3f %10.1f %11.2f %8.1f%% %8.1f%% %6.0f%%\n",
+                (long long)c.batch, (long long)c.prompt, (long long)c.output,
+                c.batch * c.prompt / t.prefill_s, c.batch * c.output / t.decode_s, step_s * 1e3,
+                bytes_step / 1e6, gbs, 100 * gbs * 1e9 / bw_,
+                100 * flops_step / step_s / peak_flops_, 100.0 * t.decode_graph_steps / steps);
+  json sample = {{"batch", c.batch},
+                 {"prompt_len", c.prompt},
+                 {"output_len", c.output},
+                 {"prefill_tok_s", c.batch * c.prompt / t.prefill_s},
+                 {"decode_tok_s", c.batch * c.output / t.decode_s},
+                 {"decode_step_ms", step_s * 1e3},
+                 {"bytes_per_step", bytes_step},
+                 {"achieved_gbs", gbs},
+                 {"flops_per_step", flops_step},
+                 {"decode_graph_steps", t.decode_graph_steps}};
+  add_profile_json(sample, steps);
+  return sample;
+}
+
+void EngineBench::add_profile_json(json& sample, double steps) const {
+  const int P = ForwardProfile::kPhases, T = ForwardProfile::kTraffics;
+  const int64_t E = config_.num_local_experts, L = config_.num_hidden_layers;
+  json phases = json::object();
+  for (int p = 0; p < P; ++p)
+    phases[ForwardProfile::phase_name(p)] = {{"decode_ms_max", col(p, true) / steps * 1e3},
+                                             {"decode_ms_mean", col(p, false) / W_ / steps * 1e3},
+                                             {"prefill_ms_max", col(P + p, true) * 1e3},
+                                             {"prefill_ms_mean", col(P + p, false) / W_ * 1e3}};
+  sample["phases"] = phases;
+  json traffic = json::object();
+  for (int t = 0; t < T; ++t)
+    traffic[ForwardProfile::traffic_name(t)] = col(2 * P + t, false) / steps;
+  sample["decode_bytes_per_step"] = traffic;
+  json load = json::array();
+  for (int64_t l = 0; l < L; ++l) {
+    std::vector<double> per_expert;
+    for (int64_t e = 0; e < E; ++e)
+      per_expert.push_back(col(2 * P + T + l * E + e, false) +
+                           col(2 * P + T + L * E + l * E + e, false));
+    load.push_back(per_expert);
+  }
+  sample["expert_tokens"] = load;  // [layer][expert], prefill + decode
+}
+
+// Phase split and traffic of the last case's decode steps, expert load of every case.
+void EngineBench::print_summary() const {
+  const int64_t E = config_.num_local_experts, L = config_.num_hidden_layers;
+  const json& last = out_["samples"].back();
+  std::printf(
+      "#\n# decode step split, batch %lld (ms per step; slowest rank and mean over ranks)\n",
+      (long long)last["batch"].get<int64_t>());
+  std::printf("# %-10s %10s %10s\n", "phase", "max_ms", "mean_ms");
+  for (int p = 0; p < ForwardProfile::kPhases; ++p) {
+    const json& ph = last["phases"][ForwardProfile::phase_name(p)];
+    std::printf("  %-10s %10.3f %10.3f\n", ForwardProfile::phase_name(p),
+                ph["decode_ms_max"].get<double>(), ph["decode_ms_mean"].get<double>());
+  }
+  std::printf("#\n# collective bytes per decode step (sum over ranks)\n# %-16s %14s\n",
+              "collective", "bytes");
+  for (int t = 0; t < ForwardProfile::kTraffics; ++t)
+    std::printf("  %-16s %14.0f\n", ForwardProfile::traffic_name(t),
+                last["decode_bytes_per_step"][ForwardProfile::traffic_name(t)].get<double>());
+  std::printf("#\n# expert load (tokens routed per expert, prefill + decode, summed over cases)\n");
+  std::printf("# %5s  %-48s %9s\n", "layer", "tokens per expert", "max/mean");
+  for (int64_t l = 0; l < L; ++l) {
+    std::vector<double> sum(static_cast<size_t>(E), 0.0);
+    for (const json& smp : out_["samples"])
+      for (int64_t e = 0; e < E; ++e) sum[e] += smp["expert_tokens"][l][e].get<double>();
+    std::string row;
+    double mx = 0, mean = 0;
+    for (double v : sum) {
+      row += std::to_string(static_cast<long long>(v)) + " ";
+      mx = std::max(mx, v);
+      mean += v / E;
+    }
+    std::printf("  %5lld  %-48s %9.2f\n", (long long)l, row.c_str(), mean > 0 ? mx / mean : 0.0);
+  }
+}
+
+void EngineBench::run() {
+  out_["model"] = a_.synthetic.empty() ? a_.model : a_.synthetic;
+  out_["layers"] = config_.num_hidden_layers;
+  out_["world"] = W_;
+  out_["tp"] = pc_.tp;
+  out_["ep"] = pc_.ep_size();
+  out_["moe_exchange"] = moe_exchange_name(pc_.exchange);
+  out_["memory_bandwidth_gbs"] = bw_ / 1e9;
+  out_["peak_gflops"] = peak_flops_ / 1e9;
+  out_["samples"] = json::array();
+  if (root_) print_header();
+  for (int64_t b : a_.batch)
+    for (int64_t p : a_.prompt_len)
+      for (int64_t o : a_.output_len) {
+        const Case c{b, p, o};
+        const CaseTimes t = time_case(c);
+        out_["samples"].push_back(case_sample(c, t));
       }
-    };
-    auto run_decode = [&](int64_t from, int64_t steps) {
-      for (int64_t i = 0; i < steps; ++i) {
-        std::vector<std::pair<int64_t, int64_t>> ranges(tokens.size(), {from + i, from + i + 1});
-        build_step(batch, tokens, ranges, limits, blocks_per_seq, true, from + i + 1);
-        forward(batch);
-      }
-    };
-    // Warm-up (untimed): a short prefill, then two decode steps of the timed steps' shape, so
-    // that a backend with graphs has recorded it (the timed prefill rewrites those positions).
-    const int64_t warm = std::min<int64_t>(c.prompt, 4);
-    run_prefill(warm);
-    run_decode(warm, std::min<int64_t>(c.output, 2));
-    if (world) world->barrier();
-    // Timed as served: no profile, so nothing waits between phases and decode steps run as
-    // graphs where the backend and layout allow.
-    auto t0 = Clock::now();
-    run_prefill(c.prompt);
-    if (world) world->barrier();
-    const double prefill_s = seconds_since(t0);
-    const int64_t graphs_before = model.graph_steps();
-    t0 = Clock::now();
-    run_decode(c.prompt, c.output);
-    if (world) world->barrier();
-    const double decode_s = seconds_since(t0);
-    const int64_t decode_graph_steps = model.graph_steps() - graphs_before;
-    // The same steps again with a profile, for the phase split, traffic and expert load (they
-    // rewrite the KV cache with the same values).
-    model.set_profile(&prefill_profile);
-    prefill_profile.reset();
-    run_prefill(c.prompt);
-    model.set_profile(&decode_profile);
-    decode_profile.reset();
-    run_decode(c.prompt, c.output);
-    if (world) world->barrier();
-    model.set_profile(nullptr);
-
-    // Phases per rank -> slowest and mean; bytes and expert tokens summed over ranks.
-    std::vector<double> mine;
-    for (double v : decode_profile.seconds) mine.push_back(v);
-    for (double v : prefill_profile.seconds) mine.push_back(v);
-    for (uint64_t v : decode_profile.bytes) mine.push_back(static_cast<double>(v));
-    for (int64_t v : decode_profile.expert_tokens) mine.push_back(static_cast<double>(v));
-    for (int64_t v : prefill_profile.expert_tokens) mine.push_back(static_cast<double>(v));
-    const std::vector<double> all = gather_all(world.get(), mine);
-    const size_t n = mine.size();
-    // Column i over the ranks: the largest value, or the sum.
-    auto col = [&](size_t i, bool take_max) {
-      double m = 0;
-      for (int r = 0; r < W; ++r) m = take_max ? std::max(m, all[r * n + i]) : m + all[r * n + i];
-      return m;
-    };
-    const int P = ForwardProfile::kPhases, T = ForwardProfile::kTraffics;
-    const double steps = static_cast<double>(c.output);
-    const double step_s = decode_s / steps;
-
-    // Roofline of a decode step: weights read (attention, router, norms and lm_head of every
-    // rank; the experts that receive a token: E(1 - (1 - k/E)^B) per layer if routing is
-    // uniform) and the KV cache read at the mean context, against the measured bandwidth.
-    const double attn_params = double(config.q_dim()) * dim * 2 + double(config.kv_dim()) * dim * 2;
-    const double expert_params = 3.0 * dim * config.intermediate_size;
-    const double k = double(config.num_experts_per_tok);
-    const double active_experts = E * (1 - std::pow(1 - k / E, double(c.batch)));
-    const double ctx = c.prompt + c.output / 2.0;
-    const double es = static_cast<double>(dtype_size(ops->storage_dtype()));  // bytes/element
-    const double weight_bytes_step =
-        es *
-            (L * (attn_params + active_experts * expert_params) + double(config.vocab_size) * dim) +
-        4.0 * L * E * dim;  // the router's weight is F32 on every backend
-    const double kv_bytes_step = es * L * c.batch * ctx * 2 * config.kv_dim();
-    const double bytes_step = weight_bytes_step + kv_bytes_step;
-    const double flops_step =
-        2.0 * c.batch *
-            (L * (attn_params + E * dim + k * expert_params) + double(config.vocab_size) * dim) +
-        4.0 * c.batch * L * ctx * config.q_dim();
-    const double gbs = bytes_step / step_s / 1e9;
-    if (root) {
-      std::printf(
-          "  %6lld %7lld %7lld %14.1f %13.1f %12.3f %10.1f %11.2f %8.1f%% %8.1f%% %6.0f%%\n",
-          (long long)c.batch, (long long)c.prompt, (long long)c.output,
-          c.batch * c.prompt / prefill_s, c.batch * c.output / decode_s, step_s * 1e3,
-          bytes_step / 1e6, gbs, 100 * gbs * 1e9 / bw, 100 * flops_step / step_s / peak_flops,
-          100.0 * decode_graph_steps / steps);
-    }
-    json sample = {{"batch", c.batch},
-                   {"prompt_len", c.prompt},
-                   {"output_len", c.output},
-                   {"prefill_tok_s", c.batch * c.prompt / prefill_s},
-                   {"decode_tok_s", c.batch * c.output / decode_s},
-                   {"decode_step_ms", step_s * 1e3},
-                   {"bytes_per_step", bytes_step},
-                   {"achieved_gbs", gbs},
-                   {"flops_per_step", flops_step},
-                   {"decode_graph_steps", decode_graph_steps}};
-    json phases = json::object();
-    for (int p = 0; p < P; ++p) {
-      phases[ForwardProfile::phase_name(p)] = {{"decode_ms_max", col(p, true) / steps * 1e3},
-                                               {"decode_ms_mean", col(p, false) / W / steps * 1e3},
-                                               {"prefill_ms_max", col(P + p, true) * 1e3},
-                                               {"prefill_ms_mean", col(P + p, false) / W * 1e3}};
-    }
-    sample["phases"] = phases;
-    json traffic = json::object();
-    for (int t = 0; t < T; ++t)
-      traffic[ForwardProfile::traffic_name(t)] = col(2 * P + t, false) / steps;
-    sample["decode_bytes_per_step"] = traffic;
-    json load = json::array();
-    for (int64_t l = 0; l < L; ++l) {
-      std::vector<double> per_expert;
-      for (int64_t e = 0; e < E; ++e)
-        per_expert.push_back(col(2 * P + T + l * E + e, false) +
-                             col(2 * P + T + L * E + l * E + e, false));
-      load.push_back(per_expert);
-    }
-    sample["expert_tokens"] = load;  // [layer][expert], prefill + decode
-    out["samples"].push_back(sample);
+  if (!root_) return;
+  print_summary();
+  if (!a_.json.empty()) {
+    std::ofstream f(a_.json);
+    f << out_.dump(1) << "\n";
+    SY_CHECK(f.good(), "cannot write --json ", a_.json);
   }
+}
 
-  if (root) {
-    // Phase split and traffic of the last case's decode steps, expert load of every case.
-    const json& last = out["samples"].back();
-    std::printf(
-        "#\n# decode step split, batch %lld (ms per step; slowest rank and mean over ranks)\n",
-        (long long)last["batch"].get<int64_t>());
-    std::printf("# %-10s %10s %10s\n", "phase", "max_ms", "mean_ms");
-    for (int p = 0; p < ForwardProfile::kPhases; ++p) {
-      const json& ph = last["phases"][ForwardProfile::phase_name(p)];
-      std::printf("  %-10s %10.3f %10.3f\n", ForwardProfile::phase_name(p),
-                  ph["decode_ms_max"].get<double>(), ph["decode_ms_mean"].get<double>());
-    }
-    std::printf("#\n# collective bytes per decode step (sum over ranks)\n# %-16s %14s\n",
-                "collective", "bytes");
-    for (int t = 0; t < ForwardProfile::kTraffics; ++t)
-      std::printf("  %-16s %14.0f\n", ForwardProfile::traffic_name(t),
-                  last["decode_bytes_per_step"][ForwardProfile::traffic_name(t)].get<double>());
-    std::printf(
-        "#\n# expert load (tokens routed per expert, prefill + decode, summed over cases)\n");
-    std::printf("# %5s  %-48s %9s\n", "layer", "tokens per expert", "max/mean");
-    for (int64_t l = 0; l < L; ++l) {
-      std::vector<double> sum(static_cast<size_t>(E), 0.0);
-      for (const json& smp : out["samples"])
-        for (int64_t e = 0; e < E; ++e) sum[e] += smp["expert_tokens"][l][e].get<double>();
-      std::string row;
-      double mx = 0, mean = 0;
-      for (double v : sum) {
-        row += std::to_string(static_cast<long long>(v)) + " ";
-        mx = std::max(mx, v);
-        mean += v / E;
-      }
-      std::printf("  %5lld  %-48s %9.2f\n", (long long)l, row.c_str(), mean > 0 ? mx / mean : 0.0);
-    }
-    if (!a.json.empty()) {
-      std::ofstream f(a.json);
-      f << out.dump(1) << "\n";
-      SY_CHECK(f.good(), "cannot write --json ", a.json);
-    }
-  }
+}  // namespace
+
+int run_bench_engine(const BenchEngineArgs& a) {
+  check_args(a);
+  EngineBench bench(a);
+  bench.run();
   return 0;
 }
 

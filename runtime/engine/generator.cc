@@ -5,119 +5,124 @@
 #include <chrono>
 
 #include "runtime/engine/kv_blocks.h"
+#include "runtime/engine/request.h"
+#include "runtime/engine/sampling.h"
 
 namespace sy {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+void check_options(const Model& model, const std::vector<int32_t>& prompt,
+                   const GenerateOptions& options) {
+  const ModelLimits& limits = model.limits();
+  RequestParams p;
+  p.prompt = prompt;
+  p.max_tokens = options.max_tokens;
+  p.sampling = options.sampling;
+  p.ignore_eos = options.ignore_eos;
+  RequestLimits l;
+  l.vocab_size = model.config().vocab_size;
+  l.context_limit = std::min(limits.max_blocks_per_seq * limits.block_size,
+                             model.config().max_position_embeddings);
+  l.max_prompt_tokens = l.context_limit;
+  l.allow_no_tokens = true;
+  validate_request(p, l);
+}
+
+// One sequence's steps: its block table (padded to the table width), and a batch of its next
+// tokens.
+struct OneSequence {
+  std::vector<int32_t> table;
+  StepBatch batch;
+
+  void run(const int32_t* tokens, int64_t begin, int64_t end, bool logits) {
+    batch.clear();
+    const int64_t width = static_cast<int64_t>(table.size());
+    batch.add_sequence(tokens, begin, end, table.data(), width, width, logits);
+  }
+};
+
+// Prefills `prompt` in chunks of at most max_tokens tokens; the last chunk asks for the logits
+// of its last token, or, with all_prompt_logits, every chunk for all of its tokens' (copied to
+// result.prompt_logits).
+void prefill(Model& model, const std::vector<int32_t>& prompt, bool all_prompt_logits,
+             OneSequence& seq, GenerateResult& result) {
+  const int64_t chunk = model.limits().max_tokens;
+  const int64_t vocab = model.config().vocab_size;
+  const int64_t n_prompt = static_cast<int64_t>(prompt.size());
+  if (all_prompt_logits) result.prompt_logits.resize(static_cast<size_t>(n_prompt * vocab));
+  for (int64_t begin = 0; begin < n_prompt; begin += chunk) {
+    const int64_t n = std::min(chunk, n_prompt - begin);
+    seq.run(prompt.data(), begin, begin + n, !all_prompt_logits && begin + n == n_prompt);
+    if (all_prompt_logits) {
+      for (int64_t i = 0; i < n; ++i) seq.batch.logit_rows.push_back(static_cast<int32_t>(i));
+      model.forward(seq.batch, result.prompt_logits.data() + begin * vocab);
+    } else {
+      model.forward(seq.batch);
+    }
+  }
+}
+
+}  // namespace
 
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token) {
+  check_options(model, prompt, options);
   const ModelLimits& limits = model.limits();
-  const int64_t vocab = model.config().vocab_size;
-  const int64_t n_prompt = static_cast<int64_t>(prompt.size());
-  SY_CHECK(n_prompt > 0, "empty prompt");
-  SY_CHECK(options.max_tokens >= 0, "max_tokens ", options.max_tokens, " must be >= 0");
-  SY_CHECK(options.sampling.min_tokens <= options.max_tokens, "min_tokens ",
-           options.sampling.min_tokens, " exceeds max_tokens ", options.max_tokens);
-  const int64_t context = n_prompt + options.max_tokens;
-  SY_CHECK(context <= limits.max_blocks_per_seq * limits.block_size, "prompt of ", n_prompt,
-           " tokens plus max_tokens ", options.max_tokens, " exceeds the context of ",
-           limits.max_blocks_per_seq * limits.block_size, " tokens");
-  for (int32_t id : prompt)
-    SY_CHECK(id >= 0 && id < vocab, "prompt token id ", id, " outside the vocabulary of ", vocab);
-
+  const int64_t context = static_cast<int64_t>(prompt.size()) + options.max_tokens;
   BlockAllocator blocks(limits.n_blocks);
-  std::vector<int32_t> table;
-  SY_CHECK(blocks.allocate((context + limits.block_size - 1) / limits.block_size, table),
+  OneSequence seq;
+  SY_CHECK(blocks.allocate((context + limits.block_size - 1) / limits.block_size, seq.table),
            "not enough KV blocks for ", context, " tokens");
-  table.resize(static_cast<size_t>(limits.max_blocks_per_seq), 0);
+  seq.table.resize(static_cast<size_t>(limits.max_blocks_per_seq), 0);
 
   GenerateResult result;
-  if (options.all_prompt_logits) result.prompt_logits.resize(static_cast<size_t>(n_prompt * vocab));
-  std::vector<float> last_logits(static_cast<size_t>(vocab));
-  StepBatch batch;
-  using clock = std::chrono::steady_clock;
+  const Clock::time_point t0 = Clock::now();
+  prefill(model, prompt, options.all_prompt_logits, seq, result);
+  result.prefill_seconds = seconds_since(t0);
 
-  // Prefill in chunks of at most max_tokens tokens.
-  auto t0 = clock::now();
-  for (int64_t begin = 0; begin < n_prompt; begin += limits.max_tokens) {
-    const int64_t n = std::min(limits.max_tokens, n_prompt - begin);
-    batch.clear();
-    batch.n_seqs = 1;
-    batch.block_tables = table;
-    for (int64_t i = 0; i < n; ++i) {
-      batch.tokens.push_back(prompt[begin + i]);
-      batch.positions.push_back(static_cast<int32_t>(begin + i));
-      batch.token_seq.push_back(0);
-    }
-    const bool last_chunk = begin + n == n_prompt;
-    if (options.all_prompt_logits) {
-      for (int64_t i = 0; i < n; ++i) batch.logit_rows.push_back(static_cast<int32_t>(i));
-      model.forward(batch, result.prompt_logits.data() + begin * vocab);
-      if (last_chunk)
-        std::copy_n(result.prompt_logits.data() + (n_prompt - 1) * vocab, vocab,
-                    last_logits.begin());
-    } else {
-      if (last_chunk) batch.logit_rows.push_back(static_cast<int32_t>(n - 1));
-      model.forward(batch, last_logits.data());
-    }
-  }
-  auto t1 = clock::now();
-  result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
-
-  // Decode.
+  // Decode: each step samples the last logit row of the step before (every rank alike, as
+  // every rank holds the whole rows; rank 0's token is broadcast), then computes that token.
+  const Clock::time_point t1 = Clock::now();
   std::vector<int32_t> end_ids;  // what min_tokens holds back
   if (!options.ignore_eos)
     for (int64_t id : options.eos_ids) end_ids.push_back(static_cast<int32_t>(id));
-  Sampler sampler(options.sampling, vocab, prompt.size(), end_ids);
-  // On GPUs the model samples on the device and only the token comes back (every rank samples
-  // alike; rank 0's token is broadcast), the penalties applied there too.
-  const bool on_device = model.ops().device() != Device::kCpu && model.forward_sample_supported();
-  float params[Ops::kSampleParams] = {};
-  float penalty[Ops::kPenaltyParams] = {};
-  sampler.penalty_params(penalty);
-  int32_t penalty_offsets[2] = {0, 0};
-  int32_t bias_offsets[2] = {0, 0};
-  int32_t device_next = -1;  // sampled by the last decode step on the device
+  Sampler sampler(options.sampling, model.config().vocab_size, prompt.size(), end_ids);
+  StepSampler step_sampler(model);
+  std::vector<SampleRequest> rows;
+  std::vector<int32_t> ids(static_cast<size_t>(limits.max_logit_rows));
   std::vector<int32_t> context_ids = prompt;
   context_ids.reserve(static_cast<size_t>(context));
   result.finish_reason = "length";
   for (int64_t step = 0; step < options.max_tokens; ++step) {
-    int32_t next = device_next >= 0 ? device_next : sampler.sample(last_logits.data(), context_ids);
+    // Earlier rows of a prompt's all-logits chunk sample greedily, unused.
+    const size_t n_rows = step == 0 ? seq.batch.logit_rows.size() : 1;
+    rows.assign(n_rows, SampleRequest{});
+    rows.back() = {&sampler, &context_ids, step, 0, -1};
+    step_sampler.sample(model, rows, ids.data());
+    int32_t next = ids[n_rows - 1];
     if (model.parallel() != nullptr) model.parallel()->world->broadcast(&next, sizeof(next), 0);
     result.tokens.push_back(next);
     context_ids.push_back(next);
     if (on_token) on_token(next);
-    const bool eos =
-        std::find(options.eos_ids.begin(), options.eos_ids.end(), next) != options.eos_ids.end();
-    if (eos && !options.ignore_eos) {
+    const auto& eos = options.eos_ids;
+    if (!options.ignore_eos && std::find(eos.begin(), eos.end(), next) != eos.end()) {
       result.finish_reason = "stop";
       break;
     }
     if (step + 1 == options.max_tokens) break;
-    batch.clear();
-    batch.n_seqs = 1;
-    batch.block_tables = table;
-    batch.tokens.push_back(next);
-    batch.positions.push_back(static_cast<int32_t>(context_ids.size() - 1));
-    batch.token_seq.push_back(0);
-    batch.logit_rows.push_back(0);
-    if (on_device) {
-      sampler.device_params(params);
-      const BiasList& bias = sampler.bias_list(static_cast<int64_t>(result.tokens.size()));
-      bias_offsets[1] = static_cast<int32_t>(bias.ids.size());
-      const SampleBiases biases{bias_offsets, bias.ids.data(), bias.values.data()};
-      const PenaltyContext* pc =
-          sampler.penalised() ? &sampler.penalty_context(context_ids) : nullptr;
-      penalty_offsets[1] = pc != nullptr ? static_cast<int32_t>(pc->ids.size()) : 0;
-      const SamplePenalties penalties{penalty_offsets, pc != nullptr ? pc->ids.data() : nullptr,
-                                      pc != nullptr ? pc->counts.data() : nullptr, penalty};
-      model.forward_sample(batch, params, &device_next, pc != nullptr ? &penalties : nullptr,
-                           nullptr, bias.ids.empty() ? nullptr : &biases);
-    } else {
-      model.forward(batch, last_logits.data());
-    }
+    const int64_t n = static_cast<int64_t>(context_ids.size());
+    seq.run(context_ids.data(), n - 1, n, true);
+    model.forward(seq.batch);
   }
-  result.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
+  result.decode_seconds = seconds_since(t1);
   return result;
 }
 

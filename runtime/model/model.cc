@@ -32,26 +32,20 @@ void StepBatch::clear() {
   n_seqs = 0;
 }
 
-namespace {
-
-// Carves 64-byte-aligned tensors out of one allocation.
-class Carver {
- public:
-  explicit Carver(void* base, Device device) : base_(static_cast<char*>(base)), device_(device) {}
-  Tensor take(DType dtype, std::initializer_list<int64_t> dims) {
-    Tensor t(base_ == nullptr ? nullptr : base_ + offset_, dtype, dims, device_);
-    offset_ += (t.bytes() + 63) / 64 * 64;
-    return t;
+int32_t StepBatch::add_sequence(const int32_t* seq_tokens, int64_t begin, int64_t end,
+                                const int32_t* blocks, int64_t n_blocks, int64_t table_width,
+                                bool logits) {
+  const int32_t row = static_cast<int32_t>(n_seqs++);
+  for (int64_t p = begin; p < end; ++p) {
+    tokens.push_back(seq_tokens[p]);
+    positions.push_back(static_cast<int32_t>(p));
+    token_seq.push_back(row);
   }
-  size_t bytes() const { return offset_; }
-
- private:
-  char* base_;
-  Device device_;
-  size_t offset_ = 0;
-};
-
-}  // namespace
+  block_tables.insert(block_tables.end(), blocks, blocks + n_blocks);
+  block_tables.resize(block_tables.size() + static_cast<size_t>(table_width - n_blocks), 0);
+  if (logits) logit_rows.push_back(static_cast<int32_t>(tokens.size() - 1));
+  return row;
+}
 
 const char* ForwardProfile::phase_name(int phase) {
   static const char* names[] = {"attention", "router", "dispatch", "expert", "combine", "other"};
@@ -119,7 +113,21 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
     graph_collectives_ = world_ == 1 || (par_->world->stream_ordered() &&
                                          par_->tp->stream_ordered() && par_->ep->stream_ordered());
   }
+  Carver sizing(nullptr, ops_.device());
+  carve_state(sizing);
+  state_storage_ = DeviceBuffer(ops_, sizing.bytes());
+  Carver placing(state_storage_.get(), ops_.device());
+  carve_state(placing);
+  allocate_kv_cache();
+  // Small steps (decode) route on the device when the backend is a GPU; larger ones (prefill)
+  // take the host layout and the cuBLAS grouped GEMM, whose row counts come from the host.
+  if (ops_.device() != Device::kCpu) device_route_max_rows_ = kDeviceRouteMaxRows;
+  reserve_host_scratch();
+}
+
+void Model::carve_state(Carver& c) {
   const int64_t N = limits_.max_tokens;
+  const int64_t R = limits_.max_logit_rows;
   const int64_t dim = config_.hidden_size;
   const int64_t head_dim = config_.head_dim;
   const int64_t n_heads = weights_.shard.n_heads;
@@ -127,88 +135,66 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   const int64_t k = config_.num_experts_per_tok;
   const int64_t n_experts = config_.num_local_experts;
   const int64_t hidden_dim = config_.intermediate_size;
-  const int64_t n_vocab = weights_.shard.n_vocab;
-  const int64_t R = limits_.max_logit_rows;
-
-  // Two passes over the same carving: the first sizes the allocation, the second places views.
+  const int64_t vocab = config_.vocab_size;
   const DType S = ops_.storage_dtype();  // GEMM inputs (ops.h)
-  auto carve = [&](Carver& c) {
-    x_ = c.take(DType::kF32, {N, dim});
-    xn_ = c.take(S, {N, dim});
-    q_ = c.take(DType::kF32, {N, n_heads, head_dim});
-    k_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
-    v_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
-    attn_ = c.take(S, {N, n_heads, head_dim});
-    o_ = c.take(DType::kF32, {N, dim});
-    router_logits_ = c.take(DType::kF32, {N, n_experts});
-    router_in_ = c.take(DType::kF32, {S == DType::kF32 ? 0 : N, dim});
-    topk_idx_ = c.take(DType::kI32, {N, k});
-    topk_weights_ = c.take(DType::kF32, {N, k});
-    x_own_ = c.take(DType::kF32, {N, dim});
-    xn_own_ = c.take(S, {N, dim});
-    y_own_ = c.take(DType::kF32, {N, dim});
-    moe_send_ = c.take(S, {N * k, dim});
-    moe_recv_ = c.take(S, {N * k, dim});
-    moe_in_ = c.take(S, {N * k, dim});
-    moe_out_ = c.take(S, {N * k, dim});
-    sorted_rows_ = c.take(DType::kI32, {N * k});
-    sorted_weights_ = c.take(DType::kF32, {N * k});
-    perm_ = c.take(DType::kI32, {N * k});
-    expert_offsets_ = c.take(DType::kI32, {n_experts + 1});
-    expert_scratch_.gate = c.take(S, {N * k, hidden_dim});
-    expert_scratch_.up = c.take(S, {N * k, hidden_dim});
-    ids_ = c.take(DType::kI32, {N});
-    positions_ = c.take(DType::kI32, {N});
-    token_seq_ = c.take(DType::kI32, {N});
-    block_tables_ = c.take(DType::kI32, {limits_.max_seqs, limits_.max_blocks_per_seq});
-    logit_rows_ = c.take(DType::kI32, {R});
-    logit_x_ = c.take(DType::kF32, {R, dim});
-    logit_xn_ = c.take(S, {R, dim});
-    logits_ = c.take(DType::kF32, {R, n_vocab});
-    sample_params_ = c.take(DType::kF32, {R, Ops::kSampleParams});
-    sample_ids_ = c.take(DType::kI32, {R});
-    penalty_offsets_ = c.take(DType::kI32, {R + 1});
-    penalty_params_ = c.take(DType::kF32, {R, Ops::kPenaltyParams});
-    penalty_ids_ = c.take(DType::kI32, {penalty_capacity()});
-    penalty_counts_ = c.take(DType::kI32, {penalty_capacity()});
-    bias_offsets_ = c.take(DType::kI32, {R + 1});
-    bias_ids_ = c.take(DType::kI32, {bias_capacity()});
-    bias_values_ = c.take(DType::kF32, {bias_capacity()});
-    const int64_t LP = logprob_capacity();
-    logprob_rows_ = c.take(DType::kI32, {LP});
-    logprob_raw_ = c.take(DType::kF32, {LP, config_.vocab_size});
-    logprob_out_ = c.take(DType::kF32, {LP * (1 + kMaxTopLogprobs)});
-    logprob_ids_ = c.take(DType::kI32, {LP * kMaxTopLogprobs});
-    logits_all_ = c.take(DType::kF32, {world_ > 1 ? R * config_.vocab_size : 0});
-    const bool interleave = world_ > 1 && forward_sample_supported();
-    logits_full_ = c.take(DType::kF32, {interleave ? R : 0, config_.vocab_size});
-    logits_perm_ = c.take(DType::kI32, {interleave ? R * world_ : 0});
-  };
-  Carver sizing(nullptr, ops_.device());
-  carve(sizing);
-  state_storage_ = DeviceBuffer(ops_, sizing.bytes());
-  Carver placing(state_storage_.get(), ops_.device());
-  carve(placing);
+  x_ = c.take(DType::kF32, {N, dim});
+  xn_ = c.take(S, {N, dim});
+  q_ = c.take(DType::kF32, {N, n_heads, head_dim});
+  k_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
+  v_ = c.take(DType::kF32, {N, n_kv_heads, head_dim});
+  attn_ = c.take(S, {N, n_heads, head_dim});
+  o_ = c.take(DType::kF32, {N, dim});
+  router_logits_ = c.take(DType::kF32, {N, n_experts});
+  router_in_ = c.take(DType::kF32, {S == DType::kF32 ? 0 : N, dim});
+  topk_idx_ = c.take(DType::kI32, {N, k});
+  topk_weights_ = c.take(DType::kF32, {N, k});
+  x_own_ = c.take(DType::kF32, {N, dim});
+  xn_own_ = c.take(S, {N, dim});
+  y_own_ = c.take(DType::kF32, {N, dim});
+  moe_send_ = c.take(S, {N * k, dim});
+  moe_recv_ = c.take(S, {N * k, dim});
+  moe_in_ = c.take(S, {N * k, dim});
+  moe_out_ = c.take(S, {N * k, dim});
+  sorted_rows_ = c.take(DType::kI32, {N * k});
+  sorted_weights_ = c.take(DType::kF32, {N * k});
+  perm_ = c.take(DType::kI32, {N * k});
+  expert_offsets_ = c.take(DType::kI32, {n_experts + 1});
+  expert_scratch_.gate = c.take(S, {N * k, hidden_dim});
+  expert_scratch_.up = c.take(S, {N * k, hidden_dim});
+  ids_ = c.take(DType::kI32, {N});
+  positions_ = c.take(DType::kI32, {N});
+  token_seq_ = c.take(DType::kI32, {N});
+  block_tables_ = c.take(DType::kI32, {limits_.max_seqs, limits_.max_blocks_per_seq});
+  logit_rows_ = c.take(DType::kI32, {R});
+  logit_x_ = c.take(DType::kF32, {R, dim});
+  logit_xn_ = c.take(S, {R, dim});
+  logits_ = c.take(DType::kF32, {R, weights_.shard.n_vocab});
+  const int64_t parallel_rows = world_ > 1 ? R : 0;
+  logits_all_ = c.take(DType::kF32, {parallel_rows * vocab});
+  logits_full_ = c.take(DType::kF32, {parallel_rows, vocab});
+  logits_perm_ = c.take(DType::kI32, {parallel_rows * world_});
+}
 
+void Model::allocate_kv_cache() {
+  const DType S = ops_.storage_dtype();
   const int64_t n_layers = config_.num_hidden_layers;
-  const int64_t per_layer = limits_.n_blocks * limits_.block_size * n_kv_heads * head_dim;
-  const size_t layer_bytes = static_cast<size_t>(per_layer) * dtype_size(S);
+  const std::initializer_list<int64_t> dims = {limits_.n_blocks, limits_.block_size,
+                                               weights_.shard.n_kv_heads, config_.head_dim};
+  const Tensor shape(nullptr, S, dims, ops_.device());
+  const size_t layer_bytes = shape.bytes();
   kv_storage_ = DeviceBuffer(ops_, 2 * static_cast<size_t>(n_layers) * layer_bytes);
   char* kv = static_cast<char*>(kv_storage_.get());
   for (int64_t l = 0; l < n_layers; ++l) {
-    k_cache_.emplace_back(
-        kv + (2 * l) * layer_bytes, S,
-        std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
-        ops_.device());
-    v_cache_.emplace_back(
-        kv + (2 * l + 1) * layer_bytes, S,
-        std::initializer_list<int64_t>{limits_.n_blocks, limits_.block_size, n_kv_heads, head_dim},
-        ops_.device());
+    k_cache_.emplace_back(kv + (2 * l) * layer_bytes, S, dims, ops_.device());
+    v_cache_.emplace_back(kv + (2 * l + 1) * layer_bytes, S, dims, ops_.device());
   }
+}
 
-  // Small steps (decode) route on the device when the backend is a GPU; larger ones (prefill)
-  // take the host layout and the cuBLAS grouped GEMM, whose row counts come from the host.
-  if (ops_.device() != Device::kCpu) device_route_max_rows_ = kDeviceRouteMaxRows;
+void Model::reserve_host_scratch() {
+  const int64_t N = limits_.max_tokens;
+  const int64_t R = limits_.max_logit_rows;
+  const int64_t k = config_.num_experts_per_tok;
+  const int64_t n_experts = config_.num_local_experts;
   graph_seen_.assign(static_cast<size_t>((limits_.max_seqs + 1) * (R + 1)), 0);
   layout_.reserve(N, k, n_experts);
   host_topk_idx_.resize(static_cast<size_t>(N * k));
@@ -217,175 +203,72 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   if (par_ != nullptr) {
     ep_plan_.reserve(par_->ep->size(), n_experts, N * k, weights_.shard.experts.size());
     host_logits_.resize(static_cast<size_t>(R * config_.vocab_size));
+    host_blocks_.resize(host_logits_.size());
   }
+}
+
+void Model::forward(const StepBatch& batch) {
+  run_step(batch);
+  step_rows_ = static_cast<int64_t>(batch.logit_rows.size());
+  if (world_ > 1 && step_rows_ > 0) logits_gather(step_rows_);
+  lap(ForwardProfile::kOther);
 }
 
 void Model::forward(const StepBatch& batch, float* logits) {
-  run_step(batch);
-  logits_fetch(static_cast<int64_t>(batch.logit_rows.size()), logits);
-  lap(ForwardProfile::kOther);
+  forward(batch);
+  if (logits != nullptr) copy_logits(logits);
 }
 
-void Model::forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                           const SamplePenalties* penalties, SampleLogprobs* logprobs,
-                           const SampleBiases* biases) {
-  SY_CHECK(forward_sample_supported(), "forward_sample: a vocabulary of ", config_.vocab_size,
-           " does not split evenly over ", world_, " ranks");
-  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
-  const int64_t n_lp = logprobs != nullptr ? static_cast<int64_t>(logprobs->rows.size()) : 0;
-  if (logprobs != nullptr) {
-    SY_CHECK(n_lp <= logprob_capacity(), "forward_sample: logprobs of ", n_lp,
-             " rows; the limit is ", logprob_capacity());
-    SY_CHECK(logprobs->top >= 1 &&
-                 logprobs->top <= std::min<int64_t>(kMaxTopLogprobs, config_.vocab_size),
-             "forward_sample: top ", logprobs->top, " logprobs outside [1, ",
-             std::min<int64_t>(kMaxTopLogprobs, config_.vocab_size), "]");
-    SY_CHECK(n_lp == 0 || (logprobs->logprobs != nullptr && logprobs->ids != nullptr),
-             "forward_sample: logprobs asked with no buffers");
-    for (int32_t r : logprobs->rows)
-      SY_CHECK(r >= 0 && r < n_logits, "forward_sample: logprobs of logit row ", r, " of ",
-               n_logits);
-    SY_CHECK(logprobs->forced.empty() || logprobs->forced.size() == logprobs->rows.size(),
-             "forward_sample: ", logprobs->forced.size(), " forced tokens for ", n_lp, " rows");
-    for (int32_t t : logprobs->forced)
-      SY_CHECK(t >= -1 && t < config_.vocab_size, "forward_sample: forced token ", t,
-               " outside the vocabulary of ", config_.vocab_size);
+Tensor Model::step_logits() {
+  const int64_t n = step_rows_;
+  const int64_t vocab = config_.vocab_size;
+  if (world_ == 1) return logits_.rows(0, n);
+  Tensor full = logits_full_.rows(0, n);  // [n, vocab]
+  if (n == 0) return full;
+  if (vocab % world_ != 0) {  // blocks of unequal widths: interleaved on the host
+    copy_logits(host_logits_.data());
+    ops_.copy_from_host(full.data, host_logits_.data(), full.bytes());
+    return full;
   }
-  int64_t n_penalty_ids = 0;
-  if (penalties != nullptr) {
-    const int32_t* off = penalties->offsets;
-    SY_CHECK(off != nullptr && penalties->params != nullptr && off[0] == 0,
-             "forward_sample: penalty offsets must start at 0");
-    for (int64_t i = 0; i < n_logits; ++i) {
-      SY_CHECK(off[i] <= off[i + 1], "forward_sample: penalty offsets decrease at row ", i);
-      const float* p = penalties->params + i * Ops::kPenaltyParams;
-      SY_CHECK(std::isfinite(p[0]) && p[0] > 0.f, "forward_sample: repetition penalty ", p[0],
-               " of row ", i, " must be positive");
-      SY_CHECK(std::isfinite(p[1]) && std::isfinite(p[2]), "forward_sample: presence penalty ",
-               p[1], " and frequency penalty ", p[2], " of row ", i, " must be finite");
-    }
-    n_penalty_ids = off[n_logits];
-    SY_CHECK(n_penalty_ids <= penalty_capacity(), "forward_sample: ", n_penalty_ids,
-             " penalty ids; the limit is ", penalty_capacity());
-    SY_CHECK(n_penalty_ids == 0 || (penalties->ids != nullptr && penalties->counts != nullptr),
-             "forward_sample: no penalty ids or counts");
+  // Block r of the gather holds rank r's columns of every row, [n, width]: row i of the full
+  // logits is, as world_ rows of width columns, rows r * n + i (r = 0 ..). The permutation
+  // depends on n alone: uploaded when it changes (decode steps of one batch size reuse it).
+  const int64_t width = vocab / world_;
+  Tensor perm = logits_perm_.rows(0, n * world_);
+  if (perm_rows_ != n) {
+    host_perm_.resize(static_cast<size_t>(n * world_));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < world_; ++r)
+        host_perm_[static_cast<size_t>(i * world_ + r)] = static_cast<int32_t>(r * n + i);
+    ops_.copy_from_host(perm.data, host_perm_.data(), perm.bytes());
+    perm_rows_ = n;
   }
-  int64_t n_bias_ids = 0;
-  if (biases != nullptr) {
-    const int32_t* off = biases->offsets;
-    SY_CHECK(off != nullptr && off[0] == 0, "forward_sample: bias offsets must start at 0");
-    for (int64_t i = 0; i < n_logits; ++i) {
-      SY_CHECK(off[i] <= off[i + 1] && off[i + 1] - off[i] <= kMaxBiasesPerRow,
-               "forward_sample: ", off[i + 1] - off[i], " biases in row ", i, " (0 to ",
-               kMaxBiasesPerRow, ")");
-      for (int32_t j = off[i]; j < off[i + 1]; ++j)
-        SY_CHECK(biases->ids[j] >= 0 && biases->ids[j] < config_.vocab_size,
-                 "forward_sample: bias of token ", biases->ids[j], " in row ", i);
-    }
-    n_bias_ids = off[n_logits];
-    SY_CHECK(n_bias_ids <= bias_capacity(), "forward_sample: ", n_bias_ids,
-             " biases; the limit is ", bias_capacity());
+  const Tensor all = logits_all_.rows(0, n * vocab);
+  ops_.gather_rows(full.reshape({n * world_, width}), all.reshape({world_ * n, width}), perm);
+  return full;
+}
+
+void Model::copy_logits(float* out) {
+  const int64_t n = step_rows_;
+  const int64_t vocab = config_.vocab_size;
+  if (n == 0) return;
+  if (world_ == 1) {
+    ops_.copy_to_host(out, logits_.data, static_cast<size_t>(n * vocab) * sizeof(float));
+    return;
   }
-  run_step(batch);
-  if (n_logits > 0) {
-    Tensor lg = logits_.rows(0, n_logits);  // [n_logits, vocab] on one rank
-    if (world_ > 1) {
-      // Block r of the gather holds rank r's columns of every row, [n_logits, width]: row i of
-      // the full logits is, as world_ rows of width columns, rows r * n_logits + i (r = 0 ..).
-      const Tensor all = logits_gather(n_logits);
-      const int64_t width = config_.vocab_size / world_;
-      // The permutation depends on n_logits alone: uploaded when it changes (decode steps of
-      // one batch size reuse it).
-      Tensor perm = logits_perm_.rows(0, n_logits * world_);
-      if (perm_rows_ != n_logits) {
-        host_perm_.resize(static_cast<size_t>(n_logits * world_));
-        for (int64_t i = 0; i < n_logits; ++i)
-          for (int64_t r = 0; r < world_; ++r)
-            host_perm_[static_cast<size_t>(i * world_ + r)] =
-                static_cast<int32_t>(r * n_logits + i);
-        ops_.copy_from_host(perm.data, host_perm_.data(), perm.bytes());
-        perm_rows_ = n_logits;
-      }
-      lg = logits_full_.rows(0, n_logits);
-      ops_.gather_rows(lg.reshape({n_logits * world_, width}),
-                       all.reshape({world_ * n_logits, width}), perm);
-    }
-    // The rows asked for logprobs, kept before any penalty: the model's own distribution.
-    Tensor lp_rows = logprob_rows_.rows(0, n_lp);
-    Tensor lp_raw = logprob_raw_.rows(0, n_lp);
-    if (n_lp > 0) {
-      ops_.copy_from_host(lp_rows.data, logprobs->rows.data(), lp_rows.bytes());
-      ops_.gather_rows(lp_raw, lg, lp_rows);
-    }
-    if (n_bias_ids > 0) {
-      Tensor off = bias_offsets_.rows(0, n_logits + 1);
-      Tensor bid = bias_ids_.rows(0, n_bias_ids);
-      Tensor val = bias_values_.rows(0, n_bias_ids);
-      ops_.copy_from_host(off.data, biases->offsets, off.bytes());
-      ops_.copy_from_host(bid.data, biases->ids, bid.bytes());
-      ops_.copy_from_host(val.data, biases->values, val.bytes());
-      ops_.bias(lg, off, bid, val);
-    }
-    if (n_penalty_ids > 0) {
-      Tensor off = penalty_offsets_.rows(0, n_logits + 1);
-      Tensor par = penalty_params_.rows(0, n_logits);
-      Tensor pid = penalty_ids_.rows(0, n_penalty_ids);
-      Tensor cnt = penalty_counts_.rows(0, n_penalty_ids);
-      ops_.copy_from_host(off.data, penalties->offsets, off.bytes());
-      ops_.copy_from_host(par.data, penalties->params, par.bytes());
-      ops_.copy_from_host(pid.data, penalties->ids, pid.bytes());
-      ops_.copy_from_host(cnt.data, penalties->counts, cnt.bytes());
-      ops_.penalize(lg, off, pid, cnt, par);
-    }
-    Tensor p = sample_params_.rows(0, n_logits);
-    ops_.copy_from_host(p.data, params, p.bytes());
-    Tensor sampled = sample_ids_.rows(0, n_logits);
-    ops_.sample(sampled, lg, p);
-    // Forced rows take their given token: one copy per run of consecutive rows.
-    if (n_lp > 0 && !logprobs->forced.empty()) {
-      const std::vector<int32_t>& f = logprobs->forced;
-      const std::vector<int32_t>& r = logprobs->rows;
-      for (int64_t j = 0; j < n_lp;) {
-        if (f[j] < 0) {
-          ++j;
-          continue;
-        }
-        int64_t e = j + 1;
-        while (e < n_lp && f[e] >= 0 && r[e] == r[e - 1] + 1) ++e;
-        ops_.copy_from_host(sampled.rows(r[j], e - j).data, f.data() + j,
-                            static_cast<size_t>(e - j) * sizeof(int32_t));
-        j = e;
-      }
-    }
-    if (n_lp > 0) {
-      const int64_t top = logprobs->top;
-      const Tensor out(logprob_out_.data, DType::kF32, {n_lp, top + 1}, ops_.device());
-      const Tensor out_ids(logprob_ids_.data, DType::kI32, {n_lp, top}, ops_.device());
-      ops_.logprobs(out, out_ids, lp_raw, lp_rows, sampled);
-      ops_.copy_to_host(logprobs->logprobs, out.data, out.bytes());
-      ops_.copy_to_host(logprobs->ids, out_ids.data, out_ids.bytes());
-    }
-    ops_.copy_to_host(ids, sampled.data, static_cast<size_t>(n_logits) * sizeof(int32_t));
+  // Vocabulary-parallel: every rank's [n, width_r] block, in rank order, interleaved.
+  ops_.copy_to_host(host_blocks_.data(), logits_all_.data,
+                    static_cast<size_t>(n * vocab) * sizeof(float));
+  const float* block = host_blocks_.data();
+  for (int r = 0; r < world_; ++r) {
+    const int64_t begin = split_begin(vocab, world_, r);
+    const int64_t width = split_count(vocab, world_, r);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(block + i * width, width, out + i * vocab + begin);
+    block += n * width;
   }
-  lap(ForwardProfile::kOther);
 }
 
-int64_t Model::penalty_capacity() const {
-  const int64_t rows = std::min(limits_.max_logit_rows, limits_.max_seqs);
-  return rows * std::min(config_.vocab_size, limits_.max_blocks_per_seq * limits_.block_size);
-}
-
-int64_t Model::bias_capacity() const {
-  const int64_t rows = std::min(limits_.max_logit_rows, limits_.max_seqs);
-  return rows * std::min(config_.vocab_size, kMaxBiasesPerRow);
-}
-
-bool Model::forward_sample_supported() const {
-  return world_ == 1 || config_.vocab_size % world_ == 0;
-}
-
-void Model::run_step(const StepBatch& batch) {
-  ops_.make_current();
+void Model::check_batch(const StepBatch& batch) const {
   const int64_t n_tokens = batch.n_tokens();
   const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   SY_CHECK(n_tokens > 0 && n_tokens <= limits_.max_tokens, "step of ", n_tokens,
@@ -415,100 +298,133 @@ void Model::run_step(const StepBatch& batch) {
              limits_.n_blocks, " blocks");
   for (int32_t r : batch.logit_rows)
     SY_CHECK(r >= 0 && r < n_tokens, "logit row ", r, " outside the step's ", n_tokens, " tokens");
+}
 
-  // Step inputs to the device.
-  ops_.copy_from_host(ids_.data, batch.tokens.data(), static_cast<size_t>(n_tokens) * 4);
-  ops_.copy_from_host(positions_.data, batch.positions.data(), static_cast<size_t>(n_tokens) * 4);
-  ops_.copy_from_host(token_seq_.data, batch.token_seq.data(), static_cast<size_t>(n_tokens) * 4);
-  ops_.copy_from_host(block_tables_.data, batch.block_tables.data(), batch.block_tables.size() * 4);
+AttentionMeta Model::upload_inputs(const StepBatch& batch) {
+  const int64_t n_tokens = batch.n_tokens();
+  const size_t bytes = static_cast<size_t>(n_tokens) * sizeof(int32_t);
+  ops_.copy_from_host(ids_.data, batch.tokens.data(), bytes);
+  ops_.copy_from_host(positions_.data, batch.positions.data(), bytes);
+  ops_.copy_from_host(token_seq_.data, batch.token_seq.data(), bytes);
+  ops_.copy_from_host(block_tables_.data, batch.block_tables.data(),
+                      batch.block_tables.size() * sizeof(int32_t));
+  if (!batch.logit_rows.empty())
+    ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(),
+                        batch.logit_rows.size() * sizeof(int32_t));
   AttentionMeta meta;
   meta.positions = positions_.rows(0, n_tokens);
   meta.token_seq = token_seq_.rows(0, n_tokens);
   meta.block_tables = block_tables_.rows(0, batch.n_seqs);
   meta.block_size = limits_.block_size;
   meta.sliding_window = config_.sliding_window;
+  return meta;
+}
 
-  const float eps = static_cast<float>(config_.rms_norm_eps);
+void Model::run_step(const StepBatch& batch) {
+  ops_.make_current();
+  check_batch(batch);
+  const AttentionMeta meta = upload_inputs(batch);
+  const int64_t n_tokens = batch.n_tokens();
   const bool all_to_all =
       par_ != nullptr &&
       par_->config.step_exchange(n_tokens * config_.num_experts_per_tok) == MoeExchange::kAllToAll;
   // Tokens this rank owns in the MoE block (all of them on one rank or with the all-gather
   // exchange); the residual stream is replicated again by an all-gather after each layer.
   token_counts(n_tokens, all_to_all ? world_ : 1, token_counts_);
-  const int64_t own_begin = all_to_all ? split_begin(n_tokens, world_, rank_) : 0;
-  const int64_t n_own = all_to_all ? token_counts_[rank_] : n_tokens;
-
-  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
   if (profile_ != nullptr) {
     mark_ = std::chrono::steady_clock::now();
     ++profile_->steps;
     profile_->tokens += n_tokens;
   }
-  if (n_logits > 0)
-    ops_.copy_from_host(logit_rows_.data, batch.logit_rows.data(),
-                        static_cast<size_t>(n_logits) * 4);
+  run_or_replay(batch, all_to_all, [&] { run_layers(batch, meta, all_to_all); });
+}
 
-  // Every op of the step from here to the logits: run at once, or recorded into a graph that
-  // later pure-decode steps of the same shape replay (device routing, so no all-to-all; one rank
-  // or stream-ordered collectives; no profile).
-  auto step = [&] {
-    Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
-    ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
-    if (world_ > 1) {
-      par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
-      if (profile_ != nullptr)
-        profile_->bytes[ForwardProfile::kEmbed] += 2 * n_tokens * row_bytes * (world_ - 1) / world_;
-    }
-    const int tp = par_ != nullptr ? par_->config.tp : 1;
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-      const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
-      Tensor xn = xn_.rows(0, n_tokens);  // [n_tokens, dim]
-      Tensor o = o_.rows(0, n_tokens);    // [n_tokens, dim]
-      lap(ForwardProfile::kOther);
-      ops_.rmsnorm(xn, x, L.input_norm, eps);  // [n_tokens, dim]
-      attention_block(l, n_tokens, meta);      // o = partial attn(xn)
-      if (!all_to_all) {
-        if (tp > 1) {
-          par_->tp->all_reduce_sum(o);
-          if (profile_ != nullptr)
-            profile_->bytes[ForwardProfile::kTpReduce] += 2 * n_tokens * row_bytes * (tp - 1) / tp;
-        }
-        lap(ForwardProfile::kAttention);
-        ops_.add(x, x, o);                      // residual
-        ops_.rmsnorm(xn, x, L.post_norm, eps);  // [n_tokens, dim]
-        moe_block(l, o, xn, x, false);          // o = moe(xn)
-        ops_.add(x, x, o);                      // residual
-        continue;
-      }
-      // Sequence parallel: this rank's tokens, summed over its attention group.
-      Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
-      Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
-      Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
-      if (tp > 1) {
-        const int first = par_->config.tp_group() * tp;
-        tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
-        int64_t group_rows = 0;
-        for (int64_t c : tp_counts_) group_rows += c;
-        par_->tp->reduce_scatter_sum(y_own,
-                                     o.rows(split_begin(n_tokens, world_, first), group_rows),
-                                     tp_counts_);  // [n_own, dim]
-        if (profile_ != nullptr)
-          profile_->bytes[ForwardProfile::kTpReduce] += (group_rows - n_own) * row_bytes;
-        ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
-      } else {
-        ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
-      }
-      lap(ForwardProfile::kAttention);
-      ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);     // [n_own, dim]
-      moe_block(l, y_own, xn_own, x_own, true);          // y = moe(xn), all-to-all
-      ops_.add(x_own, x_own, y_own);                     // residual
-      par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
-      if (profile_ != nullptr)
-        profile_->bytes[ForwardProfile::kResidualGather] += n_own * row_bytes * (world_ - 1);
-    }
-    logits_compute(n_logits, n_tokens);
-  };
+// Every op of the step from the embedding to the logits.
+void Model::run_layers(const StepBatch& batch, const AttentionMeta& meta, bool all_to_all) {
+  const int64_t n_tokens = batch.n_tokens();
+  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
+  Tensor x = x_.rows(0, n_tokens);  // [n_tokens, dim]
+  ops_.embedding(x, ids_.rows(0, n_tokens), weights_.embed, weights_.shard.vocab_begin);
+  if (world_ > 1) {
+    par_->world->all_reduce_sum(x);  // vocabulary-parallel rows
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kEmbed] += 2 * n_tokens * row_bytes * (world_ - 1) / world_;
+  }
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    lap(ForwardProfile::kOther);
+    if (all_to_all)
+      sequence_parallel_layer(l, n_tokens, meta);
+    else
+      replicated_layer(l, n_tokens, meta);
+  }
+  logits_compute(static_cast<int64_t>(batch.logit_rows.size()), n_tokens);
+}
 
+void Model::replicated_layer(int64_t l, int64_t n_tokens, const AttentionMeta& meta) {
+  const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const int tp = par_ != nullptr ? par_->config.tp : 1;
+  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
+  Tensor x = x_.rows(0, n_tokens);    // [n_tokens, dim]
+  Tensor xn = xn_.rows(0, n_tokens);  // [n_tokens, dim]
+  Tensor o = o_.rows(0, n_tokens);    // [n_tokens, dim]
+  ops_.rmsnorm(xn, x, L.input_norm, eps);
+  attention_block(l, n_tokens, meta);  // o = partial attn(xn)
+  if (tp > 1) {
+    par_->tp->all_reduce_sum(o);
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kTpReduce] += 2 * n_tokens * row_bytes * (tp - 1) / tp;
+  }
+  lap(ForwardProfile::kAttention);
+  ops_.add(x, x, o);  // residual
+  ops_.rmsnorm(xn, x, L.post_norm, eps);
+  moe_block(l, o, xn, x, false);  // o = moe(xn)
+  ops_.add(x, x, o);              // residual
+}
+
+void Model::sequence_parallel_layer(int64_t l, int64_t n_tokens, const AttentionMeta& meta) {
+  const LayerWeights& L = weights_.layers[static_cast<size_t>(l)];
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const int tp = par_->config.tp;
+  const uint64_t row_bytes = static_cast<uint64_t>(config_.hidden_size) * sizeof(float);
+  const int64_t own_begin = split_begin(n_tokens, world_, rank_);
+  const int64_t n_own = token_counts_[rank_];
+  Tensor x = x_.rows(0, n_tokens);         // [n_tokens, dim]
+  Tensor o = o_.rows(0, n_tokens);         // [n_tokens, dim]
+  Tensor x_own = x_own_.rows(0, n_own);    // [n_own, dim]
+  Tensor xn_own = xn_own_.rows(0, n_own);  // [n_own, dim]
+  Tensor y_own = y_own_.rows(0, n_own);    // [n_own, dim]
+  ops_.rmsnorm(xn_.rows(0, n_tokens), x, L.input_norm, eps);
+  attention_block(l, n_tokens, meta);  // o = partial attn(xn)
+  // This rank's tokens, summed over its attention group.
+  if (tp > 1) {
+    const int first = par_->config.tp_group() * tp;
+    tp_counts_.assign(token_counts_.begin() + first, token_counts_.begin() + first + tp);
+    int64_t group_rows = 0;
+    for (int64_t c : tp_counts_) group_rows += c;
+    par_->tp->reduce_scatter_sum(y_own, o.rows(split_begin(n_tokens, world_, first), group_rows),
+                                 tp_counts_);  // [n_own, dim]
+    if (profile_ != nullptr)
+      profile_->bytes[ForwardProfile::kTpReduce] += (group_rows - n_own) * row_bytes;
+    ops_.add(x_own, x.rows(own_begin, n_own), y_own);  // residual
+  } else {
+    ops_.add(x_own, x.rows(own_begin, n_own), o.rows(own_begin, n_own));
+  }
+  lap(ForwardProfile::kAttention);
+  ops_.rmsnorm(xn_own, x_own, L.post_norm, eps);
+  moe_block(l, y_own, xn_own, x_own, true);          // y = moe(xn), all-to-all
+  ops_.add(x_own, x_own, y_own);                     // residual
+  par_->world->all_gather(x, x_own, token_counts_);  // [n_tokens, dim] everywhere
+  if (profile_ != nullptr)
+    profile_->bytes[ForwardProfile::kResidualGather] += n_own * row_bytes * (world_ - 1);
+}
+
+// Pure-decode steps (device routing, so no all-to-all; one rank or stream-ordered collectives;
+// no profile) record into a graph that later steps of the same shape replay.
+void Model::run_or_replay(const StepBatch& batch, bool all_to_all,
+                          const std::function<void()>& step) {
+  const int64_t n_tokens = batch.n_tokens();
+  const int64_t n_logits = static_cast<int64_t>(batch.logit_rows.size());
   const int64_t k = config_.num_experts_per_tok;
   const bool graph = ops_.supports_graphs() && graph_collectives_ && profile_ == nullptr &&
                      routing_trace_ == nullptr && n_tokens == batch.n_seqs &&
@@ -538,16 +454,6 @@ void Model::run_step(const StepBatch& batch) {
   }
 }
 
-// With experts split over ranks (all-gather exchange), each rank holds the sum over its own
-// experts: the expert group adds them up.
-void Model::reduce_expert_partials(Tensor out) {
-  if (par_ == nullptr || par_->ep->size() == 1) return;
-  const int E = par_->ep->size();
-  par_->ep->all_reduce_sum(out);
-  if (profile_ != nullptr)
-    profile_->bytes[ForwardProfile::kEpReduce] += 2 * out.bytes() * (E - 1) / E;
-}
-
 Model::~Model() {
   for (int64_t key : recorded_) ops_.drop_graph(key);
 }
@@ -571,7 +477,7 @@ void Model::logits_compute(int64_t n_logits, int64_t n_tokens) {
   ops_.matmul(lg, lxn, weights_.lm_head);
 }
 
-Tensor Model::logits_gather(int64_t n_logits) {
+void Model::logits_gather(int64_t n_logits) {
   const int64_t n_vocab = weights_.shard.n_vocab;
   const int64_t vocab = config_.vocab_size;
   Tensor lg = logits_.rows(0, n_logits);  // [n_logits, n_vocab]
@@ -581,31 +487,6 @@ Tensor Model::logits_gather(int64_t n_logits) {
     profile_->bytes[ForwardProfile::kLogits] += lg.bytes() * static_cast<uint64_t>(world_ - 1);
   Tensor all = logits_all_.rows(0, n_logits * vocab).reshape({n_logits * vocab, 1});
   par_->world->all_gather(all, lg.reshape({n_logits * n_vocab, 1}), vocab_counts_);
-  return all;
-}
-
-void Model::logits_fetch(int64_t n_logits, float* logits) {
-  const int64_t n_vocab = weights_.shard.n_vocab;
-  const int64_t vocab = config_.vocab_size;
-  if (n_logits == 0) return;
-  if (world_ == 1) {
-    if (logits != nullptr)
-      ops_.copy_to_host(logits, logits_.data,
-                        static_cast<size_t>(n_logits * n_vocab) * sizeof(float));
-    return;
-  }
-  // Vocabulary-parallel: gather every rank's [n_logits, n_vocab_r] block, then interleave.
-  const Tensor all = logits_gather(n_logits);
-  if (logits == nullptr) return;
-  ops_.copy_to_host(host_logits_.data(), all.data, all.bytes());
-  const float* block = host_logits_.data();
-  for (int r = 0; r < world_; ++r) {
-    const int64_t begin = split_begin(vocab, world_, r);
-    const int64_t width = split_count(vocab, world_, r);
-    for (int64_t i = 0; i < n_logits; ++i)
-      std::copy_n(block + i * width, width, logits + i * vocab + begin);
-    block += n_logits * width;
-  }
 }
 
 void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta& meta) {
@@ -625,144 +506,6 @@ void Model::attention_block(int64_t layer, int64_t n_tokens, const AttentionMeta
   ops_.kv_append(k_cache_[layer], v_cache_[layer], k, v, meta);
   ops_.attention(attn, q, k_cache_[layer], v_cache_[layer], meta);
   ops_.matmul(o_.rows(0, n_tokens), attn.reshape({n_tokens, n_heads * head_dim}), L.wo);
-}
-
-void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_to_all) {
-  const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
-  const int64_t n_tokens = xn.size(0);
-  const int64_t k = config_.num_experts_per_tok;
-  const int64_t n_experts = config_.num_local_experts;
-  const int64_t n_rows = n_tokens * k;
-  const std::vector<int64_t>& experts = weights_.shard.experts;
-  Tensor router_logits = router_logits_.rows(0, n_tokens);  // [n_tokens, n_experts]
-  Tensor topk_idx = topk_idx_.rows(0, n_tokens);            // [n_tokens, k]
-  Tensor topk_weights = topk_weights_.rows(0, n_tokens);    // [n_tokens, k]
-  // The router in fp32: its weights are F32, and so is its input (a second norm of x when the
-  // experts take a rounded one), so that rounding does not decide between near-tied experts.
-  Tensor router_in = xn;
-  if (xn.dtype != DType::kF32) {
-    router_in = router_in_.rows(0, n_tokens);
-    ops_.rmsnorm(router_in, x, L.post_norm, static_cast<float>(config_.rms_norm_eps));
-  }
-  ops_.matmul(router_logits, router_in, L.gate);
-  ops_.moe_gate(topk_idx, topk_weights, router_logits);
-  if (routing_trace_ != nullptr) {
-    const size_t at = routing_trace_->size();
-    routing_trace_->resize(at + static_cast<size_t>(n_tokens * k));
-    ops_.copy_to_host(routing_trace_->data() + at, topk_idx.data, topk_idx.bytes());
-  }
-  if (routes_on_device(n_rows, all_to_all)) return moe_block_on_device(layer, out, xn);
-  ops_.copy_to_host(host_topk_idx_.data(), topk_idx.data, topk_idx.bytes());
-  ops_.copy_to_host(host_topk_weights_.data(), topk_weights.data, topk_weights.bytes());
-  moe_layout(layout_, host_topk_idx_.data(), host_topk_weights_.data(), n_tokens, k, n_experts);
-  ops_.copy_from_host(sorted_rows_.data, layout_.sorted_rows.data(),
-                      static_cast<size_t>(n_rows) * 4);
-  ops_.copy_from_host(sorted_weights_.data, layout_.sorted_weights.data(),
-                      static_cast<size_t>(n_rows) * 4);
-  Tensor rows = sorted_rows_.rows(0, n_rows);        // [n_rows]
-  Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
-  ops_.fill_zero(out);
-
-  // Routed pairs of the tokens this rank owns (with the all-gather exchange every rank sees every
-  // token, so rank 0 alone counts them).
-  if (profile_ != nullptr && (all_to_all || rank_ == 0))
-    for (int64_t e = 0; e < n_experts; ++e)
-      profile_->expert_tokens[layer * n_experts + e] += layout_.n_tokens_per_expert[e];
-  const uint64_t row_bytes =
-      static_cast<uint64_t>(config_.hidden_size) * dtype_size(ops_.storage_dtype());
-  if (all_to_all) {
-    // layout -> dispatch -> expert FFN -> combine, over this rank's expert group.
-    Communicator& ep = *par_->ep;
-    ep_layout(ep_plan_, layout_, ep, experts);
-    lap(ForwardProfile::kRouter);
-    if (profile_ != nullptr) {
-      const int me = ep.rank();
-      int64_t remote = 0;
-      for (int p = 0; p < ep.size(); ++p)
-        if (p != me) remote += ep_plan_.send_counts[p];
-      profile_->bytes[ForwardProfile::kDispatchBytes] += remote * row_bytes;
-      int64_t back = 0;
-      for (int p = 0; p < ep.size(); ++p)
-        if (p != me) back += ep_plan_.recv_counts[p];
-      profile_->bytes[ForwardProfile::kCombineBytes] += back * row_bytes;
-    }
-    const int64_t n_recv = ep_plan_.n_recv;
-    Tensor send = moe_send_.rows(0, n_rows);  // [n_rows, dim] expert order
-    Tensor recv = moe_recv_.rows(0, n_recv);  // [n_recv, dim] by source
-    Tensor in = moe_in_.rows(0, n_recv);      // [n_recv, dim] by expert
-    Tensor y = moe_out_.rows(0, n_recv);      // [n_recv, dim] by expert
-    ops_.gather_rows(send, xn, rows);
-    ep_dispatch(ep, recv, send, ep_plan_);
-    Tensor perm = perm_.rows(0, n_recv);  // [n_recv]
-    ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
-    ops_.gather_rows(in, recv, perm);
-    lap(ForwardProfile::kDispatch);
-    expert_ffn(ops_, y, in, L, ep_plan_.local_offsets.data(), expert_scratch_);
-    lap(ForwardProfile::kExpert);
-    ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
-    ops_.gather_rows(recv, y, perm);                      // back in received order
-    ep_combine(ep, send, recv, ep_plan_);                 // [n_rows, dim] expert order
-    ops_.scatter_add_weighted(out, send, rows, weights);  // combine
-    lap(ForwardProfile::kCombine);
-    return;
-  }
-  lap(ForwardProfile::kRouter);
-  // Local experts only: their rows are contiguous in expert order (experts are placed in ranges).
-  const int64_t first = layout_.expert_offsets[experts.front()];
-  const int64_t n_local_rows = layout_.expert_offsets[experts.back() + 1] - first;
-  for (size_t i = 0; i <= experts.size(); ++i)
-    local_offsets_[i] = (i < experts.size() ? layout_.expert_offsets[experts[i]]
-                                            : layout_.expert_offsets[experts.back() + 1]) -
-                        first;
-  Tensor local_rows = rows.rows(first, n_local_rows);  // [n_local_rows]
-  Tensor in = moe_in_.rows(0, n_local_rows);           // [n_local_rows, dim]
-  Tensor y = moe_out_.rows(0, n_local_rows);           // [n_local_rows, dim]
-  ops_.gather_rows(in, xn, local_rows);                // dispatch (local)
-  lap(ForwardProfile::kDispatch);
-  expert_ffn(ops_, y, in, L, local_offsets_.data(), expert_scratch_);
-  lap(ForwardProfile::kExpert);
-  ops_.scatter_add_weighted(out, y, local_rows, weights.rows(first, n_local_rows));  // combine
-  reduce_expert_partials(out);
-  lap(ForwardProfile::kCombine);
-}
-
-// The MoE block with the layout made on the device (Ops::moe_route) and the experts' row ranges
-// read from device memory: no copy to the host, so the step can be a graph. Every routed row is
-// gathered (rows of other ranks' experts as zeros) and the grouped GEMMs compute only the rows of
-// this rank's experts; the combine skips the others (row -1).
-void Model::moe_block_on_device(int64_t layer, Tensor out, Tensor xn) {
-  const LayerWeights& L = weights_.layers[static_cast<size_t>(layer)];
-  const int64_t n_tokens = xn.size(0);
-  const int64_t n_rows = n_tokens * config_.num_experts_per_tok;
-  const int64_t n_experts = config_.num_local_experts;
-  const std::vector<int64_t>& experts = weights_.shard.experts;
-  Tensor rows = sorted_rows_.rows(0, n_rows);        // [n_rows] token, or -1
-  Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
-  ops_.moe_route(rows, weights, expert_offsets_, topk_idx_.rows(0, n_tokens),
-                 topk_weights_.rows(0, n_tokens), experts.front(), experts.back() + 1);
-  if (profile_ != nullptr && rank_ == 0) {
-    std::vector<int32_t> offsets(static_cast<size_t>(n_experts + 1));
-    ops_.copy_to_host(offsets.data(), expert_offsets_.data, expert_offsets_.bytes());
-    for (int64_t e = 0; e < n_experts; ++e)
-      profile_->expert_tokens[layer * n_experts + e] += offsets[e + 1] - offsets[e];
-  }
-  lap(ForwardProfile::kRouter);
-  Tensor in = moe_in_.rows(0, n_rows);  // [n_rows, dim] expert order
-  Tensor y = moe_out_.rows(0, n_rows);  // [n_rows, dim]
-  ops_.gather_rows(in, xn, rows);       // dispatch (local)
-  lap(ForwardProfile::kDispatch);
-  Tensor gate = expert_scratch_.gate.rows(0, n_rows);  // [n_rows, hidden_dim]
-  Tensor up = expert_scratch_.up.rows(0, n_rows);      // [n_rows, hidden_dim]
-  const size_t n_local = experts.size();
-  ops_.grouped_matmul_offsets(gate, in, L.w1.data(), expert_offsets_, experts.front(), n_local);
-  ops_.grouped_matmul_offsets(up, in, L.w3.data(), expert_offsets_, experts.front(), n_local);
-  ops_.swiglu(gate, gate, up);  // also on rows of other experts: their values are never used
-  ops_.grouped_matmul_offsets(y, gate, L.w2.data(), expert_offsets_, experts.front(), n_local);
-  lap(ForwardProfile::kExpert);
-  ops_.fill_zero(out);
-  ops_.scatter_add_weighted(out, y, rows, weights);  // combine
-  reduce_expert_partials(out);
-  lap(ForwardProfile::kCombine);
 }
 
 }  // namespace sy

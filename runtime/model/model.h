@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "kernels/ops.h"
@@ -42,6 +43,11 @@ struct StepBatch {
 
   int64_t n_tokens() const { return static_cast<int64_t>(tokens.size()); }
   void clear();
+  // Appends a sequence: its tokens[begin, end) at positions begin.., its n_blocks block ids
+  // padded with zeros to table_width, and with `logits` a logit row at its last token. Returns
+  // its row in block_tables.
+  int32_t add_sequence(const int32_t* seq_tokens, int64_t begin, int64_t end, const int32_t* blocks,
+                       int64_t n_blocks, int64_t table_width, bool logits);
 };
 
 // Time and traffic of forward steps on this rank, accumulated while attached (set_profile).
@@ -68,41 +74,6 @@ struct ForwardProfile {
   void reset();
 };
 
-// Penalties of a step's logit rows for Model::forward_sample (Ops::penalize): row i's distinct
-// context tokens are ids[offsets[i]], ..., ids[offsets[i + 1] - 1], generated counts[j] times
-// each, and its repetition, presence and frequency penalties params[i * Ops::kPenaltyParams ..]
-// ({1, 0, 0} for rows without any).
-struct SamplePenalties {
-  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
-  const int32_t* ids = nullptr;      // [offsets[n_logits]]
-  const int32_t* counts = nullptr;   // [offsets[n_logits]]
-  const float* params = nullptr;     // [n_logits, Ops::kPenaltyParams]
-};
-
-// Logit biases of a step's logit rows for Model::forward_sample (Ops::bias, before the
-// penalties): row i's are ids[offsets[i]], ..., ids[offsets[i + 1] - 1] (distinct), gaining
-// values[j] each (-inf bans).
-struct SampleBiases {
-  const int32_t* offsets = nullptr;  // [n_logits + 1], from 0
-  const int32_t* ids = nullptr;      // [offsets[n_logits]]
-  const float* values = nullptr;     // [offsets[n_logits]]
-};
-
-// Log-probabilities asked of Model::forward_sample: for each logit row in `rows` (distinct), the
-// sampled (or forced) token's and the `top` most likely tokens'
-// (1 <= top <= min(vocabulary, Model::kMaxTopLogprobs)), of the model's own distribution (before
-// any penalty), as Ops::logprobs writes them.
-struct SampleLogprobs {
-  std::vector<int32_t> rows;
-  // Empty, or per entry of rows: the token whose log-probability is wanted instead of the
-  // sampled one (a prompt's next token, for prompt logprobs), -1 for the sampled one. A forced
-  // row's id in forward_sample's `ids` is then the forced token.
-  std::vector<int32_t> forced;
-  int64_t top = 1;
-  float* logprobs = nullptr;  // out (host): [rows.size(), 1 + top]
-  int32_t* ids = nullptr;     // out (host): [rows.size(), top]
-};
-
 // This rank's part of the weights for `parallel` (the whole model when it is null).
 WeightShard shard_for(const ModelConfig& config, const ParallelContext* parallel);
 
@@ -116,35 +87,19 @@ class Model {
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
-  // Runs one step. `logits` (host, F32) receives [batch.logit_rows.size(), vocab] rows on every
-  // rank; null skips the copy (ranks that do not sample still take part in the collectives). A
-  // collective when parallel.
+  // Runs one step up to its logits: [batch.logit_rows.size(), vocab] rows of every rank's
+  // vocabulary columns (a parallel model gathers them on every rank: a collective, so every rank
+  // runs every step, whether it samples or not).
+  void forward(const StepBatch& batch);
+  // forward(batch), then its logits to `logits` (host, F32; null skips the copy).
   void forward(const StepBatch& batch, float* logits);
-  // Runs one step and samples one token per logit row with Ops::sample: `params` (host)
-  // [batch.logit_rows.size(), Ops::kSampleParams]; `ids` (host) receives the tokens. Only the
-  // ids travel back to the host. A parallel model gathers its vocabulary slices on the device
-  // (one all-gather over the world, then a row permutation) and every rank samples alike; every
-  // rank calls it or forward() for the step. Requires forward_sample_supported().
-  // `biases` and then `penalties` (host; null for none) are applied to the rows on the device
-  // before sampling; `logprobs` (null for none) asks some rows' log-probabilities (of the raw
-  // logits), which come back with the ids (no logits travel).
-  void forward_sample(const StepBatch& batch, const float* params, int32_t* ids,
-                      const SamplePenalties* penalties = nullptr,
-                      SampleLogprobs* logprobs = nullptr, const SampleBiases* biases = nullptr);
-  static constexpr int64_t kMaxTopLogprobs = 20;
-  // The most logit biases one forward_sample row takes (SamplingParams::kMaxLogitBias and the
-  // end ids that min_tokens bans fit).
-  static constexpr int64_t kMaxBiasesPerRow = 2048;
-  int64_t bias_capacity() const;
-  // Whether forward_sample runs here: one rank, or ranks whose vocabulary slices are equal
-  // (vocab_size a multiple of the world size).
-  bool forward_sample_supported() const;
-  // The most penalty ids one forward_sample takes: each of a step's sequences has at most one
-  // sampled logit row with penalties (prompt logprob rows have none), with at most
-  // min(vocabulary, context) distinct tokens.
-  int64_t penalty_capacity() const;
-  // The most logit rows one forward_sample takes log-probabilities of: all of them.
-  int64_t logprob_capacity() const { return limits_.max_logit_rows; }
+  // The last step's logits as whole rows on the device, [n_logits, vocab]: this rank's own on
+  // one rank; the gathered blocks interleaved on the device when the vocabulary splits evenly
+  // over the ranks, else on the host. Valid until the next step; the caller may change them in
+  // place (sampling does). Not a collective.
+  Tensor step_logits();
+  // The last step's logits on the host: out [n_logits, vocab]. Not a collective.
+  void copy_logits(float* out);
 
   const ModelConfig& config() const { return config_; }
   const ModelLimits& limits() const { return limits_; }
@@ -184,9 +139,29 @@ class Model {
   void moe_block_on_device(int64_t layer, Tensor out, Tensor xn);
   void reduce_expert_partials(Tensor out);  // all-reduce over the expert group (all-gather)
   void logits_compute(int64_t n_logits, int64_t n_tokens);  // into logits_ (device)
-  void logits_fetch(int64_t n_logits, float* logits);       // to the host, every rank's columns
-  Tensor logits_gather(int64_t n_logits);  // every rank's block into logits_all_ (parallel)
+  void logits_gather(int64_t n_logits);  // every rank's block into logits_all_ (parallel)
   bool routes_on_device(int64_t n_rows, bool all_to_all) const;
+  // Construction: the run state's views (two passes over one carving: sizing, then placing),
+  // the KV cache, and the host scratch.
+  void carve_state(Carver& carver);
+  void allocate_kv_cache();
+  void reserve_host_scratch();
+  // A step: its batch checked against the limits and the config, its inputs on the device,
+  // its layers (every op to the logits), run eagerly or as a recorded graph.
+  void check_batch(const StepBatch& batch) const;
+  AttentionMeta upload_inputs(const StepBatch& batch);
+  void run_layers(const StepBatch& batch, const AttentionMeta& meta, bool all_to_all);
+  // One layer when every rank holds every token (one rank, or the all-gather exchange).
+  void replicated_layer(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
+  // One layer with the all-to-all exchange: this rank's tokens go through the MoE block.
+  void sequence_parallel_layer(int64_t layer, int64_t n_tokens, const AttentionMeta& meta);
+  // Runs `step` eagerly, or records it as a graph on its shape's second run and replays it.
+  void run_or_replay(const StepBatch& batch, bool all_to_all, const std::function<void()>& step);
+  // The MoE block after routing with the layout on the host: over the all-to-all exchange, or
+  // this rank's experts only.
+  void moe_exchange(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tensor weights);
+  void moe_local(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tensor weights);
+  void count_exchange_bytes();  // the profile's dispatch and combine traffic of ep_plan_
 
   ModelConfig config_;
   Weights weights_;
@@ -233,22 +208,9 @@ class Model {
   Tensor logit_x_;                // [max_logit_rows, dim]
   Tensor logit_xn_;               // [max_logit_rows, dim]       normed, storage dtype
   Tensor logits_;                 // [max_logit_rows, n_vocab]   this rank's vocabulary columns
-  Tensor sample_params_;          // [max_logit_rows, Ops::kSampleParams]
-  Tensor sample_ids_;             // I32 [max_logit_rows]
-  Tensor penalty_offsets_;        // I32 [max_logit_rows + 1]  (forward_sample's penalties)
-  Tensor penalty_params_;         // F32 [max_logit_rows, Ops::kPenaltyParams]
-  Tensor penalty_ids_;            // I32 [penalty_capacity()]
-  Tensor penalty_counts_;         // I32 [penalty_capacity()]
-  Tensor bias_offsets_;           // I32 [max_logit_rows + 1]  (forward_sample's biases)
-  Tensor bias_ids_;               // I32 [bias_capacity()]
-  Tensor bias_values_;            // F32 [bias_capacity()]
-  Tensor logprob_rows_;  // I32 [logprob_capacity()]              (forward_sample's logprobs)
-  Tensor logprob_raw_;   // F32 [logprob_capacity(), vocab]       their rows, unpenalised
-  Tensor logprob_out_;   // F32 [logprob_capacity() * (1 + kMaxTopLogprobs)]
-  Tensor logprob_ids_;   // I32 [logprob_capacity() * kMaxTopLogprobs]
-  Tensor logits_all_;    // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
-  Tensor logits_full_;   // [max_logit_rows, vocab]     the blocks interleaved (forward_sample)
-  Tensor logits_perm_;   // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
+  Tensor logits_all_;   // [vocab * max_logit_rows]    every rank's block, in rank order (parallel)
+  Tensor logits_full_;  // [max_logit_rows, vocab]     the blocks interleaved (step_logits)
+  Tensor logits_perm_;  // I32 [max_logit_rows * world] logits_full_'s rows in logits_all_
 
   // ---- KV cache (device): per layer [n_blocks, block_size, n_kv_heads, head_dim] -------------
   DeviceBuffer kv_storage_;
@@ -265,8 +227,10 @@ class Model {
   std::vector<int64_t> tp_counts_;                 // [tp] the same for this attention group
   std::vector<int64_t> vocab_counts_;              // [world] logit elements of each rank's block
   std::vector<float> host_logits_;                 // [vocab * max_logit_rows] (parallel)
-  std::vector<int32_t> host_perm_;                 // logits_perm_ on the host (forward_sample)
+  std::vector<float> host_blocks_;                 // the same, every rank's block (copy_logits)
+  std::vector<int32_t> host_perm_;                 // logits_perm_ on the host (step_logits)
   int64_t perm_rows_ = -1;                         // the logit rows logits_perm_ is made for
+  int64_t step_rows_ = 0;                          // logit rows of the last step
   int64_t device_route_max_rows_ = 0;              // see set_device_routing
   std::vector<int32_t>* routing_trace_ = nullptr;  // see set_routing_trace
   std::vector<uint8_t> graph_seen_;  // [(max_seqs + 1) * (max_logit_rows + 1)] shapes run once

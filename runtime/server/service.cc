@@ -21,10 +21,7 @@ void check_ids(const google::protobuf::RepeatedField<uint32_t>& ids, int64_t voc
                const char* field) {
   for (int i = 0; i < ids.size(); ++i)
     if (static_cast<int64_t>(ids[i]) >= vocab_size)
-      throw RequestError(Code::kInvalidArgument, std::string(field) + "[" + std::to_string(i) +
-                                                     "]: token id " + std::to_string(ids[i]) +
-                                                     " outside the vocabulary of " +
-                                                     std::to_string(vocab_size) + " tokens");
+      throw RequestError(Code::kInvalidArgument, token_id_error(field, i, ids[i], vocab_size));
 }
 
 v1::FinishReason finish_reason(FinishReason reason) {
@@ -88,9 +85,7 @@ RequestParams request_params(const v1::GenerateRequest& r, const Tokenizer& toke
   p.ignore_eos = r.ignore_eos();
   for (const auto& [id, bias] : r.logit_bias()) {
     if (static_cast<int64_t>(id) >= vocab_size)
-      throw RequestError(Code::kInvalidArgument, "logit_bias: token id " + std::to_string(id) +
-                                                     " outside the vocabulary of " +
-                                                     std::to_string(vocab_size) + " tokens");
+      throw RequestError(Code::kInvalidArgument, token_id_error("logit_bias", -1, id, vocab_size));
     p.sampling.logit_bias.emplace_back(static_cast<int32_t>(id), bias);
   }
   // The map's order is unspecified: by id, so that equal requests are equal.

@@ -49,7 +49,7 @@ check "bad id" fails_with "outside the vocabulary" "$bin" generate --model "$wor
 check "bad id text" fails_with "is not an integer" "$bin" generate --model "$work/m1" --prompt-ids 1,x
 check "bad logit bias" fails_with "--logit-bias: \"7\" is not ID:BIAS" "$bin" generate --model "$work/m1" --prompt hi --logit-bias 7
 check "bad logit bias value" fails_with "outside [-100, 100]" "$bin" generate --model "$work/m1" --prompt hi --logit-bias 7:200
-check "bad min tokens" fails_with "min_tokens 90 exceeds max_tokens 64" "$bin" generate --model "$work/m1" --prompt hi --min-tokens 90
+check "bad min tokens" fails_with "min_tokens: 90 exceeds max_tokens 64" "$bin" generate --model "$work/m1" --prompt hi --min-tokens 90
 check "bad temperature" fails_with "temperature" "$bin" generate --model "$work/m1" --prompt hi --temperature -1
 check "too long" fails_with "exceeds the context limit" "$bin" generate --model "$work/m1" --prompt hi --max-tokens 100000
 check "bad dtype" fails_with "is not a storage precision" "$bin" generate --model "$work/m1" --prompt hi --dtype f64

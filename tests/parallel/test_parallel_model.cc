@@ -17,6 +17,7 @@
 #include "kernels/cpu/ops.h"
 #include "parallel/context.h"
 #include "runtime/engine/generator.h"
+#include "runtime/engine/sampling.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
@@ -189,10 +190,26 @@ TEST_F(ParallelModel, EachRankHoldsItsShareOfTheExperts) {
   EXPECT_EQ(total(*world_, mine), config.num_local_experts);
 }
 
-// forward_sample on W ranks gathers the vocabulary slices and samples from the whole rows: the
-// same tokens, on every rank, as sampling forward()'s logits of the same step (the step run
-// twice writes the same KV entries). Rows mix greedy, temperature with top-k, top-p and min-p,
-// and draws across [0, 1), so a row assembled from the wrong columns picks other tokens.
+namespace {
+
+// A payload of `n` rows of these sample parameters, with no biases, penalties or logprobs.
+SamplePayload plain_payload(const std::vector<float>& params, int64_t n) {
+  SamplePayload p;
+  p.params.assign(params.begin(), params.begin() + n * Ops::kSampleParams);
+  p.bias_offsets.assign(static_cast<size_t>(n + 1), 0);
+  p.penalty_offsets.assign(static_cast<size_t>(n + 1), 0);
+  for (int64_t i = 0; i < n; ++i) p.penalty_params.insert(p.penalty_params.end(), {1.f, 0.f, 0.f});
+  p.forced.assign(static_cast<size_t>(n), -1);
+  return p;
+}
+
+}  // namespace
+
+// The step's sampler on W ranks samples the whole rows of step_logits (the vocabulary slices
+// gathered and interleaved on the device): the same tokens, on every rank, as sampling
+// forward()'s host logits of the same step (the step run twice writes the same KV entries).
+// Rows mix greedy, temperature with top-k, top-p and min-p, and draws across [0, 1), so a row
+// assembled from the wrong columns picks other tokens.
 TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
   const fs::path dir = fixture_dirs().front();
   const ModelConfig config = ModelConfig::load(dir.string());
@@ -205,8 +222,7 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
     auto par = ParallelContext::create(pc, *world_);
     auto ops = make_cpu_ops();
     auto model = build(dir, config, *ops, par.get(), false);
-    ASSERT_TRUE(
-        model->forward_sample_supported());  // 384 columns split evenly over 1..4 and 8 ranks
+    StepSampler sampler(*model);
     StepBatch batch;
     batch.n_seqs = 1;
     for (int64_t b = 0; b < model->limits().max_blocks_per_seq; ++b)
@@ -230,49 +246,61 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
                 Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
     const std::string what =
         detail::concat("tp ", pc.tp, " ep ", pc.ep_size(), " ", moe_exchange_name(pc.exchange));
-    model->forward_sample(batch, params.data(), got.data());
+    auto step = [&](const SamplePayload& payload, std::vector<int32_t>& out) {
+      model->forward(batch);
+      sampler.run(*model, payload, out.data());
+    };
+    SamplePayload plain = plain_payload(params, n);
+    step(plain, got);
     EXPECT_EQ(got, want) << what;
     // Fewer logit rows (the first half: another row permutation), then all of them again.
     batch.logit_rows.resize(static_cast<size_t>(n / 2));
     std::vector<int32_t> half(static_cast<size_t>(n / 2), -1);
-    model->forward_sample(batch, params.data(), half.data());
+    step(plain_payload(params, n / 2), half);
     EXPECT_EQ(half, std::vector<int32_t>(want.begin(), want.begin() + n / 2)) << what << " half";
     for (int64_t t = n / 2; t < n; ++t) batch.logit_rows.push_back(static_cast<int32_t>(t));
     std::fill(got.begin(), got.end(), -1);
     // The logprobs of row 1 (top 5, for the token sampled there): those of forward()'s logits.
     const int64_t V = config.vocab_size;
-    std::vector<float> lp_out(6, -7.f), want_lp(6);
-    std::vector<int32_t> lp_ids(5, -1), want_ids(5), order;
-    SampleLogprobs lp;
-    lp.rows = {1};
-    lp.top = 5;
-    lp.logprobs = lp_out.data();
-    lp.ids = lp_ids.data();
-    model->forward_sample(batch, params.data(), got.data(), nullptr, &lp);
+    std::vector<float> want_lp(6);
+    std::vector<int32_t> want_ids(5), order;
+    auto expect_logprobs = [&](int32_t token, const std::string& when) {
+      cpu::logprobs_row(logits.data() + V, V, token, 5, want_lp.data(), want_ids.data(), order);
+      const TokenLogprobs lp = sampler.logprobs(1, 5);
+      EXPECT_EQ(lp.token_id, token) << what << when;
+      EXPECT_EQ(lp.logprob, want_lp[0]) << what << when;
+      ASSERT_EQ(lp.top.size(), 5u) << what << when;
+      for (size_t k = 0; k < 5; ++k) {
+        EXPECT_EQ(lp.top[k].token_id, want_ids[k]) << what << when << " top " << k;
+        EXPECT_EQ(lp.top[k].logprob, want_lp[1 + k]) << what << when << " top " << k;
+      }
+    };
+    SamplePayload with_lp = plain;
+    with_lp.logprob_rows = {1};
+    with_lp.top = 5;
+    step(with_lp, got);
     EXPECT_EQ(got, want) << what << " again";
-    cpu::logprobs_row(logits.data() + V, V, want[1], 5, want_lp.data(), want_ids.data(), order);
-    EXPECT_EQ(lp_out, want_lp) << what << " logprobs";
-    EXPECT_EQ(lp_ids, want_ids) << what << " top ids";
-    // Refused: more rows than the model's logit rows, a row past the step, a top past the limit.
-    const std::vector<int32_t> too_many(static_cast<size_t>(model->logprob_capacity() + 1), 0);
-    for (const auto& [rows, top] : {std::pair<std::vector<int32_t>, int64_t>{too_many, 5},
+    expect_logprobs(want[1], " logprobs");
+    // Refused: rows that do not increase, a row past the step, a top past the limit.
+    for (const auto& [rows, top] : {std::pair<std::vector<int32_t>, int64_t>{{1, 1}, 5},
                                     {{static_cast<int32_t>(n)}, 5},
-                                    {{1}, Model::kMaxTopLogprobs + 1}}) {
-      SampleLogprobs bad = lp;
-      bad.rows = rows;
+                                    {{1}, StepSampler::kMaxTopLogprobs + 1}}) {
+      SamplePayload bad = with_lp;
+      bad.logprob_rows = rows;
       bad.top = top;
-      EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), nullptr, &bad), Error)
-          << what << " top " << top;
+      EXPECT_THROW(sampler.run(*model, bad, got.data()), Error) << what << " top " << top;
     }
 
     // Penalties on the odd rows below 16 (repetition, presence and frequency over the distinct
     // tokens of each one's last 8 prompt tokens, every third one counted as generated: within the
     // 64 ids of one sequence's context here): the tokens of sampling the penalised host logits,
     // and row 1's logprobs still the model's own.
-    std::vector<int32_t> offsets = {0}, ids, counts;
-    std::vector<float> values;
+    SamplePayload pen = with_lp;
+    pen.penalty_offsets = {0};
+    pen.penalty_params.clear();
     std::vector<float> penalised = logits;
     for (int64_t t = 0; t < n; ++t) {
+      std::vector<int32_t>& ids = pen.penalty_ids;
       const size_t first = ids.size();
       if (t % 2 == 1 && t < 16)
         for (int64_t j = std::max<int64_t>(0, t - 7); j <= t; ++j) {
@@ -281,42 +309,37 @@ TEST_F(ParallelModel, SamplingGatheredLogitsMatchesSamplingTheHostLogits) {
               ids.end())
             ids.push_back(id);
         }
-      offsets.push_back(static_cast<int32_t>(ids.size()));
+      pen.penalty_offsets.push_back(static_cast<int32_t>(ids.size()));
       // Every third id generated (t % 4 + 1 times), the others prompt-only.
       for (size_t j = first; j < ids.size(); ++j)
-        counts.push_back(j % 3 == 0 ? static_cast<int32_t>(t % 4 + 1) : 0);
+        pen.penalty_counts.push_back(j % 3 == 0 ? static_cast<int32_t>(t % 4 + 1) : 0);
       const bool on = t % 2 == 1;
-      values.insert(values.end(), {on ? 1.3f + 0.4f * static_cast<float>(t % 3) : 1.f,
-                                   on ? 0.4f : 0.f, on ? -0.15f * static_cast<float>(t % 3) : 0.f});
-      const float* v = values.data() + t * Ops::kPenaltyParams;
-      cpu::penalize_row(penalised.data() + t * V, V, ids.data() + first, counts.data() + first,
-                        static_cast<int64_t>(ids.size() - first), v[0], v[1], v[2]);
+      pen.penalty_params.insert(pen.penalty_params.end(),
+                                {on ? 1.3f + 0.4f * static_cast<float>(t % 3) : 1.f,
+                                 on ? 0.4f : 0.f, on ? -0.15f * static_cast<float>(t % 3) : 0.f});
+      const float* v = pen.penalty_params.data() + t * Ops::kPenaltyParams;
+      cpu::penalize_row(penalised.data() + t * V, V, ids.data() + first,
+                        pen.penalty_counts.data() + first, static_cast<int64_t>(ids.size() - first),
+                        v[0], v[1], v[2]);
     }
     std::vector<int32_t> want_penalised(static_cast<size_t>(n));
     ops->sample(Tensor(want_penalised.data(), DType::kI32, {n}),
                 Tensor(penalised.data(), DType::kF32, {n, V}),
                 Tensor(params.data(), DType::kF32, {n, Ops::kSampleParams}));
     EXPECT_NE(want_penalised, want) << what << ": the penalties change no token";
-    const SamplePenalties penalties{offsets.data(), ids.data(), counts.data(), values.data()};
-    model->forward_sample(batch, params.data(), got.data(), &penalties, &lp);
+    step(pen, got);
     EXPECT_EQ(got, want_penalised) << what << " penalised";
-    cpu::logprobs_row(logits.data() + V, V, want_penalised[1], 5, want_lp.data(), want_ids.data(),
-                      order);
-    EXPECT_EQ(lp_out, want_lp) << what << " logprobs after penalties";
-    EXPECT_EQ(lp_ids, want_ids) << what << " top ids after penalties";
-    // Malformed penalties are refused before the step runs.
-    std::vector<int32_t> bad = offsets;
-    bad[2] = bad[1] - 1;
-    const SamplePenalties decreasing{bad.data(), ids.data(), counts.data(), values.data()};
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &decreasing), Error);
-    std::vector<float> zero = values;
-    zero[1 * Ops::kPenaltyParams] = 0.f;
-    const SamplePenalties no_penalty{offsets.data(), ids.data(), counts.data(), zero.data()};
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &no_penalty), Error);
-    std::vector<float> inf = values;
-    inf[1 * Ops::kPenaltyParams + 2] = INFINITY;
-    const SamplePenalties infinite{offsets.data(), ids.data(), counts.data(), inf.data()};
-    EXPECT_THROW(model->forward_sample(batch, params.data(), got.data(), &infinite), Error);
+    expect_logprobs(want_penalised[1], " logprobs after penalties");
+    // Malformed penalties are refused before anything runs.
+    SamplePayload decreasing = pen;
+    decreasing.penalty_offsets[2] = decreasing.penalty_offsets[1] - 1;
+    EXPECT_THROW(sampler.run(*model, decreasing, got.data()), Error);
+    SamplePayload no_penalty = pen;
+    no_penalty.penalty_params[1 * Ops::kPenaltyParams] = 0.f;
+    EXPECT_THROW(sampler.run(*model, no_penalty, got.data()), Error);
+    SamplePayload infinite = pen;
+    infinite.penalty_params[1 * Ops::kPenaltyParams + 2] = INFINITY;
+    EXPECT_THROW(sampler.run(*model, infinite, got.data()), Error);
   }
 }
 

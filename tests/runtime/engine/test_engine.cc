@@ -492,7 +492,7 @@ TEST(Engine, ValidationNamesTheField) {
     }
   };
   expect(request({}, 4), "prompt");
-  expect(request({1, 384}, 4), "prompt: token id 384");
+  expect(request({1, 384}, 4), "prompt[1]: token id 384 outside the vocabulary of 384 tokens");
   expect(request({1, 2}, 127), "exceeds the context limit of 128");
   auto p = request({1}, 4);
   p.sampling.temperature = -1;
