@@ -35,6 +35,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "launch/bench_serve_report.h"
 #include "launch/commands.h"
 #include "launch/rpc.h"
 #include "switchyard/v1/switchyard.grpc.pb.h"
@@ -195,44 +196,6 @@ class Lengths {
 
   std::pair<int64_t, int64_t> prompt_{0, 0}, output_{0, 0};
   std::vector<std::pair<int64_t, int64_t>> pairs_;
-};
-
-// The q-quantile of sorted values (linear interpolation); 0 when empty.
-double quantile(const std::vector<double>& sorted, double q) {
-  if (sorted.empty()) return 0;
-  const double pos = q * static_cast<double>(sorted.size() - 1);
-  const size_t i = static_cast<size_t>(pos);
-  if (i + 1 >= sorted.size()) return sorted.back();
-  return sorted[i] + (pos - static_cast<double>(i)) * (sorted[i + 1] - sorted[i]);
-}
-
-struct Stats {
-  double mean = 0, p50 = 0, p90 = 0, p99 = 0;
-};
-Stats stats_of(std::vector<double> v) {
-  Stats s;
-  if (v.empty()) return s;
-  std::sort(v.begin(), v.end());
-  for (double x : v) s.mean += x / static_cast<double>(v.size());
-  s.p50 = quantile(v, 0.5);
-  s.p90 = quantile(v, 0.9);
-  s.p99 = quantile(v, 0.99);
-  return s;
-}
-json stats_json(const Stats& s) {
-  return {{"mean", s.mean}, {"p50", s.p50}, {"p90", s.p90}, {"p99", s.p99}};
-}
-
-// The measured results of one sweep value.
-struct Run {
-  std::string mode;  // "rate" or "concurrency"
-  double value = 0;  // requests/s or requests in flight
-  int64_t n_completed = 0, n_tokens = 0, n_good = 0, n_cancelled_at_end = 0;
-  int64_t n_prompt_tokens = 0, n_cached_tokens = 0, n_preemptions = 0;  // of completed requests
-  double duration_s = 0;
-  Stats ttft, tpot, e2e, itl;
-  std::map<std::string, int64_t> errors;  // status code name -> requests
-  json samples = json::array();
 };
 
 // Progress on stderr: rewritten in place on a terminal, else one line every few seconds.
@@ -443,65 +406,51 @@ class Driver {
   Progress progress_;
 };
 
-std::string errors_text(const Run& r) {
-  std::string s;
-  for (const auto& [name, n] : r.errors)
-    s += (s.empty() ? "" : ",") + name + ":" + std::to_string(n);
-  return s.empty() ? "-" : s;
-}
-int64_t n_errors(const Run& r) {
-  int64_t n = 0;
-  for (const auto& [name, count] : r.errors) n += count;
-  return n;
-}
-
-// The share of the completed requests' prompt tokens that came from the server's prefix cache.
-double cached_percent(const Run& r) {
-  return r.n_prompt_tokens > 0 ? 100.0 * static_cast<double>(r.n_cached_tokens) /
-                                     static_cast<double>(r.n_prompt_tokens)
-                               : 0.0;
-}
-
-void print_tables(const std::vector<Run>& runs, const BenchServeArgs& a) {
-  const bool open_loop = runs.front().mode == "rate";
-  const char* load = open_loop ? "rate" : "conc";
-  const char* load_unit = open_loop ? "(req/s)" : "(streams)";
-  std::printf("#\n# throughput, time to first token and time per output token\n");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", load, "completed", "req/s",
-              "tok/s", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean", "tpot_p50",
-              "tpot_p90", "tpot_p99", "cancelled");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", load_unit, "(req)",
-              "(req/s)", "(tok/s)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)",
-              "(req)");
-  for (const Run& r : runs)
-    std::printf("  %9g %9lld %9.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.2f %9.2f %9.2f %9.2f %9lld\n",
-                r.value, (long long)r.n_completed, r.n_completed / r.duration_s,
-                r.n_tokens / r.duration_s, r.ttft.mean, r.ttft.p50, r.ttft.p90, r.ttft.p99,
-                r.tpot.mean, r.tpot.p50, r.tpot.p90, r.tpot.p99, (long long)r.n_cancelled_at_end);
-  std::printf("#\n# inter-token latency, end-to-end latency, errors and goodput\n");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s %7s  %s\n", load, "itl_p50", "itl_p99",
-              "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99", "goodput", "errors", "good%", "cached",
-              "errors_by_code");
-  std::printf("# %9s %9s %9s %9s %9s %9s %9s %9s %9s %7s %7s\n", load_unit, "(ms)", "(ms)", "(ms)",
-              "(ms)", "(ms)", "(ms)", "(req/s)", "(req)", "(%)", "(%)");
-  for (const Run& r : runs) {
-    const int64_t n_err = n_errors(r);
-    const int64_t n_all = r.n_completed + n_err;
-    std::printf("  %9g %9.2f %9.2f %9.1f %9.1f %9.1f %9.1f %9.2f %9lld %7.1f %7.1f  %s\n", r.value,
-                r.itl.p50, r.itl.p99, r.e2e.mean, r.e2e.p50, r.e2e.p90, r.e2e.p99,
-                r.n_good / r.duration_s, (long long)n_err,
-                n_all > 0 ? 100.0 * r.n_good / n_all : 0.0, cached_percent(r),
-                errors_text(r).c_str());
+// The channels of the run. Channels with the same arguments share one connection (gRPC's
+// global subchannel pool): a local pool per channel gives each its own.
+std::vector<std::unique_ptr<v1::Switchyard::Stub>> connect(const BenchServeArgs& a) {
+  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs;
+  for (int64_t i = 0; i < a.channels; ++i) {
+    grpc::ChannelArguments args;
+    if (a.channels > 1) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    stubs.push_back(v1::Switchyard::NewStub(
+        grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), args)));
   }
-  int64_t total_errors = 0;
-  for (const Run& r : runs) total_errors += n_errors(r);
-  std::printf("# goodput: requests/s meeting TTFT <= %s and TPOT <= %s\n",
-              a.slo_ttft_ms > 0 ? (std::to_string(a.slo_ttft_ms) + " ms").c_str() : "any",
-              a.slo_tpot_ms > 0 ? (std::to_string(a.slo_tpot_ms) + " ms").c_str() : "any");
-  if (total_errors == 0)
-    std::printf("# no errors\n");
+  return stubs;
+}
+
+v1::ModelInfo model_info(v1::Switchyard::Stub& stub, const std::string& target) {
+  v1::ModelInfo info;
+  grpc::ClientContext context;
+  set_timeout(context, 30);
+  context.set_wait_for_ready(true);
+  const grpc::Status status = stub.GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+  SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", target, ": ",
+           status_code_name(status.error_code()), ": ", status.error_message());
+  return info;
+}
+
+void print_header(const BenchServeArgs& a, const v1::ModelInfo& info) {
+  const bool open_loop = !a.rate.empty();
+  std::printf("# switchyard bench serve: %s, %s (world %u, tp %u, ep %u, %s)\n", a.target.c_str(),
+              info.model_path().c_str(), info.world_size(), info.tp(), info.ep(),
+              info.device().c_str());
+  std::string lengths =
+      !a.lengths_file.empty()
+          ? "from " + a.lengths_file
+          : "prompt " +
+                (a.prompt_len_range.empty() ? std::to_string(a.prompt_len) : a.prompt_len_range) +
+                ", output " +
+                (a.output_len_range.empty() ? std::to_string(a.output_len) : a.output_len_range);
+  if (a.shared_prefix_len > 0)
+    lengths += " tokens, every prompt's first " + std::to_string(a.shared_prefix_len) + " shared";
   else
-    std::printf("# ERRORS: %lld\n", (long long)total_errors);
+    lengths += " tokens";
+  std::printf(
+      "# %s, lengths %s, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu, "
+      "%lld channel%s\n",
+      open_loop ? "open loop (Poisson arrivals)" : "closed loop", lengths.c_str(), a.warmup_s,
+      a.duration_s, (unsigned long long)a.seed, (long long)a.channels, a.channels > 1 ? "s" : "");
 }
 
 }  // namespace
@@ -563,50 +512,15 @@ int run_bench_serve(const BenchServeArgs& a) {
              " is longer than the shortest prompt (", shortest, " tokens)");
   }
 
-  // Channels with the same arguments share one connection (gRPC's global subchannel pool): a
-  // local pool per channel gives each its own.
-  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs;
-  for (int64_t i = 0; i < a.channels; ++i) {
-    grpc::ChannelArguments args;
-    if (a.channels > 1) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    stubs.push_back(v1::Switchyard::NewStub(
-        grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), args)));
-  }
-  v1::ModelInfo info;
-  {
-    grpc::ClientContext context;
-    set_timeout(context, 30);
-    context.set_wait_for_ready(true);
-    const grpc::Status status =
-        stubs.front()->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
-    SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", a.target, ": ",
-             status_code_name(status.error_code()), ": ", status.error_message());
-  }
+  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs = connect(a);
+  const v1::ModelInfo info = model_info(*stubs.front(), a.target);
   Driver driver(a, stubs, info.vocab_size());
   const int64_t max_total = Lengths(a).max_total();
   SY_CHECK(max_total <= info.context_limit_tokens(), "bench serve: prompt + output of ", max_total,
            " tokens exceeds the server's context limit of ", info.context_limit_tokens());
 
   const bool open_loop = !a.rate.empty();
-  std::printf("# switchyard bench serve: %s, %s (world %u, tp %u, ep %u, %s)\n", a.target.c_str(),
-              info.model_path().c_str(), info.world_size(), info.tp(), info.ep(),
-              info.device().c_str());
-  std::string lengths =
-      !a.lengths_file.empty()
-          ? "from " + a.lengths_file
-          : "prompt " +
-                (a.prompt_len_range.empty() ? std::to_string(a.prompt_len) : a.prompt_len_range) +
-                ", output " +
-                (a.output_len_range.empty() ? std::to_string(a.output_len) : a.output_len_range);
-  if (a.shared_prefix_len > 0)
-    lengths += " tokens, every prompt's first " + std::to_string(a.shared_prefix_len) + " shared";
-  else
-    lengths += " tokens";
-  std::printf(
-      "# %s, lengths %s, greedy, ignore_eos; warm-up %g s, measured %g s, seed %llu, "
-      "%lld channel%s\n",
-      open_loop ? "open loop (Poisson arrivals)" : "closed loop", lengths.c_str(), a.warmup_s,
-      a.duration_s, (unsigned long long)a.seed, (long long)a.channels, a.channels > 1 ? "s" : "");
+  print_header(a, info);
   std::fflush(stdout);  // the header before the progress lines on stderr
 
   std::vector<Run> runs;
@@ -620,43 +534,20 @@ int run_bench_serve(const BenchServeArgs& a) {
   print_tables(runs, a);
 
   if (!a.json.empty()) {
-    json out = {{"benchmark", "serve"},
-                {"target", a.target},
-                {"model", info.model_path()},
-                {"world", info.world_size()},
-                {"device", info.device()},
-                {"mode", open_loop ? "rate" : "concurrency"},
-                {"warmup_s", a.warmup_s},
-                {"duration_s", a.duration_s},
-                {"slo_ttft_ms", a.slo_ttft_ms},
-                {"slo_tpot_ms", a.slo_tpot_ms},
-                {"seed", a.seed},
-                {"channels", a.channels},
-                {"shared_prefix_len", a.shared_prefix_len},
-                {"runs", json::array()}};
-    for (const Run& r : runs) {
-      json errors = json::object();
-      for (const auto& [name, n] : r.errors) errors[name] = n;
-      out["runs"].push_back({{"mode", r.mode},
-                             {"value", r.value},
-                             {"completed", r.n_completed},
-                             {"cancelled_at_end", r.n_cancelled_at_end},
-                             {"request_throughput", r.n_completed / r.duration_s},
-                             {"output_token_throughput", r.n_tokens / r.duration_s},
-                             {"goodput", r.n_good / r.duration_s},
-                             {"prompt_tokens", r.n_prompt_tokens},
-                             {"cached_prompt_tokens", r.n_cached_tokens},
-                             {"preemptions", r.n_preemptions},
-                             {"ttft_ms", stats_json(r.ttft)},
-                             {"tpot_ms", stats_json(r.tpot)},
-                             {"itl_ms", stats_json(r.itl)},
-                             {"e2e_ms", stats_json(r.e2e)},
-                             {"errors", errors},
-                             {"samples", r.samples}});
-    }
-    std::ofstream f(a.json);
-    f << out.dump(1) << "\n";
-    SY_CHECK(f.good(), "cannot write --json ", a.json);
+    const json header = {{"benchmark", "serve"},
+                         {"target", a.target},
+                         {"model", info.model_path()},
+                         {"world", info.world_size()},
+                         {"device", info.device()},
+                         {"mode", open_loop ? "rate" : "concurrency"},
+                         {"warmup_s", a.warmup_s},
+                         {"duration_s", a.duration_s},
+                         {"slo_ttft_ms", a.slo_ttft_ms},
+                         {"slo_tpot_ms", a.slo_tpot_ms},
+                         {"seed", a.seed},
+                         {"channels", a.channels},
+                         {"shared_prefix_len", a.shared_prefix_len}};
+    write_json(runs, header, a.json);
   }
   return 0;
 }

@@ -11,6 +11,7 @@
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
 #include "runtime/engine/generator.h"
+#include "runtime/engine/request.h"
 #include "runtime/formats/tokenizer.h"
 
 namespace sy::launch {
@@ -142,75 +143,62 @@ void add_generate(CLI::App& app, GenerateArgs& a) {
   add_device_flags(cmd, a.backend);
 }
 
-int run_generate(const GenerateArgs& a) {
-  SY_CHECK(!a.prompt.empty() || !a.prompt_ids.empty(), "give --prompt or --prompt-ids");
-  SY_CHECK(a.max_tokens >= 0, "--max-tokens ", a.max_tokens, " must be >= 0");
-  SY_CHECK(a.prefill_chunk > 0, "--prefill-chunk ", a.prefill_chunk, " must be positive");
-  a.sampling.validate();
-  a.backend.validate();
-  const ModelConfig config = ModelConfig::load(a.model);
-  std::unique_ptr<Tokenizer> tokenizer =
-      Tokenizer::load(a.model, config.bos_token_id, config.eos_token_ids);
-  std::vector<int32_t> prompt = a.prompt_ids.empty() ? tokenizer->encode(a.prompt, !a.no_bos)
-                                                     : parse_ids(a.prompt_ids, "--prompt-ids");
-  SY_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
-  for (int32_t id : prompt)
-    SY_CHECK(id < config.vocab_size, "prompt token id ", id, " outside the vocabulary of ",
-             config.vocab_size);
+namespace {
+
+// The request of the flags, checked as the server checks one (before any weight is read);
+// returns the context the model needs.
+int64_t check_request(const GenerateArgs& a, const ModelConfig& config,
+                      const std::vector<int32_t>& prompt) {
+  RequestParams p;
+  p.prompt = prompt;
+  p.max_tokens = a.max_tokens;
+  p.sampling = a.sampling;
+  p.sampling.logit_bias = parse_logit_bias(a.logit_bias, "--logit-bias");
+  RequestLimits limits;
+  limits.vocab_size = config.vocab_size;
+  limits.context_limit = config.max_position_embeddings;
+  limits.max_prompt_tokens = config.max_position_embeddings;
+  limits.allow_no_tokens = true;
+  validate_request(p, limits);
   const int64_t needed = static_cast<int64_t>(prompt.size()) + a.max_tokens;
-  SY_CHECK(needed <= config.max_position_embeddings, "prompt of ", prompt.size(),
-           " tokens plus --max-tokens ", a.max_tokens, " exceeds the context limit of ",
-           config.max_position_embeddings, " tokens");
   const int64_t context = a.max_context > 0 ? a.max_context : needed;
   SY_CHECK(context >= needed, "--max-context ", context, " is smaller than the ", needed,
            " tokens this request needs");
+  return context;
+}
 
-  // Under an MPI launcher every rank runs this same request in lockstep.
+// This process's rank of the job (one rank without an MPI launcher) and its backend.
+struct Ranks {
   std::unique_ptr<MpiEnv> env;
   std::unique_ptr<Communicator> world;
   Backend backend;
   std::unique_ptr<ParallelContext> par;
+  bool root = true;
+};
+
+void join_ranks(const GenerateArgs& a, const ModelConfig& config, Ranks& r) {
+  // Under an MPI launcher every rank runs this same request in lockstep.
   const bool parallel = launched_by_mpi() || a.tp > 1 || a.ep > 0;
   ParallelConfig pc;
   if (parallel) {
-    env = std::make_unique<MpiEnv>(nullptr, nullptr);
-    world = make_mpi_world_communicator();
-    pc.world = env->size();
-    pc.rank = env->rank();
+    r.env = std::make_unique<MpiEnv>(nullptr, nullptr);
+    r.world = make_mpi_world_communicator();
+    pc.world = r.env->size();
+    pc.rank = r.env->rank();
     pc.tp = a.tp;
     pc.ep = a.ep;
     pc.exchange = parse_moe_exchange(a.moe_exchange);
     pc.validate(config.layout_shape());  // before any weight is read
   }
-  backend = make_backend(a.backend, world.get(), env ? env->local_rank() : 0);
-  if (parallel) par = ParallelContext::create(pc, backend.world ? *backend.world : *world);
-  const bool root = env == nullptr || env->is_root();
-  if (root && a.backend.device != "cpu")
-    std::fprintf(stderr, "device: %s\n", backend.description.c_str());
-  LoadedModel loaded =
-      load_model(a.model, context, a.prefill_chunk, root, par.get(), backend.ops.get());
-  if (par != nullptr) print_layout(*par, config, loaded.model->weights());
-  GenerateOptions options;
-  options.max_tokens = a.max_tokens;
-  options.sampling = a.sampling;
-  options.sampling.logit_bias = parse_logit_bias(a.logit_bias, "--logit-bias");
-  options.sampling.validate();
-  options.ignore_eos = a.ignore_eos;
-  options.eos_ids = config.eos_token_ids;
-  options.all_prompt_logits = !a.logits_out.empty();
+  r.backend = make_backend(a.backend, r.world.get(), r.env ? r.env->local_rank() : 0);
+  if (parallel) r.par = ParallelContext::create(pc, r.backend.world ? *r.backend.world : *r.world);
+  r.root = r.env == nullptr || r.env->is_root();
+  if (r.root && a.backend.device != "cpu")
+    std::fprintf(stderr, "device: %s\n", r.backend.description.c_str());
+}
 
-  StreamDecoder decoder(*tokenizer, prompt);
-  GenerateResult result = generate(*loaded.model, prompt, options, [&](int32_t id) {
-    if (!root) return;
-    const std::string delta = decoder.push(id);
-    std::fwrite(delta.data(), 1, delta.size(), stdout);
-    std::fflush(stdout);
-  });
-  if (!root) return 0;
-  const std::string tail = decoder.flush();
-  std::fwrite(tail.data(), 1, tail.size(), stdout);
-  std::printf("\n");
-
+// Rank 0's report after the text: the logits file, the ids, and the rates.
+void report(const GenerateArgs& a, size_t n_prompt, const GenerateResult& result) {
   if (!a.logits_out.empty()) {
     std::ofstream out(a.logits_out, std::ios::binary);
     out.write(reinterpret_cast<const char*>(result.prompt_logits.data()),
@@ -222,15 +210,55 @@ int run_generate(const GenerateArgs& a) {
     for (int32_t id : result.tokens) std::printf(" %d", id);
     std::printf("\n");
   }
-  const double n_prompt = static_cast<double>(prompt.size());
   const double n_gen = static_cast<double>(result.tokens.size());
   // The first generated token comes from the prefill logits: decode time covers the rest.
   const double decode_tps = n_gen > 1 ? (n_gen - 1) / result.decode_seconds : 0.0;
   std::printf(
       "prompt tokens: %zu, generated tokens: %zu, prefill: %.1f tok/s, decode: %.1f tok/s, "
       "finish: %s\n",
-      prompt.size(), result.tokens.size(), n_prompt / result.prefill_seconds, decode_tps,
-      result.finish_reason.c_str());
+      n_prompt, result.tokens.size(), static_cast<double>(n_prompt) / result.prefill_seconds,
+      decode_tps, result.finish_reason.c_str());
+}
+
+}  // namespace
+
+int run_generate(const GenerateArgs& a) {
+  SY_CHECK(!a.prompt.empty() || !a.prompt_ids.empty(), "give --prompt or --prompt-ids");
+  SY_CHECK(a.prefill_chunk > 0, "--prefill-chunk ", a.prefill_chunk, " must be positive");
+  a.backend.validate();
+  const ModelConfig config = ModelConfig::load(a.model);
+  std::unique_ptr<Tokenizer> tokenizer =
+      Tokenizer::load(a.model, config.bos_token_id, config.eos_token_ids);
+  std::vector<int32_t> prompt = a.prompt_ids.empty() ? tokenizer->encode(a.prompt, !a.no_bos)
+                                                     : parse_ids(a.prompt_ids, "--prompt-ids");
+  SY_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
+  const int64_t context = check_request(a, config, prompt);
+  Ranks ranks;
+  join_ranks(a, config, ranks);
+  LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, ranks.root, ranks.par.get(),
+                                  ranks.backend.ops.get());
+  if (ranks.par != nullptr) print_layout(*ranks.par, config, loaded.model->weights());
+  GenerateOptions options;
+  options.max_tokens = a.max_tokens;
+  options.sampling = a.sampling;
+  options.sampling.logit_bias = parse_logit_bias(a.logit_bias, "--logit-bias");
+  options.ignore_eos = a.ignore_eos;
+  options.eos_ids = config.eos_token_ids;
+  options.all_prompt_logits = !a.logits_out.empty();
+
+  StreamDecoder decoder(*tokenizer, prompt);
+  const bool root = ranks.root;
+  GenerateResult result = generate(*loaded.model, prompt, options, [&](int32_t id) {
+    if (!root) return;
+    const std::string delta = decoder.push(id);
+    std::fwrite(delta.data(), 1, delta.size(), stdout);
+    std::fflush(stdout);
+  });
+  if (!root) return 0;
+  const std::string tail = decoder.flush();
+  std::fwrite(tail.data(), 1, tail.size(), stdout);
+  std::printf("\n");
+  report(a, prompt.size(), result);
   return 0;
 }
 

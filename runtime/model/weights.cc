@@ -55,13 +55,7 @@ class ProgressPrinter {
   double last_ = -1;
 };
 
-// Every tensor a rank holds: checkpoint name, full shape, slice, and the view it fills. Checks
-// the shard against the config.
-std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard, Weights& w) {
-  const int64_t dim = c.hidden_size;
-  const int64_t hidden_dim = c.intermediate_size;
-  const int64_t head_dim = c.head_dim;
-  const int64_t n_experts = c.num_local_experts;
+void check_shard(const ModelConfig& c, const WeightShard& shard) {
   SY_CHECK(shard.head_begin >= 0 && shard.n_heads > 0 &&
                shard.head_begin + shard.n_heads <= c.num_attention_heads,
            "weight shard: heads [", shard.head_begin, ", ", shard.head_begin + shard.n_heads,
@@ -73,69 +67,65 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
                shard.vocab_begin + shard.n_vocab <= c.vocab_size,
            "weight shard: vocabulary rows outside ", c.vocab_size);
   for (int64_t e : shard.experts)
-    SY_CHECK(e >= 0 && e < n_experts, "weight shard: expert ", e, " outside ", n_experts);
+    SY_CHECK(e >= 0 && e < c.num_local_experts, "weight shard: expert ", e, " outside ",
+             c.num_local_experts);
+}
 
-  w.shard = shard;
-  w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
-  std::vector<Planned> plan;
+// The tensors of layer `l`: attention (this rank's heads), norms, router, this rank's experts.
+void plan_layer(const ModelConfig& c, const WeightShard& shard, int64_t l, LayerWeights& L,
+                std::vector<Planned>& plan) {
+  const int64_t dim = c.hidden_size;
+  const int64_t hidden_dim = c.intermediate_size;
+  const int64_t head_dim = c.head_dim;
+  const int64_t n_experts = c.num_local_experts;
   const Slice all;
-  const Slice vocab_rows{0, shard.vocab_begin, shard.vocab_begin + shard.n_vocab};
   const Slice q_rows{0, shard.head_begin * head_dim, (shard.head_begin + shard.n_heads) * head_dim};
   const Slice kv_rows{0, shard.kv_head_begin * head_dim,
                       (shard.kv_head_begin + shard.n_kv_heads) * head_dim};
   const Slice o_cols{1, q_rows.begin, q_rows.end};
+  const int64_t q_shard = shard.n_heads * head_dim, kv_shard = shard.n_kv_heads * head_dim;
+  const std::string p = "model.layers." + std::to_string(l) + ".";
+  plan.push_back({p + "input_layernorm.weight", {dim}, all, &L.input_norm, {dim}});
+  plan.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), dim}, q_rows, &L.wq, {q_shard, dim}});
+  plan.push_back(
+      {p + "self_attn.k_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wk, {kv_shard, dim}});
+  plan.push_back(
+      {p + "self_attn.v_proj.weight", {c.kv_dim(), dim}, kv_rows, &L.wv, {kv_shard, dim}});
+  plan.push_back({p + "self_attn.o_proj.weight", {dim, c.q_dim()}, o_cols, &L.wo, {dim, q_shard}});
+  plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
+  plan.push_back(
+      {p + "block_sparse_moe.gate.weight", {n_experts, dim}, all, &L.gate, {n_experts, dim}, true});
+  L.w1.resize(shard.experts.size());  // sized before their elements' addresses are taken
+  L.w2.resize(shard.experts.size());
+  L.w3.resize(shard.experts.size());
+  for (size_t i = 0; i < shard.experts.size(); ++i) {
+    const std::string e = p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
+    plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &L.w1[i], {hidden_dim, dim}});
+    plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &L.w2[i], {dim, hidden_dim}});
+    plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &L.w3[i], {hidden_dim, dim}});
+  }
+}
+
+// Every tensor a rank holds: checkpoint name, full shape, slice, and the view it fills. Checks
+// the shard against the config.
+std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard, Weights& w) {
+  check_shard(c, shard);
+  const int64_t dim = c.hidden_size;
+  w.shard = shard;
+  w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
+  std::vector<Planned> plan;
+  const Slice vocab_rows{0, shard.vocab_begin, shard.vocab_begin + shard.n_vocab};
   plan.push_back({"model.embed_tokens.weight",
                   {c.vocab_size, dim},
                   vocab_rows,
                   &w.embed,
                   {shard.n_vocab, dim}});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    LayerWeights& L = w.layers[static_cast<size_t>(l)];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    plan.push_back({p + "input_layernorm.weight", {dim}, all, &L.input_norm, {dim}});
-    plan.push_back({p + "self_attn.q_proj.weight",
-                    {c.q_dim(), dim},
-                    q_rows,
-                    &L.wq,
-                    {shard.n_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.k_proj.weight",
-                    {c.kv_dim(), dim},
-                    kv_rows,
-                    &L.wk,
-                    {shard.n_kv_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.v_proj.weight",
-                    {c.kv_dim(), dim},
-                    kv_rows,
-                    &L.wv,
-                    {shard.n_kv_heads * head_dim, dim}});
-    plan.push_back({p + "self_attn.o_proj.weight",
-                    {dim, c.q_dim()},
-                    o_cols,
-                    &L.wo,
-                    {dim, shard.n_heads * head_dim}});
-    plan.push_back({p + "post_attention_layernorm.weight", {dim}, all, &L.post_norm, {dim}});
-    plan.push_back({p + "block_sparse_moe.gate.weight",
-                    {n_experts, dim},
-                    all,
-                    &L.gate,
-                    {n_experts, dim},
-                    true});
-    L.w1.resize(shard.experts.size());  // sized before their elements' addresses are taken
-    L.w2.resize(shard.experts.size());
-    L.w3.resize(shard.experts.size());
-    for (size_t i = 0; i < shard.experts.size(); ++i) {
-      const std::string e =
-          p + "block_sparse_moe.experts." + std::to_string(shard.experts[i]) + ".";
-      plan.push_back({e + "w1.weight", {hidden_dim, dim}, all, &L.w1[i], {hidden_dim, dim}});
-      plan.push_back({e + "w2.weight", {dim, hidden_dim}, all, &L.w2[i], {dim, hidden_dim}});
-      plan.push_back({e + "w3.weight", {hidden_dim, dim}, all, &L.w3[i], {hidden_dim, dim}});
-    }
-  }
-  plan.push_back({"model.norm.weight", {dim}, all, &w.norm, {dim}});
-  if (!c.tie_word_embeddings) {
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    plan_layer(c, shard, l, w.layers[static_cast<size_t>(l)], plan);
+  plan.push_back({"model.norm.weight", {dim}, Slice{}, &w.norm, {dim}});
+  if (!c.tie_word_embeddings)
     plan.push_back(
         {"lm_head.weight", {c.vocab_size, dim}, vocab_rows, &w.lm_head, {shard.n_vocab, dim}});
-  }
   return plan;
 }
 
