@@ -126,12 +126,6 @@ json parse_json_strict(const char* first, const char* last, const std::string& s
 }
 
 // A file descriptor closed on scope exit.
-struct FdGuard {
-  int fd = -1;
-  ~FdGuard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
 
 // One header entry, validated against the data section of `data_bytes` bytes.
 SafetensorsEntry parse_entry(const std::string& path, const std::string& name, const json& value,
@@ -340,21 +334,12 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
 
-  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  SY_CHECK(fd.fd >= 0, "cannot open ", path, ": ", errno_text(errno));
-  struct stat st;
-  SY_CHECK(::fstat(fd.fd, &st) == 0, "cannot stat ", path, ": ", errno_text(errno));
-  SY_CHECK(S_ISREG(st.st_mode), path, ": not a regular file");
-  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  file->map_ = std::make_unique<MappedFile>(path);
+  const uint64_t file_bytes = file->map_->size();
   SY_CHECK(file_bytes >= 8, path, ": file is ", file_bytes,
            " bytes, shorter than the 8-byte header length (truncated?)");
 
-  void* map = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd.fd, 0);
-  SY_CHECK(map != MAP_FAILED, "cannot map ", path, ": ", errno_text(errno));
-  file->map_ = map;
-  file->map_bytes_ = file_bytes;
-
-  const auto* bytes = static_cast<const uint8_t*>(map);
+  const uint8_t* bytes = file->map_->data();
   uint64_t data_start = 0;
   parse_header(path, bytes, file_bytes, &file->entries_, &file->metadata_, &data_start);
   file->data_section_ = bytes + data_start;
@@ -362,9 +347,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   return file;
 }
 
-SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) ::munmap(map_, map_bytes_);
-}
+SafetensorsFile::~SafetensorsFile() = default;
 
 const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
   auto it = index_.find(name);
@@ -372,8 +355,7 @@ const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
 }
 
 const uint8_t* SafetensorsFile::data(const SafetensorsEntry& entry) const {
-  const uint64_t data_bytes =
-      map_bytes_ - static_cast<uint64_t>(data_section_ - static_cast<const uint8_t*>(map_));
+  const uint64_t data_bytes = map_->size() - static_cast<uint64_t>(data_section_ - map_->data());
   SY_CHECK(entry.begin <= entry.end && entry.end <= data_bytes, path_, ": tensor \"", entry.name,
            "\": data_offsets [", entry.begin, ", ", entry.end, "] outside the data section");
   return data_section_ + entry.begin;

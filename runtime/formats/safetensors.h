@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/tensor.h"
+#include "runtime/formats/mapped_file.h"
 
 namespace sy {
 
@@ -49,8 +50,7 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
   std::string path_;
-  void* map_ = nullptr;
-  size_t map_bytes_ = 0;
+  std::unique_ptr<MappedFile> map_;
   const uint8_t* data_section_ = nullptr;
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;  // name -> position in entries_

@@ -1,0 +1,53 @@
+// Block-quantized weight formats of GGML (the formats of GGUF files), and their dequantization.
+//
+// A row of n elements is n / block_elems blocks of block_bytes each. The formats:
+//   Q8_0  32 elements in 34 bytes: f16 scale d, 32 int8 q;              x = d * q
+//   Q4_0  32 elements in 18 bytes: f16 d, 16 bytes of nibbles;          x = d * (q - 8), the low
+//         nibbles holding elements 0..15, the high ones 16..31
+//   Q4_K  256 elements in 144 bytes: f16 d, f16 dmin, 12 bytes of eight 6-bit scales and mins,
+//         128 bytes of nibbles; sub-block s of 32 is x = (d * sc[s]) * q - dmin * m[s], the low
+//         nibbles of bytes 32c..32c+31 holding sub-block 2c and the high ones 2c + 1
+//   Q6_K  256 elements in 210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8
+//         scales, f16 d; x = (d * sc[e / 16]) * (q - 32)
+// Every product is rounded to f32 as it is formed (no fused multiply-add), the order of the
+// `gguf` package's gguf.quants, so dequantization is bit-exact against it.
+#pragma once
+
+#include <cstdint>
+
+namespace sy::cpu {
+
+// GGML's type ids (ggml_type), as stored in GGUF tensor infos.
+enum class GgmlType : uint32_t {
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ8_1 = 9,
+  kQ2_K = 10,
+  kQ3_K = 11,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kQ8_K = 15,
+  kBF16 = 30,
+};
+
+struct GgmlTypeInfo {
+  const char* name = nullptr;  // null: an id this build does not know
+  int64_t block_elems = 0;
+  int64_t block_bytes = 0;
+  bool dequantizes = false;  // dequantize_row takes it
+};
+
+// What the id `type` is (a zero info for ids outside the table).
+GgmlTypeInfo ggml_type_info(uint32_t type);
+
+// Elements [0, n) of a row of `type` from `src` into `dst` (F32); n a multiple of the type's
+// block_elems. Requires ggml_type_info(type).dequantizes.
+void dequantize_row(GgmlType type, const uint8_t* src, float* dst, int64_t n);
+
+}  // namespace sy::cpu
