@@ -50,138 +50,134 @@ struct Shape {
   float scale;
 };
 
-template <typename TC, typename TO>
-__global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const float* q,
-                                 const TC* k_cache, const TC* v_cache, const int32_t* positions,
-                                 const int32_t* token_seq, const int32_t* block_tables, Shape s) {
-  __shared__ float qs[kMaxGroup][kMaxHeadDim];
-  __shared__ float probs[kMaxGroup][kTile];  // scores, then softmax numerators
-  __shared__ int64_t slots[kTile];
-  __shared__ float run_max[kMaxGroup];
-  __shared__ float run_sum[kMaxGroup];
-  __shared__ float correction[kMaxGroup];
-  const int64_t t = blockIdx.y;
-  if (s.tile_tokens > 0 && token_seq[t] == token_seq[t / s.tile_tokens * s.tile_tokens]) return;
-  const int64_t g = blockIdx.x / s.sub_blocks;  // the KV head
-  const int64_t h0 = g * s.group + (blockIdx.x % s.sub_blocks) * kMaxGroup;
-  const int64_t nh_left = (g + 1) * s.group - h0;
-  const int nh = static_cast<int>(nh_left < kMaxGroup ? nh_left : kMaxGroup);  // block-uniform
-  const int64_t z = blockIdx.z;
-  const int64_t head_dim = s.head_dim;
-  const int64_t row = s.n_kv_heads * head_dim;
-  for (int64_t i = threadIdx.x; i < nh * head_dim; i += blockDim.x)
-    qs[i / head_dim][i % head_dim] = q[(t * s.n_heads + h0) * head_dim + i];
-  if (threadIdx.x < kMaxGroup) {
-    run_max[threadIdx.x] = -INFINITY;
-    run_sum[threadIdx.x] = 0.f;
-  }
+// A block's shared state: its heads' queries, a tile's scores (then softmax numerators) and
+// cache slots, and the running softmax state per head.
+struct Smem {
+  float qs[kMaxGroup][kMaxHeadDim];
+  float probs[kMaxGroup][kTile];
+  int64_t slots[kTile];
+  float run_max[kMaxGroup];
+  float run_sum[kMaxGroup];
+  float correction[kMaxGroup];
+};
 
-  const int64_t pos = positions[t];
-  const int64_t lo = s.window > 0 && pos - s.window + 1 > 0 ? pos - s.window + 1 : 0;
-  const int64_t seq = token_seq[t];
-  // A sequence outside the table (the host validates steps; never in a valid one) reads nothing.
-  const bool seq_ok = seq >= 0 && seq < s.n_seqs;
-  const int64_t n_ctx = seq_ok ? pos - lo + 1 : 0;
-  const int32_t* table = block_tables + (seq_ok ? seq : 0) * s.max_blocks;
-  const int64_t begin = z * s.split_len;
-  const int64_t end = n_ctx < begin + s.split_len ? n_ctx : begin + s.split_len;
-  const int64_t d0 = threadIdx.x;
-  const int64_t d1 = threadIdx.x + kThreads;
+// 1. The tile's slots: -1 for positions past the range or without a readable block.
+__device__ __forceinline__ void lookup_slots(Smem& sm, const int32_t* table, int64_t lo,
+                                             int64_t base, int64_t n_tile, const Shape& s) {
+  for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
+    int64_t slot = -1;
+    if (i < n_tile) {
+      const int64_t p = lo + base + i;
+      const int64_t logical = p / s.block_size;
+      const int64_t block = logical < s.max_blocks ? table[logical] : -1;
+      if (block >= 0 && block < s.n_blocks) slot = block * s.block_size + p % s.block_size;
+    }
+    sm.slots[i] = slot;
+  }
+}
+
+// 2. Scores of the tile's positions against the nh heads of KV head g. Every thread runs the
+// same iterations, so the shuffles see full warps.
+template <typename TC>
+__device__ __forceinline__ void score_tile(Smem& sm, const TC* k_cache, int64_t g, int nh,
+                                           const Shape& s) {
   const int key = threadIdx.x / kLanesPerKey;
   const int lane_in_key = threadIdx.x % kLanesPerKey;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  float acc[kMaxGroup][2] = {};
-  __syncthreads();  // qs and the running state are ready
-
-  for (int64_t base = begin; base < end; base += kTile) {
-    const int64_t n_tile = end - base < kTile ? end - base : kTile;
-    // 1. Slots: -1 for positions past the range or without a readable block.
-    for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
-      int64_t slot = -1;
-      if (i < n_tile) {
-        const int64_t p = lo + base + i;
-        const int64_t logical = p / s.block_size;
-        const int64_t block = logical < s.max_blocks ? table[logical] : -1;
-        if (block >= 0 && block < s.n_blocks) slot = block * s.block_size + p % s.block_size;
-      }
-      slots[i] = slot;
-    }
-    __syncthreads();
-    // 2. Scores. Every thread runs the same iterations, so the shuffles see full warps.
-    for (int i = key; i < kTile; i += kKeysAtOnce) {
-      const int64_t slot = slots[i];
-      float dot[kMaxGroup] = {};
-      if (slot >= 0) {
-        const TC* kh = k_cache + slot * row + g * head_dim;
-        for (int64_t d = lane_in_key; d < head_dim; d += kLanesPerKey) {
-          const float kd = load(kh, d);
+  const int64_t head_dim = s.head_dim;
+  for (int i = key; i < kTile; i += kKeysAtOnce) {
+    const int64_t slot = sm.slots[i];
+    float dot[kMaxGroup] = {};
+    if (slot >= 0) {
+      const TC* kh = k_cache + slot * s.n_kv_heads * head_dim + g * head_dim;
+      for (int64_t d = lane_in_key; d < head_dim; d += kLanesPerKey) {
+        const float kd = load(kh, d);
 #pragma unroll
-          for (int hh = 0; hh < kMaxGroup; ++hh)
-            if (hh < nh) dot[hh] += qs[hh][d] * kd;
-        }
-      }
-#pragma unroll
-      for (int hh = 0; hh < kMaxGroup; ++hh) {
-        if (hh >= nh) break;
-        float v = dot[hh];
-        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2)
-          v += __shfl_xor_sync(0xffffffffu, v, offset);
-        if (lane_in_key == 0) probs[hh][i] = slot >= 0 ? v * s.scale : -INFINITY;
+        for (int hh = 0; hh < kMaxGroup; ++hh)
+          if (hh < nh) dot[hh] += sm.qs[hh][d] * kd;
       }
     }
-    __syncthreads();
-    // 3. Softmax over the tile, one warp per head. A tile with no readable position (never for
-    // a valid step) leaves the state unchanged.
-    for (int hh = warp; hh < nh; hh += kThreads / 32) {
-      float tile_max = -INFINITY;
-      for (int i = lane; i < kTile; i += 32) tile_max = fmaxf(tile_max, probs[hh][i]);
-      tile_max = warp_reduce(tile_max, MaxOp{});
-      const float old_max = run_max[hh];
-      const float new_max = fmaxf(old_max, tile_max);
-      float tile_sum = 0.f;
-      for (int i = lane; i < kTile; i += 32) {
-        const float sc = probs[hh][i];
-        const float p = sc == -INFINITY ? 0.f : expf(sc - new_max);
-        probs[hh][i] = p;
-        tile_sum += p;
-      }
-      tile_sum = warp_sum(tile_sum);
-      if (lane == 0) {
-        const float c = old_max == -INFINITY ? 0.f : expf(old_max - new_max);
-        correction[hh] = c;
-        run_sum[hh] = run_sum[hh] * c + tile_sum;
-        run_max[hh] = new_max;
-      }
-    }
-    __syncthreads();
-    // 4. Values.
 #pragma unroll
     for (int hh = 0; hh < kMaxGroup; ++hh) {
       if (hh >= nh) break;
-      acc[hh][0] *= correction[hh];
-      acc[hh][1] *= correction[hh];
+      float v = dot[hh];
+      for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane_in_key == 0) sm.probs[hh][i] = slot >= 0 ? v * s.scale : -INFINITY;
     }
-    for (int64_t i = 0; i < n_tile; ++i) {
-      const int64_t slot = slots[i];
-      if (slot < 0) continue;
-      const TC* vh = v_cache + slot * row + g * head_dim;
-      const float v0 = d0 < head_dim ? load(vh, d0) : 0.f;
-      const float v1 = d1 < head_dim ? load(vh, d1) : 0.f;
-#pragma unroll
-      for (int hh = 0; hh < kMaxGroup; ++hh) {
-        if (hh >= nh) break;
-        acc[hh][0] += probs[hh][i] * v0;
-        acc[hh][1] += probs[hh][i] * v1;
-      }
-    }
-    __syncthreads();  // the next tile overwrites slots, probs and correction
   }
+}
 
+// 3. Softmax over the tile, one warp per head. A tile with no readable position (never for a
+// valid step) leaves the state unchanged.
+__device__ __forceinline__ void softmax_tile(Smem& sm, int nh) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int hh = warp; hh < nh; hh += kThreads / 32) {
+    float tile_max = -INFINITY;
+    for (int i = lane; i < kTile; i += 32) tile_max = fmaxf(tile_max, sm.probs[hh][i]);
+    tile_max = warp_reduce(tile_max, MaxOp{});
+    const float old_max = sm.run_max[hh];
+    const float new_max = fmaxf(old_max, tile_max);
+    float tile_sum = 0.f;
+    for (int i = lane; i < kTile; i += 32) {
+      const float sc = sm.probs[hh][i];
+      const float p = sc == -INFINITY ? 0.f : expf(sc - new_max);
+      sm.probs[hh][i] = p;
+      tile_sum += p;
+    }
+    tile_sum = warp_sum(tile_sum);
+    if (lane == 0) {
+      const float c = old_max == -INFINITY ? 0.f : expf(old_max - new_max);
+      sm.correction[hh] = c;
+      sm.run_sum[hh] = sm.run_sum[hh] * c + tile_sum;
+      sm.run_max[hh] = new_max;
+    }
+  }
+}
+
+// 4. The running outputs (dimensions d0 and d1 of each head) rescaled, plus the tile's values.
+template <typename TC>
+__device__ __forceinline__ void accumulate_values(float (&acc)[kMaxGroup][2], const Smem& sm,
+                                                  const TC* v_cache, int64_t g, int nh,
+                                                  int64_t n_tile, const Shape& s) {
+  const int64_t head_dim = s.head_dim;
+  const int64_t d0 = threadIdx.x;
+  const int64_t d1 = threadIdx.x + kThreads;
 #pragma unroll
   for (int hh = 0; hh < kMaxGroup; ++hh) {
     if (hh >= nh) break;
-    const float sum = run_sum[hh];
+    acc[hh][0] *= sm.correction[hh];
+    acc[hh][1] *= sm.correction[hh];
+  }
+  for (int64_t i = 0; i < n_tile; ++i) {
+    const int64_t slot = sm.slots[i];
+    if (slot < 0) continue;
+    const TC* vh = v_cache + slot * s.n_kv_heads * head_dim + g * head_dim;
+    const float v0 = d0 < head_dim ? load(vh, d0) : 0.f;
+    const float v1 = d1 < head_dim ? load(vh, d1) : 0.f;
+#pragma unroll
+    for (int hh = 0; hh < kMaxGroup; ++hh) {
+      if (hh >= nh) break;
+      acc[hh][0] += sm.probs[hh][i] * v0;
+      acc[hh][1] += sm.probs[hh][i] * v1;
+    }
+  }
+}
+
+// The block's normalised outputs: to `out`, or with several splits to its partial and its max
+// and sum.
+template <typename TO>
+__device__ __forceinline__ void write_output(TO* out, float* part_out, float* part_ml,
+                                             const float (&acc)[kMaxGroup][2], const Smem& sm,
+                                             int64_t t, int64_t h0, int nh, int64_t z,
+                                             const Shape& s) {
+  const int64_t head_dim = s.head_dim;
+  const int64_t d0 = threadIdx.x;
+  const int64_t d1 = threadIdx.x + kThreads;
+#pragma unroll
+  for (int hh = 0; hh < kMaxGroup; ++hh) {
+    if (hh >= nh) break;
+    const float sum = sm.run_sum[hh];
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int64_t h = h0 + hh;
     if (s.n_splits == 1) {
@@ -194,11 +190,57 @@ __global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const
       if (d0 < head_dim) po[d0] = acc[hh][0] * inv;
       if (d1 < head_dim) po[d1] = acc[hh][1] * inv;
       if (threadIdx.x == 0) {
-        part_ml[2 * part] = run_max[hh];
+        part_ml[2 * part] = sm.run_max[hh];
         part_ml[2 * part + 1] = sum;
       }
     }
   }
+}
+
+template <typename TC, typename TO>
+__global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const float* q,
+                                 const TC* k_cache, const TC* v_cache, const int32_t* positions,
+                                 const int32_t* token_seq, const int32_t* block_tables, Shape s) {
+  __shared__ Smem sm;
+  const int64_t t = blockIdx.y;
+  if (s.tile_tokens > 0 && token_seq[t] == token_seq[t / s.tile_tokens * s.tile_tokens]) return;
+  const int64_t g = blockIdx.x / s.sub_blocks;  // the KV head
+  const int64_t h0 = g * s.group + (blockIdx.x % s.sub_blocks) * kMaxGroup;
+  const int64_t nh_left = (g + 1) * s.group - h0;
+  const int nh = static_cast<int>(nh_left < kMaxGroup ? nh_left : kMaxGroup);  // block-uniform
+  const int64_t z = blockIdx.z;
+  const int64_t head_dim = s.head_dim;
+  for (int64_t i = threadIdx.x; i < nh * head_dim; i += blockDim.x)
+    sm.qs[i / head_dim][i % head_dim] = q[(t * s.n_heads + h0) * head_dim + i];
+  if (threadIdx.x < kMaxGroup) {
+    sm.run_max[threadIdx.x] = -INFINITY;
+    sm.run_sum[threadIdx.x] = 0.f;
+  }
+
+  const int64_t pos = positions[t];
+  const int64_t lo = s.window > 0 && pos - s.window + 1 > 0 ? pos - s.window + 1 : 0;
+  const int64_t seq = token_seq[t];
+  // A sequence outside the table (the host validates steps; never in a valid one) reads nothing.
+  const bool seq_ok = seq >= 0 && seq < s.n_seqs;
+  const int64_t n_ctx = seq_ok ? pos - lo + 1 : 0;
+  const int32_t* table = block_tables + (seq_ok ? seq : 0) * s.max_blocks;
+  const int64_t begin = z * s.split_len;
+  const int64_t end = n_ctx < begin + s.split_len ? n_ctx : begin + s.split_len;
+  float acc[kMaxGroup][2] = {};
+  __syncthreads();  // qs and the running state are ready
+
+  for (int64_t base = begin; base < end; base += kTile) {
+    const int64_t n_tile = end - base < kTile ? end - base : kTile;
+    lookup_slots(sm, table, lo, base, n_tile, s);
+    __syncthreads();
+    score_tile(sm, k_cache, g, nh, s);
+    __syncthreads();
+    softmax_tile(sm, nh);
+    __syncthreads();
+    accumulate_values(acc, sm, v_cache, g, nh, n_tile, s);
+    __syncthreads();  // the next tile overwrites slots, probs and correction
+  }
+  write_output(out, part_out, part_ml, acc, sm, t, h0, nh, z, s);
 }
 
 // Merges the n_splits partials of one (query head, token): out = sum_z w_z o_z / sum_z w_z with
