@@ -135,14 +135,14 @@ __device__ __forceinline__ void softmax_tile(Smem& sm, int nh) {
   }
 }
 
-// 4. The running outputs (dimensions d0 and d1 of each head) rescaled, plus the tile's values.
+// 4. The running outputs (the thread's dimensions d0 and d1 of each head) rescaled, plus the tile's
+// values.
 template <typename TC>
 __device__ __forceinline__ void accumulate_values(float (&acc)[kMaxGroup][2], const Smem& sm,
                                                   const TC* v_cache, int64_t g, int nh,
-                                                  int64_t n_tile, const Shape& s) {
+                                                  int64_t n_tile, int64_t d0, int64_t d1,
+                                                  const Shape& s) {
   const int64_t head_dim = s.head_dim;
-  const int64_t d0 = threadIdx.x;
-  const int64_t d1 = threadIdx.x + kThreads;
 #pragma unroll
   for (int hh = 0; hh < kMaxGroup; ++hh) {
     if (hh >= nh) break;
@@ -169,11 +169,9 @@ __device__ __forceinline__ void accumulate_values(float (&acc)[kMaxGroup][2], co
 template <typename TO>
 __device__ __forceinline__ void write_output(TO* out, float* part_out, float* part_ml,
                                              const float (&acc)[kMaxGroup][2], const Smem& sm,
-                                             int64_t t, int64_t h0, int nh, int64_t z,
-                                             const Shape& s) {
+                                             int64_t t, int64_t h0, int nh, int64_t z, int64_t d0,
+                                             int64_t d1, const Shape& s) {
   const int64_t head_dim = s.head_dim;
-  const int64_t d0 = threadIdx.x;
-  const int64_t d1 = threadIdx.x + kThreads;
 #pragma unroll
   for (int hh = 0; hh < kMaxGroup; ++hh) {
     if (hh >= nh) break;
@@ -226,6 +224,8 @@ __global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const
   const int32_t* table = block_tables + (seq_ok ? seq : 0) * s.max_blocks;
   const int64_t begin = z * s.split_len;
   const int64_t end = n_ctx < begin + s.split_len ? n_ctx : begin + s.split_len;
+  const int64_t d0 = threadIdx.x;  // the thread's two output dimensions
+  const int64_t d1 = threadIdx.x + kThreads;
   float acc[kMaxGroup][2] = {};
   __syncthreads();  // qs and the running state are ready
 
@@ -237,10 +237,10 @@ __global__ void attention_kernel(TO* out, float* part_out, float* part_ml, const
     __syncthreads();
     softmax_tile(sm, nh);
     __syncthreads();
-    accumulate_values(acc, sm, v_cache, g, nh, n_tile, s);
+    accumulate_values(acc, sm, v_cache, g, nh, n_tile, d0, d1, s);
     __syncthreads();  // the next tile overwrites slots, probs and correction
   }
-  write_output(out, part_out, part_ml, acc, sm, t, h0, nh, z, s);
+  write_output(out, part_out, part_ml, acc, sm, t, h0, nh, z, d0, d1, s);
 }
 
 // Merges the n_splits partials of one (query head, token): out = sum_z w_z o_z / sum_z w_z with

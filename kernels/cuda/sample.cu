@@ -37,67 +37,68 @@ __device__ __forceinline__ int64_t id_of(u64 key) {
   return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
 }
 
-__global__ void __launch_bounds__(kThreads)
-    sample_kernel(int32_t* out_ids, const float* logits, const float* params, int64_t vocab) {
-  __shared__ u64 ksh[32];
-  __shared__ double dsh[32];
-  const int64_t row = blockIdx.x;
-  const float* l = logits + row * vocab;
-  const float* q = params + row * Ops::kSampleParams;
-  const float temperature = q[0];
-  const int64_t top_k = static_cast<int64_t>(q[1]);
-  const float top_p = q[2];
-  const float min_p = q[3];
-  const double u = static_cast<double>(q[4]) + static_cast<double>(q[5]);
-  // Greedy below Ops::kGreedyTemperature; NaN ranks last, as -inf (the CPU twin's rules).
-  const bool greedy = temperature < Ops::kGreedyTemperature;
-  auto score = [&](int64_t i) {
-    const float x = greedy ? l[i] : l[i] / temperature;
-    return isnan(x) ? -INFINITY : x;
-  };
+// The shared memory of a row's block: reduction scratch, and the copy of the keys >= c_floor
+// (when compacted) with their probabilities, and the per-thread and per-warp counts that place
+// them.
+struct SampleSmem {
+  u64 ksh[32];
+  double dsh[32];
+  u64 ck[kCompact];
+  double cp[kCompact];
+  int32_t counts[kThreads];
+  int32_t warp_counts[kThreads / 32];
+};
 
-  u64 best = 0;
-  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) best = max(best, key_of(score(i), i));
-  const u64 top = block_reduce(best, ksh, MaxOp{}, u64{0});
-  if (greedy) {  // the lowest id among the largest logits
-    if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(top));
-    return;
-  }
-  const double max_s = score(id_of(top));
-  auto p = [&](int64_t i) { return exp(static_cast<double>(score(i)) - max_s); };
-
-  // The copy of the keys >= c_floor (when compacted): ck/cp hold n_c keys and probabilities.
-  __shared__ u64 ck[kCompact];
-  __shared__ double cp[kCompact];
-  __shared__ int32_t counts[kThreads];
-  __shared__ int32_t warp_counts[kThreads / 32];
-  bool compacted = false;  // block-uniform, as are the two below
+// One thread's view of the block's row: its scores and keys, and the passes over them. The
+// state below `top` is block-uniform: every thread makes the same calls in the same order.
+struct RowSampler {
+  SampleSmem& sm;
+  const float* l;
+  int64_t vocab;
+  float temperature;
+  bool greedy;
+  u64 top = 0;
+  double max_s = 0;
+  bool compacted = false;
   u64 c_floor = 0;
   int32_t n_c = 0;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // Copies the keys >= floor (at most kCompact of them): thread t's in its order, after those of
-  // threads < t, so the copy's order is a function of the row alone.
-  auto compact = [&](u64 floor) {
+  u64 seen = 0;  // keys the last count or mass looked at
+
+  // NaN ranks last, as -inf (the CPU twin's rule).
+  __device__ float score(int64_t i) const {
+    const float x = greedy ? l[i] : l[i] / temperature;
+    return isnan(x) ? -INFINITY : x;
+  }
+  __device__ double p(int64_t i) const { return exp(static_cast<double>(score(i)) - max_s); }
+  __device__ void find_top() {
+    u64 best = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) best = max(best, key_of(score(i), i));
+    top = block_reduce(best, sm.ksh, MaxOp{}, u64{0});
+  }
+  // Copies the keys >= floor (at most kCompact of them): thread t's in its order, after those
+  // of threads < t, so the copy's order is a function of the row alone.
+  __device__ void compact(u64 floor) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     int32_t mine = 0;
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) mine += key_of(score(i), i) >= floor;
-    counts[threadIdx.x] = mine;
+    sm.counts[threadIdx.x] = mine;
     __syncthreads();
     int32_t before = 0, warp_total = 0;
     for (int other = 0; other < 32; ++other) {
-      const int32_t c = counts[warp * 32 + other];
+      const int32_t c = sm.counts[warp * 32 + other];
       before += other < lane ? c : 0;
       warp_total += c;
     }
-    if (lane == 0) warp_counts[warp] = warp_total;
+    if (lane == 0) sm.warp_counts[warp] = warp_total;
     __syncthreads();
-    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    for (int w = 0; w < warp; ++w) before += sm.warp_counts[w];
     int32_t total_n = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total_n += warp_counts[w];
+    for (int w = 0; w < kThreads / 32; ++w) total_n += sm.warp_counts[w];
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
       const u64 k = key_of(score(i), i);
       if (k >= floor) {
-        ck[before] = k;
-        cp[before] = p(i);
+        sm.ck[before] = k;
+        sm.cp[before] = p(i);
         ++before;
       }
     }
@@ -105,28 +106,28 @@ __global__ void __launch_bounds__(kThreads)
     compacted = true;
     c_floor = floor;
     n_c = total_n;
-  };
+  }
   // Whether a pass over the keys >= t can walk the copy.
-  auto in_copy = [&](u64 t) { return compacted && t >= c_floor; };
+  __device__ bool in_copy(u64 t) const { return compacted && t >= c_floor; }
   // Calls f(key, prob) for this thread's keys >= bound, from the copy when it holds them all;
   // prob() is the key's probability (an exp on the vocabulary path, so called only if needed).
-  auto visit = [&](u64 bound, auto f) {
+  template <typename F>
+  __device__ void visit(u64 bound, F f) const {
     if (in_copy(bound)) {
       for (int32_t j = threadIdx.x; j < n_c; j += kThreads)
-        if (ck[j] >= bound) f(ck[j], [&] { return cp[j]; });
+        if (sm.ck[j] >= bound) f(sm.ck[j], [&] { return sm.cp[j]; });
     } else {
       for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
         const u64 k = key_of(score(i), i);
         if (k >= bound) f(k, [&] { return p(i); });
       }
     }
-  };
-
+  }
   // The largest T in [lo, hi] with pred(T) (pred(lo) holds, pred is monotone); pred counts the
   // keys >= max(T, floor) it looked at into `seen`. A raised bound with few enough keys at or
   // above it makes the copy.
-  u64 seen = 0;
-  auto search = [&](u64 lo, u64 hi, u64 floor, auto pred) {
+  template <typename Pred>
+  __device__ u64 search(u64 lo, u64 hi, u64 floor, Pred pred) {
     while (lo < hi) {
       const u64 mid = lo + (hi - lo) / 2 + ((hi - lo) & 1);  // rounds up, cannot overflow
       if (pred(mid)) {
@@ -138,16 +139,16 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     return lo;
-  };
-  auto count_at_least = [&](u64 t) {
+  }
+  __device__ u64 count_at_least(u64 t) {
     u64 c = 0;
     visit(t, [&](u64, auto) { ++c; });
-    seen = block_reduce(c, ksh, SumOp{}, u64{0});
+    seen = block_reduce(c, sm.ksh, SumOp{}, u64{0});
     return seen;
-  };
+  }
   // Sum of p over the keys >= max(t, floor_key) whose probability p / norm is at least
   // `threshold` (the top always counts); norm = 1 and threshold < 0 count every key.
-  auto mass_at_least = [&](u64 t, u64 floor_key, double threshold, double norm) {
+  __device__ double mass_at_least(u64 t, u64 floor_key, double threshold, double norm) {
     double s = 0;
     u64 c = 0;
     visit(t > floor_key ? t : floor_key, [&](u64 k, auto prob) {
@@ -155,39 +156,63 @@ __global__ void __launch_bounds__(kThreads)
       const double pi = prob();
       if (k == top || pi / norm >= threshold) s += pi;
     });
-    seen = block_reduce(c, ksh, SumOp{}, u64{0});
-    return block_reduce(s, dsh, SumOp{}, 0.0);
-  };
+    seen = block_reduce(c, sm.ksh, SumOp{}, u64{0});
+    return block_reduce(s, sm.dsh, SumOp{}, 0.0);
+  }
+  // The kept key the draw lands on: `chosen` when it is kept, else (rounding left no prefix
+  // above the target) the smallest kept key, the twin's last kept token.
+  __device__ u64 kept_key(u64 cut, u64 chosen, double threshold, double total) const {
+    u64 smallest = ~0ull;
+    bool found = false;
+    visit(cut, [&](u64 k, auto prob) {
+      if (k == top || prob() / total >= threshold) {
+        smallest = min(smallest, k);
+        found = found || k == chosen;
+      }
+    });
+    smallest = ~block_reduce(~smallest, sm.ksh, MaxOp{}, u64{0});
+    const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), sm.ksh, SumOp{}, u64{0});
+    return any_found ? chosen : smallest;
+  }
+};
 
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(int32_t* out_ids, const float* logits, const float* params, int64_t vocab) {
+  __shared__ SampleSmem sm;
+  const int64_t row = blockIdx.x;
+  const float* q = params + row * Ops::kSampleParams;
+  const int64_t top_k = static_cast<int64_t>(q[1]);
+  const float top_p = q[2];
+  const float min_p = q[3];
+  const double u = static_cast<double>(q[4]) + static_cast<double>(q[5]);
+  // Greedy below Ops::kGreedyTemperature (the CPU twin's rule).
+  RowSampler r{sm, logits + row * vocab, vocab, q[0], q[0] < Ops::kGreedyTemperature};
+  r.find_top();
+  if (r.greedy) {  // the lowest id among the largest logits
+    if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(r.top));
+    return;
+  }
+  r.max_s = r.score(id_of(r.top));
+  const u64 top = r.top;
   // top-k
   u64 cut = 0;
   if (top_k > 0 && top_k < vocab)
-    cut = search(0, top, 0, [&](u64 t) { return count_at_least(t) >= static_cast<u64>(top_k); });
-  const double total = mass_at_least(0, cut, -1.0, 1.0);
+    cut =
+        r.search(0, top, 0, [&](u64 t) { return r.count_at_least(t) >= static_cast<u64>(top_k); });
+  const double total = r.mass_at_least(0, cut, -1.0, 1.0);
   // top-p: the shortest prefix with probability >= top_p
   if (top_p < 1.f)
-    cut = search(cut, top, cut,
-                 [&](u64 t) { return mass_at_least(t, cut, -1.0, 1.0) / total >= top_p; });
+    cut = r.search(cut, top, cut,
+                   [&](u64 t) { return r.mass_at_least(t, cut, -1.0, 1.0) / total >= top_p; });
   // min-p: probability >= min_p x the top's (the top's p is exp(0) = 1), as the twin compares
   const double threshold = min_p > 0.f ? min_p * (1.0 / total) : -1.0;
-  const double kept = mass_at_least(0, cut, threshold, total);
+  const double kept = r.mass_at_least(0, cut, threshold, total);
   const double target = u * kept;
   // The draw: the last key whose prefix still holds more than `target`.
-  const u64 chosen = search(
-      cut, top, cut, [&](u64 t) { return mass_at_least(t, cut, threshold, total) > target; });
-  // `chosen` is a key of the kept set unless rounding left no prefix above target; then the
-  // twin takes the last kept token: the smallest kept key.
-  u64 smallest = ~0ull;
-  bool found = false;
-  visit(cut, [&](u64 k, auto prob) {
-    if (k == top || prob() / total >= threshold) {
-      smallest = min(smallest, k);
-      found = found || k == chosen;
-    }
-  });
-  smallest = ~block_reduce(~smallest, ksh, MaxOp{}, u64{0});
-  const u64 any_found = block_reduce(static_cast<u64>(found ? 1 : 0), ksh, SumOp{}, u64{0});
-  if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(any_found ? chosen : smallest));
+  const u64 chosen = r.search(
+      cut, top, cut, [&](u64 t) { return r.mass_at_least(t, cut, threshold, total) > target; });
+  const u64 key = r.kept_key(cut, chosen, threshold, total);
+  if (threadIdx.x == 0) out_ids[row] = static_cast<int32_t>(id_of(key));
 }
 
 // Ops::penalize: one block per row, a thread per id (distinct within the row, so no two threads
