@@ -1,5 +1,6 @@
 // Shared device helpers of the CUDA kernels: element loads and stores in fp32 for F32 and BF16
-// operands, block-wide reductions, and the launch check that names the failing op.
+// operands, block-wide reductions, the paged cache's slot lookup, and the launch check that names
+// the failing op.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -69,6 +70,16 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   return block_reduce(v, scratch, MaxOp{}, -INFINITY);
+}
+
+// The slot of position `p` in the paged cache: the block that `table` (max_blocks entries) names
+// for it, times block_size, plus p's place in that block; -1 where the table has no entry for p
+// or names a block outside [0, n_blocks).
+__device__ __forceinline__ int64_t paged_slot(const int32_t* table, int64_t p, int64_t block_size,
+                                              int64_t max_blocks, int64_t n_blocks) {
+  const int64_t logical = p / block_size;
+  const int64_t block = logical < max_blocks ? table[logical] : -1;
+  return block >= 0 && block < n_blocks ? block * block_size + p % block_size : -1;
 }
 
 // Grid size for `n` items at `per_block` items per block, capped at the grid's x limit (kernels
