@@ -6,18 +6,53 @@
 
 namespace sy {
 
-size_t dtype_size(DType dtype) {
+int64_t dtype_block_elems(DType dtype) {
+  switch (dtype) {
+    case DType::kQ8_0:
+    case DType::kQ4_0:
+      return 32;
+    case DType::kQ4_K:
+    case DType::kQ6_K:
+      return 256;
+    default:
+      return 1;
+  }
+}
+
+int64_t dtype_block_bytes(DType dtype) {
   switch (dtype) {
     case DType::kF32:
-      return 4;
-    case DType::kBF16:
-      return 2;
-    case DType::kF16:
-      return 2;
     case DType::kI32:
       return 4;
+    case DType::kBF16:
+    case DType::kF16:
+      return 2;
+    case DType::kQ8_0:
+      return 34;
+    case DType::kQ4_0:
+      return 18;
+    case DType::kQ4_K:
+      return 144;
+    case DType::kQ6_K:
+      return 210;
   }
   return 0;
+}
+
+bool dtype_is_quantized(DType dtype) {
+  return dtype_block_elems(dtype) > 1;
+}
+
+size_t dtype_size(DType dtype) {
+  SY_CHECK(!dtype_is_quantized(dtype), "dtype_size of the block-quantized type ",
+           dtype_name(dtype));
+  return static_cast<size_t>(dtype_block_bytes(dtype));
+}
+
+size_t dtype_bytes(DType dtype, int64_t n) {
+  const int64_t block = dtype_block_elems(dtype);
+  SY_CHECK(n % block == 0, n, " elements of ", dtype_name(dtype), " (blocks of ", block, ")");
+  return static_cast<size_t>(n / block) * static_cast<size_t>(dtype_block_bytes(dtype));
 }
 
 const char* dtype_name(DType dtype) {
@@ -30,6 +65,14 @@ const char* dtype_name(DType dtype) {
       return "F16";
     case DType::kI32:
       return "I32";
+    case DType::kQ8_0:
+      return "Q8_0";
+    case DType::kQ4_0:
+      return "Q4_0";
+    case DType::kQ4_K:
+      return "Q4_K";
+    case DType::kQ6_K:
+      return "Q6_K";
   }
   return "?";
 }
@@ -59,7 +102,7 @@ Tensor Tensor::rows(int64_t first, int64_t n) const {
            first + n, ") of tensor ", shape_str());
   Tensor t = *this;
   t.shape[0] = n;
-  t.data = static_cast<char*>(data) + static_cast<size_t>(first * row_numel()) * dtype_size(dtype);
+  t.data = static_cast<char*>(data) + dtype_bytes(dtype, first * row_numel());
   return t;
 }
 

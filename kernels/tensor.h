@@ -14,11 +14,20 @@
 
 namespace sy {
 
-enum class DType : uint8_t { kF32, kBF16, kF16, kI32 };
+// kQ8_0 .. kQ6_K: GGML's block-quantized weight formats (kernels/cpu/quant.h), held by CPU
+// weights only. A row of a quantized tensor holds whole blocks.
+enum class DType : uint8_t { kF32, kBF16, kF16, kI32, kQ8_0, kQ4_0, kQ4_K, kQ6_K };
 enum class Device : uint8_t { kCpu, kCuda };
 
+// Bytes of one element; throws for the block-quantized types, which have none.
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
+bool dtype_is_quantized(DType dtype);
+// Elements and bytes of one block (1 and dtype_size for the element types).
+int64_t dtype_block_elems(DType dtype);
+int64_t dtype_block_bytes(DType dtype);
+// Bytes of n elements (n a multiple of the block for the quantized types).
+size_t dtype_bytes(DType dtype, int64_t n);
 
 struct Tensor {
   void* data = nullptr;
@@ -33,7 +42,7 @@ struct Tensor {
 
   int64_t size(int dim) const;
   int64_t numel() const;
-  size_t bytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  size_t bytes() const { return dtype_bytes(dtype, numel()); }
   // Elements in one index of dimension 0.
   int64_t row_numel() const {
     int64_t n = 1;

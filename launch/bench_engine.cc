@@ -20,11 +20,13 @@
 #include <cblas.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/cpu/threads.h"
 #include "launch/commands.h"
 #include "parallel/context.h"
 #include "parallel/mpi_env.h"
 #include "runtime/engine/sampling.h"
 #include "runtime/formats/safetensors.h"
+#include "runtime/model/loader.h"
 #include "runtime/model/model.h"
 
 namespace sy::launch {
@@ -37,17 +39,26 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Sustained memory bandwidth of this rank (bytes/s): a triad a = b + s*c over 3 x 64 MiB.
+// Sustained memory bandwidth of this rank (bytes/s): a triad a = b + s*c over 3 x 256 MiB (far
+// larger than any cache), split over the rank's threads (kernels/cpu/threads.h), counted as
+// STREAM counts it (two reads and one write per element).
 double measure_bandwidth() {
-  const size_t n = (64u << 20) / sizeof(float);
-  std::vector<float> a(n, 1.f), b(n, 2.f), c(n, 3.f);
+  const int64_t n = (256ll << 20) / static_cast<int64_t>(sizeof(float));
+  std::vector<float> a(static_cast<size_t>(n)), b(static_cast<size_t>(n)),
+      c(static_cast<size_t>(n));
+  // First touch on the threads that later stream each part.
+  cpu::parallel_for(n, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) a[i] = 1.f, b[i] = 2.f, c[i] = 3.f;
+  });
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t = Clock::now();
-    for (size_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
-    best = std::max(best, 3.0 * n * sizeof(float) / seconds_since(t));
+    cpu::parallel_for(n, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) a[i] = b[i] + 0.5f * c[i];
+    });
+    best = std::max(best, 3.0 * static_cast<double>(n) * sizeof(float) / seconds_since(t));
   }
-  volatile float sink = a[n / 2];
+  volatile float sink = a[static_cast<size_t>(n / 2)];
   (void)sink;
   return best;
 }
@@ -286,8 +297,8 @@ void EngineBench::build_model() {
   const auto t_load = Clock::now();
   Weights weights;
   if (a_.synthetic.empty()) {
-    Checkpoint ckpt = Checkpoint::open(a_.model);
-    weights = Weights::load(ckpt, config_, shard, ops, root_);
+    auto ckpt = open_weight_source(a_.model);
+    weights = Weights::load(*ckpt, config_, shard, ops, root_, a_.backend.weight_format());
   } else {
     weights = Weights::synthetic(config_, shard, ops, a_.seed);
   }
@@ -453,8 +464,17 @@ json EngineBench::case_sample(const Case& c, const CaseTimes& t) {
   const double active_experts = E * (1 - std::pow(1 - k / E, double(c.batch)));
   const double ctx = c.prompt + c.output / 2.0;
   const double es = static_cast<double>(dtype_size(backend_.ops->storage_dtype()));
+  // Bytes per weight as held here (quantized CPU weights hold under one byte).
+  const Weights& w = model_->weights();
+  auto held = [&](const Tensor& t) {
+    return t.numel() > 0 ? static_cast<double>(t.bytes()) / static_cast<double>(t.numel()) : es;
+  };
+  const LayerWeights& l0 = w.layers.front();
+  const double es_attn = held(l0.wq), es_head = held(w.lm_head);
+  const double es_expert = l0.w1.empty() ? es : held(l0.w1.front());
   const double weight_bytes_step =
-      es * (L * (attn_params + active_experts * expert_params) + double(m.vocab_size) * dim) +
+      L * (es_attn * attn_params + es_expert * active_experts * expert_params) +
+      es_head * double(m.vocab_size) * dim +
       4.0 * L * E * dim;  // the router's weight is F32 on every backend
   const double kv_bytes_step = es * L * c.batch * ctx * 2 * m.kv_dim();
   const double bytes_step = weight_bytes_step + kv_bytes_step;

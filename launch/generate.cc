@@ -90,6 +90,13 @@ void add_device_flags(CLI::App* cmd, BackendOptions& backend) {
   cmd->add_option("--dtype", backend.dtype,
                   "Weights, KV cache and GEMM inputs: auto (cpu f32, cuda bf16), bf16 or f32")
       ->capture_default_str();
+  cmd->add_option("--weights", backend.weights,
+                  "Linear weights: auto (a GGUF file's own types on cpu), f32, bf16, f16, q8_0, "
+                  "q4_0 or q4_k (quantized at load; cpu only)")
+      ->capture_default_str();
+  cmd->add_option("--threads", backend.threads,
+                  "Threads per CPU rank (0 = the node's cores / its ranks)")
+      ->capture_default_str();
   cmd->add_option("--comm", backend.comm,
                   "GPU ranks: auto, nccl (one GPU per rank) or mpi (host staging; ranks may "
                   "share a GPU)")
@@ -104,7 +111,8 @@ bool launched_by_mpi() {
 
 void add_generate(CLI::App& app, GenerateArgs& a) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from one prompt");
-  cmd->add_option("--model", a.model, "Model directory (Hugging Face layout)")->required();
+  cmd->add_option("--model", a.model, "Model directory (Hugging Face layout) or GGUF file")
+      ->required();
   auto* prompt = cmd->add_option("--prompt", a.prompt, "Prompt text (BOS is added)");
   auto* ids = cmd->add_option("--prompt-ids", a.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   prompt->excludes(ids);
@@ -236,7 +244,7 @@ int run_generate(const GenerateArgs& a) {
   Ranks ranks;
   join_ranks(a, config, ranks);
   LoadedModel loaded = load_model(a.model, context, a.prefill_chunk, ranks.root, ranks.par.get(),
-                                  ranks.backend.ops.get());
+                                  ranks.backend.ops.get(), a.backend.weight_format());
   if (ranks.par != nullptr) print_layout(*ranks.par, config, loaded.model->weights());
   GenerateOptions options;
   options.max_tokens = a.max_tokens;

@@ -29,6 +29,9 @@ void add_make_tiny_model(CLI::App& app, MakeTinyModelArgs& a) {
       ->capture_default_str();
   cmd->add_option("--vocab-size", c.vocab_size, "Tokenizer and vocabulary size")
       ->capture_default_str();
+  cmd->add_option("--tokenizer", a.options.tokenizer_model,
+                  "A sentencepiece tokenizer.model to copy (its piece count must equal "
+                  "--vocab-size) instead of training one");
   cmd->add_option("--sliding-window", c.sliding_window, "Attention window in tokens (0 = none)")
       ->capture_default_str();
   cmd->add_option("--max-position", c.max_position_embeddings, "max_position_embeddings")

@@ -172,7 +172,8 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
 
   print_config(sc, config, par.config.tp, dtype_size(backend.ops->storage_dtype()));
   std::fprintf(stderr, "  %-22s %s\n", "device", backend.description.c_str());
-  loaded = load_model(sc.model, config, sc.model_limits(config), true, &par, backend.ops.get());
+  loaded = load_model(sc.model, config, sc.model_limits(config), true, &par, backend.ops.get(),
+                      a.backend.weight_format());
   print_layout(par, config, loaded.model->weights());
   engine = std::make_unique<Engine>(*loaded.model, *tokenizer, sc.engine_options(), par.world);
   SY_CHECK(engine->context_limit() == sc.context_limit(config), "the engine's context limit ",
@@ -274,8 +275,8 @@ int run_serve(const ServeArgs& a) {
       ParallelContext::create(pc, backend.world ? *backend.world : *world);
   if (env.is_root()) return serve_root(a, config, *par, backend);
 
-  LoadedModel loaded =
-      load_model(a.config.model, config, limits, false, par.get(), backend.ops.get());
+  LoadedModel loaded = load_model(a.config.model, config, limits, false, par.get(),
+                                  backend.ops.get(), a.backend.weight_format());
   print_layout(*par, config, loaded.model->weights());
   Engine::run_worker(*loaded.model, *world);
   return 0;

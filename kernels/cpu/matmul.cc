@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/threads.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -78,7 +79,8 @@ constexpr const TileFn* kTiles[kTileRows] = {kTilesOfRows<1>, kTilesOfRows<2>, k
 // out = x · wᵀ for m <= kSmallMaxRows: k in blocks that keep x's part (m x block_k floats) in
 // L2; within a block, every group of kTileCols rows of w is read from memory once and from L1
 // for each group of kTileRows rows of x. So w streams from memory once in all.
-void small_gemm(float* out, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
+void small_gemm(float* out, int64_t ldo, const float* x, const float* w, int64_t m, int64_t n,
+                int64_t k) {
   const int64_t block_k = std::max<int64_t>(256, kBlockXFloats / m / 8 * 8);
   for (int64_t k0 = 0; k0 < k; k0 += block_k) {
     const int64_t k1 = std::min(k, k0 + block_k);
@@ -86,7 +88,7 @@ void small_gemm(float* out, const float* x, const float* w, int64_t m, int64_t n
       const int cols = static_cast<int>(std::min<int64_t>(kTileCols, n - j));
       for (int64_t r = 0; r < m; r += kTileRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r));
-        kTiles[rows - 1][cols - 1](out + r * n + j, n, x + r * k, w + j * k, k, k0, k1, k0 > 0);
+        kTiles[rows - 1][cols - 1](out + r * ldo + j, ldo, x + r * k, w + j * k, k, k0, k1, k0 > 0);
       }
     }
   }
@@ -106,6 +108,10 @@ bool blas_single_threaded() {
 }  // namespace
 
 void matmul(Tensor out, Tensor x, Tensor w) {
+  if (w.dtype != DType::kF32) {
+    matmul_converted(out, x, w);
+    return;
+  }
   const int64_t m = x.size(0);
   const int64_t k = x.size(1);
   const int64_t n = w.size(0);
@@ -114,20 +120,28 @@ void matmul(Tensor out, Tensor x, Tensor w) {
   check_tensor(out, "matmul.out", DType::kF32, {m, n});
   if (m == 0 || n == 0) return;
   SY_CHECK(m < (1ll << 31) && n < (1ll << 31) && k < (1ll << 31), "matmul: extents too large");
+  // The output columns split between the pool's threads (kernels/cpu/threads.h).
   if (m == 1) {  // decode of one token: a matrix-vector product reads w once, with no packing
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(n), static_cast<int>(k), 1.f, w.f32(),
-                static_cast<int>(k), x.f32(), 1, 0.f, out.f32(), 1);
+    parallel_for(n, [&](int64_t j0, int64_t j1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(j1 - j0), static_cast<int>(k), 1.f,
+                  w.f32() + j0 * k, static_cast<int>(k), x.f32(), 1, 0.f, out.f32() + j0, 1);
+    });
     return;
   }
 #ifdef SY_SMALL_GEMM
-  if (m <= kSmallMaxRows && k > 0 && small_gemm_available() && blas_single_threaded()) {
-    small_gemm(out.f32(), x.f32(), w.f32(), m, n, k);
+  if (m <= kSmallMaxRows && k > 0 && simd_enabled() && small_gemm_available() &&
+      blas_single_threaded()) {
+    parallel_for(n, [&](int64_t j0, int64_t j1) {
+      small_gemm(out.f32() + j0, n, x.f32(), w.f32() + j0 * k, m, j1 - j0, k);
+    });
     return;
   }
 #endif
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
-              static_cast<int>(k), 1.f, x.f32(), static_cast<int>(k), w.f32(), static_cast<int>(k),
-              0.f, out.f32(), static_cast<int>(n));
+  parallel_for(n, [&](int64_t j0, int64_t j1) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+                static_cast<int>(j1 - j0), static_cast<int>(k), 1.f, x.f32(), static_cast<int>(k),
+                w.f32() + j0 * k, static_cast<int>(k), 0.f, out.f32() + j0, static_cast<int>(n));
+  });
 }
 
 }  // namespace sy::cpu

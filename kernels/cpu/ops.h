@@ -12,6 +12,14 @@ void embedding(Tensor out, Tensor ids, Tensor table, int64_t row_offset);
 void rmsnorm(Tensor out, Tensor x, Tensor weight, float eps);
 void add(Tensor out, Tensor a, Tensor b);
 void matmul(Tensor out, Tensor x, Tensor w);
+// matmul with w in F16, BF16 or a block type (qmatmul.cc); x and out F32.
+void matmul_converted(Tensor out, Tensor x, Tensor w);
+
+// Which SIMD paths the CPU kernels take: kAuto, AVX2 + FMA + F16C where the CPU has them
+// (checked at run time); kPortable, plain C++ everywhere (the tests run both).
+enum class Simd { kAuto, kPortable };
+void set_simd(Simd simd);
+bool simd_enabled();
 void rope(Tensor q, Tensor k, Tensor positions, double theta);
 void kv_append(Tensor k_cache, Tensor v_cache, Tensor k, Tensor v, const AttentionMeta& meta);
 void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const AttentionMeta& meta);

@@ -1,6 +1,8 @@
 // Dequantization of GGML's block formats (see quant.h).
 #include "kernels/cpu/quant.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/error.h"
@@ -80,7 +82,175 @@ void dequant_q6_k(const uint8_t* b, float* y) {
   }
 }
 
+void store_f16(uint8_t* p, float v) {
+  const uint16_t h = f32_to_f16(v);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// ggml's roundf: halves away from zero, as gguf.quants' np_roundf.
+float round_away(float v) {
+  return std::round(v);
+}
+
+void quant_q8_0(const float* x, uint8_t* b) {
+  float amax = 0;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  store_f16(b, d);
+  for (int i = 0; i < 32; ++i) {
+    const float scaled = x[i] * id;
+    b[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(round_away(scaled)));
+  }
+}
+
+void quant_q4_0(const float* x, uint8_t* b) {
+  float amax = 0, max = 0;
+  for (int i = 0; i < 32; ++i) {
+    if (std::fabs(x[i]) > amax) {  // the first element of largest magnitude, sign kept
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  const float d = max / -8.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  store_f16(b, d);
+  uint8_t q[32];
+  for (int i = 0; i < 32; ++i) {
+    const float scaled = x[i] * id;
+    const float shifted = scaled + 8.5f;
+    q[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(std::trunc(shifted)), 0, 15));
+  }
+  for (int i = 0; i < 16; ++i) b[2 + i] = static_cast<uint8_t>(q[i] | (q[i + 16] << 4));
+}
+
+int nearest_code(float v, float step, int top) {
+  if (!(step > 0.f)) return 0;
+  return std::clamp(static_cast<int>(std::lround(v / step)), 0, top);
+}
+
+void pack_q4_k_scales(const int* sc, const int* m, uint8_t* s) {
+  for (int j = 0; j < 4; ++j) {
+    s[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    s[j + 4] = static_cast<uint8_t>((m[j] & 63) | ((m[j + 4] >> 4) << 6));
+    s[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0x0F) | ((m[j + 4] & 0x0F) << 4));
+  }
+}
+
+void quant_q4_k(const float* x, uint8_t* b) {
+  float scale[8], min[8], max_scale = 0, max_min = 0;
+  for (int s = 0; s < 8; ++s) {
+    float lo = 0, hi = -INFINITY;
+    for (int i = 0; i < 32; ++i) {
+      lo = std::min(lo, x[32 * s + i]);
+      hi = std::max(hi, x[32 * s + i]);
+    }
+    scale[s] = std::max(0.f, (hi - lo) / 15.f);
+    min[s] = -lo;
+    max_scale = std::max(max_scale, scale[s]);
+    max_min = std::max(max_min, min[s]);
+  }
+  store_f16(b, max_scale / 63.f);
+  store_f16(b + 2, max_min / 63.f);
+  const float d = load_f16(b), dmin = load_f16(b + 2);  // as the reader will see them
+  int sc[8], m[8];
+  for (int s = 0; s < 8; ++s) {
+    sc[s] = nearest_code(scale[s], d, 63);
+    m[s] = nearest_code(min[s], dmin, 63);
+  }
+  pack_q4_k_scales(sc, m, b + 4);
+  uint8_t* qs = b + 16;
+  std::memset(qs, 0, 128);
+  for (int s = 0; s < 8; ++s) {
+    const float dl = d * static_cast<float>(sc[s]);
+    const float ml = dmin * static_cast<float>(m[s]);
+    for (int i = 0; i < 32; ++i) {
+      const int q = nearest_code(x[32 * s + i] + ml, dl, 15);
+      qs[32 * (s / 2) + i] |= static_cast<uint8_t>(q << (4 * (s % 2)));
+    }
+  }
+}
+
 }  // namespace
+
+GgmlType ggml_type_of(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return GgmlType::kF32;
+    case DType::kF16:
+      return GgmlType::kF16;
+    case DType::kBF16:
+      return GgmlType::kBF16;
+    case DType::kQ8_0:
+      return GgmlType::kQ8_0;
+    case DType::kQ4_0:
+      return GgmlType::kQ4_0;
+    case DType::kQ4_K:
+      return GgmlType::kQ4_K;
+    case DType::kQ6_K:
+      return GgmlType::kQ6_K;
+    case DType::kI32:
+      break;
+  }
+  SY_FAIL("no GGML type for ", dtype_name(dtype));
+}
+
+bool dtype_of_ggml(GgmlType type, DType* dtype) {
+  for (DType d : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_K,
+                  DType::kQ6_K}) {
+    if (ggml_type_of(d) == type) {
+      *dtype = d;
+      return true;
+    }
+  }
+  return false;
+}
+
+void row_to_f32(DType dtype, const void* src, float* dst, int64_t n) {
+  if (dtype == DType::kF32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+    return;
+  }
+  dequantize_row(ggml_type_of(dtype), static_cast<const uint8_t*>(src), dst, n);
+}
+
+void row_from_f32(DType dtype, const float* src, void* dst, int64_t n) {
+  const int64_t block = dtype_block_elems(dtype);
+  SY_CHECK(n >= 0 && n % block == 0, "quantize: ", n, " elements of ", dtype_name(dtype),
+           " (blocks of ", block, ")");
+  auto* out = static_cast<uint8_t*>(dst);
+  const int64_t block_bytes = dtype_block_bytes(dtype);
+  for (int64_t i = 0; i < n / block; ++i) {
+    const float* x = src + i * block;
+    uint8_t* b = out + i * block_bytes;
+    switch (dtype) {
+      case DType::kF32:
+        std::memcpy(b, x, 4);
+        break;
+      case DType::kF16: {
+        const uint16_t h = f32_to_f16(*x);
+        std::memcpy(b, &h, 2);
+        break;
+      }
+      case DType::kBF16: {
+        const uint16_t h = f32_to_bf16(*x);
+        std::memcpy(b, &h, 2);
+        break;
+      }
+      case DType::kQ8_0:
+        quant_q8_0(x, b);
+        break;
+      case DType::kQ4_0:
+        quant_q4_0(x, b);
+        break;
+      case DType::kQ4_K:
+        quant_q4_k(x, b);
+        break;
+      default:
+        SY_FAIL("quantize: no quantizer for ", dtype_name(dtype));
+    }
+  }
+}
 
 GgmlTypeInfo ggml_type_info(uint32_t type) {
   switch (static_cast<GgmlType>(type)) {

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "kernels/tensor.h"
+
 namespace sy::cpu {
 
 // GGML's type ids (ggml_type), as stored in GGUF tensor infos.
@@ -49,5 +51,22 @@ GgmlTypeInfo ggml_type_info(uint32_t type);
 // Elements [0, n) of a row of `type` from `src` into `dst` (F32); n a multiple of the type's
 // block_elems. Requires ggml_type_info(type).dequantizes.
 void dequantize_row(GgmlType type, const uint8_t* src, float* dst, int64_t n);
+
+// The GGML type of a switchyard dtype (F32, F16, BF16 and the quantized ones), and back: false
+// when `type` has no dtype.
+GgmlType ggml_type_of(DType dtype);
+bool dtype_of_ggml(GgmlType type, DType* dtype);
+
+// Elements [0, n) of a row of `dtype` (any but I32) into F32.
+void row_to_f32(DType dtype, const void* src, float* dst, int64_t n);
+// A row of n F32 elements stored as `dtype` (any but I32); n a multiple of its block.
+//   F16, BF16: round to nearest even.
+//   Q8_0, Q4_0: the reference rounding of GGML, the order of gguf.quants' quantize (bit-exact).
+//   Q4_K: per 32-element sub-block, scale (max - min) / 15 and min = min(x, 0), their 6-bit
+//         codes rounded to nearest over the block's largest; then each element rounded to the
+//         nearest code of its sub-block. (llama.cpp's quantizer searches further; this one is
+//         simpler and less accurate, within the bounds tests/kernels/test_qmatmul.cc states.)
+//   Q6_K is read only (throws).
+void row_from_f32(DType dtype, const float* src, void* dst, int64_t n);
 
 }  // namespace sy::cpu

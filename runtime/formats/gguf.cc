@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <regex>
 
 #include "kernels/error.h"
 
@@ -346,6 +348,77 @@ const std::vector<int64_t>& GgufFile::integers(const std::string& key) const {
   SY_CHECK(v.type == GgufType::kArray && scalar_bytes(v.elem_type) > 0 && !is_float(v.elem_type),
            path_, ": ", key, " must be an array of integers");
   return v.ints;
+}
+
+bool is_gguf_path(const std::string& path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+}
+
+namespace {
+
+// "PREFIX-00002-of-00003.gguf" -> {"PREFIX", 3}; {"", 0} for a name not of that form.
+std::pair<std::string, uint64_t> split_name(const std::string& path) {
+  static const std::regex pattern(R"((.*)-([0-9]{5})-of-([0-9]{5})\.gguf)");
+  std::smatch m;
+  if (!std::regex_match(path, m, pattern)) return {"", 0};
+  return {m[1].str(), std::stoull(m[3].str())};
+}
+
+std::string split_path(const std::string& prefix, uint64_t i, uint64_t n) {
+  char tail[64];
+  std::snprintf(tail, sizeof(tail), "-%05llu-of-%05llu.gguf", static_cast<unsigned long long>(i),
+                static_cast<unsigned long long>(n));
+  return prefix + tail;
+}
+
+}  // namespace
+
+GgufModelFiles GgufModelFiles::open(const std::string& path) {
+  GgufModelFiles set;
+  std::unique_ptr<GgufFile> given = GgufFile::open(path);
+  const uint64_t count = given->find("split.count") != nullptr ? given->uint("split.count") : 1;
+  if (count <= 1) {
+    set.files_.push_back(std::move(given));
+  } else {
+    const auto [prefix, named_count] = split_name(path);
+    SY_CHECK(named_count == count, path, ": split.count is ", count,
+             " but the name is not PREFIX-NNNNN-of-", split_path("", 0, count).substr(10));
+    SY_CHECK(count <= 1000, path, ": split.count ", count, " (at most 1000)");
+    for (uint64_t i = 0; i < count; ++i) {
+      const std::string p = split_path(prefix, i + 1, count);
+      std::unique_ptr<GgufFile> f = p == path ? std::move(given) : GgufFile::open(p);
+      SY_CHECK(f->uint("split.count") == count && f->uint("split.no") == i, p,
+               ": split.no / split.count do not say split ", i, " of ", count);
+      set.files_.push_back(std::move(f));
+    }
+  }
+  uint64_t n_tensors = 0;
+  for (const auto& f : set.files_) {
+    for (const GgufTensor& t : f->tensors()) {
+      SY_CHECK(set.tensors_.emplace(t.name, std::make_pair(f.get(), &t)).second, f->path(),
+               ": tensor \"", t.name, "\" is also in another split");
+      ++n_tensors;
+    }
+  }
+  if (count > 1 && set.meta().find("split.tensors.count") != nullptr)
+    SY_CHECK(set.meta().uint("split.tensors.count") == n_tensors, set.meta().path(),
+             ": split.tensors.count is ", set.meta().uint("split.tensors.count"), " but the ",
+             count, " splits hold ", n_tensors, " tensors");
+  return set;
+}
+
+const GgufTensor* GgufModelFiles::find_tensor(const std::string& name,
+                                              const GgufFile** file) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) return nullptr;
+  if (file != nullptr) *file = it->second.first;
+  return it->second.second;
+}
+
+uint64_t GgufModelFiles::total_bytes() const {
+  uint64_t n = 0;
+  for (const auto& f : files_) n += f->file_bytes();
+  return n;
 }
 
 }  // namespace sy

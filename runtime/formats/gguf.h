@@ -73,6 +73,7 @@ class GgufFile {
   const std::vector<GgufTensor>& tensors() const { return tensors_; }
   const GgufTensor* find_tensor(const std::string& name) const;  // null when absent
   const uint8_t* data(const GgufTensor& t) const { return map_->data() + t.offset; }
+  uint64_t file_bytes() const { return map_->size(); }
 
   const GgufValue* find(const std::string& key) const;  // null when absent
   // The value of `key`, which must be present and of a matching type: any integer type that
@@ -100,6 +101,28 @@ class GgufFile {
   std::map<std::string, GgufValue> metadata_;
   std::vector<GgufTensor> tensors_;
   std::map<std::string, size_t> index_;  // tensor name -> position in tensors_
+};
+
+// Whether `path` names a GGUF file (ends in ".gguf").
+bool is_gguf_path(const std::string& path);
+
+// A GGUF checkpoint: one file, or the splits of llama.cpp's gguf-split
+// (PREFIX-00001-of-0000N.gguf .. PREFIX-0000N-of-0000N.gguf, each with split.no, split.count,
+// and split.tensors.count in the first). Any split's path opens the whole set; the metadata is
+// the first split's. Tensor names are unique across the set.
+class GgufModelFiles {
+ public:
+  static GgufModelFiles open(const std::string& path);
+
+  const GgufFile& meta() const { return *files_.front(); }
+  size_t n_files() const { return files_.size(); }
+  // The tensor `name` and the file holding it; null when absent.
+  const GgufTensor* find_tensor(const std::string& name, const GgufFile** file) const;
+  uint64_t total_bytes() const;  // of every file in the set
+
+ private:
+  std::vector<std::unique_ptr<GgufFile>> files_;
+  std::map<std::string, std::pair<const GgufFile*, const GgufTensor*>> tensors_;
 };
 
 }  // namespace sy

@@ -500,4 +500,14 @@ std::vector<std::string> Checkpoint::tensor_names() const {
   return names;
 }
 
+uint64_t SafetensorsFile::file_bytes() const {
+  return map_->size();
+}
+
+uint64_t Checkpoint::file_bytes() const {
+  uint64_t n = 0;
+  for (const auto& f : files_) n += f->file_bytes();
+  return n;
+}
+
 }  // namespace sy

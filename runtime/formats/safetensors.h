@@ -46,6 +46,7 @@ class SafetensorsFile {
   // Pointer to the first byte of `entry`'s data inside the mapping.
   const uint8_t* data(const SafetensorsEntry& entry) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  uint64_t file_bytes() const;
 
  private:
   SafetensorsFile() = default;
@@ -91,6 +92,7 @@ class Checkpoint {
   void set_progress(std::function<void(const LoadProgress&)> callback, uint64_t bytes_total);
   const LoadProgress& progress() const { return progress_; }
   std::vector<std::string> tensor_names() const;
+  uint64_t file_bytes() const;  // of every file of the checkpoint
 
  private:
   std::string dir_;

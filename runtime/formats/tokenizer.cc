@@ -20,11 +20,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <unordered_map>
 
 #include "kernels/error.h"
+#include "runtime/formats/gguf.h"
 
 namespace sy {
 namespace {
@@ -120,19 +122,104 @@ class LineIterator : public sentencepiece::SentenceIterator {
   bool done_ = false;
 };
 
+// Protocol buffer wire format, enough to write a sentencepiece ModelProto.
+void put_varint(std::string& out, uint64_t v) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<char>(v));
+}
+void put_key(std::string& out, int field, int wire) {
+  put_varint(out, static_cast<uint64_t>(field) << 3 | static_cast<uint64_t>(wire));
+}
+void put_int(std::string& out, int field, int64_t v) {
+  put_key(out, field, 0);
+  put_varint(out, static_cast<uint64_t>(v));
+}
+void put_bytes(std::string& out, int field, std::string_view bytes) {
+  put_key(out, field, 2);
+  put_varint(out, bytes.size());
+  out.append(bytes);
+}
+void put_float(std::string& out, int field, float v) {
+  put_key(out, field, 5);
+  char b[4];
+  std::memcpy(b, &v, 4);
+  out.append(b, 4);
+}
+
+// The serialized sentencepiece ModelProto of a GGUF file's tokenizer.ggml arrays: a BPE model
+// with byte fallback and the identity normalizer, as Mistral's tokenizer.model.
+std::string gguf_sentencepiece_model(const std::string& path) {
+  const GgufModelFiles files = GgufModelFiles::open(path);
+  const GgufFile& f = files.meta();
+  const std::string& kind = f.string("tokenizer.ggml.model");
+  SY_CHECK(kind == "llama", path, ": tokenizer.ggml.model is \"", kind,
+           "\"; only \"llama\" (sentencepiece) tokenizers are supported");
+  const std::vector<std::string>& tokens = f.strings("tokenizer.ggml.tokens");
+  const std::vector<double>& scores = f.numbers("tokenizer.ggml.scores");
+  const std::vector<int64_t>& types = f.integers("tokenizer.ggml.token_type");
+  SY_CHECK(!tokens.empty() && scores.size() == tokens.size() && types.size() == tokens.size(), path,
+           ": tokenizer.ggml.tokens, scores and token_type have ", tokens.size(), ", ",
+           scores.size(), " and ", types.size(), " entries (one each per token)");
+  bool dummy_prefix = true;
+  if (const GgufValue* v = f.find("tokenizer.ggml.add_space_prefix")) {
+    SY_CHECK(v->type == GgufType::kBool, path, ": tokenizer.ggml.add_space_prefix must be a bool");
+    dummy_prefix = v->i != 0;
+  }
+  std::string model;
+  int64_t unk = -1;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    // sentencepiece's piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused,
+    // 6 byte; llama.cpp's token types use the same numbers.
+    SY_CHECK(types[i] >= 1 && types[i] <= 6, path, ": token ", i, " has token_type ", types[i],
+             " (1 to 6)");
+    if (types[i] == 2 && unk < 0) unk = static_cast<int64_t>(i);
+    std::string piece;
+    put_bytes(piece, 1, tokens[i]);
+    put_float(piece, 2, static_cast<float>(scores[i]));
+    put_int(piece, 3, types[i]);
+    put_bytes(model, 1, piece);
+  }
+  SY_CHECK(unk >= 0, path, ": no token has token_type 2 (unknown)");
+  std::string trainer;
+  put_int(trainer, 3, 2);   // model_type BPE
+  put_int(trainer, 35, 1);  // byte_fallback
+  put_int(trainer, 40, unk);
+  put_bytes(model, 2, trainer);
+  std::string normalizer;
+  put_bytes(normalizer, 1, "identity");
+  put_int(normalizer, 3, dummy_prefix ? 1 : 0);  // add_dummy_prefix
+  put_int(normalizer, 4, 0);                     // remove_extra_whitespaces
+  put_int(normalizer, 5, 1);                     // escape_whitespaces
+  put_bytes(model, 3, normalizer);
+  return model;
+}
+
 }  // namespace
 
 Tokenizer::~Tokenizer() = default;
 
 std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& model_dir, int64_t bos_id,
                                            std::vector<int64_t> eos_ids) {
-  const std::string path = model_dir + "/tokenizer.model";
-  SY_CHECK(std::filesystem::is_regular_file(path), "tokenizer: cannot open ", path);
   std::unique_ptr<Tokenizer> t(new Tokenizer());
   t->sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  if (is_gguf_path(model_dir)) {
+    const auto status = t->sp_->LoadFromSerializedProto(gguf_sentencepiece_model(model_dir));
+    SY_CHECK(status.ok(), "tokenizer: ", model_dir, ": the tokenizer.ggml arrays do not make a ",
+             "sentencepiece model: ", status.ToString());
+    return finish(std::move(t), model_dir, bos_id, std::move(eos_ids));
+  }
+  const std::string path = model_dir + "/tokenizer.model";
+  SY_CHECK(std::filesystem::is_regular_file(path), "tokenizer: cannot open ", path);
   const auto status = t->sp_->Load(path);
   SY_CHECK(status.ok(), "tokenizer: cannot load ", path, ": ", status.ToString());
+  return finish(std::move(t), path, bos_id, std::move(eos_ids));
+}
 
+std::unique_ptr<Tokenizer> Tokenizer::finish(std::unique_ptr<Tokenizer> t, const std::string& path,
+                                             int64_t bos_id, std::vector<int64_t> eos_ids) {
   const int32_t n_vocab = t->sp_->GetPieceSize();
   SY_CHECK(n_vocab > 0, "tokenizer: ", path, " has an empty vocabulary");
   SY_CHECK(bos_id >= -1 && bos_id < n_vocab, "tokenizer: bos id ", bos_id, " is outside the ",

@@ -16,7 +16,10 @@ namespace sy {
 
 class Tokenizer {
  public:
-  // Loads `model_dir/tokenizer.model`. bos/eos come from the model config (-1: none).
+  // Loads `model_dir/tokenizer.model`, or, when `model_dir` is a GGUF file (runtime/formats/
+  // gguf.h), the sentencepiece model its tokenizer.ggml.* arrays describe (tokens, scores,
+  // token_type; tokenizer.ggml.model "llama"; add_space_prefix, default true). bos/eos come from
+  // the model config (-1: none).
   static std::unique_ptr<Tokenizer> load(const std::string& model_dir, int64_t bos_id,
                                          std::vector<int64_t> eos_ids);
   ~Tokenizer();
@@ -38,6 +41,9 @@ class Tokenizer {
  private:
   friend class StreamDecoder;
   Tokenizer() = default;
+  // Fills the per-id tables from the loaded sp_; `source` names it in errors.
+  static std::unique_ptr<Tokenizer> finish(std::unique_ptr<Tokenizer> t, const std::string& source,
+                                           int64_t bos_id, std::vector<int64_t> eos_ids);
   // Decoder output before the leading-space strip of decode().
   std::string decode_raw(const int32_t* ids, size_t n_ids) const;
   // A special id, or a byte piece holding a UTF-8 continuation byte (10xxxxxx).

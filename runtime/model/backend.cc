@@ -4,11 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "kernels/cpu/threads.h"
 #include "parallel/routed_communicator.h"
 
 #ifdef SY_HAVE_CUDA
@@ -28,6 +31,12 @@ void BackendOptions::validate() const {
            "\" is not a transport; use auto, nccl or mpi");
   SY_CHECK(dtype == "auto" || dtype == "bf16" || dtype == "f32", "--dtype: \"", dtype,
            "\" is not a storage precision; use auto, bf16 or f32");
+  const WeightFormat format = parse_weight_format(weights);
+  SY_CHECK(device == "cpu" || format == WeightFormat::kAuto || format == WeightFormat::kBF16,
+           "--weights ", weights,
+           ": the CUDA backend holds weights in bf16 (quantized weights run ",
+           "on --device cpu only)");
+  SY_CHECK(threads >= 0 && threads <= 256, "--threads ", threads, " (0 to 256; 0: cores / ranks)");
   SY_CHECK(!(device == "cpu" && dtype == "bf16"),
            "--dtype bf16: the CPU backend computes in f32 only; use --device cuda or --dtype f32");
 }
@@ -44,6 +53,13 @@ Backend make_backend(const BackendOptions& options, Communicator* host_world, in
   options.validate();
   Backend b;
   if (options.device == "cpu") {
+    int threads = options.threads;
+    if (threads == 0) {  // the node's cores shared by the ranks on it
+      const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+      const int ranks = local != nullptr ? std::max(1, std::atoi(local)) : 1;
+      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks);
+    }
+    cpu::set_num_threads(threads);
     b.ops = make_cpu_ops();
     b.description = "cpu";
     return b;

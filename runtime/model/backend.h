@@ -8,6 +8,7 @@
 
 #include "kernels/ops.h"
 #include "parallel/communicator.h"
+#include "runtime/model/weights.h"
 
 namespace sy {
 
@@ -17,8 +18,15 @@ struct BackendOptions {
   // Storage precision of weights, KV cache and GEMM inputs: auto (cpu: f32, cuda: bf16), bf16
   // (cuda only) or f32. The CPU backend computes in f32 only.
   std::string dtype = "auto";
+  // The dtype of the linear weights (weights.h's WeightFormat by name): auto, f32, bf16, f16,
+  // q8_0, q4_0, q4_k; quantized ones on the CPU only.
+  std::string weights = "auto";
+  // Threads of a CPU rank (kernels/cpu/threads.h); 0: the node's cores divided by the ranks
+  // MPI started on it.
+  int threads = 0;
 
   void validate() const;
+  WeightFormat weight_format() const { return parse_weight_format(weights); }
 };
 
 // Where this rank runs.

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "runtime/model/gguf_model.h"
+
 namespace sy {
 namespace {
 
@@ -115,6 +117,7 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& s
 }
 
 ModelConfig ModelConfig::load(const std::string& model_dir) {
+  if (is_gguf_path(model_dir)) return config_from_gguf(GgufModelFiles::open(model_dir));
   std::string path = model_dir + "/config.json";
   std::ifstream in(path);
   SY_CHECK(in.good(), "cannot open ", path);

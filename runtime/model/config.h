@@ -31,6 +31,7 @@ struct ModelConfig {
 
   // Parses `config.json` text; `source` names the file in errors.
   static ModelConfig from_json(const std::string& text, const std::string& source);
+  // model_dir/config.json, or the metadata of a GGUF file (gguf_model.h) when it names one.
   static ModelConfig load(const std::string& model_dir);
   // The shapes of a published model by name (mixtral-8x7b, mixtral-8x22b), or a config.json path.
   static ModelConfig preset(const std::string& name_or_path);

@@ -4,13 +4,19 @@
 #include <algorithm>
 
 #include "runtime/formats/safetensors.h"
+#include "runtime/model/gguf_model.h"
 #include "runtime/model/weights.h"
 
 namespace sy {
 
+std::unique_ptr<WeightSource> open_weight_source(const std::string& path) {
+  if (is_gguf_path(path)) return open_gguf_source(path);
+  return open_safetensors_source(path);
+}
+
 LoadedModel load_model(const std::string& model_dir, int64_t max_context,
                        int64_t max_tokens_per_step, bool show_progress,
-                       const ParallelContext* parallel, Ops* ops) {
+                       const ParallelContext* parallel, Ops* ops, WeightFormat format) {
   const ModelConfig config = ModelConfig::load(model_dir);
   if (parallel != nullptr) parallel->config.validate(config.layout_shape());
   SY_CHECK(max_context > 0 && max_context <= config.max_position_embeddings, "context of ",
@@ -23,23 +29,23 @@ LoadedModel load_model(const std::string& model_dir, int64_t max_context,
   limits.max_seqs = 1;
   limits.max_tokens = std::max<int64_t>(1, std::min(max_tokens_per_step, max_context));
   limits.max_logit_rows = limits.max_tokens;
-  return load_model(model_dir, config, limits, show_progress, parallel, ops);
+  return load_model(model_dir, config, limits, show_progress, parallel, ops, format);
 }
 
 LoadedModel load_model(const std::string& model_dir, const ModelConfig& config,
                        const ModelLimits& limits, bool show_progress,
-                       const ParallelContext* parallel, Ops* ops) {
+                       const ParallelContext* parallel, Ops* ops, WeightFormat format) {
   LoadedModel m;
   m.config = config;
   if (parallel != nullptr) parallel->config.validate(m.config.layout_shape());
   limits.validate();
-  Checkpoint checkpoint = Checkpoint::open(model_dir);
+  std::unique_ptr<WeightSource> source = open_weight_source(model_dir);
   if (ops == nullptr) {
     m.ops = make_cpu_ops();
     ops = m.ops.get();
   }
   Weights weights =
-      Weights::load(checkpoint, m.config, shard_for(m.config, parallel), *ops, show_progress);
+      Weights::load(*source, m.config, shard_for(m.config, parallel), *ops, show_progress, format);
   m.model = std::make_unique<Model>(m.config, std::move(weights), *ops, limits, parallel);
   return m;
 }

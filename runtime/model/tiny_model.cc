@@ -58,6 +58,23 @@ struct Owned {
   std::vector<float> full;     // f32 data
 };
 
+// tokenizer.model: trained on `corpus`, or the given one copied (its size checked).
+void write_tokenizer(const std::string& dir, const TinyModelOptions& options,
+                     const std::string& corpus) {
+  const ModelConfig& c = options.config;
+  if (options.tokenizer_model.empty()) {
+    train_tokenizer(corpus, static_cast<int>(c.vocab_size), dir + "/tokenizer.model");
+  } else {
+    SY_CHECK(std::filesystem::is_regular_file(options.tokenizer_model), "--tokenizer ",
+             options.tokenizer_model, ": no such file");
+    std::filesystem::copy_file(options.tokenizer_model, dir + "/tokenizer.model",
+                               std::filesystem::copy_options::overwrite_existing);
+    const int64_t pieces = Tokenizer::load(dir, c.bos_token_id, c.eos_token_ids)->vocab_size();
+    SY_CHECK(pieces == c.vocab_size, "the tokenizer ", options.tokenizer_model, " has ", pieces,
+             " pieces, but the vocabulary is ", c.vocab_size, "; give --vocab-size ", pieces);
+  }
+}
+
 }  // namespace
 
 void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
@@ -66,7 +83,7 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
   c.validate();
   std::filesystem::create_directories(dir);
   // The tokenizer first: a vocabulary too small for it fails before any weight is written.
-  train_tokenizer(corpus, static_cast<int>(c.vocab_size), dir + "/tokenizer.model");
+  write_tokenizer(dir, options, corpus);
   Normal normal(options.seed);
   const DType dtype = c.torch_dtype;
   std::vector<Owned> tensors;

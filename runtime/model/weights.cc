@@ -3,13 +3,91 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
 
+#include "kernels/cpu/quant.h"
+
 namespace sy {
+
+WeightFormat parse_weight_format(const std::string& name) {
+  std::string lower;
+  for (char ch : name)
+    lower.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(ch))));
+  for (WeightFormat f :
+       {WeightFormat::kAuto, WeightFormat::kF32, WeightFormat::kBF16, WeightFormat::kF16,
+        WeightFormat::kQ8_0, WeightFormat::kQ4_0, WeightFormat::kQ4_K})
+    if (lower == weight_format_name(f)) return f;
+  SY_FAIL("weights format \"", name, "\" is not one of auto, f32, bf16, f16, q8_0, q4_0, q4_k");
+}
+
+const char* weight_format_name(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::kAuto:
+      return "auto";
+    case WeightFormat::kF32:
+      return "f32";
+    case WeightFormat::kBF16:
+      return "bf16";
+    case WeightFormat::kF16:
+      return "f16";
+    case WeightFormat::kQ8_0:
+      return "q8_0";
+    case WeightFormat::kQ4_0:
+      return "q4_0";
+    case WeightFormat::kQ4_K:
+      return "q4_k";
+  }
+  return "?";
+}
+
+namespace {
+
+// A Hugging Face checkpoint directory as a WeightSource.
+class SafetensorsSource final : public WeightSource {
+ public:
+  explicit SafetensorsSource(const std::string& dir) : ckpt_(Checkpoint::open(dir)), dir_(dir) {}
+  DType stored_dtype(const std::string& name, const std::vector<int64_t>& shape) const override {
+    const SafetensorsEntry& entry = ckpt_.entry(name);
+    SY_CHECK(entry.shape == shape, "tensor ", name, ": shape does not match config.json");
+    return entry.dtype;
+  }
+  uint64_t stored_bytes(const std::string& name, const std::vector<int64_t>& shape,
+                        const Slice& slice) const override {
+    int64_t n = 1;
+    for (size_t d = 0; d < shape.size(); ++d)
+      n *= static_cast<int>(d) == slice.dim ? slice.end - slice.begin : shape[d];
+    return dtype_bytes(ckpt_.entry(name).dtype, n);
+  }
+  void read(const std::string& name, const std::vector<int64_t>& shape, const Tensor& out,
+            const Slice& slice) override {
+    ckpt_.read(name, shape, out, slice);
+  }
+  bool can_read_as(DType dtype, const std::string&, const std::vector<int64_t>&,
+                   const Slice&) const override {
+    return dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16;
+  }
+  void set_progress(std::function<void(const LoadProgress&)> callback,
+                    uint64_t bytes_total) override {
+    ckpt_.set_progress(std::move(callback), bytes_total);
+  }
+  uint64_t file_bytes() const override { return ckpt_.file_bytes(); }
+  bool prefers_stored_dtype() const override { return false; }
+
+ private:
+  Checkpoint ckpt_;
+  std::string dir_;
+};
+
+}  // namespace
+
+std::unique_ptr<WeightSource> open_safetensors_source(const std::string& model_dir) {
+  return std::make_unique<SafetensorsSource>(model_dir);
+}
 
 WeightShard WeightShard::full(const ModelConfig& config) {
   WeightShard s;
@@ -129,33 +207,85 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
   return plan;
 }
 
-// Dtype a planned tensor is held in: norm weights (1-d) and the router in F32, the rest in the
-// storage dtype.
-DType held_dtype(const Planned& t, const Ops& ops) {
-  return t.fp32 || t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype();
+// Dtype a planned tensor is held in: norm weights (1-d) and the router in F32; the rest as
+// `format` says (see weights.h), F32 where a quantized type's blocks do not fit its rows.
+DType held_dtype(const Planned& t, DType stored, bool prefer_stored, WeightFormat format,
+                 const Ops& ops) {
+  if (t.fp32 || t.dst_shape.size() == 1) return DType::kF32;
+  DType want = ops.storage_dtype();
+  switch (format) {
+    case WeightFormat::kAuto:
+      if (ops.device() == Device::kCpu && prefer_stored) want = stored;
+      break;
+    case WeightFormat::kF32:
+      want = DType::kF32;
+      break;
+    case WeightFormat::kBF16:
+      want = DType::kBF16;
+      break;
+    case WeightFormat::kF16:
+      want = DType::kF16;
+      break;
+    case WeightFormat::kQ8_0:
+      want = DType::kQ8_0;
+      break;
+    case WeightFormat::kQ4_0:
+      want = DType::kQ4_0;
+      break;
+    case WeightFormat::kQ4_K:
+      want = DType::kQ4_K;
+      break;
+  }
+  if (dtype_is_quantized(want) && t.dst_shape.back() % dtype_block_elems(want) != 0)
+    return DType::kF32;
+  return want;
 }
 
-// Carves the views of `plan` out of one allocation on `ops`' device.
-void allocate(std::vector<Planned>& plan, Weights& w, Ops& ops) {
+// Carves the views of `plan` (their dtypes in `held`) out of one allocation on `ops`' device.
+void allocate(std::vector<Planned>& plan, const std::vector<DType>& held, Weights& w, Ops& ops) {
   uint64_t n_bytes = 0;
-  for (const Planned& t : plan) {
+  for (size_t i = 0; i < plan.size(); ++i) {
     int64_t n = 1;
-    for (int64_t d : t.dst_shape) n *= d;
-    n_bytes += (static_cast<uint64_t>(n) * dtype_size(held_dtype(t, ops)) + 63) / 64 * 64;
+    for (int64_t d : plan[i].dst_shape) n *= d;
+    n_bytes += (dtype_bytes(held[i], n) + 63) / 64 * 64;
   }
   w.storage = DeviceBuffer(ops, n_bytes);
   w.total_bytes = n_bytes;
   char* cursor = static_cast<char*>(w.storage.get());
-  for (Planned& t : plan) {
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Planned& t = plan[i];
     Tensor view;
     view.data = cursor;
-    view.dtype = held_dtype(t, ops);
+    view.dtype = held[i];
     view.device = ops.device();
     view.ndim = static_cast<int>(t.dst_shape.size());
-    for (int i = 0; i < view.ndim; ++i) view.shape[i] = t.dst_shape[static_cast<size_t>(i)];
+    for (int d = 0; d < view.ndim; ++d) view.shape[d] = t.dst_shape[static_cast<size_t>(d)];
     *t.dst = view;
     cursor += (view.bytes() + 63) / 64 * 64;
   }
+}
+
+// Reads one planned tensor into `host` (a host view of its held dtype): directly when the source
+// gives that dtype, else through F32 rows quantized here.
+void read_planned(WeightSource& source, const Planned& t, const Tensor& host,
+                  std::vector<float>& staging) {
+  if (source.can_read_as(host.dtype, t.name, t.shape, t.slice)) {
+    source.read(t.name, t.shape, host, t.slice);
+    return;
+  }
+  SY_CHECK(dtype_is_quantized(host.dtype), "tensor ", t.name, ": cannot be read as ",
+           dtype_name(host.dtype));
+  staging.resize(static_cast<size_t>(host.numel()));
+  Tensor f32 = host;
+  f32.dtype = DType::kF32;
+  f32.data = staging.data();
+  source.read(t.name, t.shape, f32, t.slice);
+  const int64_t cols = host.shape[host.ndim - 1];
+  const int64_t rows = host.numel() / cols;
+  auto* out = static_cast<uint8_t*>(host.data);
+  const size_t row_bytes = dtype_bytes(host.dtype, cols);
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::row_from_f32(host.dtype, staging.data() + r * cols, out + r * row_bytes, cols);
 }
 
 void finish_weights(const ModelConfig& c, Weights& w) {
@@ -168,37 +298,50 @@ void finish_weights(const ModelConfig& c, Weights& w) {
 
 }  // namespace
 
-Weights Weights::load(Checkpoint& ckpt, const ModelConfig& c, const WeightShard& shard, Ops& ops,
-                      bool show_progress) {
+Weights Weights::load(WeightSource& source, const ModelConfig& c, const WeightShard& shard,
+                      Ops& ops, bool show_progress, WeightFormat format) {
+  const bool quantized_format = format == WeightFormat::kQ8_0 || format == WeightFormat::kQ4_0 ||
+                                format == WeightFormat::kQ4_K;
+  SY_CHECK(ops.device() == Device::kCpu || format == WeightFormat::kAuto ||
+               parse_weight_format(dtype_name(ops.storage_dtype())) == format,
+           "--weights ", weight_format_name(format), ": the ",
+           ops.device() == Device::kCpu ? "CPU" : "CUDA", " backend holds weights in ",
+           dtype_name(ops.storage_dtype()),
+           quantized_format ? " (quantized weights run on --device cpu only)" : "");
   Weights w;
   std::vector<Planned> plan = plan_weights(c, shard, w);
   // Every tensor exists with the shape the config implies, before anything is allocated.
   uint64_t source_bytes = 0;
+  std::vector<DType> held;
   for (const Planned& t : plan) {
-    const SafetensorsEntry& entry = ckpt.entry(t.name);
-    SY_CHECK(entry.shape == t.shape, "tensor ", t.name, ": shape does not match config.json");
-    int64_t n = 1;
-    for (int64_t d : t.dst_shape) n *= d;
-    source_bytes += static_cast<uint64_t>(n) * dtype_size(entry.dtype);
+    const DType stored = source.stored_dtype(t.name, t.shape);
+    DType h = held_dtype(t, stored, source.prefers_stored_dtype(), format, ops);
+    // A quantized tensor whose slice splits its blocks, or that the source cannot give as h
+    // without quantizing it again, is held dequantized.
+    if (dtype_is_quantized(stored) && !source.can_read_as(h, t.name, t.shape, t.slice))
+      h = DType::kF32;
+    held.push_back(h);
+    source_bytes += source.stored_bytes(t.name, t.shape, t.slice);
   }
-  allocate(plan, w, ops);
+  allocate(plan, held, w, ops);
   ProgressPrinter printer(show_progress);
-  ckpt.set_progress(std::ref(printer), source_bytes);
+  source.set_progress(std::ref(printer), source_bytes);
   std::vector<char> staging;
+  std::vector<float> rows;
   for (const Planned& t : plan) {
     const Tensor& view = *t.dst;
     if (ops.device() == Device::kCpu) {
-      ckpt.read(t.name, t.shape, view, t.slice);
+      read_planned(source, t, view, rows);
     } else {
       staging.resize(view.bytes());
       Tensor host = view;
       host.data = staging.data();
       host.device = Device::kCpu;
-      ckpt.read(t.name, t.shape, host, t.slice);  // converted to the held dtype on the host
+      read_planned(source, t, host, rows);  // converted to the held dtype on the host
       ops.copy_from_host(view.data, staging.data(), view.bytes());
     }
   }
-  ckpt.set_progress(nullptr, 0);
+  source.set_progress(nullptr, 0);
   finish_weights(c, w);
   return w;
 }
@@ -207,7 +350,10 @@ Weights Weights::synthetic(const ModelConfig& c, const WeightShard& shard, Ops& 
                            uint64_t seed) {
   Weights w;
   std::vector<Planned> plan = plan_weights(c, shard, w);
-  allocate(plan, w, ops);
+  std::vector<DType> held;
+  for (const Planned& t : plan)
+    held.push_back(t.fp32 || t.dst_shape.size() == 1 ? DType::kF32 : ops.storage_dtype());
+  allocate(plan, held, w, ops);
   std::vector<float> staging;
   std::vector<uint16_t> staging16;
   uint64_t tensor_index = 0;

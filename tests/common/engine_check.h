@@ -10,6 +10,7 @@
 
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
+#include "runtime/model/loader.h"
 #include "tests/common/collector.h"
 
 namespace sy::test {
@@ -26,8 +27,8 @@ namespace sy::test {
 inline void expect_engine_matches_each_request_alone(Ops& ops) {
   const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
   const ModelConfig config = ModelConfig::load(dir);
-  Checkpoint ckpt = Checkpoint::open(dir);
-  Weights w = Weights::load(ckpt, config, WeightShard::full(config), ops, false);
+  auto ckpt = open_weight_source(dir);
+  Weights w = Weights::load(*ckpt, config, WeightShard::full(config), ops, false);
   ModelLimits limits;
   limits.block_size = 4;
   limits.max_blocks_per_seq = 32;
@@ -162,7 +163,7 @@ inline void expect_engine_matches_each_request_alone(Ops& ops) {
   // that leave the 16-token window go back and are reused by the others at once, so a kernel
   // that still read them would change the tokens; none is preempted.
   limits.n_blocks = 24;
-  Model small(config, Weights::load(ckpt, config, WeightShard::full(config), ops, false), ops,
+  Model small(config, Weights::load(*ckpt, config, WeightShard::full(config), ops, false), ops,
               limits);
   Engine tight(small, *tokenizer, options, nullptr);
   std::thread tight_loop([&] { tight.run(); });

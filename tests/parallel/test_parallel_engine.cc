@@ -11,6 +11,7 @@
 #include "parallel/context.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
+#include "runtime/model/loader.h"
 #include "tests/common/collector.h"
 
 namespace sy {
@@ -31,8 +32,8 @@ int64_t serve_and_check(Communicator& world, const ParallelConfig& pc, int n, bo
   const ModelConfig config = ModelConfig::load(kModel);
   auto par = ParallelContext::create(pc, world);
   auto ops = make_cpu_ops();
-  Checkpoint ckpt = Checkpoint::open(kModel);
-  Weights w = Weights::load(ckpt, config, shard_for(config, par.get()), *ops, false);
+  auto ckpt = open_weight_source(kModel);
+  Weights w = Weights::load(*ckpt, config, shard_for(config, par.get()), *ops, false);
   ModelLimits limits;
   limits.block_size = 4;
   limits.max_blocks_per_seq = 32;

@@ -18,6 +18,7 @@
 #include "parallel/context.h"
 #include "runtime/engine/generator.h"
 #include "runtime/engine/sampling.h"
+#include "runtime/model/loader.h"
 #include "tests/common/fixtures.h"
 
 namespace sy {
@@ -49,8 +50,8 @@ int64_t n_wrong_logits(const std::vector<float>& got, const std::vector<float>& 
 
 std::unique_ptr<Model> build(const fs::path& dir, const ModelConfig& config, Ops& ops,
                              const ParallelContext* par, bool skew) {
-  Checkpoint ckpt = Checkpoint::open(dir.string());
-  Weights w = Weights::load(ckpt, config, shard_for(config, par), ops, false);
+  auto ckpt = open_weight_source(dir.string());
+  Weights w = Weights::load(*ckpt, config, shard_for(config, par), ops, false);
   if (skew)  // all router logits 0: top-k picks experts 0..k-1 for every token
     for (LayerWeights& L : w.layers) ops.fill_zero(L.gate);
   ModelLimits limits;
@@ -178,8 +179,8 @@ TEST_F(ParallelModel, EachRankHoldsItsShareOfTheExperts) {
   pc.rank = world_->rank();
   auto par = ParallelContext::create(pc, *world_);
   auto ops = make_cpu_ops();
-  Checkpoint ckpt = Checkpoint::open(dir.string());
-  Weights w = Weights::load(ckpt, config, shard_for(config, par.get()), *ops, false);
+  auto ckpt = open_weight_source(dir.string());
+  Weights w = Weights::load(*ckpt, config, shard_for(config, par.get()), *ops, false);
   const uint64_t per_expert =
       static_cast<uint64_t>(3 * config.hidden_size * config.intermediate_size *
                             config.num_hidden_layers) *

@@ -11,6 +11,7 @@
 #include "kernels/cpu/ops.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
+#include "runtime/model/loader.h"
 #include "tests/common/collector.h"
 
 namespace sy {
@@ -29,11 +30,11 @@ struct Served {
   std::thread loop;
 
   Served(int64_t n_blocks, EngineOptions options = {}, bool start = true,
-         const std::string& path = kModel) {
+         const std::string& path = kModel, WeightFormat format = WeightFormat::kAuto) {
     ModelConfig config = ModelConfig::load(path);
     ops = make_cpu_ops();
-    Checkpoint ckpt = Checkpoint::open(path);
-    Weights w = Weights::load(ckpt, config, WeightShard::full(config), *ops, false);
+    auto ckpt = open_weight_source(path);
+    Weights w = Weights::load(*ckpt, config, WeightShard::full(config), *ops, false, format);
     ModelLimits limits;
     limits.block_size = 4;
     limits.max_blocks_per_seq = 32;  // 128 tokens
@@ -78,10 +79,15 @@ std::vector<int32_t> prompt_of(int n, int seed) {
 
 // What a request produces alone (the single-sequence generate path).
 std::vector<int32_t> alone(const std::vector<int32_t>& prompt, int64_t max_tokens,
-                           const std::string& path = kModel) {
-  static std::map<std::string, LoadedModel> models;
-  auto it = models.find(path);
-  if (it == models.end()) it = models.emplace(path, load_model(path, 128, 64, false)).first;
+                           const std::string& path = kModel,
+                           WeightFormat format = WeightFormat::kAuto) {
+  static std::map<std::pair<std::string, WeightFormat>, LoadedModel> models;
+  auto it = models.find({path, format});
+  if (it == models.end())
+    it = models
+             .emplace(std::make_pair(path, format),
+                      load_model(path, 128, 64, false, nullptr, nullptr, format))
+             .first;
   LoadedModel& m = it->second;
   GenerateOptions o;
   o.max_tokens = max_tokens;
@@ -127,12 +133,12 @@ struct Watched : Collector {
 };
 
 // Returns the engine's counters at the end.
-EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests,
-                                       bool prefix_caching = true) {
+EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests, bool prefix_caching = true,
+                                       WeightFormat format = WeightFormat::kAuto) {
   EngineOptions options;
   options.max_batch_tokens = 24;  // forces chunked prefill
   options.prefix_caching = prefix_caching;
-  Served s(n_blocks, options);
+  Served s(n_blocks, options, true, kModel, format);
   std::vector<std::shared_ptr<Collector>> sinks;
   std::vector<std::pair<std::vector<int32_t>, int64_t>> reqs;
   for (int i = 0; i < n_requests; ++i) {
@@ -144,7 +150,8 @@ EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests,
   for (int i = 0; i < n_requests; ++i) {
     sinks[i]->wait();
     EXPECT_EQ(sinks[i]->finish, FinishReason::kLength) << "request " << i;
-    EXPECT_EQ(sinks[i]->tokens, alone(reqs[i].first, reqs[i].second)) << "request " << i;
+    EXPECT_EQ(sinks[i]->tokens, alone(reqs[i].first, reqs[i].second, kModel, format))
+        << "request " << i;
     preemptions += sinks[i]->usage.preemptions;
   }
   EXPECT_EQ(s.engine->stats().requests_completed, n_requests);  // preemption ends none
@@ -162,6 +169,12 @@ EngineStats check_batched_equals_alone(int64_t n_blocks, int n_requests,
 
 TEST(Engine, ConcurrentRequestsMatchEachAlone) {
   check_batched_equals_alone(512, 32);
+}
+
+// Quantized weights: activations are quantized per row and every row's dot products are
+// summed in the same order however many rows a step holds, so batching changes no token.
+TEST(Engine, ConcurrentRequestsMatchEachAloneWithQ8_0Weights) {
+  check_batched_equals_alone(512, 32, true, WeightFormat::kQ8_0);
 }
 
 // With the prefix cache, a preempted request finds its own blocks again where they were not

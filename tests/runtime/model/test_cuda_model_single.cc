@@ -43,6 +43,7 @@
 #include "kernels/cuda/device.h"
 #include "runtime/engine/generator.h"
 #include "runtime/model/backend.h"
+#include "runtime/model/loader.h"
 #include "tests/common/compare.h"
 #include "tests/common/engine_check.h"
 #include "tests/common/fixtures.h"
@@ -271,6 +272,37 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
   }
 
   test::expect_engine_matches_each_request_alone(*gpu.ops);
+}
+
+// Quantized CPU weight types are not a GPU format: the flag is refused before anything is
+// loaded, and Weights::load refuses them on CUDA ops too, naming the flag and the way out.
+TEST(CudaModel, QuantizedWeightsAreAClearErrorOnCuda) {
+  BackendOptions opts;
+  opts.device = "cuda";
+  for (const char* w : {"q8_0", "q4_0", "q4_k"}) {
+    opts.weights = w;
+    try {
+      opts.validate();
+      ADD_FAILURE() << w << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
+    }
+  }
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  opts.weights = "auto";
+  Backend gpu = make_backend(opts, nullptr, 0);
+  const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
+  try {
+    load_model(dir, 64, kChunk, false, nullptr, gpu.ops.get(), WeightFormat::kQ4_K);
+    ADD_FAILURE() << "q4_k weights loaded on CUDA";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--weights q4_k"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
+  }
+  // A GGUF file's quantized tensors are dequantized to the GPU's bf16 (auto).
+  LoadedModel from_gguf = load_model(std::string(SY_FIXTURES_DIR) + "/gguf/window_q8_0.gguf", 64,
+                                     kChunk, false, nullptr, gpu.ops.get());
+  EXPECT_EQ(from_gguf.model->weights().layers.front().wq.dtype, DType::kBF16);
 }
 
 }  // namespace

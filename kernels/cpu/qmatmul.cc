@@ -1,0 +1,561 @@
+// out = x · wᵀ for weights held in F16, BF16 or a GGML block type (kernels/cpu/quant.h).
+//
+// Block types: each row of x is first quantized to 8-bit blocks (as llama.cpp does): 32 elements
+// and an f32 scale for Q8_0 and Q4_0 weights, 256 elements, an f32 scale and the sums of every
+// 16 for Q4_K and Q6_K. A weight block times an activation block is then an integer dot product
+// scaled once: out[i, j] = sum over blocks of d_w * d_x * sum(q_w * q_x) (and, for Q4_K, the
+// minimums' term, which the 16-element sums give without touching the elements). F16 and BF16
+// weights are widened to f32 in registers and multiplied in f32.
+//
+// Weight rows are taken in panels that stay in L2 while every group of up to kRows rows of x
+// passes over them; within a group, each weight block is loaded and decoded once for all its
+// rows. So the weights stream from memory once per call, whatever m is, and are never repacked.
+// The output columns are split between the threads of the pool (kernels/cpu/threads.h).
+//
+// Two paths compute the same integer sums: AVX2 (+FMA, F16C) when the CPU has them, chosen at
+// run time, and portable C++ (set_simd(Simd::kPortable) forces it; the tests run both). Their
+// results differ only in the order of the f32 additions.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/threads.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SY_QMATMUL_AVX2 1
+#endif
+
+namespace sy::cpu {
+namespace {
+
+constexpr int kRows = 4;                   // rows of x per register tile
+constexpr size_t kPanelBytes = 96 * 1024;  // weight rows per panel: about this many bytes
+
+// Activation blocks.
+struct ActQ8 {  // for Q8_0 and Q4_0 weights
+  float d;
+  int8_t q[32];
+};
+struct ActQ8K {  // for Q4_K and Q6_K weights
+  float d;
+  int8_t q[256];
+  int16_t sums[16];  // of q[16g .. 16g + 15]
+};
+
+Simd g_simd = Simd::kAuto;
+
+uint16_t u16_at(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+float f16_at(const uint8_t* p) {
+  return f16_to_f32(u16_at(p));
+}
+
+// Quantizes `block` floats to int8 with scale max|x| / 127 (round to nearest): the scale.
+float quantize_act(const float* x, int block, int8_t* q) {
+  float amax = 0;
+  for (int i = 0; i < block; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d > 0 ? 1.f / d : 0.f;
+  for (int i = 0; i < block; ++i) q[i] = static_cast<int8_t>(std::lround(x[i] * id));
+  return d;
+}
+
+void quantize_q8(const float* x, int64_t k, ActQ8* out) {
+  static_assert(sizeof(ActQ8) == 36);
+  for (int64_t b = 0; b < k / 32; ++b) out[b].d = quantize_act(x + 32 * b, 32, out[b].q);
+}
+
+void quantize_q8k(const float* x, int64_t k, ActQ8K* out) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    out[b].d = quantize_act(x + 256 * b, 256, out[b].q);
+    for (int g = 0; g < 16; ++g) {
+      int s = 0;
+      for (int i = 0; i < 16; ++i) s += out[b].q[16 * g + i];
+      out[b].sums[g] = static_cast<int16_t>(s);
+    }
+  }
+}
+
+// Sub-block j's 6-bit scale and min of a Q4_K block's 12 packed bytes.
+void q4k_scales(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      sc[j] = s[j] & 63;
+      m[j] = s[j + 4] & 63;
+    } else {
+      sc[j] = static_cast<uint8_t>((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4));
+      m[j] = static_cast<uint8_t>((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+  }
+}
+
+// ---- portable dot products: one weight row against R activation rows ----------------------
+
+void dot_q8_0(const uint8_t* w, const ActQ8* const* x, int R, int64_t nb, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = w + 34 * b;
+      int s = 0;
+      for (int i = 0; i < 32; ++i) s += static_cast<int8_t>(wb[2 + i]) * x[r][b].q[i];
+      sum += f16_at(wb) * x[r][b].d * static_cast<float>(s);
+    }
+    out[r] = sum;
+  }
+}
+
+void dot_q4_0(const uint8_t* w, const ActQ8* const* x, int R, int64_t nb, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = w + 18 * b;
+      int s = 0;
+      for (int i = 0; i < 16; ++i) {
+        s += ((wb[2 + i] & 0x0F) - 8) * x[r][b].q[i];
+        s += ((wb[2 + i] >> 4) - 8) * x[r][b].q[i + 16];
+      }
+      sum += f16_at(wb) * x[r][b].d * static_cast<float>(s);
+    }
+    out[r] = sum;
+  }
+}
+
+void dot_q4_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = w + 144 * b;
+      const ActQ8K& a = x[r][b];
+      uint8_t sc[8], m[8];
+      q4k_scales(wb + 4, sc, m);
+      int dot = 0, mins = 0;
+      for (int s = 0; s < 8; ++s) {
+        const uint8_t* q = wb + 16 + 32 * (s / 2);
+        int ds = 0;
+        for (int i = 0; i < 32; ++i) ds += ((q[i] >> (4 * (s % 2))) & 0x0F) * a.q[32 * s + i];
+        dot += sc[s] * ds;
+        mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
+      }
+      sum += f16_at(wb) * a.d * static_cast<float>(dot) -
+             f16_at(wb + 2) * a.d * static_cast<float>(mins);
+    }
+    out[r] = sum;
+  }
+}
+
+void dot_q6_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = w + 210 * b;
+      const ActQ8K& a = x[r][b];
+      const uint8_t* ql = wb;
+      const uint8_t* qh = wb + 128;
+      const auto* scales = reinterpret_cast<const int8_t*>(wb + 192);
+      int dot = 0;
+      for (int g = 0; g < 16; ++g) {
+        int ds = 0;
+        for (int i = 0; i < 16; ++i) {
+          const int e = 16 * g + i, half = e / 128, rem = e % 128;
+          const int lo = (ql[half * 64 + rem % 64] >> (4 * (rem / 64))) & 0x0F;
+          const int hi = (qh[half * 32 + rem % 32] >> (2 * (rem / 32))) & 0x03;
+          ds += (lo | (hi << 4)) * a.q[e];
+        }
+        dot += scales[g] * (ds - 32 * a.sums[g]);
+      }
+      sum += f16_at(wb + 208) * a.d * static_cast<float>(dot);
+    }
+    out[r] = sum;
+  }
+}
+
+#ifdef SY_QMATMUL_AVX2
+#define SY_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+SY_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Signed 8-bit dot of 32 pairs as 8 i32 lanes.
+SY_AVX2 inline __m256i dot_s8(__m256i w, __m256i x) {
+  const __m256i ax = _mm256_sign_epi8(w, w);
+  const __m256i sx = _mm256_sign_epi8(x, w);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sx), _mm256_set1_epi16(1));
+}
+
+template <int R>
+SY_AVX2 void avx2_q8_0(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + 34 * b;
+    const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2));
+    const float dw = f16_at(wb);
+    const __m256i ax = _mm256_sign_epi8(qw, qw);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][b].q));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qx, qw)),
+                                          _mm256_set1_epi16(1));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+template <int R>
+SY_AVX2 void avx2_q4_0(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + 18 * b;
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 2));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    const __m256i qw = _mm256_sub_epi8(_mm256_and_si256(both, low4), eight);
+    const float dw = f16_at(wb);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][b].q));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r][b].d), _mm256_cvtepi32_ps(dot_s8(qw, qx)),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+template <int R>
+SY_AVX2 void avx2_q4_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  __m256 acc[R];
+  float mins_acc[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    mins_acc[r] = 0;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + 144 * b;
+    uint8_t sc[8], m[8];
+    q4k_scales(wb + 4, sc, m);
+    const float d = f16_at(wb), dmin = f16_at(wb + 2);
+    __m256i qw[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 16 + 32 * c));
+      qw[2 * c] = _mm256_and_si256(q, low4);
+      qw[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const ActQ8K& a = x[r][b];
+      __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int s = 0; s < 8; ++s) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * s));
+        const __m256i p16 = _mm256_maddubs_epi16(qw[s], qx);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p16, _mm256_set1_epi16(sc[s])));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sum), acc[r]);
+      int mins = 0;
+      for (int s = 0; s < 8; ++s) mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
+      mins_acc[r] += dmin * a.d * static_cast<float>(mins);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins_acc[r];
+}
+
+// Bits [shift, shift + 2) of each byte of a Q6_K block's high bits, moved to bits 4 and 5.
+SY_AVX2 inline __m256i q6_high(__m256i hi, int shift, __m256i two) {
+  return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, shift), two), 4);
+}
+
+template <int R>
+SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + 210 * b;
+    const auto* scales = reinterpret_cast<const int8_t*>(wb + 192);
+    const float d = f16_at(wb + 208);
+    // The 256 elements as eight runs of 32 unsigned 6-bit values, run t covering elements
+    // [32t, 32t + 32) (scales 2t and 2t + 1).
+    __m256i qw[8];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h + 32));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 128 + 32 * h));
+      qw[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4), q6_high(hi, 0, two));
+      qw[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4), q6_high(hi, 2, two));
+      qw[4 * h + 2] =
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), q6_high(hi, 4, two));
+      qw[4 * h + 3] =
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), q6_high(hi, 6, two));
+    }
+    __m256i sc[8];
+    for (int t = 0; t < 8; ++t)
+      sc[t] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * t + 1]), _mm_set1_epi16(scales[2 * t]));
+    int bias_scale[16];
+    for (int g = 0; g < 16; ++g) bias_scale[g] = 32 * scales[g];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const ActQ8K& a = x[r][b];
+      __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * t));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(qw[t], qx), sc[t]));
+      }
+      int bias = 0;
+      for (int g = 0; g < 16; ++g) bias += bias_scale[g] * a.sums[g];
+      const __m256 total = _mm256_sub_ps(
+          _mm256_cvtepi32_ps(sum), _mm256_setr_ps(static_cast<float>(bias), 0, 0, 0, 0, 0, 0, 0));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), total, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// F16 / BF16 weights: 8 elements widened to f32.
+template <DType W>
+SY_AVX2 inline __m256 load8(const uint8_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (W == DType::kF16) {
+    return _mm256_cvtph_ps(h);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <DType W, int R>
+SY_AVX2 void avx2_half(const uint8_t* w, const float* const* x, int64_t k, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 wv = load8<W>(w + 2 * i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), wv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float v = hsum(acc[r]);
+    for (int64_t t = i; t < k; ++t) {
+      const uint16_t h = u16_at(w + 2 * t);
+      v += x[r][t] * (W == DType::kF16 ? f16_to_f32(h) : bf16_to_f32(h));
+    }
+    out[r] = v;
+  }
+}
+
+bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
+void portable_half(DType W, const uint8_t* w, const float* const* x, int R, int64_t k, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float v = 0;
+    for (int64_t t = 0; t < k; ++t) {
+      const uint16_t h = u16_at(w + 2 * t);
+      v += x[r][t] * (W == DType::kF16 ? f16_to_f32(h) : bf16_to_f32(h));
+    }
+    out[r] = v;
+  }
+}
+
+// One weight row against R (<= kRows) rows of prepared activations: out[r].
+using RowFn = void (*)(const uint8_t* w, const void* const* x, int R, int64_t k, float* out);
+
+template <typename Act, void (*Portable)(const uint8_t*, const Act* const*, int, int64_t, float*),
+          int Block>
+void portable_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+  Portable(w, reinterpret_cast<const Act* const*>(x), R, k / Block, out);
+}
+
+void portable_f16(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+  portable_half(DType::kF16, w, reinterpret_cast<const float* const*>(x), R, k, out);
+}
+void portable_bf16(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+  portable_half(DType::kBF16, w, reinterpret_cast<const float* const*>(x), R, k, out);
+}
+
+#ifdef SY_QMATMUL_AVX2
+template <typename Act, template <int> class Fn, int Block>
+void avx2_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+  const auto* a = reinterpret_cast<const Act* const*>(x);
+  switch (R) {
+    case 1:
+      return Fn<1>::run(w, a, k / Block, out);
+    case 2:
+      return Fn<2>::run(w, a, k / Block, out);
+    case 3:
+      return Fn<3>::run(w, a, k / Block, out);
+    default:
+      return Fn<4>::run(w, a, k / Block, out);
+  }
+}
+template <int R>
+struct Q8_0Fn {
+  static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+    avx2_q8_0<R>(w, x, nb, out);
+  }
+};
+template <int R>
+struct Q4_0Fn {
+  static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+    avx2_q4_0<R>(w, x, nb, out);
+  }
+};
+template <int R>
+struct Q4_KFn {
+  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+    avx2_q4_k<R>(w, x, nb, out);
+  }
+};
+template <int R>
+struct Q6_KFn {
+  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+    avx2_q6_k<R>(w, x, nb, out);
+  }
+};
+template <DType W>
+void avx2_half_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+  const auto* a = reinterpret_cast<const float* const*>(x);
+  switch (R) {
+    case 1:
+      return avx2_half<W, 1>(w, a, k, out);
+    case 2:
+      return avx2_half<W, 2>(w, a, k, out);
+    case 3:
+      return avx2_half<W, 3>(w, a, k, out);
+    default:
+      return avx2_half<W, 4>(w, a, k, out);
+  }
+}
+#endif
+
+// The row function for `w` on the path in use, and how activations are prepared for it.
+enum class ActKind { kF32, kQ8, kQ8K };
+struct Kernel {
+  RowFn row = nullptr;
+  ActKind act = ActKind::kF32;
+};
+
+Kernel kernel_for(DType w) {
+#ifdef SY_QMATMUL_AVX2
+  if (simd_enabled()) {
+    switch (w) {
+      case DType::kQ8_0:
+        return {avx2_row<ActQ8, Q8_0Fn, 32>, ActKind::kQ8};
+      case DType::kQ4_0:
+        return {avx2_row<ActQ8, Q4_0Fn, 32>, ActKind::kQ8};
+      case DType::kQ4_K:
+        return {avx2_row<ActQ8K, Q4_KFn, 256>, ActKind::kQ8K};
+      case DType::kQ6_K:
+        return {avx2_row<ActQ8K, Q6_KFn, 256>, ActKind::kQ8K};
+      case DType::kF16:
+        return {avx2_half_row<DType::kF16>, ActKind::kF32};
+      case DType::kBF16:
+        return {avx2_half_row<DType::kBF16>, ActKind::kF32};
+      default:
+        break;
+    }
+  }
+#endif
+  switch (w) {
+    case DType::kQ8_0:
+      return {portable_row<ActQ8, dot_q8_0, 32>, ActKind::kQ8};
+    case DType::kQ4_0:
+      return {portable_row<ActQ8, dot_q4_0, 32>, ActKind::kQ8};
+    case DType::kQ4_K:
+      return {portable_row<ActQ8K, dot_q4_k, 256>, ActKind::kQ8K};
+    case DType::kQ6_K:
+      return {portable_row<ActQ8K, dot_q6_k, 256>, ActKind::kQ8K};
+    case DType::kF16:
+      return {portable_f16, ActKind::kF32};
+    case DType::kBF16:
+      return {portable_bf16, ActKind::kF32};
+    default:
+      SY_FAIL("matmul: no kernel for weights of ", dtype_name(w));
+  }
+}
+
+// Per thread: the activations of the last call, prepared (quantized rows).
+thread_local std::vector<uint8_t> t_act;
+
+}  // namespace
+
+void set_simd(Simd simd) {
+  g_simd = simd;
+}
+
+bool simd_enabled() {
+#ifdef SY_QMATMUL_AVX2
+  return g_simd == Simd::kAuto && have_avx2();
+#else
+  return false;
+#endif
+}
+
+void matmul_converted(Tensor out, Tensor x, Tensor w) {
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  check_tensor(x, "matmul.x", DType::kF32, {m, k});
+  SY_CHECK(w.ndim == 2 && w.shape[1] == k, "matmul.w: expected ", dtype_name(w.dtype), "[*, ", k,
+           "], got ", w.shape_str());
+  check_tensor(out, "matmul.out", DType::kF32, {m, n});
+  SY_CHECK(k % dtype_block_elems(w.dtype) == 0, "matmul.w: rows of ", k, " elements are not whole ",
+           dtype_name(w.dtype), " blocks");
+  if (m == 0 || n == 0) return;
+  const Kernel kern = kernel_for(w.dtype);
+  // Activations: the rows of x themselves, or quantized once here for all threads.
+  size_t act_row_bytes = static_cast<size_t>(k) * sizeof(float);
+  if (kern.act == ActKind::kQ8) act_row_bytes = static_cast<size_t>(k / 32) * sizeof(ActQ8);
+  if (kern.act == ActKind::kQ8K) act_row_bytes = static_cast<size_t>(k / 256) * sizeof(ActQ8K);
+  const uint8_t* act = reinterpret_cast<const uint8_t*>(x.f32());
+  if (kern.act != ActKind::kF32) {
+    std::vector<uint8_t>& buf = t_act;  // the caller's (the lambda runs on other threads too)
+    buf.resize(act_row_bytes * static_cast<size_t>(m));
+    parallel_for(m, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint8_t* dst = buf.data() + act_row_bytes * static_cast<size_t>(r);
+        if (kern.act == ActKind::kQ8)
+          quantize_q8(x.f32() + r * k, k, reinterpret_cast<ActQ8*>(dst));
+        else
+          quantize_q8k(x.f32() + r * k, k, reinterpret_cast<ActQ8K*>(dst));
+      }
+    });
+    act = buf.data();
+  }
+  const size_t w_row_bytes = dtype_bytes(w.dtype, k);
+  const int64_t panel = std::max<int64_t>(1, static_cast<int64_t>(kPanelBytes / w_row_bytes));
+  const auto* wdata = static_cast<const uint8_t*>(w.data);
+  float* o = out.f32();
+  parallel_for(n, [&](int64_t j_begin, int64_t j_end) {
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += panel) {
+      const int64_t j1 = std::min(j_end, j0 + panel);
+      for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+        const int R = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+        const void* rows[kRows];
+        for (int r = 0; r < R; ++r) rows[r] = act + act_row_bytes * static_cast<size_t>(i0 + r);
+        float res[kRows];
+        for (int64_t j = j0; j < j1; ++j) {
+          kern.row(wdata + w_row_bytes * static_cast<size_t>(j), rows, R, k, res);
+          for (int r = 0; r < R; ++r) o[(i0 + r) * n + j] = res[r];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace sy::cpu
