@@ -153,7 +153,7 @@ void build_step(StepBatch& b, const std::vector<std::vector<int32_t>>& tokens,
 
 void add_bench_engine(CLI::App& bench, BenchEngineArgs& a) {
   CLI::App* cmd = bench.add_subcommand("engine", "Prefill and decode throughput of the ranks");
-  auto* model = cmd->add_option("--model", a.model, "Checkpoint directory");
+  auto* model = cmd->add_option("--model", a.model, "Checkpoint directory or GGUF file");
   auto* synth =
       cmd->add_option("--synthetic", a.synthetic,
                       "Seeded random weights: mixtral-8x7b, mixtral-8x22b or a config.json");

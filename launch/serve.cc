@@ -216,7 +216,8 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
 void add_serve(CLI::App& app, ServeArgs& a) {
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model over gRPC (run under mpirun)");
   ServeConfig& c = a.config;
-  cmd->add_option("--model", c.model, "Model directory (Hugging Face layout)")->required();
+  cmd->add_option("--model", c.model, "Model directory (Hugging Face layout) or GGUF file")
+      ->required();
   cmd->add_option("--listen", c.listen, "host:port of the gRPC server (port 0 = any free port)")
       ->capture_default_str();
   add_layout_flags(cmd, a.tp, a.ep, a.moe_exchange);

@@ -1,6 +1,6 @@
 // Weights quantized at load (--weights) against the same checkpoint held in f32: for each type,
-// the prompt's logits within that type's bound, on the built-in tiny model's shapes (hidden 256,
-// so every linear weight holds whole blocks of every type, Q4_K's 256 included), two layers.
+// the prompt's logits within that type's bound, on tests/common/tiny_checkpoint.h (hidden 256,
+// so every linear weight holds whole blocks of every type, Q4_K's 256 included).
 //
 // The bounds (largest |logit error| over the row's largest |logit|, every row of a 10-token
 // prompt) hold the measured error with room for other compilers' rounding. The checkpoint is
@@ -21,42 +21,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
 #include "runtime/engine/generator.h"
 #include "runtime/model/loader.h"
-#include "runtime/model/tiny_model.h"
 #include "tests/common/compare.h"
+#include "tests/common/tiny_checkpoint.h"
 
 namespace sy {
 namespace {
 
-namespace fs = std::filesystem;
-
-// The built-in tiny model's shapes with two layers, bf16, written once per test binary.
-const std::string& tiny_dir() {
-  static const std::string dir = [] {
-    const std::string d = (fs::path(testing::TempDir()) / "quantized_tiny").string();
-    std::ifstream in(std::string(SY_FIXTURES_DIR) + "/../../launch/tiny_corpus.txt");
-    const std::string corpus{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    EXPECT_FALSE(corpus.empty());
-    TinyModelOptions o = TinyModelOptions::defaults();
-    o.seed = 20;
-    o.config.num_hidden_layers = 2;
-    write_tiny_model(d, o, corpus);
-    return d;
-  }();
-  return dir;
-}
-
 const std::vector<int32_t> kPrompt = {1, 17, 99, 240, 5, 300, 77, 12, 150, 42};
 
 std::vector<float> prompt_logits(WeightFormat format, uint64_t* bytes) {
-  LoadedModel m = load_model(tiny_dir(), 64, 64, false, nullptr, nullptr, format);
+  LoadedModel m = load_model(test::tiny_checkpoint(), 64, 64, false, nullptr, nullptr, format);
   if (bytes != nullptr) *bytes = m.model->weights().total_bytes;
   GenerateOptions o;
   o.max_tokens = 1;
@@ -77,7 +56,7 @@ struct Bound {
 };
 
 TEST(QuantizedWeights, LogitsWithinEachTypesBoundOfF32) {
-  const int64_t vocab = ModelConfig::load(tiny_dir()).vocab_size;
+  const int64_t vocab = ModelConfig::load(test::tiny_checkpoint()).vocab_size;
   uint64_t f32_bytes = 0;
   const std::vector<float> f32 = prompt_logits(WeightFormat::kF32, &f32_bytes);
   const Bound bounds[] = {{WeightFormat::kBF16, 1e-5, 0.51},
