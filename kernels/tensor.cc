@@ -12,6 +12,7 @@ int64_t dtype_block_elems(DType dtype) {
     case DType::kQ4_0:
       return 32;
     case DType::kQ4_K:
+    case DType::kQ5_K:
     case DType::kQ6_K:
       return 256;
     default:
@@ -33,6 +34,8 @@ int64_t dtype_block_bytes(DType dtype) {
       return 18;
     case DType::kQ4_K:
       return 144;
+    case DType::kQ5_K:
+      return 176;
     case DType::kQ6_K:
       return 210;
   }
@@ -71,6 +74,8 @@ const char* dtype_name(DType dtype) {
       return "Q4_0";
     case DType::kQ4_K:
       return "Q4_K";
+    case DType::kQ5_K:
+      return "Q5_K";
     case DType::kQ6_K:
       return "Q6_K";
   }

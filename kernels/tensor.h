@@ -14,9 +14,9 @@
 
 namespace sy {
 
-// kQ8_0 .. kQ6_K: GGML's block-quantized weight formats (kernels/cpu/quant.h), held by CPU
+// kQ8_0 .. kQ5_K: GGML's block-quantized weight formats (kernels/cpu/quant.h), held by CPU
 // weights only. A row of a quantized tensor holds whole blocks.
-enum class DType : uint8_t { kF32, kBF16, kF16, kI32, kQ8_0, kQ4_0, kQ4_K, kQ6_K };
+enum class DType : uint8_t { kF32, kBF16, kF16, kI32, kQ8_0, kQ4_0, kQ4_K, kQ6_K, kQ5_K };
 enum class Device : uint8_t { kCpu, kCuda };
 
 // Bytes of one element; throws for the block-quantized types, which have none.

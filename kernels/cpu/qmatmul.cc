@@ -150,6 +150,32 @@ void dot_q4_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float
   }
 }
 
+void dot_q5_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
+  for (int r = 0; r < R; ++r) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = w + 176 * b;
+      const ActQ8K& a = x[r][b];
+      uint8_t sc[8], m[8];
+      q4k_scales(wb + 4, sc, m);
+      int dot = 0, mins = 0;
+      for (int s = 0; s < 8; ++s) {
+        const uint8_t* q = wb + 48 + 32 * (s / 2);
+        int ds = 0;
+        for (int i = 0; i < 32; ++i) {
+          const int v = ((q[i] >> (4 * (s % 2))) & 0x0F) | (((wb[16 + i] >> s) & 1) << 4);
+          ds += v * a.q[32 * s + i];
+        }
+        dot += sc[s] * ds;
+        mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
+      }
+      sum += f16_at(wb) * a.d * static_cast<float>(dot) -
+             f16_at(wb + 2) * a.d * static_cast<float>(mins);
+    }
+    out[r] = sum;
+  }
+}
+
 void dot_q6_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
   for (int r = 0; r < R; ++r) {
     float sum = 0;
@@ -179,6 +205,11 @@ void dot_q6_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float
 #ifdef SY_QMATMUL_AVX2
 #define SY_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+// An f16 scale through F16C (the same value as f16_to_f32, without its branches and call).
+SY_AVX2 inline float f16c_at(const uint8_t* p) {
+  return _cvtsh_ss(u16_at(p));
+}
+
 SY_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -186,91 +217,113 @@ SY_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Signed 8-bit dot of 32 pairs as 8 i32 lanes.
-SY_AVX2 inline __m256i dot_s8(__m256i w, __m256i x) {
-  const __m256i ax = _mm256_sign_epi8(w, w);
-  const __m256i sx = _mm256_sign_epi8(x, w);
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sx), _mm256_set1_epi16(1));
+// Q8_0 and Q4_0: block b's 32 weights as signed bytes and its scale.
+SY_AVX2 inline __m256i q8_0_block(const uint8_t* wb) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2));
+}
+SY_AVX2 inline __m256i q4_0_block(const uint8_t* wb) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 2));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
 }
 
-template <int R>
-SY_AVX2 void avx2_q8_0(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + 34 * b;
-    const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2));
-    const float dw = f16_at(wb);
+// One weight row of 32-element blocks (Q8_0: 34 bytes, Q4_0: 18) against R rows of ActQ8.
+// Even and odd blocks go to two sets of accumulators, so the FMA chains of a row overlap.
+template <int R, int BlockBytes, __m256i (*Load)(const uint8_t*)>
+SY_AVX2 void avx2_q32(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, __m256* a) SY_AVX2 {
+    const uint8_t* wb = w + BlockBytes * b;
+    const __m256i qw = Load(wb);
+    const float dw = f16c_at(wb);
     const __m256i ax = _mm256_sign_epi8(qw, qw);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][b].q));
       const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qx, qw)),
                                           _mm256_set1_epi16(1));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);
+      a[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r][b].d), _mm256_cvtepi32_ps(p), a[r]);
     }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, acc[0]);
+    block(b + 1, acc[1]);
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  if (b < nb) block(b, acc[0]);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 }
 
-template <int R>
-SY_AVX2 void avx2_q4_0(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + 18 * b;
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 2));
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    const __m256i qw = _mm256_sub_epi8(_mm256_and_si256(both, low4), eight);
-    const float dw = f16_at(wb);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][b].q));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r][b].d), _mm256_cvtepi32_ps(dot_s8(qw, qx)),
-                               acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+// The eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of a Q4_K / Q5_K block's 12 packed
+// bytes, unpacked with 32-bit masks (q4k_scales one by one).
+inline void qk_scales_mins(const uint8_t* packed, uint8_t out[16]) {
+  uint32_t u[3], v[4];
+  std::memcpy(u, packed, 12);
+  const uint32_t six = 0x3f3f3f3fu, four = 0x0f0f0f0fu, two = 0x03030303u;
+  v[0] = u[0] & six;                                         // scales 0-3
+  v[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);         // scales 4-7
+  v[2] = u[1] & six;                                         // mins 0-3
+  v[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);  // mins 4-7
+  std::memcpy(out, v, 16);
 }
 
-template <int R>
-SY_AVX2 void avx2_q4_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
-  __m256 acc[R];
-  float mins_acc[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    mins_acc[r] = 0;
-  }
+// Q4_K (Five = false) and Q5_K (true: each element's fifth bit from the 32 bytes after the
+// scales, bit s of byte i for element i of sub-block s). Per block and row: eight 32-element
+// integer dots, each scaled by its sub-block's 6-bit scale in 16 bits (madd), summed in i32;
+// the mins' term is the 16 activation sums against the mins (one more madd), kept in a second
+// f32 accumulator. Nothing per element but the dots.
+template <int R, bool Five>
+SY_AVX2 void avx2_qk(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  __m256 acc[R], acc_min[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + 144 * b;
-    uint8_t sc[8], m[8];
-    q4k_scales(wb + 4, sc, m);
-    const float d = f16_at(wb), dmin = f16_at(wb + 2);
-    __m256i qw[8];
+    const uint8_t* wb = w + (Five ? 176 : 144) * b;
+    alignas(16) uint8_t sm[16];
+    qk_scales_mins(wb + 4, sm);
+    const __m128i sm8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+    // Scales as 16-bit lanes, both halves: lanes 0-7 scale 0-7. Sub-block s's scale in every
+    // lane: a byte shuffle picking bytes 2s and 2s + 1.
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8));
+    // Mins, each twice (the two 16-element sums of its sub-block), as 16 lanes of 16 bits.
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm8, sm8));
+    const float d = f16c_at(wb), dmin = f16c_at(wb + 2);
+    const uint8_t* qs = wb + (Five ? 48 : 16);
+    __m256i qw[8], scale[8];
     for (int c = 0; c < 4; ++c) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 16 + 32 * c));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
       qw[2 * c] = _mm256_and_si256(q, low4);
       qw[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
     }
+    if constexpr (Five) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 16));
+      const __m256i one = _mm256_set1_epi8(1);
+      for (int t = 0; t < 8; ++t) {
+        const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, t), one);
+        qw[t] = _mm256_or_si256(qw[t], _mm256_slli_epi16(bit, 4));
+      }
+    }
+    for (int t = 0; t < 8; ++t)
+      scale[t] = _mm256_shuffle_epi8(
+          sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * t + 1) + 2 * t)));
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const ActQ8K& a = x[r][b];
       __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 8
-      for (int s = 0; s < 8; ++s) {
-        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * s));
-        const __m256i p16 = _mm256_maddubs_epi16(qw[s], qx);
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p16, _mm256_set1_epi16(sc[s])));
+      for (int t = 0; t < 8; ++t) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * t));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(qw[t], qx), scale[t]));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sum), acc[r]);
-      int mins = 0;
-      for (int s = 0; s < 8; ++s) mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
-      mins_acc[r] += dmin * a.d * static_cast<float>(mins);
+      const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sums));
+      const __m256 da = _mm256_set1_ps(d * a.d), dmina = _mm256_set1_ps(dmin * a.d);
+      acc[r] = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(sum), acc[r]);
+      acc_min[r] =
+          _mm256_fmadd_ps(dmina, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, mins16)), acc_min[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins_acc[r];
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_sub_ps(acc[r], acc_min[r]));
 }
 
 // Bits [shift, shift + 2) of each byte of a Q6_K block's high bits, moved to bits 4 and 5.
@@ -286,7 +339,7 @@ SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, flo
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + 210 * b;
     const auto* scales = reinterpret_cast<const int8_t*>(wb + 192);
-    const float d = f16_at(wb + 208);
+    const float d = f16c_at(wb + 208);
     // The 256 elements as eight runs of 32 unsigned 6-bit values, run t covering elements
     // [32t, 32t + 32) (scales 2t and 2t + 1).
     __m256i qw[8];
@@ -304,8 +357,9 @@ SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, flo
     __m256i sc[8];
     for (int t = 0; t < 8; ++t)
       sc[t] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * t + 1]), _mm_set1_epi16(scales[2 * t]));
-    int bias_scale[16];
-    for (int g = 0; g < 16; ++g) bias_scale[g] = 32 * scales[g];
+    // The -32 offset of every element: 32 * scale[g] against the activations' 16-element sums.
+    const __m256i bias_scale = _mm256_slli_epi16(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))), 5);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const ActQ8K& a = x[r][b];
@@ -315,11 +369,9 @@ SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, flo
         const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * t));
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(qw[t], qx), sc[t]));
       }
-      int bias = 0;
-      for (int g = 0; g < 16; ++g) bias += bias_scale[g] * a.sums[g];
-      const __m256 total = _mm256_sub_ps(
-          _mm256_cvtepi32_ps(sum), _mm256_setr_ps(static_cast<float>(bias), 0, 0, 0, 0, 0, 0, 0));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), total, acc[r]);
+      const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sums));
+      sum = _mm256_sub_epi32(sum, _mm256_madd_epi16(sums, bias_scale));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sum), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
@@ -338,16 +390,26 @@ SY_AVX2 inline __m256 load8(const uint8_t* p) {
 
 template <DType W, int R>
 SY_AVX2 void avx2_half(const uint8_t* w, const float* const* x, int64_t k, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  // Two sets of accumulators (elements [16t, 16t + 8) and [16t + 8, 16t + 16)): a row's FMA
+  // chains overlap, so one row alone is not held to one FMA latency per 8 weights.
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    const __m256 wv = load8<W>(w + 2 * i);
+  for (; i + 16 <= k; i += 16) {
+    const __m256 w0 = load8<W>(w + 2 * i), w1 = load8<W>(w + 2 * i + 16);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), wv, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), w0, acc[0][r]);
+      acc[1][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i + 8), w1, acc[1][r]);
+    }
+  }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w0 = load8<W>(w + 2 * i);
+    for (int r = 0; r < R; ++r)
+      acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), w0, acc[0][r]);
   }
   for (int r = 0; r < R; ++r) {
-    float v = hsum(acc[r]);
+    float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
     for (int64_t t = i; t < k; ++t) {
       const uint16_t h = u16_at(w + 2 * t);
       v += x[r][t] * (W == DType::kF16 ? f16_to_f32(h) : bf16_to_f32(h));
@@ -408,19 +470,25 @@ void avx2_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* o
 template <int R>
 struct Q8_0Fn {
   static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
-    avx2_q8_0<R>(w, x, nb, out);
+    avx2_q32<R, 34, q8_0_block>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q4_0Fn {
   static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
-    avx2_q4_0<R>(w, x, nb, out);
+    avx2_q32<R, 18, q4_0_block>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q4_KFn {
   static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
-    avx2_q4_k<R>(w, x, nb, out);
+    avx2_qk<R, false>(w, x, nb, out);
+  }
+};
+template <int R>
+struct Q5_KFn {
+  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+    avx2_qk<R, true>(w, x, nb, out);
   }
 };
 template <int R>
@@ -462,6 +530,8 @@ Kernel kernel_for(DType w) {
         return {avx2_row<ActQ8, Q4_0Fn, 32>, ActKind::kQ8};
       case DType::kQ4_K:
         return {avx2_row<ActQ8K, Q4_KFn, 256>, ActKind::kQ8K};
+      case DType::kQ5_K:
+        return {avx2_row<ActQ8K, Q5_KFn, 256>, ActKind::kQ8K};
       case DType::kQ6_K:
         return {avx2_row<ActQ8K, Q6_KFn, 256>, ActKind::kQ8K};
       case DType::kF16:
@@ -480,6 +550,8 @@ Kernel kernel_for(DType w) {
       return {portable_row<ActQ8, dot_q4_0, 32>, ActKind::kQ8};
     case DType::kQ4_K:
       return {portable_row<ActQ8K, dot_q4_k, 256>, ActKind::kQ8K};
+    case DType::kQ5_K:
+      return {portable_row<ActQ8K, dot_q5_k, 256>, ActKind::kQ8K};
     case DType::kQ6_K:
       return {portable_row<ActQ8K, dot_q6_k, 256>, ActKind::kQ8K};
     case DType::kF16:

@@ -68,6 +68,27 @@ void dequant_q4_k(const uint8_t* b, float* y) {
   }
 }
 
+void dequant_q5_k(const uint8_t* b, float* y) {
+  const float d = load_f16(b);
+  const float dmin = load_f16(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+  for (int s = 0; s < 8; ++s) {
+    int sc = 0, m = 0;
+    q4_k_scale_min(scales, s, &sc, &m);
+    const float dl = d * static_cast<float>(sc);
+    const float ml = dmin * static_cast<float>(m);
+    const uint8_t* q = qs + 32 * (s / 2);
+    const int shift = 4 * (s % 2);
+    for (int i = 0; i < 32; ++i) {
+      const int v = ((q[i] >> shift) & 0x0F) | (((qh[i] >> s) & 1) << 4);
+      const float scaled = dl * static_cast<float>(v);
+      y[32 * s + i] = scaled - ml;
+    }
+  }
+}
+
 void dequant_q6_k(const uint8_t* b, float* y) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + kQK / 2;
@@ -187,6 +208,8 @@ GgmlType ggml_type_of(DType dtype) {
       return GgmlType::kQ4_0;
     case DType::kQ4_K:
       return GgmlType::kQ4_K;
+    case DType::kQ5_K:
+      return GgmlType::kQ5_K;
     case DType::kQ6_K:
       return GgmlType::kQ6_K;
     case DType::kI32:
@@ -197,7 +220,7 @@ GgmlType ggml_type_of(DType dtype) {
 
 bool dtype_of_ggml(GgmlType type, DType* dtype) {
   for (DType d : {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_K,
-                  DType::kQ6_K}) {
+                  DType::kQ5_K, DType::kQ6_K}) {
     if (ggml_type_of(d) == type) {
       *dtype = d;
       return true;
@@ -279,7 +302,7 @@ GgmlTypeInfo ggml_type_info(uint32_t type) {
     case GgmlType::kQ4_K:
       return {"Q4_K", 256, 144, true};
     case GgmlType::kQ5_K:
-      return {"Q5_K", 256, 176, false};
+      return {"Q5_K", 256, 176, true};
     case GgmlType::kQ6_K:
       return {"Q6_K", 256, 210, true};
     case GgmlType::kQ8_K:
@@ -317,6 +340,9 @@ void dequantize_row(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
         break;
       case GgmlType::kQ4_K:
         dequant_q4_k(b, y);
+        break;
+      case GgmlType::kQ5_K:
+        dequant_q5_k(b, y);
         break;
       case GgmlType::kQ6_K:
         dequant_q6_k(b, y);

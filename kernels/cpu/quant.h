@@ -7,6 +7,9 @@
 //   Q4_K  256 elements in 144 bytes: f16 d, f16 dmin, 12 bytes of eight 6-bit scales and mins,
 //         128 bytes of nibbles; sub-block s of 32 is x = (d * sc[s]) * q - dmin * m[s], the low
 //         nibbles of bytes 32c..32c+31 holding sub-block 2c and the high ones 2c + 1
+//   Q5_K  256 elements in 176 bytes: Q4_K's d, dmin and 12 scale bytes, then 32 bytes of fifth
+//         bits (bit s of byte i: element i of sub-block s), then Q4_K's 128 bytes of nibbles;
+//         x = (d * sc[s]) * (q + 16 * bit) - dmin * m[s]
 //   Q6_K  256 elements in 210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8
 //         scales, f16 d; x = (d * sc[e / 16]) * (q - 32)
 // Every product is rounded to f32 as it is formed (no fused multiply-add), the order of the
@@ -66,7 +69,7 @@ void row_to_f32(DType dtype, const void* src, float* dst, int64_t n);
 //         codes rounded to nearest over the block's largest; then each element rounded to the
 //         nearest code of its sub-block. (llama.cpp's quantizer searches further; this one is
 //         simpler and less accurate, within the bounds tests/kernels/test_qmatmul.cc states.)
-//   Q6_K is read only (throws).
+//   Q5_K and Q6_K are read only (throw).
 void row_from_f32(DType dtype, const float* src, void* dst, int64_t n);
 
 }  // namespace sy::cpu

@@ -217,7 +217,7 @@ Location GgufSource::locate(const std::string& name, const std::vector<int64_t>&
            cpu::ggml_type_info(static_cast<uint32_t>(loc.tensor->type)).name != nullptr
                ? cpu::ggml_type_info(static_cast<uint32_t>(loc.tensor->type)).name
                : "unknown",
-           "), which this build does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)");
+           "), which this build does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)");
   return loc;
 }
 

@@ -21,16 +21,23 @@ struct Case {
   double bound;  // largest |got - want| / (|x| |w| row norms product), stated per type
 };
 
-// Q6_K has no quantizer here: its weights are random blocks with finite scales.
+// Q5_K and Q6_K have no quantizer here: their weights are random blocks with finite scales.
 std::vector<uint8_t> make_weights(DType type, int64_t n, int64_t k, std::mt19937& rng) {
   const size_t row = dtype_bytes(type, k);
   std::vector<uint8_t> w(row * static_cast<size_t>(n));
-  if (type == DType::kQ6_K) {
+  if (type == DType::kQ5_K || type == DType::kQ6_K) {
     std::uniform_int_distribution<int> byte(0, 255);
     for (auto& b : w) b = static_cast<uint8_t>(byte(rng));
+    const int64_t bytes = dtype_block_bytes(type);
     for (int64_t blk = 0; blk < n * k / 256; ++blk) {
       const uint16_t d = f32_to_f16(0.01f * static_cast<float>(1 + blk % 7));
-      std::memcpy(w.data() + blk * 210 + 208, &d, 2);
+      const uint16_t dmin = f32_to_f16(0.002f * static_cast<float>(1 + blk % 5));
+      if (type == DType::kQ6_K) {
+        std::memcpy(w.data() + blk * bytes + 208, &d, 2);
+      } else {
+        std::memcpy(w.data() + blk * bytes, &d, 2);
+        std::memcpy(w.data() + blk * bytes + 2, &dmin, 2);
+      }
     }
     return w;
   }
@@ -54,7 +61,8 @@ std::vector<float> run(DType type, const std::vector<uint8_t>& w, const std::vec
 
 TEST(QuantMatmul, SimdPortableAndDequantizedAgree) {
   const Case cases[] = {{DType::kF16, 1e-6},  {DType::kBF16, 1e-6}, {DType::kQ8_0, 2e-2},
-                        {DType::kQ4_0, 2e-2}, {DType::kQ4_K, 2e-2}, {DType::kQ6_K, 2e-2}};
+                        {DType::kQ4_0, 2e-2}, {DType::kQ4_K, 2e-2}, {DType::kQ5_K, 2e-2},
+                        {DType::kQ6_K, 2e-2}};
   const int64_t n = 37, k = 512;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.f, 1.f);

@@ -22,11 +22,11 @@ Run from the repository root (any Python 3.10+):
 Everything is seeded: a second run rewrites the same bytes. The C++ tests (tests/runtime/formats/
 test_gguf.cc, tests/kernels/test_quant.cc) only read the file.
 
-For each type T of F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K the file holds:
+For each type T of F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K and Q5_K the file holds:
   T.raw   [4, 256] of type T: 1024 elements as the type stores them
   T.want  [4, 256] F32: gguf.quants.dequantize of T.raw
 Q8_0 and Q4_0 blocks are quantized from seeded normal values (row 0 all zero, row 3 scaled by
-1e4); Q4_K and Q6_K blocks are seeded random bytes whose f16 scales are set to finite values of
+1e4); Q4_K, Q6_K and Q5_K blocks are seeded random bytes whose f16 scales are set to finite values of
 either sign. Metadata of every value type (scalars and arrays) is written too, for the reader's
 tests.
 """
@@ -60,7 +60,7 @@ def random_k_blocks(rng, qtype):
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     scales = (rng.standard_normal(n_blocks * 2) * 0.05).astype(np.float16).view(np.uint8)
     scales = scales.reshape(n_blocks, 2, 2)
-    if qtype == T.Q4_K:  # d at bytes 0-1, dmin at 2-3
+    if qtype in (T.Q4_K, T.Q5_K):  # d at bytes 0-1, dmin at 2-3
         raw[:, 0:2] = scales[:, 0]
         raw[:, 2:4] = scales[:, 1]
     else:  # Q6_K: d in the last two bytes
@@ -80,8 +80,8 @@ def write_quant_blocks():
     w.add_array("test.strings", ["a", "bc", ""])
     w.add_array("test.floats", [0.25, -1.5])
     w.add_array("test.ints", [1, -2, 3])
-    for qtype in (T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K):
-        if qtype in (T.Q4_K, T.Q6_K):
+    for qtype in (T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K):
+        if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
             raw = random_k_blocks(rng, qtype)
         else:
             raw = quants.quantize(values(rng), qtype)
