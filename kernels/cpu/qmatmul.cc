@@ -57,13 +57,14 @@ float f16_at(const uint8_t* p) {
   return f16_to_f32(u16_at(p));
 }
 
-// Quantizes `block` floats to int8 with scale max|x| / 127 (round to nearest): the scale.
+// Quantizes `block` floats to int8 with scale max|x| / 127 (round to nearest even, one cvtss2si
+// each): the scale.
 float quantize_act(const float* x, int block, int8_t* q) {
   float amax = 0;
   for (int i = 0; i < block; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.f;
   const float id = d > 0 ? 1.f / d : 0.f;
-  for (int i = 0; i < block; ++i) q[i] = static_cast<int8_t>(std::lround(x[i] * id));
+  for (int i = 0; i < block; ++i) q[i] = static_cast<int8_t>(std::lrint(x[i] * id));
   return d;
 }
 
@@ -436,87 +437,110 @@ void portable_half(DType W, const uint8_t* w, const float* const* x, int R, int6
   }
 }
 
-// One weight row against R (<= kRows) rows of prepared activations: out[r].
-using RowFn = void (*)(const uint8_t* w, const void* const* x, int R, int64_t k, float* out);
+// `cols` consecutive weight rows (w_row_bytes apart) against R (<= kRows) rows of prepared
+// activations: out[r * ldo + j] for weight row j.
+using PanelFn = void (*)(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x,
+                         int R, int64_t k, float* out, int64_t ldo);
 
 template <typename Act, void (*Portable)(const uint8_t*, const Act* const*, int, int64_t, float*),
           int Block>
-void portable_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
-  Portable(w, reinterpret_cast<const Act* const*>(x), R, k / Block, out);
+void portable_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x,
+                    int R, int64_t k, float* out, int64_t ldo) {
+  float res[kRows];
+  for (int64_t j = 0; j < cols; ++j) {
+    Portable(w + w_row_bytes * static_cast<size_t>(j), reinterpret_cast<const Act* const*>(x), R,
+             k / Block, res);
+    for (int r = 0; r < R; ++r) out[r * ldo + j] = res[r];
+  }
 }
 
-void portable_f16(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
-  portable_half(DType::kF16, w, reinterpret_cast<const float* const*>(x), R, k, out);
-}
-void portable_bf16(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
-  portable_half(DType::kBF16, w, reinterpret_cast<const float* const*>(x), R, k, out);
+template <DType W>
+void portable_half_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x,
+                         int R, int64_t k, float* out, int64_t ldo) {
+  float res[kRows];
+  for (int64_t j = 0; j < cols; ++j) {
+    portable_half(W, w + w_row_bytes * static_cast<size_t>(j),
+                  reinterpret_cast<const float* const*>(x), R, k, res);
+    for (int r = 0; r < R; ++r) out[r * ldo + j] = res[r];
+  }
 }
 
 #ifdef SY_QMATMUL_AVX2
+// The loop over a panel's weight rows for a fixed R, the kernel inlined into it.
+template <typename Act, template <int> class Fn, int Block, int R>
+SY_AVX2 void avx2_panel_r(const uint8_t* w, size_t w_row_bytes, int64_t cols, const Act* const* a,
+                          int64_t k, float* out, int64_t ldo) {
+  float res[R];
+  for (int64_t j = 0; j < cols; ++j) {
+    Fn<R>::run(w + w_row_bytes * static_cast<size_t>(j), a, k / Block, res);
+    for (int r = 0; r < R; ++r) out[r * ldo + j] = res[r];
+  }
+}
 template <typename Act, template <int> class Fn, int Block>
-void avx2_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
+void avx2_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x, int R,
+                int64_t k, float* out, int64_t ldo) {
   const auto* a = reinterpret_cast<const Act* const*>(x);
   switch (R) {
     case 1:
-      return Fn<1>::run(w, a, k / Block, out);
+      return avx2_panel_r<Act, Fn, Block, 1>(w, w_row_bytes, cols, a, k, out, ldo);
     case 2:
-      return Fn<2>::run(w, a, k / Block, out);
+      return avx2_panel_r<Act, Fn, Block, 2>(w, w_row_bytes, cols, a, k, out, ldo);
     case 3:
-      return Fn<3>::run(w, a, k / Block, out);
+      return avx2_panel_r<Act, Fn, Block, 3>(w, w_row_bytes, cols, a, k, out, ldo);
     default:
-      return Fn<4>::run(w, a, k / Block, out);
+      return avx2_panel_r<Act, Fn, Block, 4>(w, w_row_bytes, cols, a, k, out, ldo);
   }
 }
 template <int R>
 struct Q8_0Fn {
-  static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+  SY_AVX2 static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
     avx2_q32<R, 34, q8_0_block>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q4_0Fn {
-  static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
+  SY_AVX2 static void run(const uint8_t* w, const ActQ8* const* x, int64_t nb, float* out) {
     avx2_q32<R, 18, q4_0_block>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q4_KFn {
-  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  SY_AVX2 static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
     avx2_qk<R, false>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q5_KFn {
-  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  SY_AVX2 static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
     avx2_qk<R, true>(w, x, nb, out);
   }
 };
 template <int R>
 struct Q6_KFn {
-  static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  SY_AVX2 static void run(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
     avx2_q6_k<R>(w, x, nb, out);
   }
 };
+// F16 / BF16 through the same loop: Block 1, the activations' f32 rows.
 template <DType W>
-void avx2_half_row(const uint8_t* w, const void* const* x, int R, int64_t k, float* out) {
-  const auto* a = reinterpret_cast<const float* const*>(x);
-  switch (R) {
-    case 1:
-      return avx2_half<W, 1>(w, a, k, out);
-    case 2:
-      return avx2_half<W, 2>(w, a, k, out);
-    case 3:
-      return avx2_half<W, 3>(w, a, k, out);
-    default:
-      return avx2_half<W, 4>(w, a, k, out);
-  }
-}
+struct HalfFn {
+  template <int R>
+  struct Fn {
+    SY_AVX2 static void run(const uint8_t* w, const float* const* x, int64_t k, float* out) {
+      avx2_half<W, R>(w, x, k, out);
+    }
+  };
+};
+template <int R>
+using F16Fn = HalfFn<DType::kF16>::Fn<R>;
+template <int R>
+using BF16Fn = HalfFn<DType::kBF16>::Fn<R>;
 #endif
 
 // The row function for `w` on the path in use, and how activations are prepared for it.
 enum class ActKind { kF32, kQ8, kQ8K };
 struct Kernel {
-  RowFn row = nullptr;
+  PanelFn panel = nullptr;
   ActKind act = ActKind::kF32;
 };
 
@@ -525,19 +549,19 @@ Kernel kernel_for(DType w) {
   if (simd_enabled()) {
     switch (w) {
       case DType::kQ8_0:
-        return {avx2_row<ActQ8, Q8_0Fn, 32>, ActKind::kQ8};
+        return {avx2_panel<ActQ8, Q8_0Fn, 32>, ActKind::kQ8};
       case DType::kQ4_0:
-        return {avx2_row<ActQ8, Q4_0Fn, 32>, ActKind::kQ8};
+        return {avx2_panel<ActQ8, Q4_0Fn, 32>, ActKind::kQ8};
       case DType::kQ4_K:
-        return {avx2_row<ActQ8K, Q4_KFn, 256>, ActKind::kQ8K};
+        return {avx2_panel<ActQ8K, Q4_KFn, 256>, ActKind::kQ8K};
       case DType::kQ5_K:
-        return {avx2_row<ActQ8K, Q5_KFn, 256>, ActKind::kQ8K};
+        return {avx2_panel<ActQ8K, Q5_KFn, 256>, ActKind::kQ8K};
       case DType::kQ6_K:
-        return {avx2_row<ActQ8K, Q6_KFn, 256>, ActKind::kQ8K};
+        return {avx2_panel<ActQ8K, Q6_KFn, 256>, ActKind::kQ8K};
       case DType::kF16:
-        return {avx2_half_row<DType::kF16>, ActKind::kF32};
+        return {avx2_panel<float, F16Fn, 1>, ActKind::kF32};
       case DType::kBF16:
-        return {avx2_half_row<DType::kBF16>, ActKind::kF32};
+        return {avx2_panel<float, BF16Fn, 1>, ActKind::kF32};
       default:
         break;
     }
@@ -545,19 +569,19 @@ Kernel kernel_for(DType w) {
 #endif
   switch (w) {
     case DType::kQ8_0:
-      return {portable_row<ActQ8, dot_q8_0, 32>, ActKind::kQ8};
+      return {portable_panel<ActQ8, dot_q8_0, 32>, ActKind::kQ8};
     case DType::kQ4_0:
-      return {portable_row<ActQ8, dot_q4_0, 32>, ActKind::kQ8};
+      return {portable_panel<ActQ8, dot_q4_0, 32>, ActKind::kQ8};
     case DType::kQ4_K:
-      return {portable_row<ActQ8K, dot_q4_k, 256>, ActKind::kQ8K};
+      return {portable_panel<ActQ8K, dot_q4_k, 256>, ActKind::kQ8K};
     case DType::kQ5_K:
-      return {portable_row<ActQ8K, dot_q5_k, 256>, ActKind::kQ8K};
+      return {portable_panel<ActQ8K, dot_q5_k, 256>, ActKind::kQ8K};
     case DType::kQ6_K:
-      return {portable_row<ActQ8K, dot_q6_k, 256>, ActKind::kQ8K};
+      return {portable_panel<ActQ8K, dot_q6_k, 256>, ActKind::kQ8K};
     case DType::kF16:
-      return {portable_f16, ActKind::kF32};
+      return {portable_half_panel<DType::kF16>, ActKind::kF32};
     case DType::kBF16:
-      return {portable_bf16, ActKind::kF32};
+      return {portable_half_panel<DType::kBF16>, ActKind::kF32};
     default:
       SY_FAIL("matmul: no kernel for weights of ", dtype_name(w));
   }
@@ -620,11 +644,8 @@ void matmul_converted(Tensor out, Tensor x, Tensor w) {
         const int R = static_cast<int>(std::min<int64_t>(kRows, m - i0));
         const void* rows[kRows];
         for (int r = 0; r < R; ++r) rows[r] = act + act_row_bytes * static_cast<size_t>(i0 + r);
-        float res[kRows];
-        for (int64_t j = j0; j < j1; ++j) {
-          kern.row(wdata + w_row_bytes * static_cast<size_t>(j), rows, R, k, res);
-          for (int r = 0; r < R; ++r) o[(i0 + r) * n + j] = res[r];
-        }
+        kern.panel(wdata + w_row_bytes * static_cast<size_t>(j0), w_row_bytes, j1 - j0, rows, R, k,
+                   o + i0 * n + j0, n);
       }
     }
   });
