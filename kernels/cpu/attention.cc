@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/threads.h"
 
 namespace sy::cpu {
 namespace {
@@ -51,25 +52,33 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
   const int64_t n_slots = k_cache.size(0) * meta.block_size;
   const int64_t row = n_kv_heads * head_dim;
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
-  // Scratch reused across calls: grows to the longest context seen, then never allocates.
-  thread_local std::vector<float> scores;
-  thread_local std::vector<int64_t> slots;
-  for (int64_t t = 0; t < n_tokens; ++t) {
-    const int64_t seq = meta.token_seq.i32()[t];
-    const int64_t pos = meta.positions.i32()[t];
-    const int64_t lo =
-        meta.sliding_window > 0 ? std::max<int64_t>(0, pos - meta.sliding_window + 1) : 0;
-    const int64_t n_ctx = pos - lo + 1;
-    if (static_cast<int64_t>(scores.size()) < n_ctx) {
-      scores.resize(static_cast<size_t>(n_ctx));
-      slots.resize(static_cast<size_t>(n_ctx));
-    }
-    for (int64_t j = 0; j < n_ctx; ++j) {
-      slots[j] = kv_slot(meta, seq, lo + j);
-      SY_CHECK(slots[j] >= 0 && slots[j] < n_slots, "attention: slot ", slots[j],
-               " outside the cache");
-    }
-    for (int64_t h = 0; h < n_heads; ++h) {
+  // One (token, head) pair per item, split over the pool's threads (kernels/cpu/threads.h);
+  // each pair's arithmetic is the same on any thread. Scratch is per thread and reused across
+  // calls: it grows to the longest context seen, then never allocates.
+  parallel_for(n_tokens * n_heads, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> slots;
+    int64_t slots_of = -1;  // the token whose slots are in `slots`
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / n_heads, h = i % n_heads;
+      const int64_t seq = meta.token_seq.i32()[t];
+      const int64_t pos = meta.positions.i32()[t];
+      const int64_t lo =
+          meta.sliding_window > 0 ? std::max<int64_t>(0, pos - meta.sliding_window + 1) : 0;
+      const int64_t n_ctx = pos - lo + 1;
+      if (static_cast<int64_t>(scores.size()) < n_ctx) {
+        scores.resize(static_cast<size_t>(n_ctx));
+        slots.resize(static_cast<size_t>(n_ctx));
+        slots_of = -1;
+      }
+      if (slots_of != t) {
+        for (int64_t j = 0; j < n_ctx; ++j) {
+          slots[j] = kv_slot(meta, seq, lo + j);
+          SY_CHECK(slots[j] >= 0 && slots[j] < n_slots, "attention: slot ", slots[j],
+                   " outside the cache");
+        }
+        slots_of = t;
+      }
       const float* qh = q.f32() + (t * n_heads + h) * head_dim;
       const int64_t g = h / group;
       float max_score = -INFINITY;
@@ -92,7 +101,7 @@ void attention(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, const Atten
         axpy(oh, vh, p, head_dim);
       }
     }
-  }
+  });
 }
 
 }  // namespace sy::cpu

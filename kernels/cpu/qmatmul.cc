@@ -68,14 +68,17 @@ float quantize_act(const float* x, int block, int8_t* q) {
   return d;
 }
 
-void quantize_q8(const float* x, int64_t k, ActQ8* out) {
+// quantize_act or its AVX2 twin (the same bytes and scale).
+using QuantizeFn = float (*)(const float* x, int block, int8_t* q);
+
+void quantize_q8(QuantizeFn quantize, const float* x, int64_t k, ActQ8* out) {
   static_assert(sizeof(ActQ8) == 36);
-  for (int64_t b = 0; b < k / 32; ++b) out[b].d = quantize_act(x + 32 * b, 32, out[b].q);
+  for (int64_t b = 0; b < k / 32; ++b) out[b].d = quantize(x + 32 * b, 32, out[b].q);
 }
 
-void quantize_q8k(const float* x, int64_t k, ActQ8K* out) {
+void quantize_q8k(QuantizeFn quantize, const float* x, int64_t k, ActQ8K* out) {
   for (int64_t b = 0; b < k / 256; ++b) {
-    out[b].d = quantize_act(x + 256 * b, 256, out[b].q);
+    out[b].d = quantize(x + 256 * b, 256, out[b].q);
     for (int g = 0; g < 16; ++g) {
       int s = 0;
       for (int i = 0; i < 16; ++i) s += out[b].q[16 * g + i];
@@ -209,6 +212,32 @@ void dot_q6_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float
 // An f16 scale through F16C (the same value as f16_to_f32, without its branches and call).
 SY_AVX2 inline float f16c_at(const uint8_t* p) {
   return _cvtsh_ss(u16_at(p));
+}
+
+// quantize_act for blocks of a multiple of 32: the same max, scale and round to nearest even
+// (cvtps2dq under the default rounding mode, as lrint), 32 at a time.
+SY_AVX2 float avx2_quantize_act(const float* x, int block, int8_t* q) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < block; i += 8)
+    m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float amax = _mm_cvtss_f32(h);
+  const float d = amax / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0 ? 1.f / d : 0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int i = 0; i < block; i += 32) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), id));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), id));
+    const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), id));
+    const __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), id));
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i),
+                        _mm256_permutevar8x32_epi32(packed, order));
+  }
+  return d;
 }
 
 SY_AVX2 inline float hsum(__m256 v) {
@@ -444,8 +473,8 @@ using PanelFn = void (*)(const uint8_t* w, size_t w_row_bytes, int64_t cols, con
 
 template <typename Act, void (*Portable)(const uint8_t*, const Act* const*, int, int64_t, float*),
           int Block>
-void portable_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x,
-                    int R, int64_t k, float* out, int64_t ldo) {
+void portable_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x, int R,
+                    int64_t k, float* out, int64_t ldo) {
   float res[kRows];
   for (int64_t j = 0; j < cols; ++j) {
     Portable(w + w_row_bytes * static_cast<size_t>(j), reinterpret_cast<const Act* const*>(x), R,
@@ -620,15 +649,19 @@ void matmul_converted(Tensor out, Tensor x, Tensor w) {
   if (kern.act == ActKind::kQ8K) act_row_bytes = static_cast<size_t>(k / 256) * sizeof(ActQ8K);
   const uint8_t* act = reinterpret_cast<const uint8_t*>(x.f32());
   if (kern.act != ActKind::kF32) {
+    QuantizeFn quantize = quantize_act;
+#ifdef SY_QMATMUL_AVX2
+    if (simd_enabled()) quantize = avx2_quantize_act;
+#endif
     std::vector<uint8_t>& buf = t_act;  // the caller's (the lambda runs on other threads too)
     buf.resize(act_row_bytes * static_cast<size_t>(m));
     parallel_for(m, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         uint8_t* dst = buf.data() + act_row_bytes * static_cast<size_t>(r);
         if (kern.act == ActKind::kQ8)
-          quantize_q8(x.f32() + r * k, k, reinterpret_cast<ActQ8*>(dst));
+          quantize_q8(quantize, x.f32() + r * k, k, reinterpret_cast<ActQ8*>(dst));
         else
-          quantize_q8k(x.f32() + r * k, k, reinterpret_cast<ActQ8K*>(dst));
+          quantize_q8k(quantize, x.f32() + r * k, k, reinterpret_cast<ActQ8K*>(dst));
       }
     });
     act = buf.data();

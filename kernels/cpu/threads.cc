@@ -2,6 +2,7 @@
 // before they sleep, so that the many short kernels of a decode step do not pay a wake-up each.
 #include "kernels/cpu/threads.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -18,6 +19,10 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 constexpr auto kSpin = std::chrono::microseconds(200);  // before a worker sleeps
+// A call's items are dealt in this many chunks per thread, each taken by whichever thread is
+// free (an atomic counter): a thread that starts late or is slowed by another process on its
+// core takes fewer, and the call ends when the last chunk does, not the slowest fixed half.
+constexpr int kChunksPerThread = 4;
 
 thread_local bool t_inside = false;  // this thread is running a range of a parallel_for
 
@@ -45,6 +50,8 @@ class Pool {
       fn_ = &fn;
       n_items_ = n;
       parts_ = parts;
+      n_chunks_ = std::min<int64_t>(n, static_cast<int64_t>(parts) * kChunksPerThread);
+      next_chunk_.store(0);
       error_ = nullptr;
       pending_.store(parts - 1);
       generation_.fetch_add(1);
@@ -56,11 +63,12 @@ class Pool {
   }
 
  private:
-  void run_part(int part) {
-    const int64_t begin = n_items_ * part / parts_, end = n_items_ * (part + 1) / parts_;
+  // Takes chunks until none is left.
+  void run_part(int /*part*/) {
     t_inside = true;
     try {
-      (*fn_)(begin, end);
+      for (int64_t c = next_chunk_.fetch_add(1); c < n_chunks_; c = next_chunk_.fetch_add(1))
+        (*fn_)(n_items_ * c / n_chunks_, n_items_ * (c + 1) / n_chunks_);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mu_);
       if (!error_) error_ = std::current_exception();
@@ -104,6 +112,8 @@ class Pool {
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_items_ = 0;
   int parts_ = 0;
+  int64_t n_chunks_ = 0;
+  std::atomic<int64_t> next_chunk_{0};
   std::mutex error_mu_;
   std::exception_ptr error_;
 };

@@ -20,6 +20,7 @@
 #include "runtime/model/gguf_model.h"
 #include "runtime/model/loader.h"
 #include "tests/common/compare.h"
+#include "tests/common/routing.h"
 #include "tests/common/tiny_checkpoint.h"
 
 namespace sy {
@@ -171,17 +172,37 @@ TEST(GgufModel, LlamaCppQ4_K_MFileLoadsItsMixOfTypes) {
   EXPECT_EQ(held[DType::kF32], 0);
   EXPECT_LE(static_cast<double>(w.total_bytes), 1.02 * static_cast<double>(fs::file_size(path)));
 
-  const int64_t vocab = ModelConfig::load(path).vocab_size;
-  const std::vector<float> q = prompt_logits(path, WeightFormat::kAuto, nullptr);
-  const std::vector<float> dequantized = prompt_logits(path, WeightFormat::kF32, nullptr);
-  const std::vector<float> f32 = prompt_logits(dir, WeightFormat::kF32, nullptr);
-  const double own = max_rel(q, dequantized, vocab), source = max_rel(q, f32, vocab);
-  std::printf("Q4_K_M: against its dequantized weights %.3g, against the bf16 checkpoint %.3g\n",
-              own, source);
-  // Measured 0.0199 and 0.301 (the 8-bit activations alone; then the 4-bit weights too).
-  EXPECT_LT(own, 4e-2);
-  EXPECT_GT(own, 0);
-  EXPECT_LT(source, 0.5);
+  // Against the same weights dequantized: the rows before the first token routed to other
+  // experts (tests/common/routing.h), and the median row. Measured: 0.0199 (no token
+  // re-routed), median 0.0167; against the bf16 source 0.155 before token 2, median 0.153, 10 %
+  // of the decisions re-routed.
+  const ModelConfig c = ModelConfig::load(path);
+  auto traced = [&](const std::string& p, WeightFormat f) {
+    LoadedModel lm = load_model(p, 64, 64, false, nullptr, nullptr, f);
+    return test::traced_prompt_logits(*lm.model, kPrompt);
+  };
+  const test::TracedLogits q = traced(path, WeightFormat::kAuto);
+  const test::TracedLogits dequantized = traced(path, WeightFormat::kF32);
+  const test::TracedLogits source = traced(dir, WeightFormat::kF32);
+  const int64_t n = static_cast<int64_t>(kPrompt.size());
+  auto check = [&](const test::TracedLogits& want, double bound, double max_share) {
+    const std::vector<double> rows = test::row_rel_errors(q.logits, want.logits, c.vocab_size);
+    const test::RoutingDifference d = test::routing_difference(
+        q.trace, want.trace, n, c.num_hidden_layers, c.num_experts_per_tok);
+    double before = 0;
+    for (int64_t t = 0; t < d.first; ++t) before = std::max(before, rows[t]);
+    std::vector<double> sorted = rows;
+    std::sort(sorted.begin(), sorted.end());
+    const double median = sorted[sorted.size() / 2];
+    std::printf("Q4_K_M: max %.3g before token %lld, median %.3g, %.1f%% re-routed\n", before,
+                static_cast<long long>(d.first), median, 100 * d.share);
+    EXPECT_LT(before, bound);
+    EXPECT_LT(median, bound);
+    EXPECT_GT(median, 0);
+    EXPECT_LE(d.share, max_share);
+  };
+  check(dequantized, 4e-2, 0.1);  // the 8-bit rounding of the activations alone
+  check(source, 0.5, 0.35);       // and the 4-bit weights (test_quantized_weights.cc's bound)
 }
 
 std::string patched_copy(const std::string& src, const std::string& from, const std::string& to,
