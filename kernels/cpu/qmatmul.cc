@@ -305,8 +305,10 @@ inline void qk_scales_mins(const uint8_t* packed, uint8_t out[16]) {
 // f32 accumulator. Nothing per element but the dots.
 template <int R, bool Five>
 SY_AVX2 void avx2_qk(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
-  __m256 acc[R], acc_min[R];
-  for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
+  // Per block, the weights are decoded 64 elements (two sub-blocks) at a time and used at once
+  // by every row, whose integer sums stay in registers: few values live across the rows.
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + (Five ? 176 : 144) * b;
@@ -316,44 +318,49 @@ SY_AVX2 void avx2_qk(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float
     // Scales as 16-bit lanes, both halves: lanes 0-7 scale 0-7. Sub-block s's scale in every
     // lane: a byte shuffle picking bytes 2s and 2s + 1.
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8));
+    const uint8_t* qs = wb + (Five ? 48 : 16);
+    __m256i qh;
+    if constexpr (Five) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 16));
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      __m256i lo = _mm256_and_si256(q, low4);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+      if constexpr (Five) {
+        const __m256i one = _mm256_set1_epi8(1);
+        lo = _mm256_or_si256(
+            lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+        hi = _mm256_or_si256(
+            hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+      }
+      const __m256i slo = _mm256_shuffle_epi8(
+          sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (4 * c + 1) + 4 * c)));
+      const __m256i shi = _mm256_shuffle_epi8(
+          sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (4 * c + 3) + 4 * c + 2)));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int8_t* aq = x[r][b].q + 64 * c;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + 32));
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), slo));
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), shi));
+      }
+    }
     // Mins, each twice (the two 16-element sums of its sub-block), as 16 lanes of 16 bits.
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm8, sm8));
     const float d = f16c_at(wb), dmin = f16c_at(wb + 2);
-    const uint8_t* qs = wb + (Five ? 48 : 16);
-    __m256i qw[8], scale[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-      qw[2 * c] = _mm256_and_si256(q, low4);
-      qw[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-    }
-    if constexpr (Five) {
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 16));
-      const __m256i one = _mm256_set1_epi8(1);
-      for (int t = 0; t < 8; ++t) {
-        const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, t), one);
-        qw[t] = _mm256_or_si256(qw[t], _mm256_slli_epi16(bit, 4));
-      }
-    }
-    for (int t = 0; t < 8; ++t)
-      scale[t] = _mm256_shuffle_epi8(
-          sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * t + 1) + 2 * t)));
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const ActQ8K& a = x[r][b];
-      __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) {
-        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * t));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(qw[t], qx), scale[t]));
-      }
       const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sums));
-      const __m256 da = _mm256_set1_ps(d * a.d), dmina = _mm256_set1_ps(dmin * a.d);
-      acc[r] = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(sum), acc[r]);
-      acc_min[r] =
-          _mm256_fmadd_ps(dmina, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, mins16)), acc_min[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * a.d),
+                                _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, mins16)), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_sub_ps(acc[r], acc_min[r]));
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 // Bits [shift, shift + 2) of each byte of a Q6_K block's high bits, moved to bits 4 and 5.
@@ -363,45 +370,53 @@ SY_AVX2 inline __m256i q6_high(__m256i hi, int shift, __m256i two) {
 
 template <int R>
 SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float* out) {
+  // As avx2_qk: 64 elements decoded at a time and used by every row at once.
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + 210 * b;
     const auto* scales = reinterpret_cast<const int8_t*>(wb + 192);
-    const float d = f16c_at(wb + 208);
-    // The 256 elements as eight runs of 32 unsigned 6-bit values, run t covering elements
-    // [32t, 32t + 32) (scales 2t and 2t + 1).
-    __m256i qw[8];
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+      // The 256 elements as eight runs of 32 unsigned 6-bit values, run t covering elements
+      // [32t, 32t + 32) (scales 2t and 2t + 1): half h holds runs 4h .. 4h + 3, taken in pairs
+      // (4h + p, 4h + p + 2) that share their low-nibble bytes.
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h));
-      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h + 32));
       const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 128 + 32 * h));
-      qw[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4), q6_high(hi, 0, two));
-      qw[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4), q6_high(hi, 2, two));
-      qw[4 * h + 2] =
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), q6_high(hi, 4, two));
-      qw[4 * h + 3] =
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), q6_high(hi, 6, two));
+#pragma GCC unroll 2
+      for (int p = 0; p < 2; ++p) {
+        const __m256i l =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h + 32 * p));
+        const int t0 = 4 * h + p, t1 = 4 * h + p + 2;
+        const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l, low4), q6_high(hi, 2 * p, two));
+        const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), low4),
+                                           q6_high(hi, 2 * p + 4, two));
+        const __m256i s0 =
+            _mm256_set_m128i(_mm_set1_epi16(scales[2 * t0 + 1]), _mm_set1_epi16(scales[2 * t0]));
+        const __m256i s1 =
+            _mm256_set_m128i(_mm_set1_epi16(scales[2 * t1 + 1]), _mm_set1_epi16(scales[2 * t1]));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const int8_t* aq = x[r][b].q;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + 32 * t0));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + 32 * t1));
+          sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0), s0));
+          sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q1, x1), s1));
+        }
+      }
     }
-    __m256i sc[8];
-    for (int t = 0; t < 8; ++t)
-      sc[t] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * t + 1]), _mm_set1_epi16(scales[2 * t]));
     // The -32 offset of every element: 32 * scale[g] against the activations' 16-element sums.
     const __m256i bias_scale = _mm256_slli_epi16(
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))), 5);
+    const float d = f16c_at(wb + 208);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const ActQ8K& a = x[r][b];
-      __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) {
-        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + 32 * t));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(qw[t], qx), sc[t]));
-      }
       const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sums));
-      sum = _mm256_sub_epi32(sum, _mm256_madd_epi16(sums, bias_scale));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sum), acc[r]);
+      const __m256i total = _mm256_sub_epi32(sum[r], _mm256_madd_epi16(sums, bias_scale));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(total), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
