@@ -69,6 +69,10 @@ void print_layout(const ParallelContext& par, const ModelConfig& config, const W
                         std::vector<int64_t>(static_cast<size_t>(W), 1));
   if (par.config.rank != 0) return;
   std::fputs(layout_table(par.config, config.layout_shape()).c_str(), stderr);
+  const LayerWeights& l0 = w.layers.front();
+  std::fprintf(stderr, "# weights held as: attention %s, experts %s, lm_head %s\n",
+               dtype_name(l0.wq.dtype), l0.w1.empty() ? "-" : dtype_name(l0.w1.front().dtype),
+               dtype_name(w.lm_head.dtype));
   std::fprintf(stderr, "#  rank  expert_KiB  weight_KiB\n");
   for (int r = 0; r < W; ++r)
     std::fprintf(stderr, "  %5d  %10d  %10d\n", r, all[2 * r], all[2 * r + 1]);

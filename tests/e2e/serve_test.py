@@ -284,6 +284,11 @@ def scenario_basic(args):
             listed = str(e).encode()
         check("reflection lists the services", b"switchyard.v1.Switchyard" in listed and
               b"grpc.health.v1.Health" in listed, repr(listed[:200]))
+        for flag in args.server_args:  # --weights=T: the start-up table names the held type
+            if flag.startswith("--weights="):
+                want = "experts " + flag.split("=", 1)[1].upper()
+                with open(s.err_path) as f:
+                    check(f"weights held as {want}", want in f.read(), s.stderr_tail())
         m = s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         check("model info", m.world_size == args.ranks and len(m.ranks) == args.ranks and
               m.vocab_size == VOCAB and m.num_hidden_layers == 2 and
