@@ -363,6 +363,16 @@ SY_AVX2 void avx2_qk(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
+// Run t's scales of a Q6_K block (elements [32t, 32t + 32)): scale 2t in the low 8 lanes of 16
+// bits, 2t + 1 in the high 8, picked by one byte shuffle from the scales' 16-bit lanes.
+SY_AVX2 inline __m256i q6_run_scale(__m256i sc_lo, __m256i sc_hi, int t) {
+  const char a = static_cast<char>(2 * (2 * t % 8)), b = static_cast<char>(a + 2);
+  const char a1 = static_cast<char>(a + 1), b1 = static_cast<char>(b + 1);
+  const __m256i pick = _mm256_setr_epi8(a, a1, a, a1, a, a1, a, a1, a, a1, a, a1, a, a1, a, a1, b,
+                                        b1, b, b1, b, b1, b, b1, b, b1, b, b1, b, b1, b, b1);
+  return _mm256_shuffle_epi8(t < 4 ? sc_lo : sc_hi, pick);
+}
+
 // Bits [shift, shift + 2) of each byte of a Q6_K block's high bits, moved to bits 4 and 5.
 SY_AVX2 inline __m256i q6_high(__m256i hi, int shift, __m256i two) {
   return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, shift), two), 4);
@@ -377,6 +387,11 @@ SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, flo
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + 210 * b;
     const auto* scales = reinterpret_cast<const int8_t*>(wb + 192);
+    // The 16 scales as 16-bit lanes: 0-7 in both halves of sc_lo, 8-15 in both of sc_hi.
+    const __m256i sc16 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+    const __m256i sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00);
+    const __m256i sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
     __m256i sum[R];
     for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
       // The 256 elements as eight runs of 32 unsigned 6-bit values, run t covering elements
@@ -393,10 +408,7 @@ SY_AVX2 void avx2_q6_k(const uint8_t* w, const ActQ8K* const* x, int64_t nb, flo
         const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l, low4), q6_high(hi, 2 * p, two));
         const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), low4),
                                            q6_high(hi, 2 * p + 4, two));
-        const __m256i s0 =
-            _mm256_set_m128i(_mm_set1_epi16(scales[2 * t0 + 1]), _mm_set1_epi16(scales[2 * t0]));
-        const __m256i s1 =
-            _mm256_set_m128i(_mm_set1_epi16(scales[2 * t1 + 1]), _mm_set1_epi16(scales[2 * t1]));
+        const __m256i s0 = q6_run_scale(sc_lo, sc_hi, t0), s1 = q6_run_scale(sc_lo, sc_hi, t1);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           const int8_t* aq = x[r][b].q;
