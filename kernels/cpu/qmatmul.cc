@@ -33,6 +33,7 @@ namespace sy::cpu {
 namespace {
 
 constexpr int kRows = 4;                   // rows of x per register tile
+constexpr int kRowsHalf = 2;               // F16 / BF16: four accumulators a row
 constexpr size_t kPanelBytes = 96 * 1024;  // weight rows per panel: about this many bytes
 
 // Activation blocks.
@@ -447,26 +448,31 @@ SY_AVX2 inline __m256 load8(const uint8_t* p) {
 
 template <DType W, int R>
 SY_AVX2 void avx2_half(const uint8_t* w, const float* const* x, int64_t k, float* out) {
-  // Two sets of accumulators (elements [16t, 16t + 8) and [16t + 8, 16t + 16)): a row's FMA
-  // chains overlap, so one row alone is not held to one FMA latency per 8 weights.
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  // Four sets of accumulators (element i into set (i / 8) % 4), whatever R: a row's FMA chains
+  // overlap, so one row alone is not held to one FMA latency per 8 weights, and a row sums in
+  // the same order in a tile of any size (tiles hold at most kRowsHalf rows).
+  constexpr int C = 4;
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m256 w0 = load8<W>(w + 2 * i), w1 = load8<W>(w + 2 * i + 16);
+  for (; i + 8 * C <= k; i += 8 * C) {
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), w0, acc[0][r]);
-      acc[1][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i + 8), w1, acc[1][r]);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = load8<W>(w + 2 * (i + 8 * c));
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i + 8 * c), wv, acc[c][r]);
     }
   }
-  for (; i + 8 <= k; i += 8) {
-    const __m256 w0 = load8<W>(w + 2 * i);
+  for (int c = 0; i + 8 <= k; i += 8, ++c) {
+    const __m256 wv = load8<W>(w + 2 * i);
     for (int r = 0; r < R; ++r)
-      acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), w0, acc[0][r]);
+      acc[c][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + i), wv, acc[c][r]);
   }
   for (int r = 0; r < R; ++r) {
-    float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
+    float v = hsum(
+        _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
     for (int64_t t = i; t < k; ++t) {
       const uint16_t h = u16_at(w + 2 * t);
       v += x[r][t] * (W == DType::kF16 ? f16_to_f32(h) : bf16_to_f32(h));
@@ -532,20 +538,21 @@ SY_AVX2 void avx2_panel_r(const uint8_t* w, size_t w_row_bytes, int64_t cols, co
     for (int r = 0; r < R; ++r) out[r * ldo + j] = res[r];
   }
 }
-template <typename Act, template <int> class Fn, int Block>
+// R rows through the instance for R (R <= MaxR).
+template <typename Act, template <int> class Fn, int Block, int MaxR>
+void avx2_panel_dispatch(int R, const uint8_t* w, size_t w_row_bytes, int64_t cols,
+                         const Act* const* a, int64_t k, float* out, int64_t ldo) {
+  if constexpr (MaxR > 1) {
+    if (R < MaxR)
+      return avx2_panel_dispatch<Act, Fn, Block, MaxR - 1>(R, w, w_row_bytes, cols, a, k, out, ldo);
+  }
+  avx2_panel_r<Act, Fn, Block, MaxR>(w, w_row_bytes, cols, a, k, out, ldo);
+}
+template <typename Act, template <int> class Fn, int Block, int MaxR = kRows>
 void avx2_panel(const uint8_t* w, size_t w_row_bytes, int64_t cols, const void* const* x, int R,
                 int64_t k, float* out, int64_t ldo) {
-  const auto* a = reinterpret_cast<const Act* const*>(x);
-  switch (R) {
-    case 1:
-      return avx2_panel_r<Act, Fn, Block, 1>(w, w_row_bytes, cols, a, k, out, ldo);
-    case 2:
-      return avx2_panel_r<Act, Fn, Block, 2>(w, w_row_bytes, cols, a, k, out, ldo);
-    case 3:
-      return avx2_panel_r<Act, Fn, Block, 3>(w, w_row_bytes, cols, a, k, out, ldo);
-    default:
-      return avx2_panel_r<Act, Fn, Block, 4>(w, w_row_bytes, cols, a, k, out, ldo);
-  }
+  avx2_panel_dispatch<Act, Fn, Block, MaxR>(R, w, w_row_bytes, cols,
+                                            reinterpret_cast<const Act* const*>(x), k, out, ldo);
 }
 template <int R>
 struct Q8_0Fn {
@@ -598,6 +605,7 @@ enum class ActKind { kF32, kQ8, kQ8K };
 struct Kernel {
   PanelFn panel = nullptr;
   ActKind act = ActKind::kF32;
+  int rows = kRows;  // rows of x per tile (<= kRows)
 };
 
 Kernel kernel_for(DType w) {
@@ -615,9 +623,9 @@ Kernel kernel_for(DType w) {
       case DType::kQ6_K:
         return {avx2_panel<ActQ8K, Q6_KFn, 256>, ActKind::kQ8K};
       case DType::kF16:
-        return {avx2_panel<float, F16Fn, 1>, ActKind::kF32};
+        return {avx2_panel<float, F16Fn, 1, kRowsHalf>, ActKind::kF32, kRowsHalf};
       case DType::kBF16:
-        return {avx2_panel<float, BF16Fn, 1>, ActKind::kF32};
+        return {avx2_panel<float, BF16Fn, 1, kRowsHalf>, ActKind::kF32, kRowsHalf};
       default:
         break;
     }
@@ -700,8 +708,8 @@ void matmul_converted(Tensor out, Tensor x, Tensor w) {
   parallel_for(n, [&](int64_t j_begin, int64_t j_end) {
     for (int64_t j0 = j_begin; j0 < j_end; j0 += panel) {
       const int64_t j1 = std::min(j_end, j0 + panel);
-      for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-        const int R = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+      for (int64_t i0 = 0; i0 < m; i0 += kern.rows) {
+        const int R = static_cast<int>(std::min<int64_t>(kern.rows, m - i0));
         const void* rows[kRows];
         for (int r = 0; r < R; ++r) rows[r] = act + act_row_bytes * static_cast<size_t>(i0 + r);
         kern.panel(wdata + w_row_bytes * static_cast<size_t>(j0), w_row_bytes, j1 - j0, rows, R, k,
