@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks of the switchyard program: make-tiny-model writes a complete, deterministic
-# Hugging Face checkpoint; generate streams text, prints ids and a summary, writes logits, and
-# fails cleanly on bad input. Usage: cli_test.sh SWITCHYARD_BINARY WORK_DIR
+# Hugging Face checkpoint; generate streams text, prints ids and a summary, writes logits, runs
+# with weights quantized at load and from a GGUF file, and fails cleanly on bad input. Usage: cli_test.sh SWITCHYARD_BINARY WORK_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 fails_with() {  # fails_with MESSAGE COMMAND...: the command exits non-zero, stderr has MESSAGE
@@ -54,6 +54,23 @@ check "bad temperature" fails_with "temperature" "$bin" generate --model "$work/
 check "too long" fails_with "exceeds the context limit" "$bin" generate --model "$work/m1" --prompt hi --max-tokens 100000
 check "bad dtype" fails_with "is not a storage precision" "$bin" generate --model "$work/m1" --prompt hi --dtype f64
 check "bf16 on cpu" fails_with "the CPU backend computes in f32 only" "$bin" generate --model "$work/m1" --prompt hi --dtype bf16
+# Weights quantized at load, GGUF files, threads.
+q=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42,99 --max-tokens 12 --ignore-eos \
+    --print-ids --weights q8_0 --threads 2 2>"$work/q8.err" | grep '^ids:')
+check "q8_0 generate" test "$(wc -w <<<"$q")" -eq 13
+q1=$("$bin" generate --model "$work/m1" --prompt-ids 1,17,42,99 --max-tokens 12 --ignore-eos \
+     --print-ids --weights q8_0 --threads 1 2>/dev/null | grep '^ids:')
+check "q8_0 the same on 1 thread" test "$q" = "$q1"
+fixtures="$(cd "$(dirname "${BASH_SOURCE[0]}")/../fixtures/gguf" && pwd)"
+g=$("$bin" generate --model "$fixtures/tiny_q4_k_m.gguf" --prompt "the yard" --max-tokens 8 \
+    --ignore-eos --print-ids 2>/dev/null | grep '^ids:')
+check "generate from llama.cpp's Q4_K_M file" test "$(wc -w <<<"$g")" -ge 9
+check "bad weights" fails_with "is not one of auto, f32, bf16, f16, q8_0, q4_0, q4_k" "$bin" generate --model "$work/m1" --prompt hi --weights q3_k
+check "bad threads" fails_with "--threads 300" "$bin" generate --model "$work/m1" --prompt hi --threads 300
+check "quantized on cuda" fails_with "--device cpu" "$bin" generate --model "$work/m1" --prompt hi --device cuda --weights q4_k
+check "missing tokenizer" fails_with "no such file" "$bin" make-tiny-model --out "$work/t1" "${small[@]}" --tokenizer "$work/none.model"
+check "tokenizer of another size" fails_with "give --vocab-size 320" "$bin" make-tiny-model --out "$work/t2" --layers 1 --hidden-size 64 --intermediate-size 96 --heads 4 --kv-heads 2 --head-dim 16 --vocab-size 256 --tokenizer "$work/m1/tokenizer.model"
+
 cp -r "$work/m1" "$work/broken"
 truncate -s 100 "$(ls "$work"/broken/model-*-of-*.safetensors | head -1)"
 check "truncated shard" fails_with "safetensors" "$bin" generate --model "$work/broken" --prompt hi
