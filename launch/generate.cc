@@ -98,8 +98,10 @@ void add_device_flags(CLI::App* cmd, BackendOptions& backend) {
                   "Linear weights: auto (a GGUF file's own types on cpu), f32, bf16, f16, q8_0, "
                   "q4_0 or q4_k (quantized at load; cpu only)")
       ->capture_default_str();
-  cmd->add_option("--threads", backend.threads,
-                  "Threads per CPU rank (0 = the node's cores / its ranks)")
+  cmd->add_option(
+         "--threads", backend.threads,
+         "Threads per CPU rank (0 = the cores the rank is bound to, or the node's cores / its "
+         "ranks when unbound)")
       ->capture_default_str();
   cmd->add_option("--comm", backend.comm,
                   "GPU ranks: auto, nccl (one GPU per rank) or mpi (host staging; ranks may "

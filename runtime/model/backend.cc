@@ -1,6 +1,7 @@
 // Backend selection (see backend.h).
 #include "runtime/model/backend.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,19 +50,33 @@ bool cuda_backend_built() {
 #endif
 }
 
+int default_cpu_threads() {
+  const int node = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  int allowed = node;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) allowed = std::max(1, CPU_COUNT(&set));
+  if (allowed < node) return std::min(allowed, 256);  // bound to these cores (mpirun, srun)
+  // Unbound: the node's cores shared by the ranks the launcher started on it.
+  int ranks = 1;
+  for (const char* var :
+       {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
+    const char* v = std::getenv(var);
+    if (v != nullptr && std::atoi(v) > 0) {
+      ranks = std::atoi(v);
+      break;
+    }
+  }
+  return std::min(256, std::max(1, node / ranks));
+}
+
 Backend make_backend(const BackendOptions& options, Communicator* host_world, int local_rank) {
   options.validate();
   Backend b;
   if (options.device == "cpu") {
-    int threads = options.threads;
-    if (threads == 0) {  // the node's cores shared by the ranks on it
-      const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-      const int ranks = local != nullptr ? std::max(1, std::atoi(local)) : 1;
-      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks);
-    }
+    const int threads = options.threads > 0 ? options.threads : default_cpu_threads();
     cpu::set_num_threads(threads);
     b.ops = make_cpu_ops();
-    b.description = "cpu";
+    b.description = "cpu, " + std::to_string(threads) + (threads == 1 ? " thread" : " threads");
     return b;
   }
 #ifndef SY_HAVE_CUDA

@@ -21,13 +21,17 @@ struct BackendOptions {
   // The dtype of the linear weights (weights.h's WeightFormat by name): auto, f32, bf16, f16,
   // q8_0, q4_0, q4_k; quantized ones on the CPU only.
   std::string weights = "auto";
-  // Threads of a CPU rank (kernels/cpu/threads.h); 0: the node's cores divided by the ranks
-  // MPI started on it.
+  // Threads of a CPU rank (kernels/cpu/threads.h); 0: default_cpu_threads().
   int threads = 0;
 
   void validate() const;
   WeightFormat weight_format() const { return parse_weight_format(weights); }
 };
+
+// A CPU rank's threads when --threads is 0: the cores it is bound to when the launcher bound it
+// to fewer than the node's (mpirun and srun bind by default), else the node's cores divided by
+// the ranks started on it (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_NTASKS_PER_NODE).
+int default_cpu_threads();
 
 // Where this rank runs.
 struct Backend {
