@@ -47,6 +47,7 @@
 #include "tests/common/compare.h"
 #include "tests/common/engine_check.h"
 #include "tests/common/fixtures.h"
+#include "tests/common/routing.h"
 
 namespace sy {
 namespace {
@@ -70,57 +71,6 @@ double top2_margin(const float* row, int64_t vocab) {
     }
   }
   return (a - b) / scale;
-}
-
-struct Prefill {
-  std::vector<float> logits;   // [n, vocab]
-  std::vector<int32_t> trace;  // Model::set_routing_trace
-};
-
-Prefill teacher_forced(Model& model, const std::vector<int32_t>& seq) {
-  Prefill p;
-  model.set_routing_trace(&p.trace);
-  GenerateOptions o;
-  o.max_tokens = 1;
-  o.ignore_eos = true;
-  o.all_prompt_logits = true;
-  p.logits = generate(model, seq, o).prompt_logits;
-  model.set_routing_trace(nullptr);
-  return p;
-}
-
-// Where two routing traces of an n-token prefill (kChunk tokens a step) differ: the first token
-// whose expert set (order aside) differs at some layer (n when none), and the share of
-// differing (token, layer) decisions.
-struct RoutingDiff {
-  int64_t first = 0;
-  double share = 0;
-};
-RoutingDiff compare_routing(const std::vector<int32_t>& a, const std::vector<int32_t>& b, int64_t n,
-                            int64_t layers, int64_t k) {
-  EXPECT_EQ(a.size(), static_cast<size_t>(n * layers * k));
-  EXPECT_EQ(b.size(), a.size());
-  RoutingDiff d;
-  d.first = n;
-  if (a.size() != b.size() || a.size() != static_cast<size_t>(n * layers * k)) return d;
-  int64_t differ = 0;
-  size_t at = 0;
-  for (int64_t begin = 0; begin < n; begin += kChunk) {
-    const int64_t m = std::min(kChunk, n - begin);
-    for (int64_t l = 0; l < layers; ++l)
-      for (int64_t t = 0; t < m; ++t, at += static_cast<size_t>(k)) {
-        std::vector<int32_t> x(a.begin() + at, a.begin() + at + k);
-        std::vector<int32_t> y(b.begin() + at, b.begin() + at + k);
-        std::sort(x.begin(), x.end());
-        std::sort(y.begin(), y.end());
-        if (x != y) {
-          ++differ;
-          d.first = std::min(d.first, begin + t);
-        }
-      }
-  }
-  d.share = static_cast<double>(differ) / static_cast<double>(n * layers);
-  return d;
 }
 
 int64_t argmax(const float* row, int64_t vocab) {
@@ -153,10 +103,10 @@ void check_fixtures(const std::string& dtype) {
       seq.insert(seq.end(), cont.begin(), cont.end() - 1);
       const int64_t n = static_cast<int64_t>(seq.size());
 
-      const Prefill want = teacher_forced(*cpu.model, seq);
-      const Prefill got = teacher_forced(*cuda.model, seq);
-      const RoutingDiff route = compare_routing(got.trace, want.trace, n, config.num_hidden_layers,
-                                                config.num_experts_per_tok);
+      const test::TracedLogits want = test::traced_prompt_logits(*cpu.model, seq);
+      const test::TracedLogits got = test::traced_prompt_logits(*cuda.model, seq);
+      const test::RoutingDifference route = test::routing_difference(
+          got.trace, want.trace, n, config.num_hidden_layers, config.num_experts_per_tok, kChunk);
       const std::vector<double> err = test::row_rel_errors(got.logits, want.logits, V);
       ASSERT_EQ(err.size(), static_cast<size_t>(n)) << what;
       const std::vector<float> got_prompt(got.logits.begin(), got.logits.begin() + n_prompt * V);
