@@ -88,19 +88,6 @@ void quantize_q8k(QuantizeFn quantize, const float* x, int64_t k, ActQ8K* out) {
   }
 }
 
-// Sub-block j's 6-bit scale and min of a Q4_K block's 12 packed bytes.
-void q4k_scales(const uint8_t* s, uint8_t* sc, uint8_t* m) {
-  for (int j = 0; j < 8; ++j) {
-    if (j < 4) {
-      sc[j] = s[j] & 63;
-      m[j] = s[j + 4] & 63;
-    } else {
-      sc[j] = static_cast<uint8_t>((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4));
-      m[j] = static_cast<uint8_t>((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-    }
-  }
-}
-
 // ---- portable dot products: one weight row against R activation rows ----------------------
 
 void dot_q8_0(const uint8_t* w, const ActQ8* const* x, int R, int64_t nb, float* out) {
@@ -132,47 +119,27 @@ void dot_q4_0(const uint8_t* w, const ActQ8* const* x, int R, int64_t nb, float*
   }
 }
 
-void dot_q4_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
+// Q4_K (Five = false) and Q5_K (true), as dequant_qk lays them out.
+template <bool Five>
+void dot_qk(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
   for (int r = 0; r < R; ++r) {
     float sum = 0;
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* wb = w + 144 * b;
+      const uint8_t* wb = w + (Five ? 176 : 144) * b;
       const ActQ8K& a = x[r][b];
-      uint8_t sc[8], m[8];
-      q4k_scales(wb + 4, sc, m);
+      uint8_t sm[16];
+      q4_k_scales_mins(wb + 4, sm);
       int dot = 0, mins = 0;
       for (int s = 0; s < 8; ++s) {
-        const uint8_t* q = wb + 16 + 32 * (s / 2);
-        int ds = 0;
-        for (int i = 0; i < 32; ++i) ds += ((q[i] >> (4 * (s % 2))) & 0x0F) * a.q[32 * s + i];
-        dot += sc[s] * ds;
-        mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
-      }
-      sum += f16_at(wb) * a.d * static_cast<float>(dot) -
-             f16_at(wb + 2) * a.d * static_cast<float>(mins);
-    }
-    out[r] = sum;
-  }
-}
-
-void dot_q5_k(const uint8_t* w, const ActQ8K* const* x, int R, int64_t nb, float* out) {
-  for (int r = 0; r < R; ++r) {
-    float sum = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* wb = w + 176 * b;
-      const ActQ8K& a = x[r][b];
-      uint8_t sc[8], m[8];
-      q4k_scales(wb + 4, sc, m);
-      int dot = 0, mins = 0;
-      for (int s = 0; s < 8; ++s) {
-        const uint8_t* q = wb + 48 + 32 * (s / 2);
+        const uint8_t* q = wb + (Five ? 48 : 16) + 32 * (s / 2);
         int ds = 0;
         for (int i = 0; i < 32; ++i) {
-          const int v = ((q[i] >> (4 * (s % 2))) & 0x0F) | (((wb[16 + i] >> s) & 1) << 4);
+          int v = (q[i] >> (4 * (s % 2))) & 0x0F;
+          if constexpr (Five) v |= ((wb[16 + i] >> s) & 1) << 4;
           ds += v * a.q[32 * s + i];
         }
-        dot += sc[s] * ds;
-        mins += m[s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
+        dot += sm[s] * ds;
+        mins += sm[8 + s] * (a.sums[2 * s] + a.sums[2 * s + 1]);
       }
       sum += f16_at(wb) * a.d * static_cast<float>(dot) -
              f16_at(wb + 2) * a.d * static_cast<float>(mins);
@@ -286,19 +253,6 @@ SY_AVX2 void avx2_q32(const uint8_t* w, const ActQ8* const* x, int64_t nb, float
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 }
 
-// The eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of a Q4_K / Q5_K block's 12 packed
-// bytes, unpacked with 32-bit masks (q4k_scales one by one).
-inline void qk_scales_mins(const uint8_t* packed, uint8_t out[16]) {
-  uint32_t u[3], v[4];
-  std::memcpy(u, packed, 12);
-  const uint32_t six = 0x3f3f3f3fu, four = 0x0f0f0f0fu, two = 0x03030303u;
-  v[0] = u[0] & six;                                         // scales 0-3
-  v[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);         // scales 4-7
-  v[2] = u[1] & six;                                         // mins 0-3
-  v[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);  // mins 4-7
-  std::memcpy(out, v, 16);
-}
-
 // Q4_K (Five = false) and Q5_K (true: each element's fifth bit from the 32 bytes after the
 // scales, bit s of byte i for element i of sub-block s). Per block and row: eight 32-element
 // integer dots, each scaled by its sub-block's 6-bit scale in 16 bits (madd), summed in i32;
@@ -314,7 +268,7 @@ SY_AVX2 void avx2_qk(const uint8_t* w, const ActQ8K* const* x, int64_t nb, float
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + (Five ? 176 : 144) * b;
     alignas(16) uint8_t sm[16];
-    qk_scales_mins(wb + 4, sm);
+    q4_k_scales_mins(wb + 4, sm);
     const __m128i sm8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
     // Scales as 16-bit lanes, both halves: lanes 0-7 scale 0-7. Sub-block s's scale in every
     // lane: a byte shuffle picking bytes 2s and 2s + 1.
@@ -637,9 +591,9 @@ Kernel kernel_for(DType w) {
     case DType::kQ4_0:
       return {portable_panel<ActQ8, dot_q4_0, 32>, ActKind::kQ8};
     case DType::kQ4_K:
-      return {portable_panel<ActQ8K, dot_q4_k, 256>, ActKind::kQ8K};
+      return {portable_panel<ActQ8K, dot_qk<false>, 256>, ActKind::kQ8K};
     case DType::kQ5_K:
-      return {portable_panel<ActQ8K, dot_q5_k, 256>, ActKind::kQ8K};
+      return {portable_panel<ActQ8K, dot_qk<true>, 256>, ActKind::kQ8K};
     case DType::kQ6_K:
       return {portable_panel<ActQ8K, dot_q6_k, 256>, ActKind::kQ8K};
     case DType::kF16:

@@ -38,51 +38,24 @@ void dequant_q4_0(const uint8_t* b, float* y) {
   }
 }
 
-// Sub-block j's 6-bit scale and min of a Q4_K block's 12 packed bytes.
-void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
-  if (j < 4) {
-    *sc = s[j] & 63;
-    *m = s[j + 4] & 63;
-  } else {
-    *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
-void dequant_q4_k(const uint8_t* b, float* y) {
+// Q4_K (Five = false) and Q5_K (true: a fifth bit per element from the 32 bytes after the
+// scales, bit s of byte i for element i of sub-block s; the nibbles follow them).
+template <bool Five>
+void dequant_qk(const uint8_t* b, float* y) {
   const float d = load_f16(b);
   const float dmin = load_f16(b + 2);
-  const uint8_t* scales = b + 4;
-  const uint8_t* qs = b + 16;
-  for (int s = 0; s < 8; ++s) {
-    int sc = 0, m = 0;
-    q4_k_scale_min(scales, s, &sc, &m);
-    const float dl = d * static_cast<float>(sc);
-    const float ml = dmin * static_cast<float>(m);
-    const uint8_t* q = qs + 32 * (s / 2);
-    const int shift = 4 * (s % 2);
-    for (int i = 0; i < 32; ++i) {
-      const float scaled = dl * static_cast<float>((q[i] >> shift) & 0x0F);
-      y[32 * s + i] = scaled - ml;
-    }
-  }
-}
-
-void dequant_q5_k(const uint8_t* b, float* y) {
-  const float d = load_f16(b);
-  const float dmin = load_f16(b + 2);
-  const uint8_t* scales = b + 4;
+  uint8_t sm[16];
+  q4_k_scales_mins(b + 4, sm);
   const uint8_t* qh = b + 16;
-  const uint8_t* qs = b + 48;
+  const uint8_t* qs = b + (Five ? 48 : 16);
   for (int s = 0; s < 8; ++s) {
-    int sc = 0, m = 0;
-    q4_k_scale_min(scales, s, &sc, &m);
-    const float dl = d * static_cast<float>(sc);
-    const float ml = dmin * static_cast<float>(m);
+    const float dl = d * static_cast<float>(sm[s]);
+    const float ml = dmin * static_cast<float>(sm[8 + s]);
     const uint8_t* q = qs + 32 * (s / 2);
     const int shift = 4 * (s % 2);
     for (int i = 0; i < 32; ++i) {
-      const int v = ((q[i] >> shift) & 0x0F) | (((qh[i] >> s) & 1) << 4);
+      int v = (q[i] >> shift) & 0x0F;
+      if constexpr (Five) v |= ((qh[i] >> s) & 1) << 4;
       const float scaled = dl * static_cast<float>(v);
       y[32 * s + i] = scaled - ml;
     }
@@ -339,10 +312,10 @@ void dequantize_row(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
         dequant_q4_0(b, y);
         break;
       case GgmlType::kQ4_K:
-        dequant_q4_k(b, y);
+        dequant_qk<false>(b, y);
         break;
       case GgmlType::kQ5_K:
-        dequant_q5_k(b, y);
+        dequant_qk<true>(b, y);
         break;
       case GgmlType::kQ6_K:
         dequant_q6_k(b, y);

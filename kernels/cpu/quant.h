@@ -16,11 +16,29 @@
 // `gguf` package's gguf.quants, so dequantization is bit-exact against it.
 #pragma once
 
+#include <bit>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/tensor.h"
 
 namespace sy::cpu {
+
+// The eight 6-bit scales (out[0..7]) and mins (out[8..15]) of the 12 packed scale bytes of a
+// Q4_K or Q5_K block: for j < 4, scale j = s[j] & 63 and min j = s[j + 4] & 63; for j >= 4 the
+// low 4 bits come from s[j + 4] (scale: low nibble, min: high nibble) and the top 2 from bits 6-7
+// of s[j - 4] (scale) and s[j] (min). Four bytes at a time with 32-bit masks.
+inline void q4_k_scales_mins(const uint8_t* packed, uint8_t out[16]) {
+  static_assert(std::endian::native == std::endian::little, "byte lanes of 32-bit words");
+  uint32_t u[3], v[4];
+  std::memcpy(u, packed, 12);
+  const uint32_t six = 0x3f3f3f3fu, four = 0x0f0f0f0fu, two = 0x03030303u;
+  v[0] = u[0] & six;                                         // scales 0-3
+  v[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);         // scales 4-7
+  v[2] = u[1] & six;                                         // mins 0-3
+  v[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);  // mins 4-7
+  std::memcpy(out, v, 16);
+}
 
 // GGML's type ids (ggml_type), as stored in GGUF tensor infos.
 enum class GgmlType : uint32_t {

@@ -50,7 +50,7 @@ namespace {
 // A Hugging Face checkpoint directory as a WeightSource.
 class SafetensorsSource final : public WeightSource {
  public:
-  explicit SafetensorsSource(const std::string& dir) : ckpt_(Checkpoint::open(dir)), dir_(dir) {}
+  explicit SafetensorsSource(const std::string& dir) : ckpt_(Checkpoint::open(dir)) {}
   DType stored_dtype(const std::string& name, const std::vector<int64_t>& shape) const override {
     const SafetensorsEntry& entry = ckpt_.entry(name);
     SY_CHECK(entry.shape == shape, "tensor ", name, ": shape does not match config.json");
@@ -80,7 +80,6 @@ class SafetensorsSource final : public WeightSource {
 
  private:
   Checkpoint ckpt_;
-  std::string dir_;
 };
 
 }  // namespace
@@ -207,35 +206,37 @@ std::vector<Planned> plan_weights(const ModelConfig& c, const WeightShard& shard
   return plan;
 }
 
+// The dtype a format other than kAuto names.
+DType format_dtype(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::kF32:
+      return DType::kF32;
+    case WeightFormat::kBF16:
+      return DType::kBF16;
+    case WeightFormat::kF16:
+      return DType::kF16;
+    case WeightFormat::kQ8_0:
+      return DType::kQ8_0;
+    case WeightFormat::kQ4_0:
+      return DType::kQ4_0;
+    case WeightFormat::kQ4_K:
+      return DType::kQ4_K;
+    case WeightFormat::kAuto:
+      break;
+  }
+  SY_FAIL("weights format auto names no dtype");
+}
+
 // Dtype a planned tensor is held in: norm weights (1-d) and the router in F32; the rest as
 // `format` says (see weights.h), F32 where a quantized type's blocks do not fit its rows.
 DType held_dtype(const Planned& t, DType stored, bool prefer_stored, WeightFormat format,
                  const Ops& ops) {
   if (t.fp32 || t.dst_shape.size() == 1) return DType::kF32;
   DType want = ops.storage_dtype();
-  switch (format) {
-    case WeightFormat::kAuto:
-      if (ops.device() == Device::kCpu && prefer_stored) want = stored;
-      break;
-    case WeightFormat::kF32:
-      want = DType::kF32;
-      break;
-    case WeightFormat::kBF16:
-      want = DType::kBF16;
-      break;
-    case WeightFormat::kF16:
-      want = DType::kF16;
-      break;
-    case WeightFormat::kQ8_0:
-      want = DType::kQ8_0;
-      break;
-    case WeightFormat::kQ4_0:
-      want = DType::kQ4_0;
-      break;
-    case WeightFormat::kQ4_K:
-      want = DType::kQ4_K;
-      break;
-  }
+  if (format != WeightFormat::kAuto)
+    want = format_dtype(format);
+  else if (ops.device() == Device::kCpu && prefer_stored)
+    want = stored;
   if (dtype_is_quantized(want) && t.dst_shape.back() % dtype_block_elems(want) != 0)
     return DType::kF32;
   return want;
@@ -300,14 +301,13 @@ void finish_weights(const ModelConfig& c, Weights& w) {
 
 Weights Weights::load(WeightSource& source, const ModelConfig& c, const WeightShard& shard,
                       Ops& ops, bool show_progress, WeightFormat format) {
-  const bool quantized_format = format == WeightFormat::kQ8_0 || format == WeightFormat::kQ4_0 ||
-                                format == WeightFormat::kQ4_K;
   SY_CHECK(ops.device() == Device::kCpu || format == WeightFormat::kAuto ||
-               parse_weight_format(dtype_name(ops.storage_dtype())) == format,
-           "--weights ", weight_format_name(format), ": the ",
-           ops.device() == Device::kCpu ? "CPU" : "CUDA", " backend holds weights in ",
+               format_dtype(format) == ops.storage_dtype(),
+           "--weights ", weight_format_name(format), ": the CUDA backend holds weights in ",
            dtype_name(ops.storage_dtype()),
-           quantized_format ? " (quantized weights run on --device cpu only)" : "");
+           dtype_is_quantized(format_dtype(format))
+               ? " (quantized weights run on --device cpu only)"
+               : "");
   Weights w;
   std::vector<Planned> plan = plan_weights(c, shard, w);
   // Every tensor exists with the shape the config implies, before anything is allocated.
