@@ -16,9 +16,11 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -31,7 +33,11 @@
 #include "parallel/mpi_env.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
+#include "runtime/formats/chat_template.h"
 #include "runtime/formats/tokenizer.h"
+#include "runtime/server/http.h"
+#include "runtime/server/metrics.h"
+#include "runtime/server/openai_service.h"
 #include "runtime/server/service.h"
 
 namespace sy::launch {
@@ -143,6 +149,51 @@ void print_config(const ServeConfig& config, const ModelConfig& model, int tp,
     std::fprintf(stderr, "  %-22s %s\n", name.c_str(), value.c_str());
 }
 
+// --chat-template FILE, or the checkpoint's own; null when neither. A template the renderer
+// cannot run ends start-up here.
+std::unique_ptr<ChatTemplate> load_chat_template(const ServeConfig& sc) {
+  std::string source;
+  std::string from = sc.chat_template;
+  if (!sc.chat_template.empty()) {
+    std::ifstream in(sc.chat_template);
+    SY_CHECK(in.good(), "--chat-template ", sc.chat_template, ": cannot read the file");
+    std::stringstream text;
+    text << in.rdbuf();
+    source = text.str();
+  } else {
+    source = ChatTemplate::find(sc.model);
+    from = sc.model + "'s chat_template";
+  }
+  if (source.empty()) return nullptr;
+  try {
+    return std::make_unique<ChatTemplate>(source);
+  } catch (const TemplateError& e) {
+    SY_FAIL(from, ": ", e.message());
+  }
+}
+
+// Renders with Hugging Face's context: the messages, add_generation_prompt and the special
+// tokens' text.
+std::function<std::string(const Json&, bool)> chat_renderer(const ChatTemplate& chat,
+                                                            const Tokenizer& tokenizer) {
+  Json special = {
+      {"bos_token", tokenizer.bos_id() >= 0 ? tokenizer.piece(tokenizer.bos_id()) : ""},
+      {"eos_token", tokenizer.eos_ids().empty()
+                        ? ""
+                        : tokenizer.piece(static_cast<int32_t>(tokenizer.eos_ids()[0]))},
+      {"unk_token", tokenizer.piece(0)}};
+  return [&chat, special](const Json& messages, bool add_generation_prompt) {
+    Json context = special;
+    context["messages"] = messages;
+    context["add_generation_prompt"] = add_generation_prompt;
+    try {
+      return chat.render(context);
+    } catch (const TemplateError& e) {
+      throw ApiError(400, "messages: " + e.message(), "messages");
+    }
+  };
+}
+
 int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& par,
                const Backend& backend) {
   const ServeConfig& sc = a.config;
@@ -168,7 +219,31 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   set_serving(*server, false);
   const std::string address =
       sc.listen.substr(0, sc.listen.rfind(':')) + ":" + std::to_string(port);
-  ShutdownSignals signals(sc.grace_period_s, [&] { set_serving(*server, false); });
+  // The HTTP server too, answering /health with 503 while loading.
+  Metrics metrics(sc.model_name(), sc.context_limit(config), sc.metrics_prefix);
+  OpenAiOptions http_options;
+  http_options.model_name = sc.model_name();
+  http_options.context_limit = sc.context_limit(config);
+  http_options.api_key = sc.api_key;
+  const std::unique_ptr<ChatTemplate> chat = load_chat_template(sc);
+  if (chat != nullptr) http_options.render_chat = chat_renderer(*chat, *tokenizer);
+  OpenAiService http_service(*tokenizer, config.vocab_size, http_options, &metrics);
+  HttpLimits http_limits;
+  http_limits.max_connections = sc.http_max_connections;
+  http_limits.max_body_bytes = static_cast<size_t>(sc.http_max_body_bytes);
+  HttpServer http([&](const HttpRequest& request,
+                      HttpResponder& responder) { http_service.handle(request, responder); },
+                  OpenAiService::error_body, http_limits);
+  std::string http_address;
+  if (!sc.http_listen.empty()) {
+    const int http_port = http.start(sc.http_listen);
+    http_address =
+        sc.http_listen.substr(0, sc.http_listen.rfind(':')) + ":" + std::to_string(http_port);
+  }
+  ShutdownSignals signals(sc.grace_period_s, [&] {
+    set_serving(*server, false);
+    http_service.set_state(OpenAiService::State::kDraining);
+  });
 
   print_config(sc, config, par.config.tp, dtype_size(backend.ops->storage_dtype()));
   std::fprintf(stderr, "  %-22s %s\n", "device", backend.description.c_str());
@@ -180,8 +255,15 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
            engine->context_limit(), " differs from the ", sc.context_limit(config),
            " tokens GetModelInfo reports");
   service.attach(engine.get());
+  metrics.attach(engine.get());
+  engine->set_observer(&metrics);
+  http_service.attach(engine.get());
   signals.attach(engine.get());
-  if (!signals.draining()) set_serving(*server, true);
+  if (!signals.draining()) {
+    set_serving(*server, true);
+    http_service.set_state(OpenAiService::State::kServing);
+  }
+  if (!http_address.empty()) std::printf("http (OpenAI API) on %s\n", http_address.c_str());
   std::printf("serving %s on %s\n", sc.model.c_str(), address.c_str());
   std::fflush(stdout);
 
@@ -191,11 +273,14 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
     // A rank failed (or this one did): end the open streams with UNAVAILABLE, give them a
     // moment to reach their clients, then abort the job.
     set_serving(*server, false);
+    http_service.set_state(OpenAiService::State::kFailed);
     service.close(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string("a rank failed: ") + e.what()));
+    http_service.close(std::string("a rank failed: ") + e.what());
     const auto until = Clock::now() + std::chrono::seconds(1);
     while (service.n_open_streams() > 0 && Clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    http.stop(0.5);
     // Peers may wait in a collective: end the job now rather than after unwinding.
     if (par.config.world > 1) MpiEnv::abort_job(e.what());
     signals.detach();
@@ -204,8 +289,11 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   }
   signals.detach();
   set_serving(*server, false);
+  http_service.set_state(OpenAiService::State::kDraining);
   // Every request has ended; anything that slipped in since is refused.
   service.close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server stopped"));
+  http_service.close("the server stopped");
+  http.stop(2);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   std::fprintf(stderr, "switchyard: stopped\n");
   return 0;
@@ -245,6 +333,26 @@ void add_serve(CLI::App& app, ServeArgs& a) {
       ->capture_default_str();
   cmd->add_flag("!--no-prefix-cache", c.prefix_caching,
                 "Do not keep or reuse the KV blocks of prompts' shared prefixes");
+  cmd->add_option("--http-listen", c.http_listen,
+                  "host:port of the OpenAI-compatible HTTP server (empty = none; port 0 = any)");
+  cmd->add_option("--served-model-name", c.served_model_name,
+                  "The model's id in the HTTP API (default: the --model path)");
+  cmd->add_option("--api-key", c.api_key,
+                  "HTTP API key clients must send as 'Authorization: Bearer KEY' (or set "
+                  "SWITCHYARD_API_KEY; the flag shows in ps)")
+      ->envname("SWITCHYARD_API_KEY");
+  cmd->add_option("--chat-template", c.chat_template,
+                  "Jinja chat template file for /v1/chat/completions (default: the checkpoint's "
+                  "tokenizer_config.json chat_template)");
+  cmd->add_option("--metrics-prefix", c.metrics_prefix,
+                  "Prefix of the /metrics names: switchyard: (vLLM-like) or switchyard_")
+      ->capture_default_str();
+  cmd->add_option("--http-max-connections", c.http_max_connections,
+                  "Open HTTP connections at most; more get 503")
+      ->capture_default_str();
+  cmd->add_option("--http-max-body-bytes", c.http_max_body_bytes,
+                  "Bytes of one HTTP request body at most; more get 413")
+      ->capture_default_str();
   cmd->add_option("--grace-period-s", c.grace_period_s,
                   "After SIGTERM/SIGINT/SIGUSR1: seconds for running requests to finish")
       ->capture_default_str();

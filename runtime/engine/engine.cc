@@ -197,6 +197,7 @@ void Engine::finish(Sequence& seq, FinishReason reason, RequestEvent event) {
     else if (reason == FinishReason::kDeadline)
       ++stats_.requests_deadline_exceeded;
   }
+  if (EngineObserver* observer = observer_.load()) observer->on_finish(event.usage, reason);
   seq.sink->on_event(std::move(event));
 }
 
@@ -276,6 +277,13 @@ void Engine::sample_requests() {
 }
 
 void Engine::run_step() {
+  const Clock::time_point start = Clock::now();
+  report_.prompt_tokens = 0;
+  report_.inter_token_seconds.clear();
+  // The plan has moved n_computed past the step's tokens [n_computed - scheduled, n_computed).
+  for (const auto& seq : scheduler_.running())
+    report_.prompt_tokens += std::max<int64_t>(
+        0, std::min(seq->n_computed, seq->n_prompt) - (seq->n_computed - seq->scheduled));
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.prefix_cache_queried_tokens += plan_.prefix_queried_tokens;
@@ -287,6 +295,13 @@ void Engine::run_step() {
   const std::vector<int32_t>& tokens = executor_.execute(plan_.batch, sample_rows_);
   scheduler_.record_blocks();
   output_.process(plan_, tokens, executor_.sampler(), outputs_);
+  const Clock::time_point now = Clock::now();
+  for (Sequence* seq : plan_.sampled) {
+    if (seq->n_generated() >= 2)
+      report_.inter_token_seconds.push_back(
+          std::chrono::duration<double>(now - seq->last_token).count());
+    seq->last_token = now;
+  }
   std::vector<Sequence*> done;
   for (StepOutput& o : outputs_) {
     if (o.finish == FinishReason::kNone) {
@@ -298,6 +313,13 @@ void Engine::run_step() {
   }
   scheduler_.remove_running(done);
   note_step(static_cast<int64_t>(plan_.sampled.size()));
+  if (EngineObserver* observer = observer_.load()) {
+    report_.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    report_.generated_tokens = static_cast<int64_t>(plan_.sampled.size());
+    report_.preemptions = scheduler_.n_preemptions() - reported_preemptions_;
+    reported_preemptions_ = scheduler_.n_preemptions();
+    observer->on_step(report_);
+  }
 }
 
 void Engine::note_step(int64_t generated) {

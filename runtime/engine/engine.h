@@ -65,6 +65,25 @@ struct EngineStats {
   bool draining = false;
 };
 
+// What one step did, for metrics.
+struct StepReport {
+  double seconds = 0;            // wall time of the step (execute, sample, output)
+  int64_t prompt_tokens = 0;     // prompt tokens computed
+  int64_t generated_tokens = 0;  // tokens sampled
+  int64_t preemptions = 0;       // sequences preempted to make room
+  // For each sequence that got its second or a later token: seconds since its previous one.
+  std::vector<double> inter_token_seconds;
+};
+
+// Observes the engine for metrics, on the engine thread: must be quick and must not block.
+class EngineObserver {
+ public:
+  virtual ~EngineObserver() = default;
+  virtual void on_step(const StepReport& report) = 0;
+  // A request's end (every request that was accepted ends exactly once).
+  virtual void on_finish(const Usage& usage, FinishReason reason) = 0;
+};
+
 class Engine {
  public:
   // `world` (may be null for one rank) broadcasts step plans to the workers.
@@ -92,6 +111,8 @@ class Engine {
   // window and a step of blocks (a sequence gives back what leaves its window).
   static int64_t context_limit_for(const ModelConfig& config, const ModelLimits& limits,
                                    int64_t max_batch_tokens);
+  // Observations go to `observer` (null: none) from now on; it must outlive the engine loop.
+  void set_observer(EngineObserver* observer) { observer_.store(observer); }
   // Stops admitting (submit throws kUnavailable); run() returns once every request has finished.
   void drain();
   // Ends run() at the next step: every open request ends kUnavailable.
@@ -150,6 +171,9 @@ class Engine {
   std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_;  // (step, tokens)
   int64_t recent_tokens_ = 0;
   std::chrono::steady_clock::time_point start_;
+  std::atomic<EngineObserver*> observer_{nullptr};
+  StepReport report_;
+  int64_t reported_preemptions_ = 0;
 };
 
 }  // namespace sy

@@ -49,6 +49,7 @@ int64_t Scheduler::preempt_last() {
   victim->n_recorded = 0;
   victim->scheduled = 0;
   ++victim->preemptions;
+  ++n_preemptions_;
   enqueue(std::move(victim));
   return given;
 }

@@ -64,6 +64,8 @@ class Scheduler {
 
   std::deque<std::unique_ptr<Sequence>>& waiting() { return waiting_; }  // in serving order
   std::vector<std::unique_ptr<Sequence>>& running() { return running_; }
+  // Sequences preempted so far (each time counts).
+  int64_t n_preemptions() const { return n_preemptions_; }
   const BlockAllocator& blocks() const { return blocks_; }
   bool idle() const { return waiting_.empty() && running_.empty(); }
 
@@ -98,6 +100,7 @@ class Scheduler {
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in serving order (preempted last)
   int64_t budget_ = 0;                              // step tokens left while scheduling
+  int64_t n_preemptions_ = 0;                       // see n_preemptions()
   int64_t prompt_rows_left_ = 0;                    // logit rows left for prompt logprobs this step
 };
 

@@ -35,7 +35,7 @@ struct Sequence {
   std::unique_ptr<StreamDecoder> decoder;
   std::string held;      // text held back: it may begin a stop string
   bool started = false;  // scheduled at least once (left the admission queue)
-  Clock::time_point arrival, first_step, first_token;
+  Clock::time_point arrival, first_step, first_token, last_token;
   int64_t preemptions = 0;
   int64_t scheduled = 0;  // tokens of this step
 

@@ -269,6 +269,37 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
   return out;
 }
 
+std::vector<int32_t> Tokenizer::encode_with_special_tokens(std::string_view text) const {
+  SY_CHECK(is_valid_utf8(text), "tokenizer: text to encode is not valid UTF-8");
+  std::vector<std::pair<std::string, int32_t>> specials;
+  for (int32_t id = 0; id < static_cast<int32_t>(special_.size()); ++id)
+    if (special_[id] && !sp_->IdToPiece(id).empty()) specials.emplace_back(sp_->IdToPiece(id), id);
+  std::vector<int32_t> out;
+  while (!text.empty()) {
+    // The earliest special piece, the longest one where several start at the same place.
+    size_t at = std::string_view::npos, length = 0;
+    int32_t id = -1;
+    for (const auto& [piece, pid] : specials) {
+      const size_t p = text.find(piece);
+      if (p == std::string_view::npos) continue;
+      if (p < at || (p == at && piece.size() > length)) {
+        at = p;
+        length = piece.size();
+        id = pid;
+      }
+    }
+    const std::string_view segment = text.substr(0, at);
+    if (!segment.empty()) {
+      const std::vector<int32_t> ids = encode(segment, false);
+      out.insert(out.end(), ids.begin(), ids.end());
+    }
+    if (id < 0) break;
+    out.push_back(id);
+    text.remove_prefix(at + length);
+  }
+  return out;
+}
+
 std::string Tokenizer::decode_raw(const int32_t* ids, size_t n_ids) const {
   std::string out;
   std::string bytes;  // the current run of byte-fallback pieces

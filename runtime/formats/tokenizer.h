@@ -28,6 +28,10 @@ class Tokenizer {
   // and byte fallback); BOS first when `add_bos`. Special tokens written in the text ("<s>") are
   // ordinary text, never control ids. Throws on text that is not valid UTF-8.
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const;
+  // As encode(text, false), except that the special tokens' pieces written in the text ("<s>",
+  // "</s>", "<unk>") become their ids, as Hugging Face tokenizes a rendered chat template: the
+  // text between them is encoded on its own, each segment with its dummy prefix.
+  std::vector<int32_t> encode_with_special_tokens(std::string_view text) const;
   // Ids -> text as Hugging Face's decode(skip_special_tokens=True): <unk>, <s>, </s> (and the
   // configured bos/eos ids) are dropped; a run of byte pieces that is not valid UTF-8 becomes one
   // U+FFFD per byte. Throws on an id outside the vocabulary.

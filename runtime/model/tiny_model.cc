@@ -7,6 +7,9 @@
 #include <random>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "runtime/formats/chat_template.h"
 #include "runtime/formats/safetensors.h"
 #include "runtime/formats/tokenizer.h"
 
@@ -151,10 +154,17 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
   std::string eos = c.eos_token_ids.empty() ? "null" : std::to_string(c.eos_token_ids[0]);
   write_text("generation_config.json", "{\n  \"bos_token_id\": " + std::to_string(c.bos_token_id) +
                                            ",\n  \"eos_token_id\": " + eos + "\n}\n");
-  write_text("tokenizer_config.json",
-             "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"bos_token\": \"<s>\",\n"
-             "  \"eos_token\": \"</s>\",\n  \"unk_token\": \"<unk>\",\n  \"add_bos_token\": true,\n"
-             "  \"add_eos_token\": false,\n  \"legacy\": true\n}\n");
+  // As Mixtral-8x7B-Instruct's, with its chat template, so that the tiny model serves chat.
+  const nlohmann::ordered_json tokenizer_config = {
+      {"tokenizer_class", "LlamaTokenizer"},
+      {"bos_token", "<s>"},
+      {"eos_token", "</s>"},
+      {"unk_token", "<unk>"},
+      {"add_bos_token", true},
+      {"add_eos_token", false},
+      {"legacy", true},
+      {"chat_template", ChatTemplate::mixtral_instruct()}};
+  write_text("tokenizer_config.json", tokenizer_config.dump(2) + "\n");
 }
 
 }  // namespace sy

@@ -30,6 +30,16 @@ void ServeConfig::validate() const {
   SY_CHECK(max_context >= 0, "--max-context ", max_context, " must be >= 0");
   SY_CHECK(std::isfinite(grace_period_s) && grace_period_s >= 0, "--grace-period-s ",
            grace_period_s, " must be >= 0");
+  SY_CHECK(http_listen.empty() || http_listen.find(':') != std::string::npos, "--http-listen '",
+           http_listen, "' is not host:port");
+  SY_CHECK(http_listen.empty() || http_listen != listen, "--http-listen ", http_listen,
+           " is the gRPC --listen address too");
+  SY_CHECK(metrics_prefix == "switchyard:" || metrics_prefix == "switchyard_", "--metrics-prefix '",
+           metrics_prefix, "' must be switchyard: or switchyard_");
+  SY_CHECK(http_max_connections >= 1 && http_max_connections <= 65536, "--http-max-connections ",
+           http_max_connections, " outside [1, 65536]");
+  SY_CHECK(http_max_body_bytes >= 1024 && http_max_body_bytes <= (int64_t{1} << 30),
+           "--http-max-body-bytes ", http_max_body_bytes, " outside [1024, 2^30]");
 }
 
 int64_t ServeConfig::context(const ModelConfig& config) const {
@@ -100,6 +110,9 @@ std::vector<std::pair<std::string, std::string>> ServeConfig::table(const ModelC
       {"kv_cache_per_rank", mib(kv_cache_bytes(config, tp, bytes_per_value))},
       {"prefix_caching", prefix_caching ? "on" : "off"},
       {"grace_period_s", grace.str()},
+      {"http_listen", http_listen.empty() ? "off" : http_listen},
+      {"served_model_name", model_name()},
+      {"api_key", api_key.empty() ? "none" : "set"},
   };
 }
 

@@ -28,9 +28,19 @@ struct ServeConfig {
   int64_t max_context = 0;         // prompt + generated tokens of a request; 0 = model's
   double grace_period_s = 30;      // after a drain signal, seconds until requests stop
   bool prefix_caching = true;      // reuse the KV blocks of prompts' shared prefixes
+  // The OpenAI-compatible HTTP server (rank 0, beside gRPC): host:port, empty = none.
+  std::string http_listen;
+  std::string served_model_name;  // the model's id in the HTTP API; empty = the --model path
+  std::string api_key;            // HTTP: needed as "Authorization: Bearer <key>"; empty = none
+  std::string chat_template;      // a Jinja file; empty = the checkpoint's own (if any)
+  std::string metrics_prefix = "switchyard:";  // or "switchyard_" (promtool's linter)
+  int64_t http_max_connections = 512;          // open HTTP connections; past it 503
+  int64_t http_max_body_bytes = 8 << 20;       // an HTTP request body; past it 413
 
   // Throws naming the offending flag and its value. Needs no model.
   void validate() const;
+  // served_model_name, or the model path.
+  std::string model_name() const { return served_model_name.empty() ? model : served_model_name; }
   // The context limit of one request for `config`: max_context, or max_position_embeddings.
   int64_t context(const ModelConfig& config) const;
   // Prompt plus generated tokens of one request at most, by the engine's rule

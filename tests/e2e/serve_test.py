@@ -844,6 +844,12 @@ def main():
     p.add_argument("--timeout", type=float, default=170, help="seconds before giving up")
     p.add_argument("--server-args", default="", help="more flags for serve (e.g. the device)")
     args = p.parse_args()
+    prepare(args)
+    run_scenario(args, SCENARIOS[args.scenario])
+
+
+def prepare(args):
+    """The work directory, the MPI environment, the gRPC stubs and the tiny model."""
     args.server_args = args.server_args.split()
     # 4 ranks split attention over 2 (the tiny model has 2 KV heads) to cover tensor parallelism.
     args.layout = ["--tp", "2"] if args.ranks % 2 == 0 and args.ranks >= 4 else []
@@ -865,6 +871,9 @@ def main():
     subprocess.run([args.bin, "make-tiny-model", "--out", args.model] + MODEL_FLAGS, check=True,
                    stdout=subprocess.DEVNULL)
 
+
+def run_scenario(args, scenario):
+    """Runs `scenario` under the time limit, prints the tally and exits."""
     def give_up(signum, frame):
         raise TimeoutError(f"scenario {args.scenario} ran past {args.timeout} s")
 
@@ -872,7 +881,7 @@ def main():
     signal.setitimer(signal.ITIMER_REAL, args.timeout)
     t0 = time.time()
     try:
-        SCENARIOS[args.scenario](args)
+        scenario(args)
     except Exception as e:  # a scenario that cannot go on is one failure, after cleanup
         check(f"{args.scenario} ran to the end", False, f"{type(e).__name__}: {e}")
     signal.setitimer(signal.ITIMER_REAL, 0)
