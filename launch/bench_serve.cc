@@ -14,8 +14,10 @@
 // share of prompt tokens the server reports as cached.
 //
 // Requests use gRPC's callback API: every Generate stream is a reactor driven by gRPC's own
-// threads, so hundreds of streams need no thread each. The driver (the calling thread) only sends
-// requests at their arrival times, collects the ended ones and prints progress.
+// threads, so hundreds of streams need no thread each. With `--endpoint openai` the same requests
+// go to the OpenAI-compatible HTTP API as streamed /v1/completions, one connection and one thread
+// each. The driver (the calling thread) only sends requests at their arrival times, collects the
+// ended ones and prints progress.
 #include <unistd.h>
 
 #include <algorithm>
@@ -30,6 +32,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -37,6 +40,7 @@
 
 #include "launch/bench_serve_report.h"
 #include "launch/commands.h"
+#include "launch/http_client.h"
 #include "launch/rpc.h"
 #include "switchyard/v1/switchyard.grpc.pb.h"
 
@@ -69,30 +73,48 @@ struct Sample {
 
 class Stream;
 
-// Where streams go once gRPC is done with them; filled by the reactors, emptied by the driver.
+// Where streams go once they end; filled by the streams, emptied by the driver.
 struct Sink {
   std::mutex mutex;
   std::condition_variable ended_cv;
   std::vector<Stream*> ended;  // guarded by mutex
+
+  void add(Stream* s) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ended.push_back(s);
+    }
+    ended_cv.notify_all();
+  }
 };
 
-// One Generate stream. The driver owns it and deletes it once it appears in Sink::ended (gRPC
-// no longer touches a reactor after OnDone).
-class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
+// One request in flight, over either API. The driver owns it and deletes it once it appears in
+// Sink::ended.
+class Stream {
  public:
-  Stream(v1::Switchyard::Stub& stub, Sink& sink, v1::GenerateRequest request, Sample sample)
-      : sink_(sink), request_(std::move(request)), sample_(std::move(sample)) {
+  virtual ~Stream() = default;
+  // Ends the request (thread-safe); it then ends CANCELLED.
+  virtual void cancel() = 0;
+  // The request as the client saw it; complete once the stream is in Sink::ended.
+  Sample& sample() { return sample_; }
+
+ protected:
+  Sample sample_;
+};
+
+// One Generate stream (gRPC's callback API: no thread of its own).
+class GrpcStream final : public Stream, public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  GrpcStream(v1::Switchyard::Stub& stub, Sink& sink, v1::GenerateRequest request, Sample sample)
+      : sink_(sink), request_(std::move(request)) {
+    sample_ = std::move(sample);
     sample_.sent = Clock::now();
     stub.async()->Generate(&context_, &request_, this);
     StartRead(&response_);
     StartCall();
   }
 
-  // Asks gRPC to end the call (thread-safe); OnDone follows with CANCELLED.
-  void cancel() { context_.TryCancel(); }
-
-  // The request as the client saw it; complete once the stream is in Sink::ended.
-  Sample& sample() { return sample_; }
+  void cancel() override { context_.TryCancel(); }
 
   void OnReadDone(bool ok) override {
     if (!ok) return;  // the stream ended; OnDone follows
@@ -112,12 +134,7 @@ class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
     sample_.ended = Clock::now();
     sample_.code = status.error_code();
     sample_.message = status.error_message();
-    Sink& sink = sink_;  // `this` may be deleted as soon as it is in the list
-    {
-      std::lock_guard<std::mutex> lock(sink.mutex);
-      sink.ended.push_back(this);
-    }
-    sink.ended_cv.notify_all();
+    sink_.add(this);  // `this` may be deleted from here on
   }
 
  private:
@@ -125,10 +142,63 @@ class Stream : public grpc::ClientReadReactor<v1::GenerateResponse> {
   grpc::ClientContext context_;
   v1::GenerateRequest request_;
   v1::GenerateResponse response_;
-  Sample sample_;
 };
 
-// Prompt and output lengths of the next request: fixed, uniform over a range, or a line of a file.
+// One streamed /v1/completions request (a thread of its own, blocking on its connection). Each
+// SSE chunk carries one engine event, like a gRPC message: its token_ids (return_token_ids)
+// count the tokens, and the include_usage chunk the cached prompt tokens.
+class HttpStream final : public Stream {
+ public:
+  HttpStream(const std::string& target, Sink& sink, std::string body, Sample sample) {
+    sample_ = std::move(sample);
+    sample_.sent = Clock::now();
+    thread_ = std::thread([this, target, &sink, body = std::move(body)] {
+      run(target, body);
+      sink.add(this);
+    });
+  }
+  ~HttpStream() override { thread_.join(); }
+
+  void cancel() override { call_.cancel(); }
+
+ private:
+  void run(const std::string& target, const std::string& body) {
+    std::string error;
+    const HttpResult r = call_.post(target, "/v1/completions", body, [&](const std::string& data) {
+      if (data == "[DONE]") return;
+      const json chunk = json::parse(data, nullptr, false);
+      if (chunk.is_discarded()) return;
+      sample_.last_message = Clock::now();
+      if (chunk.contains("error")) error = chunk["error"].value("message", "error");
+      if (chunk.contains("usage") && chunk["usage"].is_object())
+        sample_.cached_tokens =
+            chunk["usage"]["prompt_tokens_details"].value("cached_tokens", int64_t{0});
+      for (const json& c : chunk.value("choices", json::array())) {
+        const size_t n = c.value("token_ids", json::array()).size();
+        if (n == 0) continue;
+        sample_.message_times.push_back(sample_.last_message);
+        sample_.n_tokens += static_cast<int64_t>(n);
+      }
+    });
+    sample_.ended = Clock::now();
+    if (r.status == 200 && error.empty()) return;
+    // The gRPC code of the same failure, so that both endpoints' tables read alike.
+    sample_.code = r.status == 0     ? (r.error == "cancelled" ? grpc::StatusCode::CANCELLED
+                                                               : grpc::StatusCode::UNAVAILABLE)
+                   : r.status == 400 ? grpc::StatusCode::INVALID_ARGUMENT
+                   : r.status == 503 || !error.empty() ? grpc::StatusCode::UNAVAILABLE
+                                                       : grpc::StatusCode::INTERNAL;
+    const json e = json::parse(r.body, nullptr, false);
+    sample_.message = !error.empty()                         ? error
+                      : e.is_object() && e.contains("error") ? e["error"].value("message", r.body)
+                      : r.error.empty()                      ? "HTTP " + std::to_string(r.status)
+                                                             : r.error;
+  }
+
+  HttpCall call_;
+  std::thread thread_;  // last: starts once the rest is built
+};
+
 class Lengths {
  public:
   explicit Lengths(const BenchServeArgs& a) {
@@ -231,8 +301,12 @@ class Driver {
  public:
   // `stubs`: one per channel (at least one), requests round-robin over them.
   Driver(const BenchServeArgs& a, const std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs,
-         int64_t vocab_size)
-      : a_(a), stubs_(stubs), vocab_size_(vocab_size), lengths_(a) {
+         int64_t vocab_size, std::string model_name)
+      : a_(a),
+        stubs_(stubs),
+        vocab_size_(vocab_size),
+        model_name_(std::move(model_name)),
+        lengths_(a) {
     // The shared prefix: drawn once, from a stream of its own (the same for every sweep value).
     std::mt19937_64 rng(a.seed ^ 0x5eedf00dull);
     std::uniform_int_distribution<int64_t> token(0, vocab_size_ - 1);
@@ -334,10 +408,30 @@ class Driver {
     Sample sample;
     sample.prompt_tokens = prompt_len;
     sample.max_tokens = output_len;
-    v1::Switchyard::Stub& stub = *stubs_[next_stub_++ % stubs_.size()];
-    auto stream = std::make_unique<Stream>(stub, sink_, std::move(request), std::move(sample));
+    std::unique_ptr<Stream> stream;
+    if (a_.endpoint == "openai") {
+      stream =
+          std::make_unique<HttpStream>(a_.target, sink_, openai_body(request), std::move(sample));
+    } else {
+      v1::Switchyard::Stub& stub = *stubs_[next_stub_++ % stubs_.size()];
+      stream = std::make_unique<GrpcStream>(stub, sink_, std::move(request), std::move(sample));
+    }
     Stream* key = stream.get();
     live_.emplace(key, std::move(stream));
+  }
+
+  // The same request as a streamed /v1/completions body.
+  std::string openai_body(const v1::GenerateRequest& r) const {
+    return json{
+        {"model", model_name_},
+        {"prompt", std::vector<uint32_t>(r.token_ids().ids().begin(), r.token_ids().ids().end())},
+        {"max_tokens", r.max_tokens()},
+        {"temperature", 0},
+        {"ignore_eos", true},
+        {"stream", true},
+        {"stream_options", {{"include_usage", true}}},
+        {"return_token_ids", true}}
+        .dump();
   }
 
   void summarise(Run& run, const std::vector<Sample>& counted, Clock::time_point window_begin) {
@@ -399,6 +493,7 @@ class Driver {
   const std::vector<std::unique_ptr<v1::Switchyard::Stub>>& stubs_;
   size_t next_stub_ = 0;
   int64_t vocab_size_;
+  std::string model_name_;  // the HTTP API's model id
   Lengths lengths_;
   std::vector<uint32_t> prefix_;  // --shared-prefix-len tokens
   Sink sink_;
@@ -427,6 +522,26 @@ v1::ModelInfo model_info(v1::Switchyard::Stub& stub, const std::string& target) 
   const grpc::Status status = stub.GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
   SY_CHECK(status.ok(), "bench serve: GetModelInfo on ", target, ": ",
            status_code_name(status.error_code()), ": ", status.error_message());
+  return info;
+}
+
+// The model as GET /v1/models describes it: its id (in model_path), context and vocabulary.
+v1::ModelInfo http_model_info(const std::string& target) {
+  HttpCall call;
+  const HttpResult r = call.get(target, "/v1/models");
+  SY_CHECK(r.status == 200, "bench serve: GET http://", target, "/v1/models: ",
+           r.status == 0 ? r.error : "HTTP " + std::to_string(r.status) + " " + r.body);
+  const json j = json::parse(r.body, nullptr, false);
+  SY_CHECK(!j.is_discarded() && j.contains("data") && j["data"].is_array() && !j["data"].empty(),
+           "bench serve: /v1/models of ", target, " lists no model");
+  const json& m = j["data"][0];
+  v1::ModelInfo info;
+  info.set_model_path(m.value("id", ""));
+  info.set_context_limit_tokens(m.value("max_model_len", uint32_t{0}));
+  info.set_vocab_size(m.value("vocab_size", uint32_t{0}));
+  info.set_device("openai http");
+  SY_CHECK(info.vocab_size() > 0, "bench serve: /v1/models of ", target,
+           " gives no vocab_size (a switchyard server's does)");
   return info;
 }
 
@@ -459,6 +574,10 @@ void add_bench_serve(CLI::App& bench, BenchServeArgs& a) {
   CLI::App* cmd =
       bench.add_subcommand("serve", "Load generator: latency and throughput of a running server");
   cmd->add_option("--target", a.target, "host:port of the server")->capture_default_str();
+  cmd->add_option("--endpoint", a.endpoint,
+                  "grpc, or openai: streamed /v1/completions over HTTP at --target (its "
+                  "--http-listen), one connection per request")
+      ->capture_default_str();
   auto* rate =
       cmd->add_option("--rate", a.rate, "Requests/s, Poisson arrivals, e.g. 1,2,4")->delimiter(',');
   auto* conc = cmd->add_option("--concurrency", a.concurrency,
@@ -512,9 +631,14 @@ int run_bench_serve(const BenchServeArgs& a) {
              " is longer than the shortest prompt (", shortest, " tokens)");
   }
 
-  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs = connect(a);
-  const v1::ModelInfo info = model_info(*stubs.front(), a.target);
-  Driver driver(a, stubs, info.vocab_size());
+  SY_CHECK(a.endpoint == "grpc" || a.endpoint == "openai", "--endpoint '", a.endpoint,
+           "' must be grpc or openai");
+  const bool http = a.endpoint == "openai";
+  std::vector<std::unique_ptr<v1::Switchyard::Stub>> stubs;
+  if (!http) stubs = connect(a);
+  const v1::ModelInfo info =
+      http ? http_model_info(a.target) : model_info(*stubs.front(), a.target);
+  Driver driver(a, stubs, info.vocab_size(), info.model_path());
   const int64_t max_total = Lengths(a).max_total();
   SY_CHECK(max_total <= info.context_limit_tokens(), "bench serve: prompt + output of ", max_total,
            " tokens exceeds the server's context limit of ", info.context_limit_tokens());
@@ -536,6 +660,7 @@ int run_bench_serve(const BenchServeArgs& a) {
   if (!a.json.empty()) {
     const json header = {{"benchmark", "serve"},
                          {"target", a.target},
+                         {"endpoint", a.endpoint},
                          {"model", info.model_path()},
                          {"world", info.world_size()},
                          {"device", info.device()},

@@ -130,6 +130,7 @@ struct BenchEngineArgs {
 };
 struct BenchServeArgs {
   std::string target = "127.0.0.1:50051";  // host:port of a running server
+  std::string endpoint = "grpc";           // "grpc", or "openai": the HTTP API at target
   std::vector<double> rate;                // open loop: requests/s (Poisson arrivals), a sweep
   std::vector<int64_t> concurrency;        // closed loop: requests in flight, a sweep
   int64_t prompt_len = 128;                // prompt tokens (fixed), unless a range or file

@@ -126,9 +126,9 @@ HttpResult HttpCall::post(const std::string& host_port, const std::string& path,
 }
 
 HttpResult HttpCall::get(const std::string& host_port, const std::string& path) {
-  return request(host_port,
-                 "GET " + path + " HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n",
-                 nullptr);
+  return request(
+      host_port,
+      "GET " + path + " HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n", nullptr);
 }
 
 HttpResult HttpCall::request(const std::string& host_port, const std::string& head,

@@ -194,6 +194,48 @@ std::function<std::string(const Json&, bool)> chat_renderer(const ChatTemplate& 
   };
 }
 
+// The OpenAI-compatible HTTP front door: its metrics, its service and its server, listening
+// from construction when --http-listen is set.
+struct HttpFront {
+  Metrics metrics;
+  const std::unique_ptr<ChatTemplate> chat;
+  OpenAiService service;
+  HttpServer server;
+  std::string address;  // host:port it listens on; empty when it does not
+
+  HttpFront(const ServeConfig& sc, const ModelConfig& config, const Tokenizer& tokenizer)
+      : metrics(sc.model_name(), sc.context_limit(config), sc.metrics_prefix),
+        chat(load_chat_template(sc)),
+        service(tokenizer, config.vocab_size, options(sc, config, tokenizer, chat.get()), &metrics),
+        server([this](const HttpRequest& request,
+                      HttpResponder& responder) { service.handle(request, responder); },
+               OpenAiService::error_body, limits(sc)) {
+    if (sc.http_listen.empty()) return;
+    const int port = server.start(sc.http_listen);
+    address = sc.http_listen.substr(0, sc.http_listen.rfind(':')) + ":" + std::to_string(port);
+  }
+  void attach(Engine& engine) {
+    metrics.attach(&engine);
+    engine.set_observer(&metrics);
+    service.attach(&engine);
+  }
+  static OpenAiOptions options(const ServeConfig& sc, const ModelConfig& config,
+                               const Tokenizer& tokenizer, const ChatTemplate* chat) {
+    OpenAiOptions o;
+    o.model_name = sc.model_name();
+    o.context_limit = sc.context_limit(config);
+    o.api_key = sc.api_key;
+    if (chat != nullptr) o.render_chat = chat_renderer(*chat, tokenizer);
+    return o;
+  }
+  static HttpLimits limits(const ServeConfig& sc) {
+    HttpLimits l;
+    l.max_connections = sc.http_max_connections;
+    l.max_body_bytes = static_cast<size_t>(sc.http_max_body_bytes);
+    return l;
+  }
+};
+
 int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& par,
                const Backend& backend) {
   const ServeConfig& sc = a.config;
@@ -220,29 +262,10 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   const std::string address =
       sc.listen.substr(0, sc.listen.rfind(':')) + ":" + std::to_string(port);
   // The HTTP server too, answering /health with 503 while loading.
-  Metrics metrics(sc.model_name(), sc.context_limit(config), sc.metrics_prefix);
-  OpenAiOptions http_options;
-  http_options.model_name = sc.model_name();
-  http_options.context_limit = sc.context_limit(config);
-  http_options.api_key = sc.api_key;
-  const std::unique_ptr<ChatTemplate> chat = load_chat_template(sc);
-  if (chat != nullptr) http_options.render_chat = chat_renderer(*chat, *tokenizer);
-  OpenAiService http_service(*tokenizer, config.vocab_size, http_options, &metrics);
-  HttpLimits http_limits;
-  http_limits.max_connections = sc.http_max_connections;
-  http_limits.max_body_bytes = static_cast<size_t>(sc.http_max_body_bytes);
-  HttpServer http([&](const HttpRequest& request,
-                      HttpResponder& responder) { http_service.handle(request, responder); },
-                  OpenAiService::error_body, http_limits);
-  std::string http_address;
-  if (!sc.http_listen.empty()) {
-    const int http_port = http.start(sc.http_listen);
-    http_address =
-        sc.http_listen.substr(0, sc.http_listen.rfind(':')) + ":" + std::to_string(http_port);
-  }
+  HttpFront front(sc, config, *tokenizer);
   ShutdownSignals signals(sc.grace_period_s, [&] {
     set_serving(*server, false);
-    http_service.set_state(OpenAiService::State::kDraining);
+    front.service.set_state(OpenAiService::State::kDraining);
   });
 
   print_config(sc, config, par.config.tp, dtype_size(backend.ops->storage_dtype()));
@@ -255,15 +278,13 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
            engine->context_limit(), " differs from the ", sc.context_limit(config),
            " tokens GetModelInfo reports");
   service.attach(engine.get());
-  metrics.attach(engine.get());
-  engine->set_observer(&metrics);
-  http_service.attach(engine.get());
+  front.attach(*engine);
   signals.attach(engine.get());
   if (!signals.draining()) {
     set_serving(*server, true);
-    http_service.set_state(OpenAiService::State::kServing);
+    front.service.set_state(OpenAiService::State::kServing);
   }
-  if (!http_address.empty()) std::printf("http (OpenAI API) on %s\n", http_address.c_str());
+  if (!front.address.empty()) std::printf("http (OpenAI API) on %s\n", front.address.c_str());
   std::printf("serving %s on %s\n", sc.model.c_str(), address.c_str());
   std::fflush(stdout);
 
@@ -273,14 +294,14 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
     // A rank failed (or this one did): end the open streams with UNAVAILABLE, give them a
     // moment to reach their clients, then abort the job.
     set_serving(*server, false);
-    http_service.set_state(OpenAiService::State::kFailed);
+    front.service.set_state(OpenAiService::State::kFailed);
     service.close(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string("a rank failed: ") + e.what()));
-    http_service.close(std::string("a rank failed: ") + e.what());
+    front.service.close(std::string("a rank failed: ") + e.what());
     const auto until = Clock::now() + std::chrono::seconds(1);
     while (service.n_open_streams() > 0 && Clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    http.stop(0.5);
+    front.server.stop(0.5);
     // Peers may wait in a collective: end the job now rather than after unwinding.
     if (par.config.world > 1) MpiEnv::abort_job(e.what());
     signals.detach();
@@ -289,11 +310,11 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   }
   signals.detach();
   set_serving(*server, false);
-  http_service.set_state(OpenAiService::State::kDraining);
+  front.service.set_state(OpenAiService::State::kDraining);
   // Every request has ended; anything that slipped in since is refused.
   service.close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server stopped"));
-  http_service.close("the server stopped");
-  http.stop(2);
+  front.service.close("the server stopped");
+  front.server.stop(2);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   std::fprintf(stderr, "switchyard: stopped\n");
   return 0;

@@ -345,28 +345,11 @@ void HttpServer::send_error(int fd, int status, const std::string& message, bool
   r.send(status, type, body);
 }
 
-bool HttpServer::read_request(int fd, std::string& buffer, HttpRequest& req, bool& keep_alive,
-                              bool first) {
-  // Wait for the first byte (the keep-alive idle time), then the whole request (read timeout).
-  const auto idle_until =
-      Clock::now() +
-      std::chrono::milliseconds(millis(first ? limits_.read_timeout_s : limits_.idle_timeout_s));
-  if (!fill(fd, buffer, 1, idle_until, stopping_)) return false;
-  const auto deadline = Clock::now() + std::chrono::milliseconds(millis(limits_.read_timeout_s));
-  size_t end;
-  while ((end = buffer.find("\r\n\r\n")) == std::string::npos) {
-    if (buffer.size() > limits_.max_header_bytes)
-      throw BadRequest{431, "the request line and headers exceed " +
-                                std::to_string(limits_.max_header_bytes) + " bytes"};
-    if (!fill(fd, buffer, buffer.size() + 1, deadline, stopping_)) {
-      if (Clock::now() >= deadline) throw BadRequest{408, "the request did not arrive in time"};
-      return false;
-    }
-  }
-  if (end > limits_.max_header_bytes)
-    throw BadRequest{431, "the request line and headers exceed " +
-                              std::to_string(limits_.max_header_bytes) + " bytes"};
-  std::string_view head(buffer.data(), end);
+namespace {
+
+// The request line and headers (without the blank line) into `req`; whether the connection
+// stays open after it.
+bool parse_head(std::string_view head, HttpRequest& req) {
   const size_t line_end = head.find("\r\n");
   std::string_view line = head.substr(0, line_end);
   const size_t sp1 = line.find(' ');
@@ -393,59 +376,52 @@ bool HttpServer::read_request(int fd, std::string& buffer, HttpRequest& req, boo
     req.headers.emplace_back(lower(h.substr(0, colon)), std::string(trim(h.substr(colon + 1))));
   }
   const std::string connection = lower(req.header("connection"));
-  keep_alive = version == "HTTP/1.1" ? connection.find("close") == std::string::npos
-                                     : connection.find("keep-alive") != std::string::npos;
+  return version == "HTTP/1.1" ? connection.find("close") == std::string::npos
+                               : connection.find("keep-alive") != std::string::npos;
+}
+
+}  // namespace
+
+bool HttpServer::read_request(int fd, std::string& buffer, HttpRequest& req, bool& keep_alive,
+                              bool first) {
+  // Wait for the first byte (the keep-alive idle time), then the whole request (read timeout).
+  const auto idle_until =
+      Clock::now() +
+      std::chrono::milliseconds(millis(first ? limits_.read_timeout_s : limits_.idle_timeout_s));
+  if (!fill(fd, buffer, 1, idle_until, stopping_)) return false;
+  const auto deadline = Clock::now() + std::chrono::milliseconds(millis(limits_.read_timeout_s));
+  size_t end;
+  while ((end = buffer.find("\r\n\r\n")) == std::string::npos) {
+    if (buffer.size() > limits_.max_header_bytes)
+      throw BadRequest{431, "the request line and headers exceed " +
+                                std::to_string(limits_.max_header_bytes) + " bytes"};
+    if (!fill(fd, buffer, buffer.size() + 1, deadline, stopping_)) {
+      if (Clock::now() >= deadline) throw BadRequest{408, "the request did not arrive in time"};
+      return false;
+    }
+  }
+  if (end > limits_.max_header_bytes)
+    throw BadRequest{431, "the request line and headers exceed " +
+                              std::to_string(limits_.max_header_bytes) + " bytes"};
+  keep_alive = parse_head(std::string_view(buffer.data(), end), req);
   buffer.erase(0, end + 4);
 
   const std::string te = lower(req.header("transfer-encoding"));
   const std::string_view cl = req.header("content-length");
-  const bool expect_continue = lower(req.header("expect")) == "100-continue";
-  auto send_continue = [&] {
+  if (lower(req.header("expect")) == "100-continue" && buffer.empty() &&
+      (!te.empty() || !cl.empty())) {
+    // Checked first: a body over the limit is refused without asking for it.
+    uint64_t length = 0;
+    if (te.empty() && parse_count(cl, length) && length > limits_.max_body_bytes)
+      throw BadRequest{413, "the request body of " + std::to_string(length) +
+                                " bytes exceeds the limit of " +
+                                std::to_string(limits_.max_body_bytes)};
     static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
-    if (expect_continue && buffer.empty())
-      ::send(fd, kContinue.data(), kContinue.size(), MSG_NOSIGNAL);
-  };
+    ::send(fd, kContinue.data(), kContinue.size(), MSG_NOSIGNAL);
+  }
   if (!te.empty()) {
     if (te != "chunked") throw BadRequest{501, "unsupported transfer-encoding '" + te + "'"};
-    send_continue();
-    for (;;) {
-      size_t crlf;
-      while ((crlf = buffer.find("\r\n")) == std::string::npos) {
-        if (buffer.size() > 64) throw BadRequest{400, "malformed chunk size"};
-        if (!fill(fd, buffer, buffer.size() + 1, deadline, stopping_))
-          throw BadRequest{408, "the request body did not arrive in time"};
-      }
-      std::string_view size_text = std::string_view(buffer).substr(0, crlf);
-      size_text = size_text.substr(0, size_text.find(';'));
-      uint64_t size = 0;
-      if (!parse_hex(trim(size_text), size)) throw BadRequest{400, "malformed chunk size"};
-      if (req.body.size() + size > limits_.max_body_bytes)
-        throw BadRequest{
-            413, "the request body exceeds " + std::to_string(limits_.max_body_bytes) + " bytes"};
-      buffer.erase(0, crlf + 2);
-      if (size == 0) {
-        // Trailers (ignored) up to the empty line.
-        while (buffer.find("\r\n") == std::string::npos)
-          if (buffer.size() > limits_.max_header_bytes ||
-              !fill(fd, buffer, buffer.size() + 1, deadline, stopping_))
-            throw BadRequest{400, "malformed chunked body"};
-        while (buffer.compare(0, 2, "\r\n") != 0) {
-          size_t e;
-          while ((e = buffer.find("\r\n")) == std::string::npos)
-            if (buffer.size() > limits_.max_header_bytes ||
-                !fill(fd, buffer, buffer.size() + 1, deadline, stopping_))
-              throw BadRequest{400, "malformed chunked body"};
-          buffer.erase(0, e + 2);
-        }
-        buffer.erase(0, 2);
-        break;
-      }
-      if (!fill(fd, buffer, size + 2, deadline, stopping_))
-        throw BadRequest{408, "the request body did not arrive in time"};
-      if (buffer.compare(size, 2, "\r\n") != 0) throw BadRequest{400, "malformed chunked body"};
-      req.body.append(buffer, 0, size);
-      buffer.erase(0, size + 2);
-    }
+    read_chunked(fd, buffer, req.body, deadline);
   } else if (!cl.empty()) {
     uint64_t length = 0;
     if (!parse_count(cl, length)) throw BadRequest{400, "malformed content-length"};
@@ -453,13 +429,45 @@ bool HttpServer::read_request(int fd, std::string& buffer, HttpRequest& req, boo
       throw BadRequest{413, "the request body of " + std::to_string(length) +
                                 " bytes exceeds the limit of " +
                                 std::to_string(limits_.max_body_bytes)};
-    send_continue();
     if (!fill(fd, buffer, length, deadline, stopping_))
       throw BadRequest{408, "the request body did not arrive in time"};
     req.body = buffer.substr(0, length);
     buffer.erase(0, length);
   }
   return true;
+}
+
+void HttpServer::read_chunked(int fd, std::string& buffer, std::string& body,
+                              Clock::time_point deadline) {
+  // A line of the body (chunk size or trailer) up to its CRLF, within `limit` bytes.
+  auto line = [&](size_t limit, const char* what) {
+    size_t crlf;
+    while ((crlf = buffer.find("\r\n")) == std::string::npos)
+      if (buffer.size() > limit || !fill(fd, buffer, buffer.size() + 1, deadline, stopping_))
+        throw BadRequest{400, what};
+    return crlf;
+  };
+  for (;;) {
+    const size_t crlf = line(64, "malformed chunk size");
+    std::string_view size_text = std::string_view(buffer).substr(0, crlf);
+    size_text = size_text.substr(0, size_text.find(';'));
+    uint64_t size = 0;
+    if (!parse_hex(trim(size_text), size)) throw BadRequest{400, "malformed chunk size"};
+    if (body.size() + size > limits_.max_body_bytes)
+      throw BadRequest{
+          413, "the request body exceeds " + std::to_string(limits_.max_body_bytes) + " bytes"};
+    buffer.erase(0, crlf + 2);
+    if (size == 0) break;
+    if (!fill(fd, buffer, size + 2, deadline, stopping_))
+      throw BadRequest{408, "the request body did not arrive in time"};
+    if (buffer.compare(size, 2, "\r\n") != 0) throw BadRequest{400, "malformed chunked body"};
+    body.append(buffer, 0, size);
+    buffer.erase(0, size + 2);
+  }
+  // Trailers (ignored) up to the empty line.
+  for (size_t e; (e = line(limits_.max_header_bytes, "malformed chunked body")) != 0;)
+    buffer.erase(0, e + 2);
+  buffer.erase(0, 2);
 }
 
 void HttpServer::serve_connection(int fd, std::string peer) {

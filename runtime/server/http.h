@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -116,6 +117,9 @@ class HttpServer {
   // Reads one request; false to close the connection (after answering the error, if any).
   bool read_request(int fd, std::string& buffer, HttpRequest& request, bool& keep_alive,
                     bool first);
+  // A chunked body into `body` (the limit applied as it grows).
+  void read_chunked(int fd, std::string& buffer, std::string& body,
+                    std::chrono::steady_clock::time_point deadline);
   void send_error(int fd, int status, const std::string& message, bool keep_alive);
 
   Handler handler_;

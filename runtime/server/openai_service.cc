@@ -236,7 +236,8 @@ void OpenAiService::models(const HttpRequest& request, HttpResponder& responder)
                       {"object", "model"},
                       {"created", created_},
                       {"owned_by", "switchyard"},
-                      {"max_model_len", options_.context_limit}};
+                      {"max_model_len", options_.context_limit},
+                      {"vocab_size", vocab_size_}};  // an extension, for load generators
   if (request.path == "/v1/models")
     return send_json(responder, {{"object", "list"}, {"data", {model}}});
   const std::string name = request.path.substr(std::string_view("/v1/models/").size());

@@ -7,6 +7,7 @@ Starts the server on a tiny model on a free port (always killed at the end), the
   bench serve --rate 20 --duration-s 3 --warmup-s 1 --prompt-len 8 --output-len 8 --channels 3
   bench serve --concurrency 2 --duration-s 3 --warmup-s 1 --prompt-len 40 --output-len 8
               --shared-prefix-len 32
+  bench serve --endpoint openai --concurrency 1,4 ... (the HTTP API, a shared prefix of 32)
 
 and checks: both tables carry their columns, every sweep value has completed > 0 and 0 errors,
 each request in the JSON received exactly output-len tokens, percentiles are ordered
@@ -188,9 +189,11 @@ def main():
     signal.setitimer(signal.ITIMER_REAL, args.timeout)
     t0 = time.time()
     target = f"127.0.0.1:{free_port()}"
+    http_target = f"127.0.0.1:{free_port()}"
     err = open(os.path.join(args.work, "serve.err"), "w")
     server = subprocess.Popen(["mpirun", "-n", str(args.ranks), "--oversubscribe", args.bin,
-                               "serve", "--model", model, "--listen", target],
+                               "serve", "--model", model, "--listen", target,
+                               "--http-listen", http_target],
                               stdout=err, stderr=err, env=dict(os.environ, **MPI_ENV),
                               start_new_session=True)
     try:
@@ -225,6 +228,27 @@ def main():
               str([s["cached_tokens"] for s in run["samples"]][:20]))
         check("shared prefix json: the run's preemptions are its requests'",
               run["preemptions"] == sum(s["preemptions"] for s in run["samples"]), str(run)[:300])
+        # The same load over the OpenAI-compatible HTTP API: the same tables, 8 tokens a
+        # request counted from the streamed token ids, the cached prompt tokens from the usage.
+        http_json = os.path.join(args.work, "http.json")
+        out, _ = run_bench(args, http_target, ["--endpoint", "openai", "--concurrency", "1,4",
+                                               "--shared-prefix-len", "32", "--json", http_json],
+                           "openai endpoint", prompt_len=40)
+        tables = check_output("openai endpoint", out, 2)
+        with open(http_json) as f:
+            http_runs = json.load(f)
+        check("openai endpoint: the header names it", http_runs.get("endpoint") == "openai")
+        samples = [x for run in http_runs["runs"] for x in run["samples"]]
+        check("openai endpoint: every request 8 tokens, no errors",
+              samples and all(x["status"] == "OK" and x["tokens"] == OUTPUT_LEN for x in samples),
+              str(samples[:3]))
+        check("openai endpoint: cached prompt tokens from the usage chunk",
+              sum(x["cached_tokens"] == 32 for x in samples) >= len(samples) - 1,
+              str([x["cached_tokens"] for x in samples][:20]))
+        r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
+                            "--endpoint", "soap"], capture_output=True, text=True, timeout=30)
+        check("--endpoint soap refused", r.returncode != 0 and
+              "--endpoint 'soap' must be grpc or openai" in r.stderr, r.stderr[-300:])
         r = subprocess.run([args.bin, "bench", "serve", "--target", target, "--rate", "1",
                             "--channels", "0"], capture_output=True, text=True, timeout=30)
         check("--channels 0 refused", r.returncode != 0 and "--channels 0 must be in" in r.stderr,
