@@ -3,7 +3,9 @@
 //
 // Encoding is sentencepiece's own Encode(): with a Mistral/Llama `tokenizer.model` it gives the ids
 // of Hugging Face's slow LlamaTokenizer (legacy) and of the tokenizer.json shipped with Mixtral
-// checkpoints. Special tokens written as text ("<s>") are not parsed: they encode as plain text.
+// checkpoints. A checkpoint with only a tokenizer.json encodes with its BPE model instead
+// (tokenizer_json.h), as Hugging Face `tokenizers` does. Special tokens written as text ("<s>") are
+// not parsed: they encode as plain text.
 //
 // Decoding reimplements the Hugging Face decoder chain of those checkpoints instead of calling
 // sentencepiece's DecodeIds, because the two differ on two points:
@@ -27,6 +29,7 @@
 
 #include "kernels/error.h"
 #include "runtime/formats/gguf.h"
+#include "runtime/formats/tokenizer_json.h"
 
 namespace sy {
 namespace {
@@ -212,7 +215,14 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& model_dir, int64_t
     return finish(std::move(t), model_dir, bos_id, std::move(eos_ids));
   }
   const std::string path = model_dir + "/tokenizer.model";
-  SY_CHECK(std::filesystem::is_regular_file(path), "tokenizer: cannot open ", path);
+  const std::string json_path = model_dir + "/tokenizer.json";
+  if (!std::filesystem::exists(path) && std::filesystem::is_regular_file(json_path)) {
+    t->sp_.reset();
+    t->json_ = TokenizerJson::load(json_path);
+    return finish(std::move(t), json_path, bos_id, std::move(eos_ids));
+  }
+  SY_CHECK(std::filesystem::is_regular_file(path), "tokenizer: cannot open ", path,
+           " (nor a tokenizer.json)");
   const auto status = t->sp_->Load(path);
   SY_CHECK(status.ok(), "tokenizer: cannot load ", path, ": ", status.ToString());
   return finish(std::move(t), path, bos_id, std::move(eos_ids));
@@ -220,7 +230,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& model_dir, int64_t
 
 std::unique_ptr<Tokenizer> Tokenizer::finish(std::unique_ptr<Tokenizer> t, const std::string& path,
                                              int64_t bos_id, std::vector<int64_t> eos_ids) {
-  const int32_t n_vocab = t->sp_->GetPieceSize();
+  const int32_t n_vocab = static_cast<int32_t>(t->vocab_size());
   SY_CHECK(n_vocab > 0, "tokenizer: ", path, " has an empty vocabulary");
   SY_CHECK(bos_id >= -1 && bos_id < n_vocab, "tokenizer: bos id ", bos_id, " is outside the ",
            n_vocab, "-piece vocabulary of ", path);
@@ -234,10 +244,12 @@ std::unique_ptr<Tokenizer> Tokenizer::finish(std::unique_ptr<Tokenizer> t, const
   t->byte_.assign(n_vocab, -1);
   t->special_.assign(n_vocab, false);
   for (int32_t id = 0; id < n_vocab; ++id) {
-    const std::string& piece = t->sp_->IdToPiece(id);
-    if (t->sp_->IsControl(id) || t->sp_->IsUnknown(id)) {
+    const std::string piece = t->piece(id);
+    const TokenizerJson::Kind kind = t->json_ ? t->json_->kind(id) : TokenizerJson::Kind::kNormal;
+    if (t->json_ ? kind == TokenizerJson::Kind::kSpecial || kind == TokenizerJson::Kind::kUnknown
+                 : t->sp_->IsControl(id) || t->sp_->IsUnknown(id)) {
       t->special_[id] = true;
-    } else if (t->sp_->IsByte(id)) {
+    } else if (t->json_ ? kind == TokenizerJson::Kind::kByte : t->sp_->IsByte(id)) {
       // Byte pieces are spelled "<0xAB>".
       SY_CHECK(piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>',
                "tokenizer: ", path, ": byte piece ", id, " is spelled \"", piece, "\"");
@@ -250,21 +262,28 @@ std::unique_ptr<Tokenizer> Tokenizer::finish(std::unique_ptr<Tokenizer> t, const
   for (int64_t id : t->eos_ids_) t->special_[id] = true;
 
   // With a dummy prefix, encode("a") starts with '▁' and decode strips the space it adds.
-  std::vector<std::string> pieces;
-  const auto probe = t->sp_->Encode("a", &pieces);
-  SY_CHECK(probe.ok(), "tokenizer: ", path, ": ", probe.ToString());
-  t->strip_leading_space_ = !pieces.empty() && pieces[0].starts_with(kSpaceSymbol);
+  const std::vector<int32_t> probe = t->encode("a", false);
+  t->strip_leading_space_ = !probe.empty() && t->piece(probe[0]).starts_with(kSpaceSymbol);
   return t;
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) const {
   SY_CHECK(is_valid_utf8(text), "tokenizer: text to encode is not valid UTF-8");
+  return encode_segment(text, true, add_bos);
+}
+
+std::vector<int32_t> Tokenizer::encode_segment(std::string_view text, bool first,
+                                               bool add_bos) const {
+  std::vector<int32_t> out;
+  if (add_bos && bos_id_ >= 0) out.push_back(static_cast<int32_t>(bos_id_));
+  if (json_) {
+    const std::vector<int32_t> ids = json_->encode(text, first);
+    out.insert(out.end(), ids.begin(), ids.end());
+    return out;
+  }
   std::vector<int> ids;
   const auto status = sp_->Encode(text, &ids);
   SY_CHECK(status.ok(), "tokenizer: encode failed: ", status.ToString());
-  std::vector<int32_t> out;
-  out.reserve(ids.size() + 1);
-  if (add_bos && bos_id_ >= 0) out.push_back(static_cast<int32_t>(bos_id_));
   out.insert(out.end(), ids.begin(), ids.end());
   return out;
 }
@@ -273,8 +292,9 @@ std::vector<int32_t> Tokenizer::encode_with_special_tokens(std::string_view text
   SY_CHECK(is_valid_utf8(text), "tokenizer: text to encode is not valid UTF-8");
   std::vector<std::pair<std::string, int32_t>> specials;
   for (int32_t id = 0; id < static_cast<int32_t>(special_.size()); ++id)
-    if (special_[id] && !sp_->IdToPiece(id).empty()) specials.emplace_back(sp_->IdToPiece(id), id);
+    if (special_[id] && !piece(id).empty()) specials.emplace_back(piece(id), id);
   std::vector<int32_t> out;
+  bool begun = false;  // a special token came first
   while (!text.empty()) {
     // The earliest special piece, the longest one where several start at the same place.
     size_t at = std::string_view::npos, length = 0;
@@ -290,12 +310,14 @@ std::vector<int32_t> Tokenizer::encode_with_special_tokens(std::string_view text
     }
     const std::string_view segment = text.substr(0, at);
     if (!segment.empty()) {
-      const std::vector<int32_t> ids = encode(segment, false);
+      // `first`: the segment begins the text (tokenizer.json's Metaspace "first" prefix).
+      const std::vector<int32_t> ids = encode_segment(segment, out.empty() && !begun, false);
       out.insert(out.end(), ids.begin(), ids.end());
     }
     if (id < 0) break;
     out.push_back(id);
     text.remove_prefix(at + length);
+    begun = true;
   }
   return out;
 }
@@ -336,13 +358,13 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
 }
 
 std::string Tokenizer::piece(int32_t id) const {
-  SY_CHECK(id >= 0 && id < sp_->GetPieceSize(), "tokenizer: id ", id,
-           " is outside the vocabulary of ", sp_->GetPieceSize(), " pieces");
-  return sp_->IdToPiece(id);
+  SY_CHECK(id >= 0 && id < vocab_size(), "tokenizer: id ", id, " is outside the vocabulary of ",
+           vocab_size(), " pieces");
+  return json_ ? json_->piece(id) : sp_->IdToPiece(id);
 }
 
 int64_t Tokenizer::vocab_size() const {
-  return sp_->GetPieceSize();
+  return json_ ? json_->vocab_size() : sp_->GetPieceSize();
 }
 
 bool Tokenizer::is_continuation_or_special(int32_t id) const {

@@ -14,12 +14,15 @@ class SentencePieceProcessor;
 
 namespace sy {
 
+class TokenizerJson;
+
 class Tokenizer {
  public:
-  // Loads `model_dir/tokenizer.model`, or, when `model_dir` is a GGUF file (runtime/formats/
-  // gguf.h), the sentencepiece model its tokenizer.ggml.* arrays describe (tokens, scores,
-  // token_type; tokenizer.ggml.model "llama"; add_space_prefix, default true). bos/eos come from
-  // the model config (-1: none).
+  // Loads `model_dir/tokenizer.model` (or, without one, `model_dir/tokenizer.json`: a Hugging
+  // Face fast tokenizer of the Mistral/Mixtral layout, tokenizer_json.h), or, when `model_dir` is a
+  // GGUF file (runtime/formats/ gguf.h), the sentencepiece model its tokenizer.ggml.* arrays
+  // describe (tokens, scores, token_type; tokenizer.ggml.model "llama"; add_space_prefix, default
+  // true). bos/eos come from the model config (-1: none).
   static std::unique_ptr<Tokenizer> load(const std::string& model_dir, int64_t bos_id,
                                          std::vector<int64_t> eos_ids);
   ~Tokenizer();
@@ -48,12 +51,15 @@ class Tokenizer {
   // Fills the per-id tables from the loaded sp_; `source` names it in errors.
   static std::unique_ptr<Tokenizer> finish(std::unique_ptr<Tokenizer> t, const std::string& source,
                                            int64_t bos_id, std::vector<int64_t> eos_ids);
+  // The ids of `text` (no special tokens parsed); `first`: it begins the whole input.
+  std::vector<int32_t> encode_segment(std::string_view text, bool first, bool add_bos) const;
   // Decoder output before the leading-space strip of decode().
   std::string decode_raw(const int32_t* ids, size_t n_ids) const;
   // A special id, or a byte piece holding a UTF-8 continuation byte (10xxxxxx).
   bool is_continuation_or_special(int32_t id) const;
 
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;  // or:
+  std::unique_ptr<TokenizerJson> json_;
   int64_t bos_id_ = -1;
   std::vector<int64_t> eos_ids_;
   // Per id, [vocab_size] each: the piece's text with '▁' as ' ' (empty for byte and special
