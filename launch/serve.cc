@@ -225,6 +225,7 @@ struct HttpFront {
     o.model_name = sc.model_name();
     o.context_limit = sc.context_limit(config);
     o.api_key = sc.api_key;
+    o.max_choices = sc.max_completions;
     if (chat != nullptr) o.render_chat = chat_renderer(*chat, tokenizer);
     return o;
   }

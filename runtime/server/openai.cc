@@ -256,8 +256,11 @@ void parse_params(const Json& body, const ApiContext& c, ApiRequest& r) {
   p.ignore_eos = boolean(body, "ignore_eos", false);
   parse_stops(body, c, p);
   parse_logit_bias(body, c, p);
-  if (const Json* v = field(body, "priority"))
-    p.priority = static_cast<int32_t>(as_integer(*v, "priority"));
+  if (const Json* v = field(body, "priority")) {
+    const int64_t priority = as_integer(*v, "priority");
+    if (priority < INT32_MIN || priority > INT32_MAX) throw bad("priority", "is out of range");
+    p.priority = static_cast<int32_t>(priority);
+  }
 }
 
 void parse_logprobs(const Json& body, const ApiContext& c, ApiRequest& r) {
@@ -422,6 +425,13 @@ ApiRequest parse_request(const Json& body, Endpoint endpoint, const ApiContext& 
   }
   const int64_t n = integer(body, "n").value_or(1);
   if (n < 1) throw bad("n", "must be at least 1");
+  // Before anything is made per choice.
+  const int64_t n_prompts = static_cast<int64_t>(r.prompts.size());
+  if (n > c.max_choices || n_prompts > c.max_choices / n)
+    throw bad(n > c.max_choices ? "n" : "prompt",
+              std::to_string(n_prompts) + " prompts x n " + std::to_string(n) +
+                  " choices exceed the server's " + std::to_string(c.max_choices) +
+                  " (--max-completions)");
   r.n = n;
   r.stream = boolean(body, "stream", false);
   if (const Json* options = field(body, "stream_options")) {

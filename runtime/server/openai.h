@@ -59,6 +59,7 @@ struct ApiContext {
   std::string model;          // the served model's name
   uint64_t default_seed = 0;  // for requests without a seed
   int64_t max_logprobs = 20;  // top logprobs per token at most
+  int64_t max_choices = 16;   // prompts x n of one request at most (--max-completions)
   // Renders chat messages (a JSON array) with the model's chat template to the prompt text,
   // special tokens written out ("<s>"); null when the model has none. Throws ApiError.
   std::function<std::string(const Json& messages, bool add_generation_prompt)> render_chat;

@@ -164,6 +164,7 @@ ApiContext OpenAiService::context(uint64_t seed) const {
   c.model = options_.model_name;
   c.default_seed = seed;
   c.max_logprobs = options_.max_logprobs;
+  c.max_choices = options_.max_choices;
   c.render_chat = options_.render_chat;
   return c;
 }

@@ -32,8 +32,9 @@ struct OpenAiOptions {
   std::string model_name;     // the id of /v1/models and the accepted "model"
   int64_t context_limit = 0;  // prompt + generated tokens of one request
   int64_t max_logprobs = 20;
-  std::string api_key;     // when set, /v1/* needs "Authorization: Bearer <key>"
-  double heartbeat_s = 5;  // an SSE comment after this long without a chunk
+  int64_t max_choices = 16;  // prompts x n of one request (--max-completions)
+  std::string api_key;       // when set, /v1/* needs "Authorization: Bearer <key>"
+  double heartbeat_s = 5;    // an SSE comment after this long without a chunk
   // Renders a chat (openai.h's ApiContext::render_chat); null: chat requests are refused.
   std::function<std::string(const Json& messages, bool add_generation_prompt)> render_chat;
 };

@@ -165,6 +165,9 @@ TEST(OpenAi, ErrorsNameTheField) {
       {400, "suffix: is not supported"},
       {400, "top_logprobs: needs logprobs: true"},
       {400, "messages[0].role: 'robot' is not one of system, developer, user, assistant"},
+      {400, "n: 1 prompts x n 1000000000 choices exceed the server's 16 (--max-completions)"},
+      {400, "prompt: 9 prompts x n 2 choices exceed the server's 16 (--max-completions)"},
+      {400, "priority: is out of range"},
   };
   const std::string bodies[] = {
       R"({"prompt": )",
@@ -188,6 +191,9 @@ TEST(OpenAi, ErrorsNameTheField) {
       R"({"prompt": "a", "suffix": "b"})",
       R"({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2})",
       R"({"messages": [{"role": "robot", "content": "a"}]})",
+      R"({"prompt": "a", "n": 1000000000})",
+      R"({"prompt": ["a", "b", "c", "d", "e", "f", "g", "h", "i"], "n": 2})",
+      R"({"prompt": "a", "priority": 3000000000})",
   };
   static_assert(std::size(cases) == std::size(bodies));
   for (size_t i = 0; i < std::size(cases); ++i) {
