@@ -1,6 +1,7 @@
 // tokenizer.json's BPE model (see tokenizer_json.h).
 #include "runtime/formats/tokenizer_json.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <queue>
@@ -66,7 +67,14 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
   t->byte_fallback_ = model.value("byte_fallback", false);
   t->fuse_unk_ = model.value("fuse_unk", false);
 
-  // The vocabulary, then the added tokens (which may extend it).
+  t->read_vocab(path, model, j.value("added_tokens", Json::array()));
+  t->read_merges(path, model.value("merges", Json::array()));
+  t->read_layout(path, j.value("normalizer", Json()), j.value("pre_tokenizer", Json()));
+  return t;
+}
+
+// The vocabulary, then the added tokens (which may extend it), the byte pieces and <unk>.
+void TokenizerJson::read_vocab(const std::string& path, const Json& model, const Json& added) {
   const Json& vocab = model.value("vocab", Json());
   SY_CHECK(vocab.is_object() && !vocab.empty() && vocab.size() <= kMaxPieces, "tokenizer: ", path,
            ": model.vocab must be an object of at most 2^22 pieces");
@@ -77,7 +85,6 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
              "tokenizer: ", path, ": the id of piece \"", piece, "\" is not a valid id");
     entries.emplace_back(piece, id.get<int64_t>());
   }
-  const Json& added = j.value("added_tokens", Json::array());
   SY_CHECK(added.is_array() && added.size() <= kMaxPieces, "tokenizer: ", path,
            ": added_tokens must be an array");
   for (const Json& a : added) {
@@ -90,38 +97,39 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
   }
   int64_t n = 0;
   for (const auto& [piece, id] : entries) n = std::max(n, id + 1);
-  t->pieces_.assign(static_cast<size_t>(n), std::string());
-  t->kinds_.assign(static_cast<size_t>(n), Kind::kNormal);
+  pieces_.assign(static_cast<size_t>(n), std::string());
+  kinds_.assign(static_cast<size_t>(n), Kind::kNormal);
   std::vector<bool> seen(static_cast<size_t>(n), false);
   for (const auto& [piece, id] : entries) {
-    SY_CHECK(!seen[static_cast<size_t>(id)] || t->pieces_[static_cast<size_t>(id)] == piece,
+    SY_CHECK(!seen[static_cast<size_t>(id)] || pieces_[static_cast<size_t>(id)] == piece,
              "tokenizer: ", path, ": id ", id, " names two pieces");
     seen[static_cast<size_t>(id)] = true;
-    t->pieces_[static_cast<size_t>(id)] = piece;
-    t->ids_.emplace(piece, static_cast<int32_t>(id));
+    pieces_[static_cast<size_t>(id)] = piece;
+    ids_.emplace(piece, static_cast<int32_t>(id));
   }
   for (size_t id = 0; id < seen.size(); ++id)
     SY_CHECK(seen[id], "tokenizer: ", path, ": no piece has id ", id);
   for (const Json& a : added)
-    if (a.value("special", false)) t->kinds_[a["id"].get<size_t>()] = Kind::kSpecial;
-  std::fill(std::begin(t->byte_ids_), std::end(t->byte_ids_), -1);
+    if (a.value("special", false)) kinds_[a["id"].get<size_t>()] = Kind::kSpecial;
+  std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
   for (int b = 0; b < 256; ++b) {
     char name[8];
     std::snprintf(name, sizeof name, "<0x%02X>", b);
-    const auto it = t->ids_.find(name);
-    if (it == t->ids_.end()) continue;
-    t->byte_ids_[b] = it->second;
-    if (t->byte_fallback_) t->kinds_[static_cast<size_t>(it->second)] = Kind::kByte;
+    const auto it = ids_.find(name);
+    if (it == ids_.end()) continue;
+    byte_ids_[b] = it->second;
+    if (byte_fallback_) kinds_[static_cast<size_t>(it->second)] = Kind::kByte;
   }
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
-    const auto it = t->ids_.find(model["unk_token"].get<std::string>());
-    SY_CHECK(it != t->ids_.end(), "tokenizer: ", path, ": unk_token is not in the vocabulary");
-    t->unk_id_ = it->second;
-    t->kinds_[static_cast<size_t>(t->unk_id_)] = Kind::kUnknown;
+    const auto it = ids_.find(model["unk_token"].get<std::string>());
+    SY_CHECK(it != ids_.end(), "tokenizer: ", path, ": unk_token is not in the vocabulary");
+    unk_id_ = it->second;
+    kinds_[static_cast<size_t>(unk_id_)] = Kind::kUnknown;
   }
+}
 
-  // Merges: "a b" strings or [a, b] pairs, in rank order.
-  const Json& merges = model.value("merges", Json::array());
+// Merges: "a b" strings or [a, b] pairs, in rank order.
+void TokenizerJson::read_merges(const std::string& path, const Json& merges) {
   SY_CHECK(merges.is_array() && merges.size() <= kMaxPieces, "tokenizer: ", path,
            ": model.merges must be an array");
   for (size_t r = 0; r < merges.size(); ++r) {
@@ -140,17 +148,16 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
       a = m[0].get<std::string>();
       b = m[1].get<std::string>();
     }
-    const auto ia = t->ids_.find(a), ib = t->ids_.find(b), iab = t->ids_.find(a + b);
-    SY_CHECK(ia != t->ids_.end() && ib != t->ids_.end() && iab != t->ids_.end(),
-             "tokenizer: ", path, ": merge ", r, " (\"", a, "\", \"", b,
-             "\") names a piece not in the vocabulary");
-    t->merges_.emplace(pair_key(ia->second, ib->second),
-                       Merge{static_cast<int32_t>(r), iab->second});  // the first rank wins
+    const auto ia = ids_.find(a), ib = ids_.find(b), iab = ids_.find(a + b);
+    SY_CHECK(ia != ids_.end() && ib != ids_.end() && iab != ids_.end(), "tokenizer: ", path,
+             ": merge ", r, " (\"", a, "\", \"", b, "\") names a piece not in the vocabulary");
+    merges_.emplace(pair_key(ia->second, ib->second),
+                    Merge{static_cast<int32_t>(r), iab->second});  // the first rank wins
   }
+}
 
-  // The two layouts' '▁' handling.
-  const Json& normalizer = j.value("normalizer", Json());
-  const Json& pre = j.value("pre_tokenizer", Json());
+// The two layouts' '▁' handling: the legacy normalizer, or Metaspace.
+void TokenizerJson::read_layout(const std::string& path, const Json& normalizer, const Json& pre) {
   bool replaces = false;
   if (!normalizer.is_null()) {
     const Json list = normalizer.value("type", "") == "Sequence"
@@ -158,7 +165,7 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
                           : Json::array({normalizer});
     for (size_t k = 0; k < list.size(); ++k) {
       if (is_mark_prepend(list[k]) && k == 0) {
-        t->prepend_always_ = true;
+        prepend_always_ = true;
       } else if (is_mark_replace(list[k])) {
         replaces = true;
       } else {
@@ -174,17 +181,16 @@ std::unique_ptr<TokenizerJson> TokenizerJson::load(const std::string& path) {
              " is not supported (only Metaspace with replacement \u2581 and split false)");
     SY_CHECK(!replaces, "tokenizer: ", path, ": both a Replace normalizer and Metaspace");
     replaces = true;
-    t->prepend_unless_marked_ = true;
+    prepend_unless_marked_ = true;
     const std::string scheme =
         pre.value("prepend_scheme", pre.value("add_prefix_space", true) ? "always" : "never");
     SY_CHECK(scheme == "always" || scheme == "first" || scheme == "never", "tokenizer: ", path,
              ": Metaspace prepend_scheme '", scheme, "' is not supported");
-    t->prepend_always_ = scheme == "always";
-    t->prepend_first_ = scheme == "first";
+    prepend_always_ = scheme == "always";
+    prepend_first_ = scheme == "first";
   }
   SY_CHECK(replaces, "tokenizer: ", path,
            ": spaces are not marked with \u2581 (no Replace normalizer nor Metaspace)");
-  return t;
 }
 
 std::string TokenizerJson::prepare(std::string_view text, bool first) const {

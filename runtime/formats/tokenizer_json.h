@@ -16,6 +16,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 namespace sy {
 
 class TokenizerJson {
@@ -40,6 +42,12 @@ class TokenizerJson {
   static uint64_t pair_key(int32_t a, int32_t b) {
     return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
   }
+  // load()'s parts; each throws naming `path` and what is wrong.
+  void read_vocab(const std::string& path, const nlohmann::json& model,
+                  const nlohmann::json& added);
+  void read_merges(const std::string& path, const nlohmann::json& merges);
+  void read_layout(const std::string& path, const nlohmann::json& normalizer,
+                   const nlohmann::json& pre);
   // The normalized, '▁'-marked segment.
   std::string prepare(std::string_view text, bool first) const;
   void bpe(const std::string& word, std::vector<int32_t>& out) const;

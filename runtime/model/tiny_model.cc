@@ -80,6 +80,34 @@ void write_tokenizer(const std::string& dir, const TinyModelOptions& options,
 
 }  // namespace
 
+namespace {
+
+// config.json, generation_config.json and tokenizer_config.json of the checkpoint.
+void write_configs(const std::string& dir, const ModelConfig& c) {
+  auto write_text = [&dir](const std::string& name, const std::string& text) {
+    std::ofstream out(dir + "/" + name);
+    out << text;
+    SY_CHECK(out.good(), "cannot write ", dir, "/", name);
+  };
+  write_text("config.json", c.to_json());
+  std::string eos = c.eos_token_ids.empty() ? "null" : std::to_string(c.eos_token_ids[0]);
+  write_text("generation_config.json", "{\n  \"bos_token_id\": " + std::to_string(c.bos_token_id) +
+                                           ",\n  \"eos_token_id\": " + eos + "\n}\n");
+  // As Mixtral-8x7B-Instruct's, with its chat template, so that the tiny model serves chat.
+  const nlohmann::ordered_json tokenizer_config = {
+      {"tokenizer_class", "LlamaTokenizer"},
+      {"bos_token", "<s>"},
+      {"eos_token", "</s>"},
+      {"unk_token", "<unk>"},
+      {"add_bos_token", true},
+      {"add_eos_token", false},
+      {"legacy", true},
+      {"chat_template", ChatTemplate::mixtral_instruct()}};
+  write_text("tokenizer_config.json", tokenizer_config.dump(2) + "\n");
+}
+
+}  // namespace
+
 void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
                       const std::string& corpus) {
   const ModelConfig& c = options.config;
@@ -145,26 +173,7 @@ void write_tiny_model(const std::string& dir, const TinyModelOptions& options,
   }
   write_checkpoint(dir, to_write, options.max_shard_bytes);
 
-  auto write_text = [&](const std::string& name, const std::string& text) {
-    std::ofstream out(dir + "/" + name);
-    out << text;
-    SY_CHECK(out.good(), "cannot write ", dir, "/", name);
-  };
-  write_text("config.json", c.to_json());
-  std::string eos = c.eos_token_ids.empty() ? "null" : std::to_string(c.eos_token_ids[0]);
-  write_text("generation_config.json", "{\n  \"bos_token_id\": " + std::to_string(c.bos_token_id) +
-                                           ",\n  \"eos_token_id\": " + eos + "\n}\n");
-  // As Mixtral-8x7B-Instruct's, with its chat template, so that the tiny model serves chat.
-  const nlohmann::ordered_json tokenizer_config = {
-      {"tokenizer_class", "LlamaTokenizer"},
-      {"bos_token", "<s>"},
-      {"eos_token", "</s>"},
-      {"unk_token", "<unk>"},
-      {"add_bos_token", true},
-      {"add_eos_token", false},
-      {"legacy", true},
-      {"chat_template", ChatTemplate::mixtral_instruct()}};
-  write_text("tokenizer_config.json", tokenizer_config.dump(2) + "\n");
+  write_configs(dir, c);
 }
 
 }  // namespace sy

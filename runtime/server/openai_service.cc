@@ -125,27 +125,12 @@ void OpenAiService::set_state(State state) {
 }
 
 void OpenAiService::close(const std::string& message) {
-  std::vector<std::shared_ptr<CallQueue>> open;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed_ = true;
-    close_message_ = message;
-    for (const auto& w : calls_)
-      if (auto q = w.lock()) open.push_back(std::move(q));
-  }
-  for (const auto& q : open) q->close(message);
+  for (const auto& q : calls_.close()) q->close(message);
 }
 
 std::shared_ptr<CallQueue> OpenAiService::open_call(int64_t n_choices) {
   auto q = std::make_shared<CallQueue>(n_choices);
-  std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) return nullptr;
-  if (calls_.size() >= prune_at_) {
-    std::erase_if(calls_, [](const std::weak_ptr<CallQueue>& w) { return w.expired(); });
-    prune_at_ = std::max<size_t>(64, 2 * calls_.size());
-  }
-  calls_.push_back(q);
-  return q;
+  return calls_.add(q) ? q : nullptr;
 }
 
 std::string OpenAiService::random_id(const char* prefix) {

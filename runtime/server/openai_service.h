@@ -22,6 +22,7 @@
 
 #include "runtime/engine/engine.h"
 #include "runtime/server/http.h"
+#include "runtime/server/open_calls.h"
 #include "runtime/server/openai.h"
 
 namespace sy {
@@ -82,12 +83,9 @@ class OpenAiService {
   std::atomic<Engine*> engine_{nullptr};
   std::atomic<State> state_{State::kLoading};
 
+  OpenCalls<CallQueue> calls_;
   std::mutex mu_;
-  bool closed_ = false;
-  std::string close_message_;
-  std::vector<std::weak_ptr<CallQueue>> calls_;
-  size_t prune_at_ = 64;
-  std::mt19937_64 random_;
+  std::mt19937_64 random_;  // ids and seeds (under mu_)
 };
 
 }  // namespace sy

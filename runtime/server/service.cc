@@ -399,33 +399,14 @@ void Service::attach(Engine* engine) {
 }
 
 void Service::close(const grpc::Status& status) {
-  std::vector<std::shared_ptr<GenerateSink>> open;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed_ = true;
-    for (const auto& w : streams_)
-      if (auto s = w.lock()) open.push_back(std::move(s));
-  }
-  for (const auto& s : open) s->end(status);
+  for (const auto& s : streams_.close()) s->end(status);
 }
 
 int64_t Service::n_open_streams() const {
-  std::lock_guard<std::mutex> lock(mu_);
   int64_t n = 0;
-  for (const auto& w : streams_)
-    if (auto s = w.lock(); s && s->open()) ++n;
+  for (const auto& s : streams_.alive())
+    if (s->open()) ++n;
   return n;
-}
-
-bool Service::add_stream(const std::shared_ptr<GenerateSink>& sink) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) return false;
-  if (streams_.size() >= prune_at_) {
-    std::erase_if(streams_, [](const std::weak_ptr<GenerateSink>& w) { return w.expired(); });
-    prune_at_ = std::max<size_t>(64, 2 * streams_.size());
-  }
-  streams_.push_back(sink);
-  return true;
 }
 
 uint64_t Service::random_seed() {
@@ -444,7 +425,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* Service::Generate(
     sink->end(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
     return reactor;
   }
-  if (!add_stream(sink)) {
+  if (!streams_.add(sink)) {
     sink->end(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     return reactor;
   }

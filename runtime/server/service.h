@@ -29,6 +29,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/formats/tokenizer.h"
 #include "runtime/model/config.h"
+#include "runtime/server/open_calls.h"
 #include "switchyard/v1/switchyard.grpc.pb.h"
 
 namespace sy {
@@ -109,19 +110,15 @@ class Service final : public v1::Switchyard::CallbackService {
                                           v1::ServerInfo* response) override;
 
  private:
-  // Adds a call to the open ones; false once closed.
-  bool add_stream(const std::shared_ptr<GenerateSink>& sink);
   uint64_t random_seed();
 
   const Tokenizer& tokenizer_;
   const v1::ModelInfo info_;
   std::atomic<Engine*> engine_{nullptr};
 
-  mutable std::mutex mu_;
-  bool closed_ = false;
-  std::vector<std::weak_ptr<GenerateSink>> streams_;  // pruned of expired entries as it grows
-  size_t prune_at_ = 64;
-  std::mt19937_64 seeds_;  // seeds of requests that bring none
+  OpenCalls<GenerateSink> streams_;
+  std::mutex mu_;
+  std::mt19937_64 seeds_;  // seeds of requests that bring none (under mu_)
 };
 
 }  // namespace sy
