@@ -70,6 +70,11 @@ class HttpResponder {
   void end_stream();
   // Whether the client has closed its end or reset the connection (never blocks).
   bool client_gone();
+  // The client has gone: no (further) response; the connection closes.
+  void abandon() {
+    state_ = State::kDone;
+    broken_ = true;
+  }
   bool answered() const { return state_ != State::kNone; }
 
  private:

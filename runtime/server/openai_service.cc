@@ -292,8 +292,9 @@ void OpenAiService::generate(const HttpRequest& request, HttpResponder& responde
   } catch (const RequestError& e) {
     throw api_error(e);
   }
-  auto cancel = [&] {
+  auto cancel = [&] {  // the client went away: its requests end, and it gets no response
     for (uint64_t id : ids) engine->cancel(id);
+    responder.abandon();
   };
 
   ResponseBuilder builder(api, tokenizer_,
@@ -332,7 +333,7 @@ void OpenAiService::generate(const HttpRequest& request, HttpResponder& responde
     }
   }
   if (const RequestEvent* failure = builder.failure()) {
-    cancel();  // the other choices of the call
+    for (uint64_t id : ids) engine->cancel(id);  // the other choices of the call
     const ApiError e = finish_error(*failure);
     if (!api.stream) throw e;
     responder.write("data: " + e.body() + "\n\ndata: [DONE]\n\n");
