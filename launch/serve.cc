@@ -204,7 +204,8 @@ struct HttpFront {
   std::string address;  // host:port it listens on; empty when it does not
 
   HttpFront(const ServeConfig& sc, const ModelConfig& config, const Tokenizer& tokenizer)
-      : metrics(sc.model_name(), sc.context_limit(config), sc.metrics_prefix),
+      : metrics(sc.model_name(), sc.context_limit(config), config.num_local_experts,
+                sc.metrics_prefix),
         chat(load_chat_template(sc)),
         service(tokenizer, config.vocab_size, options(sc, config, tokenizer, chat.get()), &metrics),
         server([this](const HttpRequest& request,
@@ -368,6 +369,10 @@ void add_serve(CLI::App& app, ServeArgs& a) {
                   "tokenizer_config.json chat_template)");
   cmd->add_option("--metrics-prefix", c.metrics_prefix,
                   "Prefix of the /metrics names: switchyard: (vLLM-like) or switchyard_")
+      ->capture_default_str();
+  cmd->add_option("--metrics-interval-s", c.metrics_interval_s,
+                  "Seconds between the steps that gather every rank's figures for /metrics "
+                  "(one broadcast per rank then; 0 = every step)")
       ->capture_default_str();
   cmd->add_option("--http-max-connections", c.http_max_connections,
                   "Open HTTP connections at most; more get 503")

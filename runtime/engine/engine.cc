@@ -292,7 +292,15 @@ void Engine::run_step() {
     stats_.queued_tokens -= plan_.started_tokens;
   }
   sample_requests();
-  const std::vector<int32_t>& tokens = executor_.execute(plan_.batch, sample_rows_);
+  EngineObserver* observer = observer_.load();
+  const bool ranks_report =
+      observer != nullptr && std::chrono::duration<double>(start - last_ranks_report_).count() >=
+                                 options_.report_interval_s;
+  const std::vector<int32_t>& tokens = executor_.execute(plan_.batch, sample_rows_, ranks_report);
+  if (ranks_report) {  // (not under mu_: a scrape takes the observer's lock, then mu_)
+    last_ranks_report_ = start;
+    observer->on_ranks(executor_.reports(), stats_.steps + 1);
+  }
   scheduler_.record_blocks();
   output_.process(plan_, tokens, executor_.sampler(), outputs_);
   const Clock::time_point now = Clock::now();
@@ -313,8 +321,7 @@ void Engine::run_step() {
   }
   scheduler_.remove_running(done);
   note_step(static_cast<int64_t>(plan_.sampled.size()));
-  if (EngineObserver* observer = observer_.load()) {
-    report_.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (observer != nullptr) {
     report_.generated_tokens = static_cast<int64_t>(plan_.sampled.size());
     report_.preemptions = scheduler_.n_preemptions() - reported_preemptions_;
     reported_preemptions_ = scheduler_.n_preemptions();

@@ -42,6 +42,9 @@ struct EngineOptions {
   // Keep the keys and values of finished requests' full KV blocks and reuse them for requests
   // that begin with the same tokens (kv_blocks.h).
   bool prefix_caching = true;
+  // Seconds between the steps that gather every rank's figures for an observer (none without
+  // one): one broadcast per rank then, none on the steps between.
+  double report_interval_s = 1.0;
 };
 
 struct EngineStats {
@@ -67,7 +70,6 @@ struct EngineStats {
 
 // What one step did, for metrics.
 struct StepReport {
-  double seconds = 0;            // wall time of the step (execute, sample, output)
   int64_t prompt_tokens = 0;     // prompt tokens computed
   int64_t generated_tokens = 0;  // tokens sampled
   int64_t preemptions = 0;       // sequences preempted to make room
@@ -82,6 +84,9 @@ class EngineObserver {
   virtual void on_step(const StepReport& report) = 0;
   // A request's end (every request that was accepted ends exactly once).
   virtual void on_finish(const Usage& usage, FinishReason reason) = 0;
+  // Every rank's figures since the previous report, by rank, gathered at step `step` (about
+  // every EngineOptions::report_interval_s while steps run).
+  virtual void on_ranks(const std::vector<RankCounters>& ranks, int64_t step) {}
 };
 
 class Engine {
@@ -174,6 +179,7 @@ class Engine {
   std::atomic<EngineObserver*> observer_{nullptr};
   StepReport report_;
   int64_t reported_preemptions_ = 0;
+  std::chrono::steady_clock::time_point last_ranks_report_;
 };
 
 }  // namespace sy

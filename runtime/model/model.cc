@@ -58,6 +58,12 @@ const char* ForwardProfile::traffic_name(int traffic) {
   return names[traffic];
 }
 
+void MoeCounters::reset() {
+  std::fill(expert_tokens.begin(), expert_tokens.end(), 0);
+  dispatch_bytes = combine_bytes = 0;
+  dispatch_seconds = combine_seconds = 0;
+}
+
 void ForwardProfile::reset() {
   std::fill(std::begin(seconds), std::end(seconds), 0.0);
   std::fill(std::begin(bytes), std::end(bytes), 0);
@@ -104,6 +110,8 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
       par_(parallel),
       serial_(next_serial_++) {
   limits_.validate();
+  moe_counters_.expert_tokens.assign(
+      static_cast<size_t>(config_.num_hidden_layers * config_.num_local_experts), 0);
   if (par_ != nullptr) {
     par_->config.validate(config_.layout_shape());
     world_ = par_->config.world;

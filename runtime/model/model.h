@@ -51,6 +51,20 @@ struct StepBatch {
 };
 
 // Time and traffic of forward steps on this rank, accumulated while attached (set_profile).
+// Always-on counts of this rank's MoE blocks, for the server's metrics: kept on the host from
+// what the step computes anyway (no device synchronisation), added to by every forward() until
+// reset. Steps whose MoE layout is made on the device (GPU decode graphs) are not counted.
+struct MoeCounters {
+  std::vector<int64_t> expert_tokens;  // [n_layers, n_experts] routed pairs, counted as
+                                       // ForwardProfile counts them (each pair on one rank)
+  int64_t dispatch_bytes = 0;          // exchange payload this rank sent: tokens to experts
+  int64_t combine_bytes = 0;           // and results back
+  double dispatch_seconds = 0;         // host wall time in the two exchanges (on GPU ranks, the
+  double combine_seconds = 0;          // time to enqueue them)
+
+  void reset();
+};
+
 struct ForwardProfile {
   enum Phase { kAttention, kRouter, kDispatch, kExpert, kCombine, kOther, kPhases };
   static const char* phase_name(int phase);
@@ -109,6 +123,8 @@ class Model {
   // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
   // the device at every phase boundary.
   void set_profile(ForwardProfile* profile);
+  // This rank's MoE counts since the last reset (MoeCounters).
+  MoeCounters& moe_counters() { return moe_counters_; }
   // MoE blocks of at most `max_rows` routed rows (tokens x top-k) build their layout on the
   // device (Ops::moe_route) instead of on the host; 0 turns it off. The default is
   // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
@@ -161,7 +177,7 @@ class Model {
   // this rank's experts only.
   void moe_exchange(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tensor weights);
   void moe_local(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tensor weights);
-  void count_exchange_bytes();  // the profile's dispatch and combine traffic of ep_plan_
+  void count_exchange_bytes();  // dispatch and combine traffic of ep_plan_ (counters, profile)
 
   ModelConfig config_;
   Weights weights_;
@@ -171,6 +187,7 @@ class Model {
 
   const ParallelContext* par_;  // null: one rank
   ForwardProfile* profile_ = nullptr;
+  MoeCounters moe_counters_;
   std::chrono::steady_clock::time_point mark_;
   int world_ = 1;  // ranks in the job
   int rank_ = 0;

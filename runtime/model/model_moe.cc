@@ -3,6 +3,8 @@
 // the ranks that hold their experts (all-to-all) or this rank's experts alone (all-gather).
 #include "runtime/model/model.h"
 
+#include <chrono>
+
 namespace sy {
 
 void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_to_all) {
@@ -42,9 +44,14 @@ void Model::moe_block(int64_t layer, Tensor out, Tensor xn, Tensor x, bool all_t
   ops_.fill_zero(out);
   // Routed pairs of the tokens this rank owns (with the all-gather exchange every rank sees every
   // token, so rank 0 alone counts them).
-  if (profile_ != nullptr && (all_to_all || rank_ == 0))
-    for (int64_t e = 0; e < n_experts; ++e)
-      profile_->expert_tokens[layer * n_experts + e] += layout_.n_tokens_per_expert[e];
+  if (all_to_all || rank_ == 0) {
+    int64_t* counted = moe_counters_.expert_tokens.data() + layer * n_experts;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      counted[e] += layout_.n_tokens_per_expert[e];
+      if (profile_ != nullptr)
+        profile_->expert_tokens[layer * n_experts + e] += layout_.n_tokens_per_expert[e];
+    }
+  }
   if (all_to_all)
     moe_exchange(layer, out, xn, rows, weights);
   else
@@ -57,14 +64,17 @@ void Model::moe_exchange(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tens
   Communicator& ep = *par_->ep;
   ep_layout(ep_plan_, layout_, ep, weights_.shard.experts);
   lap(ForwardProfile::kRouter);
-  if (profile_ != nullptr) count_exchange_bytes();
+  count_exchange_bytes();
   const int64_t n_recv = ep_plan_.n_recv;
   Tensor send = moe_send_.rows(0, rows.size(0));  // [n_rows, dim] expert order
   Tensor recv = moe_recv_.rows(0, n_recv);        // [n_recv, dim] by source
   Tensor in = moe_in_.rows(0, n_recv);            // [n_recv, dim] by expert
   Tensor y = moe_out_.rows(0, n_recv);            // [n_recv, dim] by expert
   ops_.gather_rows(send, xn, rows);
+  auto t0 = std::chrono::steady_clock::now();
   ep_dispatch(ep, recv, send, ep_plan_);
+  moe_counters_.dispatch_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Tensor perm = perm_.rows(0, n_recv);  // [n_recv]
   ops_.copy_from_host(perm.data, ep_plan_.expert_order.data(), perm.bytes());
   ops_.gather_rows(in, recv, perm);
@@ -72,8 +82,11 @@ void Model::moe_exchange(int64_t layer, Tensor out, Tensor xn, Tensor rows, Tens
   expert_ffn(ops_, y, in, L, ep_plan_.local_offsets.data(), expert_scratch_);
   lap(ForwardProfile::kExpert);
   ops_.copy_from_host(perm.data, ep_plan_.source_order.data(), perm.bytes());
-  ops_.gather_rows(recv, y, perm);                      // back in received order
-  ep_combine(ep, send, recv, ep_plan_);                 // [n_rows, dim] expert order
+  ops_.gather_rows(recv, y, perm);  // back in received order
+  t0 = std::chrono::steady_clock::now();
+  ep_combine(ep, send, recv, ep_plan_);  // [n_rows, dim] expert order
+  moe_counters_.combine_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ops_.scatter_add_weighted(out, send, rows, weights);  // combine
   lap(ForwardProfile::kCombine);
 }
@@ -88,6 +101,9 @@ void Model::count_exchange_bytes() {
     sent += ep_plan_.send_counts[p];
     back += ep_plan_.recv_counts[p];
   }
+  moe_counters_.dispatch_bytes += static_cast<int64_t>(sent * row_bytes);
+  moe_counters_.combine_bytes += static_cast<int64_t>(back * row_bytes);
+  if (profile_ == nullptr) return;
   profile_->bytes[ForwardProfile::kDispatchBytes] += sent * row_bytes;
   profile_->bytes[ForwardProfile::kCombineBytes] += back * row_bytes;
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "runtime/engine/engine.h"
+#include "runtime/engine/executor.h"
 
 namespace sy {
 
@@ -22,6 +23,8 @@ class Histogram {
  public:
   explicit Histogram(std::vector<double> edges);
   void observe(double value);
+  // Adds counts made elsewhere over the same edges: per bucket [edges + 1], their sum.
+  void add(const std::vector<int64_t>& buckets, double sum);
   // Appends the _bucket, _sum and _count lines of `name` with `labels` ("a=\"b\"", no braces).
   void render(const std::string& name, const std::string& labels, std::string& out) const;
   int64_t count() const { return count_; }
@@ -38,23 +41,39 @@ std::vector<double> buckets_1_2_5(int64_t max);
 
 class Metrics final : public EngineObserver {
  public:
-  // `max_model_len` sizes the token-count histograms. `prefix`: "switchyard:" or "switchyard_".
-  Metrics(std::string model_name, int64_t max_model_len, std::string prefix = "switchyard:");
+  // `max_model_len` sizes the token-count histograms; `n_experts` is the model's experts per
+  // layer. `prefix`: "switchyard:" or "switchyard_".
+  Metrics(std::string model_name, int64_t max_model_len, int64_t n_experts,
+          std::string prefix = "switchyard:");
 
   // Gauges and the prefix-cache counters come from `engine` (null: left out) from now on.
   void attach(const Engine* engine);
   void on_step(const StepReport& report) override;
   void on_finish(const Usage& usage, FinishReason reason) override;
+  void on_ranks(const std::vector<RankCounters>& ranks, int64_t step) override;
   // The exposition text.
   std::string render() const;
 
  private:
+  // The ranks' figures, under mu_.
+  void render_ranks(std::string& out) const;
+
+  int64_t n_experts_;
   const std::string model_label_;  // model_name="..."
   const std::string prefix_;
   const Engine* engine_ = nullptr;
 
   mutable std::mutex mu_;
-  Histogram ttft_, inter_token_, e2e_, queue_, prompt_tokens_, generation_tokens_, step_;
+  Histogram ttft_, inter_token_, e2e_, queue_, prompt_tokens_, generation_tokens_;
+  // From the ranks' reports: routed pairs per [layer, expert] (all ranks), the last window's
+  // max/mean per layer, the exchanges' bytes and seconds (dispatch, combine), each rank's
+  // forward-pass times, and the step the last report ended at.
+  std::vector<int64_t> expert_tokens_;
+  std::vector<double> imbalance_;
+  int64_t exchange_bytes_[2] = {};
+  double exchange_seconds_[2] = {};
+  std::vector<Histogram> rank_steps_;
+  int64_t report_step_ = 0;
   int64_t prompt_tokens_total_ = 0;
   int64_t generation_tokens_total_ = 0;
   int64_t preemptions_total_ = 0;

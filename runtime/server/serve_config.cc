@@ -34,6 +34,9 @@ void ServeConfig::validate() const {
            http_listen, "' is not host:port");
   SY_CHECK(http_listen.empty() || http_listen != listen, "--http-listen ", http_listen,
            " is the gRPC --listen address too");
+  SY_CHECK(
+      std::isfinite(metrics_interval_s) && metrics_interval_s >= 0 && metrics_interval_s <= 3600,
+      "--metrics-interval-s ", metrics_interval_s, " outside [0, 3600]");
   SY_CHECK(metrics_prefix == "switchyard:" || metrics_prefix == "switchyard_", "--metrics-prefix '",
            metrics_prefix, "' must be switchyard: or switchyard_");
   SY_CHECK(http_max_connections >= 1 && http_max_connections <= 65536, "--http-max-connections ",
@@ -77,6 +80,7 @@ EngineOptions ServeConfig::engine_options() const {
   o.max_queue_requests = max_queue_requests;
   o.max_queue_tokens = max_queue_tokens;
   o.max_completions = max_completions;
+  o.report_interval_s = metrics_interval_s;
   o.prefix_caching = prefix_caching;
   return o;
 }

@@ -33,9 +33,11 @@ struct ServeConfig {
   std::string served_model_name;  // the model's id in the HTTP API; empty = the --model path
   std::string api_key;            // HTTP: needed as "Authorization: Bearer <key>"; empty = none
   std::string chat_template;      // a Jinja file; empty = the checkpoint's own (if any)
-  std::string metrics_prefix = "switchyard:";  // or "switchyard_" (promtool's linter)
-  int64_t http_max_connections = 512;          // open HTTP connections; past it 503
-  int64_t http_max_body_bytes = 8 << 20;       // an HTTP request body; past it 413
+  std::string metrics_prefix = "switchyard:";
+  double metrics_interval_s = 1;       // between the steps that gather every rank's figures  // or
+                                       // "switchyard_" (promtool's linter)
+  int64_t http_max_connections = 512;  // open HTTP connections; past it 503
+  int64_t http_max_body_bytes = 8 << 20;  // an HTTP request body; past it 413
 
   // Throws naming the offending flag and its value. Needs no model.
   void validate() const;

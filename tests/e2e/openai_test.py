@@ -9,6 +9,8 @@ the `openai` Python client (PyPI, from launch/pyenv's venv) against a live serve
   a client that leaves mid-stream: its KV blocks are freed (visible in /metrics)
   malformed JSON, wrong types, an oversize body, an unknown model, a bad key: the JSON errors,
   and the server keeps serving
+  the ranks' reports: with the all-to-all exchange the expert counts summed over the ranks are
+  every forwarded token top-k times per layer; each rank's step times; exchange bytes
   /metrics: promtool check metrics (clean with --metrics-prefix switchyard_; with the default
   switchyard: prefix its only complaint is the colon), and a real Prometheus server scrapes it
 
@@ -346,6 +348,40 @@ def check_prometheus(s, args):
           f"value {value}, target {health}")
 
 
+def check_rank_reports(s, args):
+    """With the all-to-all exchange each rank counts the tokens it routes: only the ranks'
+    reports summed give every forwarded token top-k times per layer (reported every step here,
+    --metrics-interval-s 0)."""
+    for i in range(4):
+        s.client.completions.create(model=MODEL, prompt=f"yard {i}", max_tokens=6,
+                                    extra_body={"ignore_eos": True})
+    m = s.metrics()
+    p = "switchyard_"
+    finished = sum(metric(m, f'{p}request_success_total{{model_name="{MODEL}",'
+                             f'finished_reason="{r}"}}') or 0
+                   for r in ("stop", "length", "abort", "error"))
+    forwarded = metric(m, p + "prompt_tokens_total") + metric(m, p + "generation_tokens_total") \
+        - finished
+    routed = {}
+    for line in m.splitlines():
+        if line.startswith(p + "expert_tokens_total{"):
+            layer = int(line.split('layer="')[1].split('"')[0])
+            routed[layer] = routed.get(layer, 0) + float(line.rsplit(" ", 1)[1])
+    check("rank reports: every layer routed each forwarded token top-2 times, over the ranks",
+          len(routed) == 2 and all(v == 2 * forwarded for v in routed.values()),
+          f"routed {routed}, forwarded {forwarded}")
+    ranks = {line.split('rank="')[1].split('"')[0] for line in m.splitlines()
+             if line.startswith(p + "step_seconds_count{")}
+    check("rank reports: every rank's forward-pass times", ranks == {str(r) for r in
+                                                                     range(args.ranks)}, str(ranks))
+    check("rank reports: exchange bytes and seconds",
+          metric(m, p + "moe_exchange_bytes_total") > 0 and
+          metric(m, p + "moe_exchange_seconds_total") > 0, m[-1500:])
+    check("rank reports: imbalance per layer at least 1",
+          all(float(line.rsplit(" ", 1)[1]) >= 1 for line in m.splitlines()
+              if line.startswith(p + "expert_load_imbalance{")))
+
+
 def scenario_openai(args):
     s = HttpServer(args, "openai")
     try:
@@ -358,10 +394,12 @@ def scenario_openai(args):
             log(f"  {part.__name__}: {time.time() - t0:.1f} s")
     finally:
         s.kill()
-    p = HttpServer(args, "prometheus", ["--metrics-prefix", "switchyard_"])
+    p = HttpServer(args, "prometheus", ["--metrics-prefix", "switchyard_", "--moe-exchange",
+                                        "all-to-all", "--metrics-interval-s", "0"])
     try:
         p.wait_serving()
         p.client.completions.create(model=MODEL, prompt="a", max_tokens=3)
+        check_rank_reports(p, args)
         check_prometheus(p, args)
     finally:
         p.kill()

@@ -306,6 +306,48 @@ TEST(Metrics, HistogramsAndBuckets) {
   EXPECT_EQ(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
 }
 
+TEST(Metrics, RankReportsSumOverRanks) {
+  Metrics m("tiny", 128, 2);
+  EXPECT_EQ(m.render().find("expert_tokens_total"), std::string::npos) << "before a report";
+  auto rank = [](int r, std::vector<int64_t> experts, int64_t bytes) {
+    RankCounters c;
+    c.rank = r;
+    c.moe.expert_tokens = std::move(experts);  // 2 layers x 2 experts
+    c.moe.dispatch_bytes = bytes;
+    c.moe.combine_bytes = 2 * bytes;
+    c.moe.dispatch_seconds = 0.5;
+    c.step_buckets.assign(step_seconds_edges().size() + 1, 0);
+    c.step_buckets[3] = 4;  // four passes of up to 10 ms
+    c.step_seconds = 0.02;
+    c.steps = 4;
+    return c;
+  };
+  m.on_ranks({rank(0, {3, 1, 2, 2}, 100), rank(1, {1, 3, 0, 4}, 50)}, 17);
+  const std::string out = m.render();
+  const std::string l = "{model_name=\"tiny\",";
+  for (const auto& [line, why] : std::vector<std::pair<std::string, std::string>>{
+           {"switchyard:expert_tokens_total" + l + "layer=\"0\",expert=\"0\"} 4", "summed"},
+           {"switchyard:expert_tokens_total" + l + "layer=\"1\",expert=\"1\"} 6", "summed"},
+           {"switchyard:expert_load_imbalance" + l + "layer=\"0\"} 1", "4 and 4: balanced"},
+           {"switchyard:expert_load_imbalance" + l + "layer=\"1\"} 1.5", "2 and 6"},
+           {"switchyard:moe_exchange_bytes_total" + l + "kind=\"dispatch\"} 150", "bytes"},
+           {"switchyard:moe_exchange_bytes_total" + l + "kind=\"combine\"} 300", "bytes"},
+           {"switchyard:moe_exchange_seconds_total" + l + "kind=\"dispatch\"} 1", "seconds"},
+           {"switchyard:step_seconds_count" + l + "rank=\"1\"} 4", "rank 1's passes"},
+           {"switchyard:step_seconds_bucket" + l + "rank=\"0\",le=\"0.01\"} 4", "buckets"},
+           {"switchyard:ranks_report_step{model_name=\"tiny\"} 17", "the step"}})
+    EXPECT_NE(out.find(line + "\n"), std::string::npos) << why << ": " << line << "\n" << out;
+  // A second window: counters add, the imbalance is the new window's.
+  m.on_ranks({rank(0, {0, 0, 8, 0}, 0), rank(1, {0, 0, 0, 0}, 0)}, 30);
+  const std::string again = m.render();
+  EXPECT_NE(again.find("layer=\"1\",expert=\"0\"} 10\n"), std::string::npos) << again;
+  EXPECT_NE(again.find("switchyard:expert_load_imbalance" + l + "layer=\"1\"} 2\n"),
+            std::string::npos);
+  EXPECT_NE(again.find("switchyard:expert_load_imbalance" + l + "layer=\"0\"} 1\n"),
+            std::string::npos)
+      << "a layer without tokens keeps its last value";
+}
+
 // ---- the server in this process -----------------------------------------------------------------
 
 struct HttpReply {
@@ -389,8 +431,9 @@ struct Server {
     options.max_batch_tokens = 64;
     options.max_running = 16;
     options.max_queue_requests = max_queue;
+    options.report_interval_s = 0;  // every step: the counts below are exact
     engine = std::make_unique<Engine>(*loaded.model, tokenizer(), options, nullptr);
-    metrics = std::make_unique<Metrics>("tiny", engine->context_limit());
+    metrics = std::make_unique<Metrics>("tiny", engine->context_limit(), config.num_local_experts);
     OpenAiOptions o;
     o.model_name = "tiny";
     o.context_limit = engine->context_limit();
@@ -489,6 +532,24 @@ TEST(OpenAiServer, CompletionMatchesTheEngineAlone) {
   EXPECT_NE(m.find("switchyard:inter_token_latency_seconds_count{model_name=\"tiny\"} 22"),
             std::string::npos)
       << "11 gaps a request";
+  // Every forwarded token (the prompts' computed ones, and each sampled token but a request's
+  // last) was routed to top-k experts in every layer.
+  auto value = [&](const std::string& name) {
+    const size_t at = m.find(name);
+    EXPECT_NE(at, std::string::npos) << name;
+    return std::stod(m.substr(m.find(' ', at) + 1));
+  };
+  const double forwarded = value("switchyard:prompt_tokens_total{") + 24 - 2;
+  for (int64_t layer = 0; layer < s.config.num_hidden_layers; ++layer) {
+    double routed = 0;
+    for (int64_t e = 0; e < s.config.num_local_experts; ++e)
+      routed += value("switchyard:expert_tokens_total{model_name=\"tiny\",layer=\"" +
+                      std::to_string(layer) + "\",expert=\"" + std::to_string(e) + "\"}");
+    EXPECT_EQ(routed, forwarded * static_cast<double>(s.config.num_experts_per_tok))
+        << "layer " << layer;
+  }
+  EXPECT_NE(m.find("switchyard:step_seconds_count{model_name=\"tiny\",rank=\"0\"}"),
+            std::string::npos);
 }
 
 TEST(OpenAiServer, ADepartedClientFreesItsBlocks) {
