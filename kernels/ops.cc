@@ -81,6 +81,22 @@ void check_logprobs(const Tensor& out_logprobs, const Tensor& out_ids, const Ten
            top, " of a vocabulary of ", vocab);
 }
 
+void check_count_routed(const Tensor& counts, const Tensor& offsets) {
+  check_tensor(counts, "count_routed.counts", DType::kI32, {-1});
+  check_tensor(offsets, "count_routed.offsets", DType::kI32, {counts.size(0) + 1});
+}
+
+void Ops::count_routed(Tensor counts, Tensor offsets) {
+  check_count_routed(counts, offsets);
+  const int64_t n = counts.size(0);
+  std::vector<int32_t> c(static_cast<size_t>(n)), o(static_cast<size_t>(n + 1));
+  copy_to_host(c.data(), counts.data, counts.bytes());
+  copy_to_host(o.data(), offsets.data, offsets.bytes());
+  for (int64_t e = 0; e < n; ++e)
+    c[static_cast<size_t>(e)] += o[static_cast<size_t>(e + 1)] - o[static_cast<size_t>(e)];
+  copy_from_host(counts.data, c.data(), counts.bytes());
+}
+
 void Ops::moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                     Tensor topk_weights, int64_t expert_begin, int64_t expert_end) {
   check_moe_route(sorted_rows, sorted_weights, offsets, topk_idx, topk_weights, expert_begin,

@@ -97,6 +97,10 @@ class Ops {
   // expert. The default sorts on the host (copies out and back).
   virtual void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                          Tensor topk_weights, int64_t expert_begin, int64_t expert_end);
+  // counts[e] += offsets[e + 1] - offsets[e] for each expert e: the routed rows of a layout
+  // that moe_route made, tallied on the device (counts: I32 [n], offsets: I32 [n + 1]). The
+  // default works on host copies.
+  virtual void count_routed(Tensor counts, Tensor offsets);
   // grouped_matmul with row ranges read from device memory: group g covers rows
   // [offsets[first + g], offsets[first + g + 1]) of x and out (offsets: I32, as moe_route
   // makes). Rows outside every group are left as they are. The default copies the offsets to
@@ -169,7 +173,9 @@ class Ops {
   virtual void make_current() {}
 };
 
-// Operand checks shared by the backends' moe_route and sample (shapes and dtypes as above).
+// Operand checks shared by the backends' moe_route, count_routed and sample (shapes and dtypes
+// as above).
+void check_count_routed(const Tensor& counts, const Tensor& offsets);
 void check_moe_route(const Tensor& sorted_rows, const Tensor& sorted_weights, const Tensor& offsets,
                      const Tensor& topk_idx, const Tensor& topk_weights, int64_t expert_begin,
                      int64_t expert_end);

@@ -253,6 +253,10 @@ class CudaOps final : public Ops {
                     expert_end, stream_);
   }
 
+  void count_routed(Tensor counts, Tensor offsets) override {
+    cuda::count_routed(counts, offsets, stream_);
+  }
+
   // The grouped kernel reading row ranges from the device. The device array of the groups'
   // weight pointers is made on first use of each weight set (the eager first step of a shape,
   // never while a graph is recorded) and kept.

@@ -2,7 +2,7 @@
 // grouped GEMM that reads each expert's row range from device memory for steps of a few rows
 // per expert (larger ones: grouped_mma.cu).
 // CPU twins: the defaults in kernels/ops.cc (a host counting sort; grouped_matmul with the
-// offsets copied to the host).
+// offsets copied to the host; count_routed on host copies).
 #include <cstdint>
 #include <type_traits>
 
@@ -141,7 +141,22 @@ __global__ void grouped_rows_gemm_kernel(TO* out, const TI* x, const TI* const* 
   }
 }
 
+__global__ void count_routed_kernel(int32_t* counts, const int32_t* offsets, int64_t n) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e < n) counts[e] += offsets[e + 1] - offsets[e];
+}
+
 }  // namespace
+
+void count_routed(Tensor counts, Tensor offsets, cudaStream_t stream) {
+  check_count_routed(counts, offsets);
+  check_on_device("count_routed", {&counts, &offsets});
+  const int64_t n = counts.size(0);
+  if (n == 0) return;
+  count_routed_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(counts.i32(),
+                                                                                  offsets.i32(), n);
+  check_launch("count_routed");
+}
 
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream) {

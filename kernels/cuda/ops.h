@@ -64,6 +64,7 @@ void logprobs(Tensor out_logprobs, Tensor out_ids, Tensor logits, Tensor rows, T
               cudaStream_t stream);
 void moe_route(Tensor sorted_rows, Tensor sorted_weights, Tensor offsets, Tensor topk_idx,
                Tensor topk_weights, int64_t expert_begin, int64_t expert_end, cudaStream_t stream);
+void count_routed(Tensor counts, Tensor offsets, cudaStream_t stream);
 // Ops::grouped_matmul_offsets for x and weights both BF16 or both F32: `w_device` is a device
 // array of the n_groups weight pointers ([n_out, K] each, x's dtype; `w_aligned`: all 16-byte
 // aligned). Steps of at most kRowsGemmMaxRows rows take the warp-per-column kernel

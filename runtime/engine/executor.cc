@@ -128,7 +128,7 @@ RankCounters unpack(const std::vector<int64_t>& w, size_t n_expert_words, int ra
 // Each rank's counts start again from zero.
 void exchange_reports(Communicator* world, Model& model, RankCounters& local,
                       std::vector<RankCounters>* out) {
-  local.moe = model.moe_counters();
+  local.moe = model.take_moe_counters();
   const int size = world != nullptr ? world->size() : 1;
   const int me = world != nullptr ? world->rank() : 0;
   const size_t n_expert_words = local.moe.expert_tokens.size();
@@ -144,7 +144,6 @@ void exchange_reports(Communicator* world, Model& model, RankCounters& local,
     if (size > 1) world->broadcast(words.data(), words.size() * sizeof(int64_t), r);
     if (out != nullptr) out->push_back(unpack(words, n_expert_words, r));
   }
-  model.moe_counters().reset();
   local = RankCounters{};
 }
 

@@ -58,6 +58,18 @@ const char* ForwardProfile::traffic_name(int traffic) {
   return names[traffic];
 }
 
+MoeCounters Model::take_moe_counters() {
+  const int64_t n = config_.num_hidden_layers * config_.num_local_experts;
+  std::vector<int32_t> device(static_cast<size_t>(n));
+  ops_.copy_to_host(device.data(), routed_counts_.data, routed_counts_.bytes());
+  ops_.fill_zero(routed_counts_);
+  MoeCounters out = moe_counters_;
+  for (int64_t i = 0; i < n; ++i)
+    out.expert_tokens[static_cast<size_t>(i)] += device[static_cast<size_t>(i)];
+  moe_counters_.reset();
+  return out;
+}
+
 void MoeCounters::reset() {
   std::fill(expert_tokens.begin(), expert_tokens.end(), 0);
   dispatch_bytes = combine_bytes = 0;
@@ -126,6 +138,7 @@ Model::Model(const ModelConfig& config, Weights weights, Ops& ops, const ModelLi
   state_storage_ = DeviceBuffer(ops_, sizing.bytes());
   Carver placing(state_storage_.get(), ops_.device());
   carve_state(placing);
+  ops_.fill_zero(routed_counts_);
   allocate_kv_cache();
   // Small steps (decode) route on the device when the backend is a GPU; larger ones (prefill)
   // take the host layout and the cuBLAS grouped GEMM, whose row counts come from the host.
@@ -167,6 +180,7 @@ void Model::carve_state(Carver& c) {
   sorted_weights_ = c.take(DType::kF32, {N * k});
   perm_ = c.take(DType::kI32, {N * k});
   expert_offsets_ = c.take(DType::kI32, {n_experts + 1});
+  routed_counts_ = c.take(DType::kI32, {config_.num_hidden_layers * n_experts});
   expert_scratch_.gate = c.take(S, {N * k, hidden_dim});
   expert_scratch_.up = c.take(S, {N * k, hidden_dim});
   ids_ = c.take(DType::kI32, {N});

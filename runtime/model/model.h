@@ -51,9 +51,10 @@ struct StepBatch {
 };
 
 // Time and traffic of forward steps on this rank, accumulated while attached (set_profile).
-// Always-on counts of this rank's MoE blocks, for the server's metrics: kept on the host from
-// what the step computes anyway (no device synchronisation), added to by every forward() until
-// reset. Steps whose MoE layout is made on the device (GPU decode graphs) are not counted.
+// Always-on counts of this rank's MoE blocks, for the server's metrics, added to by every
+// forward() until taken: on the host from the layout the step makes anyway, or, where the layout
+// is made on the device (GPU decode graphs), in a device tally read when they are taken. No
+// device synchronisation in the forward pass.
 struct MoeCounters {
   std::vector<int64_t> expert_tokens;  // [n_layers, n_experts] routed pairs, counted as
                                        // ForwardProfile counts them (each pair on one rank)
@@ -123,8 +124,9 @@ class Model {
   // Attaches (or with null detaches) a profile that forward() adds to. Profiling synchronises
   // the device at every phase boundary.
   void set_profile(ForwardProfile* profile);
-  // This rank's MoE counts since the last reset (MoeCounters).
-  MoeCounters& moe_counters() { return moe_counters_; }
+  // This rank's MoE counts since the last take (MoeCounters), the device tally included; they
+  // start again from zero. Synchronises the device.
+  MoeCounters take_moe_counters();
   // MoE blocks of at most `max_rows` routed rows (tokens x top-k) build their layout on the
   // device (Ops::moe_route) instead of on the host; 0 turns it off. The default is
   // kDeviceRouteMaxRows on GPUs (decode steps, which then run as graphs on one rank) and 0 on
@@ -216,6 +218,7 @@ class Model {
   Tensor sorted_weights_;  // [N * k]
   Tensor perm_;            // I32 [N * k]         row permutation between exchange and expert order
   Tensor expert_offsets_;  // I32 [n_experts + 1] first routed row of each expert (device routing)
+  Tensor routed_counts_;   // I32 [n_layers * n_experts] device-routed pairs since the last take
   ExpertScratch expert_scratch_;  // [N * k, hidden_dim] x 2
   Tensor ids_;                    // I32 [N]
   Tensor positions_;              // I32 [N]

@@ -145,6 +145,12 @@ void Model::moe_block_on_device(int64_t layer, Tensor out, Tensor xn) {
   Tensor weights = sorted_weights_.rows(0, n_rows);  // [n_rows]
   ops_.moe_route(rows, weights, expert_offsets_, topk_idx_.rows(0, n_tokens),
                  topk_weights_.rows(0, n_tokens), experts.front(), experts.back() + 1);
+  // Every rank routes every token here: rank 0 alone tallies them.
+  if (rank_ == 0)
+    ops_.count_routed(routed_counts_.reshape({config_.num_hidden_layers, n_experts})
+                          .rows(layer, 1)
+                          .reshape({n_experts}),
+                      expert_offsets_);
   if (profile_ != nullptr && rank_ == 0) {
     std::vector<int32_t> offsets(static_cast<size_t>(n_experts + 1));
     ops_.copy_to_host(offsets.data(), expert_offsets_.data, expert_offsets_.bytes());

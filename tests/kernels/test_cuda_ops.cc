@@ -1291,6 +1291,15 @@ TEST_F(CudaOps, MoeRouteMatchesHostLayout) {
         EXPECT_EQ(download_i32(*gpu_, g_rows), rows) << what;
         EXPECT_EQ(download(*gpu_, g_sw), sw) << what;
         EXPECT_EQ(download_i32(*gpu_, g_off), offsets) << what;
+        // The routed rows tallied on the device (count_routed) as on the host, twice.
+        std::vector<int32_t> counts(n_experts, 3);
+        const DeviceTensor g_counts = upload(*gpu_, counts, {n_experts});
+        for (int rep = 0; rep < 2; ++rep) {
+          cpu_->count_routed(host(counts, {n_experts}), host(offsets, {n_experts + 1}));
+          gpu_->count_routed(g_counts, g_off);
+        }
+        EXPECT_EQ(download_i32(*gpu_, g_counts), counts) << what;
+        EXPECT_EQ(counts[6] - 3, 2 * (offsets[7] - offsets[6])) << what;
       }
     }
   }

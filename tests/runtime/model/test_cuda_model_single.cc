@@ -224,6 +224,41 @@ TEST(CudaModel, F32SampledGenerateAndEngineMatchCpu) {
   test::expect_engine_matches_each_request_alone(*gpu.ops);
 }
 
+// The MoE counts (for the server's metrics) are the same whether the layout is made on the host
+// or, for small steps, on the device (tallied there and read when taken): every forwarded token
+// top-k times per layer.
+TEST(CudaModel, MoeCountsOnTheHostAndTheDeviceAgree) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  BackendOptions opts;
+  opts.device = "cuda";
+  opts.dtype = "f32";
+  Backend gpu = make_backend(opts, nullptr, 0);
+  const std::string dir = std::string(SY_FIXTURES_DIR) + "/window_gqa4";
+  const ModelConfig config = ModelConfig::load(dir);
+  LoadedModel cpu = load_model(dir, 128, 64, false);
+  LoadedModel cuda = load_model(dir, 64, kChunk, false, nullptr, gpu.ops.get());
+  GenerateOptions o;
+  o.max_tokens = 9;
+  o.ignore_eos = true;
+  const std::vector<int32_t> prompt = {1, 50, 60, 70, 80};
+  generate(*cpu.model, prompt, o);
+  generate(*cuda.model, prompt, o);
+  const MoeCounters host = cpu.model->take_moe_counters();
+  const MoeCounters device = cuda.model->take_moe_counters();
+  EXPECT_EQ(device.expert_tokens, host.expert_tokens) << "decode steps routed on the device";
+  const int64_t forwarded = 5 + 9 - 1;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    int64_t routed = 0;
+    for (int64_t e = 0; e < config.num_local_experts; ++e)
+      routed += host.expert_tokens[static_cast<size_t>(l * config.num_local_experts + e)];
+    EXPECT_EQ(routed, forwarded * config.num_experts_per_tok) << "layer " << l;
+  }
+  const MoeCounters again = cuda.model->take_moe_counters();
+  EXPECT_EQ(std::count(again.expert_tokens.begin(), again.expert_tokens.end(), 0),
+            static_cast<std::ptrdiff_t>(again.expert_tokens.size()))
+      << "taking them starts again from zero";
+}
+
 // Quantized CPU weight types are not a GPU format: the flag is refused before anything is
 // loaded, and Weights::load refuses them on CUDA ops too, naming the flag and the way out.
 TEST(CudaModel, QuantizedWeightsAreAClearErrorOnCuda) {
