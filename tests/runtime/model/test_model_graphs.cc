@@ -72,11 +72,14 @@ class RecordingOps final : public test::ForwardingOps {
   void swiglu(Tensor out, Tensor gate, Tensor up) override {
     run([=, this] { cpu_->swiglu(out, gate, up); });
   }
-  // The default moe_route and grouped_matmul_offsets go through the host; a GPU does them on
-  // the device, so here they run on the (host) data directly and are recordable.
+  // The default moe_route, count_routed and grouped_matmul_offsets go through the host; a GPU does
+  // them on the device, so here they run on the (host) data directly and are recordable.
   void moe_route(Tensor rows, Tensor weights, Tensor offsets, Tensor idx, Tensor w, int64_t begin,
                  int64_t end) override {
     run([=, this] { cpu_->moe_route(rows, weights, offsets, idx, w, begin, end); });
+  }
+  void count_routed(Tensor counts, Tensor offsets) override {
+    run([=, this] { cpu_->count_routed(counts, offsets); });
   }
   void grouped_matmul_offsets(Tensor out, Tensor x, const Tensor* w, Tensor offsets, int64_t first,
                               size_t n_groups) override {
