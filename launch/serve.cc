@@ -215,6 +215,12 @@ struct HttpFront {
     const int port = server.start(sc.http_listen);
     address = sc.http_listen.substr(0, sc.http_listen.rfind(':')) + ":" + std::to_string(port);
   }
+  // Ends the open calls with 503 `message`, then stops the server after up to `grace_s`.
+  void close(OpenAiService::State state, const std::string& message, double grace_s) {
+    service.set_state(state);
+    service.close(message);
+    server.stop(grace_s);
+  }
   void attach(Engine& engine) {
     metrics.attach(&engine);
     engine.set_observer(&metrics);
@@ -296,14 +302,12 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
     // A rank failed (or this one did): end the open streams with UNAVAILABLE, give them a
     // moment to reach their clients, then abort the job.
     set_serving(*server, false);
-    front.service.set_state(OpenAiService::State::kFailed);
-    service.close(
-        grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string("a rank failed: ") + e.what()));
-    front.service.close(std::string("a rank failed: ") + e.what());
+    const std::string why = std::string("a rank failed: ") + e.what();
+    service.close(grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+    front.close(OpenAiService::State::kFailed, why, 0.5);
     const auto until = Clock::now() + std::chrono::seconds(1);
     while (service.n_open_streams() > 0 && Clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    front.server.stop(0.5);
     // Peers may wait in a collective: end the job now rather than after unwinding.
     if (par.config.world > 1) MpiEnv::abort_job(e.what());
     signals.detach();
@@ -312,11 +316,9 @@ int serve_root(const ServeArgs& a, const ModelConfig& config, ParallelContext& p
   }
   signals.detach();
   set_serving(*server, false);
-  front.service.set_state(OpenAiService::State::kDraining);
   // Every request has ended; anything that slipped in since is refused.
   service.close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server stopped"));
-  front.service.close("the server stopped");
-  front.server.stop(2);
+  front.close(OpenAiService::State::kDraining, "the server stopped", 2);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   std::fprintf(stderr, "switchyard: stopped\n");
   return 0;
