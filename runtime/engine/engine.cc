@@ -310,6 +310,13 @@ void Engine::run_step() {
           std::chrono::duration<double>(now - seq->last_token).count());
     seq->last_token = now;
   }
+  // Before the events go out: a client that has its tokens finds them in the metrics.
+  if (observer != nullptr) {
+    report_.generated_tokens = static_cast<int64_t>(plan_.sampled.size());
+    report_.preemptions = scheduler_.n_preemptions() - reported_preemptions_;
+    reported_preemptions_ = scheduler_.n_preemptions();
+    observer->on_step(report_);
+  }
   std::vector<Sequence*> done;
   for (StepOutput& o : outputs_) {
     if (o.finish == FinishReason::kNone) {
@@ -321,12 +328,6 @@ void Engine::run_step() {
   }
   scheduler_.remove_running(done);
   note_step(static_cast<int64_t>(plan_.sampled.size()));
-  if (observer != nullptr) {
-    report_.generated_tokens = static_cast<int64_t>(plan_.sampled.size());
-    report_.preemptions = scheduler_.n_preemptions() - reported_preemptions_;
-    reported_preemptions_ = scheduler_.n_preemptions();
-    observer->on_step(report_);
-  }
 }
 
 void Engine::note_step(int64_t generated) {
