@@ -357,6 +357,17 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   return text;
 }
 
+bool is_utf8(std::string_view text) {
+  return is_valid_utf8(text);
+}
+
+std::string Tokenizer::token_bytes(int32_t id) const {
+  const std::string p = piece(id);  // checks the id
+  if (byte_[static_cast<size_t>(id)] >= 0)
+    return std::string(1, static_cast<char>(byte_[static_cast<size_t>(id)]));
+  return special_[static_cast<size_t>(id)] ? p : text_[static_cast<size_t>(id)];
+}
+
 std::string Tokenizer::piece(int32_t id) const {
   SY_CHECK(id >= 0 && id < vocab_size(), "tokenizer: id ", id, " is outside the vocabulary of ",
            vocab_size(), " pieces");

@@ -40,6 +40,9 @@ class Tokenizer {
   // U+FFFD per byte. Throws on an id outside the vocabulary.
   std::string decode(const std::vector<int32_t>& ids) const;
   std::string piece(int32_t id) const;
+  // The bytes id stands for, as logprobs show a token: its piece with '▁' as ' ', the byte of a
+  // byte-fallback piece, a special piece as written ("<s>").
+  std::string token_bytes(int32_t id) const;
   int64_t vocab_size() const;
   int64_t bos_id() const { return bos_id_; }
   const std::vector<int64_t>& eos_ids() const { return eos_ids_; }
@@ -69,6 +72,9 @@ class Tokenizer {
   std::vector<bool> special_;
   bool strip_leading_space_ = false;  // the model adds a dummy '▁' prefix when encoding
 };
+
+// Strict UTF-8 (shortest forms, no surrogates, at most U+10FFFF): the check encode() applies.
+bool is_utf8(std::string_view text);
 
 // Turns a stream of generated ids into text deltas. Concatenating every delta (and flush())
 // gives decode(prompt + generated) minus decode(prompt); a delta never ends inside a UTF-8

@@ -553,9 +553,4 @@ void HttpServer::stop(double grace_s) {
   ::close(wake_fd_[1]);
 }
 
-int64_t HttpServer::n_connections() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return static_cast<int64_t>(connections_.size());
-}
-
 }  // namespace sy

@@ -114,7 +114,6 @@ class HttpServer {
   // Stops accepting, waits up to `grace_s` for the open requests to finish, then closes every
   // connection and joins its thread.
   void stop(double grace_s);
-  int64_t n_connections() const;
 
  private:
   void accept_loop();

@@ -305,42 +305,6 @@ float clamp_logprob(float lp) {
   return std::isfinite(lp) ? lp : kMinLogprob;
 }
 
-bool valid_utf8(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    const size_t n = c < 0x80           ? 1
-                     : (c >> 5) == 0x6  ? 2
-                     : (c >> 4) == 0xE  ? 3
-                     : (c >> 3) == 0x1E ? 4
-                                        : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k)
-      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return false;
-    i += n;
-  }
-  return true;
-}
-
-// The token's bytes: its piece with '▁' as ' ', or the byte of a byte-fallback piece.
-std::string token_bytes(const Tokenizer& t, int32_t id) {
-  const std::string piece = t.piece(id);
-  unsigned byte = 0;
-  if (piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>' &&
-      std::sscanf(piece.c_str() + 3, "%2x", &byte) == 1)
-    return std::string(1, static_cast<char>(byte));
-  std::string out;
-  for (size_t i = 0; i < piece.size(); ++i) {
-    if (piece.compare(i, 3, "\xE2\x96\x81") == 0) {
-      out += ' ';
-      i += 2;
-    } else {
-      out += piece[i];
-    }
-  }
-  return out;
-}
-
 Json bytes_json(const std::string& s) {
   Json out = Json::array();
   for (char ch : s) out.push_back(static_cast<int>(static_cast<unsigned char>(ch)));
@@ -448,8 +412,8 @@ ApiRequest parse_request(const Json& body, Endpoint endpoint, const ApiContext& 
 }
 
 std::string token_text(const Tokenizer& tokenizer, int32_t id) {
-  const std::string bytes = token_bytes(tokenizer, id);
-  if (valid_utf8(bytes)) return bytes;
+  const std::string bytes = tokenizer.token_bytes(id);
+  if (is_utf8(bytes)) return bytes;
   std::string out = "bytes:";
   for (char ch : bytes) {
     char hex[8];
@@ -525,11 +489,11 @@ Json ResponseBuilder::add_logprobs(Choice& choice, const std::vector<int32_t>& i
   if (request_.endpoint == Endpoint::kChat) {
     Json content = Json::array();
     for (size_t i = 0; i < ids.size() && i < lps.size(); ++i) {
-      const std::string bytes = token_bytes(tokenizer_, ids[i]);
+      const std::string bytes = tokenizer_.token_bytes(ids[i]);
       Json top = Json::array();
       for (size_t k = 0; k < lps[i].top.size() && static_cast<int64_t>(k) < request_.top_logprobs;
            ++k) {
-        const std::string tb = token_bytes(tokenizer_, lps[i].top[k].token_id);
+        const std::string tb = tokenizer_.token_bytes(lps[i].top[k].token_id);
         top.push_back({{"token", token_text(tokenizer_, lps[i].top[k].token_id)},
                        {"logprob", clamp_logprob(lps[i].top[k].logprob)},
                        {"bytes", bytes_json(tb)}});
@@ -551,7 +515,7 @@ Json ResponseBuilder::add_logprobs(Choice& choice, const std::vector<int32_t>& i
     const std::string text = token_text(tokenizer_, ids[i]);
     part["tokens"].push_back(text);
     part["text_offset"].push_back(choice.offset);
-    choice.offset += static_cast<int64_t>(token_bytes(tokenizer_, ids[i]).size());
+    choice.offset += static_cast<int64_t>(tokenizer_.token_bytes(ids[i]).size());
     if (i < skip || i - skip >= lps.size()) {
       part["token_logprobs"].push_back(nullptr);
       part["top_logprobs"].push_back(nullptr);

@@ -50,8 +50,6 @@ ApiError finish_error(const RequestEvent& e) {
 // The events of one call's choices, from the engine thread to the connection's thread.
 class CallQueue {
  public:
-  explicit CallQueue(int64_t n_choices) : n_choices_(n_choices) {}
-
   void push(int64_t index, RequestEvent event) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -77,10 +75,8 @@ class CallQueue {
     message = message_;
     return !closed_ || !out.empty();
   }
-  int64_t n_choices() const { return n_choices_; }
 
  private:
-  const int64_t n_choices_;
   std::mutex mu_;
   std::condition_variable ready_;
   std::deque<std::pair<int64_t, RequestEvent>> events_;
@@ -128,8 +124,8 @@ void OpenAiService::close(const std::string& message) {
   for (const auto& q : calls_.close()) q->close(message);
 }
 
-std::shared_ptr<CallQueue> OpenAiService::open_call(int64_t n_choices) {
-  auto q = std::make_shared<CallQueue>(n_choices);
+std::shared_ptr<CallQueue> OpenAiService::open_call() {
+  auto q = std::make_shared<CallQueue>();
   return calls_.add(q) ? q : nullptr;
 }
 
@@ -278,7 +274,7 @@ void OpenAiService::generate(const HttpRequest& request, HttpResponder& responde
   }
   const ApiRequest api = parse_request(body, endpoint, context(seed));
   const int64_t n_choices = api.n_choices();
-  std::shared_ptr<CallQueue> queue = open_call(n_choices);
+  std::shared_ptr<CallQueue> queue = open_call();
   if (queue == nullptr) throw ApiError(503, "the server is shutting down", "", "unavailable");
   std::vector<RequestParams> params;
   std::vector<std::shared_ptr<RequestSink>> sinks;

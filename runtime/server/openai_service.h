@@ -72,7 +72,7 @@ class OpenAiService {
   bool authorized(const HttpRequest& request) const;
   ApiContext context(uint64_t seed) const;
   // Registers an open call; null once closed.
-  std::shared_ptr<CallQueue> open_call(int64_t n_choices);
+  std::shared_ptr<CallQueue> open_call();
   std::string random_id(const char* prefix);
 
   const Tokenizer& tokenizer_;
